@@ -1,0 +1,161 @@
+"""Time the MoE layer for every router against a dense module of the same expert architecture.
+
+The dense module applies one expert to every token (the routing-free limit of the same active size): for MLP experts
+``Linear(D, H) -> GELU -> Linear(H, D)``; for ERMoE's eigen experts ``Linear(D, R) -> Linear(R, H) -> GELU ->
+Linear(H, D)``. Both run in one process, interleaved (their order alternating), and each router's figure is the
+median over repeats of the paired ratio ``t_moe / t_dense``, which cancels this machine's slow drift in speed.
+
+glibc's malloc returns large blocks to the OS with munmap and page-faults them back in on the next step; that
+costs the dense module and the MoE layer alike but not evenly, so this script turns mmap off and raises the trim
+threshold (``mallopt``) before any tensor is made, as a long training process effectively runs.
+
+    python benchmarks/moe_layer.py                    # table
+    python benchmarks/moe_layer.py --json             # the JSON list on stdout, the table on stderr
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import platform
+import statistics
+import sys
+import time
+
+
+def tune_malloc() -> str:
+    """Keep freed memory in the heap (no mmap for big blocks, no trimming). Returns what was done."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return "malloc untouched (not glibc)"
+    m_trim_threshold, m_mmap_max = -1, -4
+    ok = libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 1 << 30)
+    return "glibc mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=1GiB)" if ok else "mallopt failed"
+
+
+MALLOC_NOTE = tune_malloc()
+
+import torch  # noqa: E402  (after mallopt, so torch's own allocations follow it too)
+from torch import nn  # noqa: E402
+
+import ermoe  # noqa: E402
+
+
+def dense_reference(layer: ermoe.MoE) -> nn.Module:
+    experts = layer.experts
+    if isinstance(experts, ermoe.EigenExperts):
+        bias = experts.c is not None
+        return nn.Sequential(nn.Linear(layer.dim, experts.rank, bias=False),
+                             nn.Linear(experts.rank, layer.hidden_dim, bias=bias), nn.GELU(),
+                             nn.Linear(layer.hidden_dim, layer.dim, bias=bias))
+    bias = experts.b1 is not None
+    return nn.Sequential(nn.Linear(layer.dim, layer.hidden_dim, bias=bias), nn.GELU(),
+                         nn.Linear(layer.hidden_dim, layer.dim, bias=bias))
+
+
+def time_fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    module.train()
+    x.grad = None
+    module.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    module(x).backward(grad)
+    return time.perf_counter() - start
+
+
+def time_fwd(module: nn.Module, x: torch.Tensor) -> float:
+    module.eval()
+    with torch.inference_mode():
+        start = time.perf_counter()
+        module(x)
+        return time.perf_counter() - start
+
+
+def paired_ratio(moe: nn.Module, dense: nn.Module, timer, repeats: int, warmup: int) -> tuple[float, float, float]:
+    """Median of t_moe / t_dense over ``repeats`` interleaved pairs; also the median times (s)."""
+    for _ in range(warmup):
+        timer(dense), timer(moe)
+    ratios, t_moe, t_dense = [], [], []
+    for i in range(repeats):
+        if i % 2:
+            td, tm = timer(dense), timer(moe)
+        else:
+            tm, td = timer(moe), timer(dense)
+        ratios.append(tm / td)
+        t_moe.append(tm)
+        t_dense.append(td)
+    return statistics.median(ratios), statistics.median(t_moe), statistics.median(t_dense)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--hidden", type=int, default=1536)
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--top-k", type=int, default=1)
+    parser.add_argument("--routers", nargs="+", default=ermoe.list_routers())
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print the results as a JSON list (table to stderr)")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cuda":
+        def sync() -> None:
+            torch.cuda.synchronize()
+    else:
+        def sync() -> None:
+            pass
+
+    table = sys.stderr if args.json else sys.stdout
+    print(f"# {platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()} "
+          f"torch={torch.__version__} device={device} dtype={args.dtype} {MALLOC_NOTE}")
+    print(f"# tokens={args.tokens} dim={args.dim} hidden={args.hidden} top_k={args.top_k} "
+          f"repeats={args.repeats} seed={args.seed}", file=table)
+    header = f"{'router':<15} {'E':>4} {'fwd+bwd ms':>11} {'dense ms':>9} {'ratio':>6} {'fwd ms':>8} {'dense ms':>9} {'ratio':>6}"
+    print(header, file=table)
+    print("-" * len(header), file=table)
+    results = []
+    for num_experts in args.experts:
+        for name in args.routers:
+            torch.manual_seed(args.seed)
+            moe = ermoe.MoE(args.dim, args.hidden, num_experts, router=name, top_k=args.top_k).to(device, dtype)
+            dense = dense_reference(moe).to(device, dtype)
+            x = torch.randn(args.tokens, args.dim, device=device, dtype=dtype, requires_grad=True)
+            grad = torch.randn_like(x)
+
+            def fwd_bwd(m: nn.Module) -> float:
+                t = time_fwd_bwd(m, x, grad)
+                sync()
+                return t
+
+            def fwd(m: nn.Module) -> float:
+                t = time_fwd(m, x)
+                sync()
+                return t
+
+            fb_ratio, fb_moe, fb_dense = paired_ratio(moe, dense, fwd_bwd, args.repeats, args.warmup)
+            f_ratio, f_moe, f_dense = paired_ratio(moe, dense, fwd, args.repeats, args.warmup)
+            row = {"router": name, "num_experts": num_experts, "fwd_bwd_ratio": round(fb_ratio, 4),
+                   "fwd_ratio": round(f_ratio, 4), "fwd_bwd_ms": round(fb_moe * 1e3, 2),
+                   "dense_fwd_bwd_ms": round(fb_dense * 1e3, 2), "fwd_ms": round(f_moe * 1e3, 2),
+                   "dense_fwd_ms": round(f_dense * 1e3, 2), "tokens": args.tokens, "dim": args.dim,
+                   "hidden": args.hidden, "top_k": args.top_k, "dtype": args.dtype, "device": str(device),
+                   "threads": torch.get_num_threads()}
+            results.append(row)
+            print(f"{name:<15} {num_experts:>4} {row['fwd_bwd_ms']:>11.1f} {row['dense_fwd_bwd_ms']:>9.1f} "
+                  f"{fb_ratio:>6.2f} {row['fwd_ms']:>8.1f} {row['dense_fwd_ms']:>9.1f} {f_ratio:>6.2f}", flush=True, file=table)
+    if args.json:
+        print(json.dumps(results))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,12 @@
+"""ermoe: eigenbasis-guided sparse Mixture-of-Experts (EMoE, ERMoE) and the baselines they are compared against."""
+
+from .experts import EigenExperts, MLPExperts
+from .moe import MoE, after_step, aux_loss, moe_layers, routing_stats
+from .orthogonal import OrthonormalBasis, orthonormality_error, pca_basis, principal_angles
+from .routing import Router, RouterOutput, RoutingInfo, create_router, list_routers
+
+__version__ = "0.1.0"
+
+__all__ = ["MoE", "Router", "RouterOutput", "RoutingInfo", "EigenExperts", "MLPExperts", "OrthonormalBasis",
+           "after_step", "aux_loss", "create_router", "list_routers", "moe_layers", "orthonormality_error",
+           "pca_basis", "principal_angles", "routing_stats"]

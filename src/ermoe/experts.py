@@ -1,0 +1,152 @@
+"""Expert banks: E experts applied to expert-contiguous rows, ``forward(x_SF, counts_E) -> y_SD``.
+
+``counts_E[e]`` consecutive rows belong to expert e (see ``ermoe.dispatch``). The per-expert matmuls run as one
+grouped matmul (``torch.nn.functional.grouped_mm``) where PyTorch supports it for the dtype and alignment, and as a
+loop over experts otherwise (float64, odd sizes); both give the same values.
+
+Shape suffixes: S rows, D model dim, H hidden dim, R basis rank, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd import Function
+
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_grouped_unsupported: set[tuple[str, torch.dtype]] = set()
+
+
+class _GroupedMM(Function):
+    """``y[rows of e] = x[rows of e] @ w[e]`` through ``grouped_mm``, with its backward spelled out.
+
+    Spelled out so the backward always hands ``grouped_mm`` contiguous gradients (it rejects e.g. the stride-0
+    gradient of ``y.sum()``) and stays two grouped matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, x_SK: Tensor, w_EKN: Tensor, offs_E: Tensor) -> Tensor:
+        ctx.save_for_backward(x_SK, w_EKN, offs_E)
+        return F.grouped_mm(x_SK, w_EKN, offs=offs_E)
+
+    @staticmethod
+    def backward(ctx, grad_SN: Tensor):
+        x_SK, w_EKN, offs_E = ctx.saved_tensors
+        grad_SN = grad_SN.contiguous()
+        grad_x = F.grouped_mm(grad_SN, w_EKN.transpose(-2, -1), offs=offs_E) if ctx.needs_input_grad[0] else None
+        grad_w = F.grouped_mm(x_SK.T, grad_SN, offs=offs_E) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
+
+
+def _grouped_ok(x: Tensor, w: Tensor) -> bool:
+    if x.dtype not in _GROUPED_DTYPES or w.dtype != x.dtype or (x.device.type, x.dtype) in _grouped_unsupported:
+        return False
+    align = 16 // x.element_size()  # grouped_mm needs 16-byte aligned strides
+    return x.shape[1] % align == 0 and w.shape[2] % align == 0
+
+
+def grouped_matmul(x_SK: Tensor, w_EKN: Tensor, counts_E: Tensor, offs_E: Tensor | None = None) -> Tensor:
+    """Row block e of ``x`` (``counts_E[e]`` rows, in order) times ``w[e]``. ``offs_E``: int32 cumsum of counts."""
+    if torch.is_autocast_enabled(x_SK.device.type):
+        dtype = torch.get_autocast_dtype(x_SK.device.type)
+        x_SK, w_EKN = x_SK.to(dtype), w_EKN.to(dtype)
+    else:
+        w_EKN = w_EKN.to(x_SK.dtype)
+    if _grouped_ok(x_SK, w_EKN):
+        if offs_E is None:
+            offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        try:
+            return _GroupedMM.apply(x_SK.contiguous(), w_EKN, offs_E)
+        except (RuntimeError, NotImplementedError):  # e.g. a GPU or dtype this PyTorch has no kernel for
+            _grouped_unsupported.add((x_SK.device.type, x_SK.dtype))
+    parts = x_SK.split(counts_E.tolist())
+    weights = w_EKN.unbind(0)  # backward of unbind is one stack, not E full-size zero tensors
+    return torch.cat([p @ w for p, w in zip(parts, weights)]) if parts else x_SK.new_zeros(0, w_EKN.shape[2])
+
+
+def expand_rows(param_EF: Tensor, counts_E: Tensor, num_rows: int) -> Tensor:
+    """Per-expert vectors repeated over that expert's rows: (E, F) -> (S, F)."""
+    return param_EF.repeat_interleave(counts_E, dim=0, output_size=num_rows)
+
+
+def _kaiming_uniform_(w_EIO: Tensor, fan_in: int) -> None:
+    bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default init, per expert
+    nn.init.uniform_(w_EIO, -bound, bound)
+
+
+class MLPExperts(nn.Module):
+    """E two-layer MLPs ``Linear(D, H) -> act -> Linear(H, D)``, weights stored (E, in, out)."""
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, act_layer: type[nn.Module] = nn.GELU,
+                 bias: bool = False) -> None:
+        super().__init__()
+        self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden_dim)) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
+        self.act = act_layer()
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        _kaiming_uniform_(self.w1, self.dim)
+        _kaiming_uniform_(self.w2, self.hidden_dim)
+
+    def forward(self, x_SD: Tensor, counts_E: Tensor) -> Tensor:
+        offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        h_SH = grouped_matmul(x_SD, self.w1, counts_E, offs_E)
+        if self.b1 is not None:
+            h_SH = h_SH + expand_rows(self.b1, counts_E, h_SH.shape[0]).to(h_SH.dtype)
+        y_SD = grouped_matmul(self.act(h_SH), self.w2, counts_E, offs_E)
+        if self.b2 is not None:
+            y_SD = y_SD + expand_rows(self.b2, counts_E, y_SD.shape[0]).to(y_SD.dtype)
+        return y_SD
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, bias={self.b1 is not None}"
+
+
+class EigenExperts(nn.Module):
+    """ERMoE's eigen-reparameterised experts after their basis projection (SPEC section 2):
+
+        Expert_e(h) = W2_e GELU(V_e (s_e * z) + c_e) + d_e,   z = U_e^T h
+
+    The input rows are the coordinates ``z`` (S, R) that the ERMoE router already computed for its score (the basis
+    ``U_e`` lives in the router, ``layer.router.basis``). ``s_e`` scales the R eigen-directions (init 1) and is folded
+    into ``V_e`` for the matmul: ``V_e (s_e * z) = (diag(s_e) V_e)`` applied to z, in (in, out) layout.
+    """
+
+    def __init__(self, num_experts: int, rank: int, hidden_dim: int, dim: int,
+                 act_layer: type[nn.Module] = nn.GELU, bias: bool = True) -> None:
+        super().__init__()
+        self.num_experts, self.rank, self.hidden_dim, self.dim = num_experts, rank, hidden_dim, dim
+        self.scales = nn.Parameter(torch.ones(num_experts, rank))
+        self.v = nn.Parameter(torch.empty(num_experts, rank, hidden_dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.c = nn.Parameter(torch.zeros(num_experts, hidden_dim)) if bias else None
+        self.d = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
+        self.act = act_layer()
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        _kaiming_uniform_(self.v, self.rank)
+        _kaiming_uniform_(self.w2, self.hidden_dim)
+
+    def forward(self, z_SR: Tensor, counts_E: Tensor) -> Tensor:
+        offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        h_SH = grouped_matmul(z_SR, self.scales.unsqueeze(-1) * self.v, counts_E, offs_E)
+        if self.c is not None:
+            h_SH = h_SH + expand_rows(self.c, counts_E, h_SH.shape[0]).to(h_SH.dtype)
+        y_SD = grouped_matmul(self.act(h_SH), self.w2, counts_E, offs_E)
+        if self.d is not None:
+            y_SD = y_SD + expand_rows(self.d, counts_E, y_SD.shape[0]).to(y_SD.dtype)
+        return y_SD
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, rank={self.rank}, hidden_dim={self.hidden_dim}, dim={self.dim}, "
+                f"bias={self.c is not None}")

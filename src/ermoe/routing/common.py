@@ -1,0 +1,78 @@
+"""Pieces shared by the eigen routers: temperature, running statistics for balancing without a loss.
+
+Shape suffixes: T tokens, E experts, R basis rank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Temperature(nn.Module):
+    """A softmax temperature ``tau``: fixed, or learned through ``log tau`` (so it stays positive)."""
+
+    def __init__(self, init: float = 1.0, learnable: bool = False) -> None:
+        super().__init__()
+        if not (isinstance(init, (int, float)) and math.isfinite(init) and init > 0):
+            raise ValueError(f"temperature must be a positive finite number, got {init!r}")
+        self.learnable = learnable
+        self.init = float(init)
+        if learnable:
+            self.log_tau = nn.Parameter(torch.tensor(math.log(init)))
+
+    def forward(self, logits: Tensor) -> Tensor:
+        return logits / self.log_tau.exp() if self.learnable else logits / self.init
+
+    @property
+    def value(self) -> float:
+        return float(self.log_tau.detach().exp()) if self.learnable else self.init
+
+    def extra_repr(self) -> str:
+        return f"tau={self.value:.4g}, learnable={self.learnable}"
+
+
+class ScoreStandardizer(nn.Module):
+    """Per-expert score standardisation (SPEC section 7): BatchNorm over the expert axis without affine.
+
+    Training with more than one token: batch mean and variance (gradients flow through them, as in BatchNorm), and
+    the running statistics are updated; evaluation, or a single token: the running statistics.
+    """
+
+    def __init__(self, num_experts: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"standardize momentum must be in (0, 1], got {momentum!r}")
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(num_experts))
+        self.register_buffer("running_var", torch.ones(num_experts))
+
+    def forward(self, scores_TE: Tensor) -> Tensor:
+        use_batch = self.training and scores_TE.shape[0] > 1
+        return F.batch_norm(scores_TE, self.running_mean, self.running_var, training=use_batch,
+                            momentum=self.momentum, eps=self.eps)
+
+
+class EnergyWhitener(nn.Module):
+    """Divide each basis direction's energy by its mean energy (SPEC section 7, "whitened energies").
+
+    Every direction then has the same expected share (1), so no direction wins merely because it carries more of
+    the features' variance. Batch means in training (the running mean is updated), running means in evaluation.
+    """
+
+    def __init__(self, rank: int, momentum: float = 0.1, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.full((rank,), 1.0 / rank))
+
+    def forward(self, energy_TR: Tensor) -> Tensor:
+        if self.training and energy_TR.shape[0] > 0:
+            mean_R = energy_TR.mean(dim=0)
+            with torch.no_grad():
+                self.running_mean.lerp_(mean_R.detach().to(self.running_mean.dtype), self.momentum)
+        else:
+            mean_R = self.running_mean
+        return energy_TR / (mean_R + self.eps)

@@ -1,0 +1,190 @@
+"""Dispatch and the whole layer against a slow per-token loop in float64: values and gradients, with and without drops."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ermoe
+from ermoe.dispatch import TokenChoicePlan, expert_capacity
+from ermoe.experts import EigenExperts, MLPExperts, grouped_matmul
+
+D, H, E = 8, 12, 4
+
+
+def expert_forward(experts, e, inp):
+    """One expert on one row, written out."""
+    if isinstance(experts, EigenExperts):
+        h = inp @ (experts.scales[e, :, None] * experts.v[e]) + experts.c[e]
+        return F.gelu(h) @ experts.w2[e] + experts.d[e]
+    h = inp @ experts.w1[e]
+    if experts.b1 is not None:
+        h = h + experts.b1[e]
+    y = F.gelu(h) @ experts.w2[e]
+    return y + experts.b2[e] if experts.b2 is not None else y
+
+
+def reference_keep(route, num_experts, capacity):
+    """Which (t, k) selections an expert computes: first choices before second, by priority or token order."""
+    idx = route.topk_idx_TK
+    num_tokens, k = idx.shape
+    keep = torch.ones_like(idx, dtype=torch.bool) if route.keep_TK is None else route.keep_TK.clone()
+    if capacity is None:
+        return keep
+    used = [0] * num_experts
+    for j in range(k):
+        order = list(range(num_tokens))
+        if route.priority_TK is not None:
+            order = sorted(order, key=lambda t: (-float(route.priority_TK[t, j]), t))
+        for t in order:
+            if not keep[t, j]:
+                continue
+            e = int(idx[t, j])
+            keep[t, j] = used[e] < capacity
+            used[e] += int(keep[t, j])
+    return keep
+
+
+def reference_layer(layer, x_TD, route):
+    """y_t = alpha * sum over kept selections of gate * Expert_e(input), one token at a time."""
+    rows = []
+    if route.expert_choice:
+        out = [x_TD.new_zeros(D) for _ in range(x_TD.shape[0])]
+        for e in range(route.token_idx_EC.shape[0]):
+            for c in range(route.token_idx_EC.shape[1]):
+                t = int(route.token_idx_EC[e, c])
+                out[t] = out[t] + route.gates_EC[e, c] * expert_forward(layer.experts, e, x_TD[t])
+        rows = out
+    else:
+        cap = None if layer.capacity_factor is None else expert_capacity(
+            layer.capacity_factor, x_TD.shape[0], layer.top_k, layer.num_experts)
+        keep = reference_keep(route, layer.num_experts, cap)
+        for t in range(x_TD.shape[0]):
+            y = x_TD.new_zeros(D)
+            for j in range(layer.top_k):
+                if keep[t, j]:
+                    e = int(route.topk_idx_TK[t, j])
+                    inp = x_TD[t] if route.expert_inputs_TKR is None else route.expert_inputs_TKR[t, j]
+                    y = y + route.gates_TK[t, j] * expert_forward(layer.experts, e, inp)
+            rows.append(y)
+    y = torch.stack(rows)
+    return layer.alpha * y if layer.alpha is not None else y
+
+
+CASES = [
+    ("softmax_topk", 1, None, {}),
+    ("softmax_topk", 2, None, {}),
+    ("softmax_topk", 2, 0.75, {}),        # capacity drops, token order
+    ("vmoe", 2, None, {}),                # router default capacity 1.05, BPR
+    ("vmoe", 1, 0.5, {}),                 # heavy drops, BPR
+    ("loss_free_bias", 2, None, {}),
+    ("cosine", 2, None, {}),
+    ("expert_choice", 1, None, {}),
+    ("expert_choice", 2, None, {"capacity_factor": 0.5}),
+    ("emoe", 1, None, {"rank": 4}),
+    ("emoe", 2, None, {"rank": 4, "whiten": True, "standardize": True}),
+    ("ermoe", 1, None, {"rank": 3}),
+    ("ermoe", 2, None, {"rank": 3, "gate": "score", "threshold": 0.3}),
+    ("ermoe", 2, 0.6, {"rank": 3}),       # capacity drops with eigen experts
+]
+
+
+@pytest.mark.parametrize("router,top_k,capacity,kwargs", CASES)
+def test_layer_matches_per_token_loop(router, top_k, capacity, kwargs):
+    torch.manual_seed(0)
+    layer = ermoe.MoE(D, H, E, router=router, top_k=top_k, capacity_factor=capacity,
+                      router_kwargs=kwargs).double()
+    if router in ("emoe", "ermoe", "loss_free_bias"):
+        layer.train()
+        layer(torch.randn(64, D, dtype=torch.float64))  # move running statistics away from their init
+        layer.eval()
+    x = torch.randn(2, 15, D, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(2, 15, D, dtype=torch.float64)
+    torch.manual_seed(1)
+    y = layer(x)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((y * grad_out).sum(), [x, *params], allow_unused=True)
+    torch.manual_seed(1)
+    route = layer.router(x.reshape(-1, D))
+    y_ref = reference_layer(layer, x.reshape(-1, D), route).view_as(y)
+    assert torch.allclose(y, y_ref, atol=1e-12, rtol=1e-10)
+    grads_ref = torch.autograd.grad((y_ref * grad_out).sum(), [x, *params], allow_unused=True)
+    for (name, _), g, g_ref in zip([("x", x), *layer.named_parameters()], grads, grads_ref):
+        if g_ref is None:
+            assert g is None or torch.all(g == 0), name
+        else:
+            assert torch.allclose(g, g_ref, atol=1e-12, rtol=1e-10), name
+    if capacity is not None or router == "vmoe":
+        info = layer.last_routing
+        cap = expert_capacity(layer.capacity_factor, 30, top_k, E)
+        assert (info.tokens_per_expert <= cap).all()
+        assert info.dropped == int((info.expert_idx < 0).sum())
+
+
+def test_plan_with_capacity_by_hand():
+    # 5 tokens, top-1, capacity 2: expert 0 is chosen by tokens 0, 1, 3, 4 -> tokens 3 and 4 dropped (token order)
+    idx = torch.tensor([[0], [0], [1], [0], [0]])
+    plan = TokenChoicePlan(idx, 2, capacity=2)
+    assert plan.counts_E.tolist() == [2, 1] and plan.num_dropped == 2
+    assert plan.dropped_TK()[:, 0].tolist() == [False, False, False, True, True]
+    # with priorities (BPR) the two highest-priority tokens of expert 0 win instead
+    prio = torch.tensor([[0.1], [0.2], [0.9], [0.8], [0.7]])
+    plan = TokenChoicePlan(idx, 2, capacity=2, priority_TK=prio)
+    assert plan.dropped_TK()[:, 0].tolist() == [True, True, False, False, False]
+
+
+def test_plan_first_choices_fill_capacity_before_second_choices():
+    # capacity 2. Expert 0: first choice of tokens 1, 2, second choice of token 0 -> token 0's second is dropped.
+    # Expert 1: first choice of token 0, second choices of tokens 1, 2 -> token 1's second stays, token 2's goes.
+    idx = torch.tensor([[1, 0], [0, 1], [0, 1]])
+    plan = TokenChoicePlan(idx, 2, capacity=2)
+    assert plan.dropped_TK().tolist() == [[False, True], [False, False], [False, True]]
+
+
+def test_dispatch_then_combine_is_identity_with_unit_gates():
+    torch.manual_seed(0)
+    idx = torch.randint(0, 5, (40, 2))
+    plan = TokenChoicePlan(idx, 5)
+    x = torch.randn(40, 6, dtype=torch.float64)
+    out = plan.combine(plan.dispatch(x), torch.full((40, 2), 0.5, dtype=torch.float64))
+    assert torch.allclose(out, x)
+    counts = torch.bincount(idx.reshape(-1), minlength=5)
+    assert plan.counts_E.tolist() == counts.tolist()
+    rows = plan.dispatch(x)  # rows come grouped by expert
+    starts = [0] + torch.cumsum(counts, 0).tolist()
+    for e in range(5):
+        block = rows[starts[e]:starts[e + 1]]
+        tokens = [t for t in range(40) for j in range(2) if idx[t, j] == e]
+        assert torch.equal(block, x[tokens])
+
+
+@pytest.mark.parametrize("dims", [(16, 24), (6, 10)])  # aligned: grouped_mm; unaligned: the loop
+def test_grouped_matmul_matches_loop(dims):
+    k, n = dims
+    torch.manual_seed(0)
+    counts = torch.tensor([5, 0, 7, 3])
+    x = torch.randn(15, k, requires_grad=True)
+    w = torch.randn(4, k, n, requires_grad=True)
+    y = grouped_matmul(x, w, counts)
+    g = torch.randn(15, n)
+    gx, gw = torch.autograd.grad((y * g).sum(), [x, w])
+    starts = [0, 5, 5, 12, 15]
+    y_ref = torch.cat([x[starts[e]:starts[e + 1]] @ w[e] for e in range(4)])
+    gx_ref, gw_ref = torch.autograd.grad((y_ref * g).sum(), [x, w])
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    assert torch.allclose(gx, gx_ref, atol=1e-5) and torch.allclose(gw, gw_ref, atol=1e-5)
+    assert torch.all(gw[1] == 0)  # an expert with no rows gets a zero gradient
+    # backward with a non-contiguous (stride-0) incoming gradient
+    grouped_matmul(x, w, counts).sum().backward()
+
+
+def test_experts_bias_options():
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 2])
+    x = torch.randn(5, D, dtype=torch.float64)
+    experts = MLPExperts(2, D, H, bias=True).double()
+    with torch.no_grad():
+        experts.b1.normal_()
+        experts.b2.normal_()
+    y = experts(x, counts)
+    rows = [expert_forward(experts, 0 if i < 3 else 1, x[i]) for i in range(5)]
+    assert torch.allclose(y, torch.stack(rows))
