@@ -55,20 +55,24 @@ def dense_reference(layer: ermoe.MoE) -> nn.Module:
                          nn.Linear(layer.hidden_dim, layer.dim, bias=bias))
 
 
-def time_fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+def time_fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, sync) -> float:
     module.train()
     x.grad = None
     module.zero_grad(set_to_none=True)
+    sync()
     start = time.perf_counter()
     module(x).backward(grad)
+    sync()
     return time.perf_counter() - start
 
 
-def time_fwd(module: nn.Module, x: torch.Tensor) -> float:
+def time_fwd(module: nn.Module, x: torch.Tensor, sync) -> float:
     module.eval()
     with torch.inference_mode():
+        sync()
         start = time.perf_counter()
         module(x)
+        sync()
         return time.perf_counter() - start
 
 
@@ -102,6 +106,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--router-kwargs", type=json.loads, default={},
+                        help='JSON keyword arguments for every router, e.g. \'{"rank": 32}\'')
     parser.add_argument("--json", action="store_true", help="print the results as a JSON list (table to stderr)")
     args = parser.parse_args(argv)
 
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     table = sys.stderr if args.json else sys.stdout
     print(f"# {platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()} "
-          f"torch={torch.__version__} device={device} dtype={args.dtype} {MALLOC_NOTE}")
+          f"torch={torch.__version__} device={device} dtype={args.dtype} {MALLOC_NOTE}", file=table)
     print(f"# tokens={args.tokens} dim={args.dim} hidden={args.hidden} top_k={args.top_k} "
           f"repeats={args.repeats} seed={args.seed}", file=table)
     header = f"{'router':<15} {'E':>4} {'fwd+bwd ms':>11} {'dense ms':>9} {'ratio':>6} {'fwd ms':>8} {'dense ms':>9} {'ratio':>6}"
@@ -126,20 +132,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for num_experts in args.experts:
         for name in args.routers:
             torch.manual_seed(args.seed)
-            moe = ermoe.MoE(args.dim, args.hidden, num_experts, router=name, top_k=args.top_k).to(device, dtype)
+            moe = ermoe.MoE(args.dim, args.hidden, num_experts, router=name, top_k=args.top_k,
+                             router_kwargs=args.router_kwargs or None).to(device, dtype)
             dense = dense_reference(moe).to(device, dtype)
             x = torch.randn(args.tokens, args.dim, device=device, dtype=dtype, requires_grad=True)
             grad = torch.randn_like(x)
 
             def fwd_bwd(m: nn.Module) -> float:
-                t = time_fwd_bwd(m, x, grad)
-                sync()
-                return t
+                return time_fwd_bwd(m, x, grad, sync)
 
             def fwd(m: nn.Module) -> float:
-                t = time_fwd(m, x)
-                sync()
-                return t
+                return time_fwd(m, x, sync)
 
             fb_ratio, fb_moe, fb_dense = paired_ratio(moe, dense, fwd_bwd, args.repeats, args.warmup)
             f_ratio, f_moe, f_dense = paired_ratio(moe, dense, fwd, args.repeats, args.warmup)

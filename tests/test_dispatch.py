@@ -14,12 +14,12 @@ D, H, E = 8, 12, 4
 def expert_forward(experts, e, inp):
     """One expert on one row, written out."""
     if isinstance(experts, EigenExperts):
-        h = inp @ (experts.scales[e, :, None] * experts.v[e]) + experts.c[e]
-        return F.gelu(h) @ experts.w2[e] + experts.d[e]
-    h = inp @ experts.w1[e]
+        h = experts.v[e] @ (experts.scales[e] * inp) + experts.c[e]  # V_e (s_e * z) + c_e
+        return experts.w2[e] @ F.gelu(h) + experts.d[e]
+    h = experts.w1[e] @ inp
     if experts.b1 is not None:
         h = h + experts.b1[e]
-    y = F.gelu(h) @ experts.w2[e]
+    y = experts.w2[e] @ F.gelu(h)
     return y + experts.b2[e] if experts.b2 is not None else y
 
 
@@ -163,12 +163,12 @@ def test_grouped_matmul_matches_loop(dims):
     torch.manual_seed(0)
     counts = torch.tensor([5, 0, 7, 3])
     x = torch.randn(15, k, requires_grad=True)
-    w = torch.randn(4, k, n, requires_grad=True)
+    w = torch.randn(4, n, k, requires_grad=True)
     y = grouped_matmul(x, w, counts)
     g = torch.randn(15, n)
     gx, gw = torch.autograd.grad((y * g).sum(), [x, w])
     starts = [0, 5, 5, 12, 15]
-    y_ref = torch.cat([x[starts[e]:starts[e + 1]] @ w[e] for e in range(4)])
+    y_ref = torch.cat([x[starts[e]:starts[e + 1]] @ w[e].T for e in range(4)])
     gx_ref, gw_ref = torch.autograd.grad((y_ref * g).sum(), [x, w])
     assert torch.allclose(y, y_ref, atol=1e-5)
     assert torch.allclose(gx, gx_ref, atol=1e-5) and torch.allclose(gw, gw_ref, atol=1e-5)

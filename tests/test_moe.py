@@ -222,3 +222,20 @@ def test_cuda_matches_cpu(router):
     y_cpu = layer(x)
     y_gpu = layer.cuda()(x.cuda())
     assert torch.allclose(y_gpu.cpu(), y_cpu, atol=1e-4)
+
+
+@pytest.mark.parametrize("router,kwargs", VARIANTS)
+def test_bfloat16_module_and_autocast(router, kwargs):
+    torch.manual_seed(0)
+    layer = ermoe.MoE(D, H, E, router=router, top_k=2, router_kwargs=kwargs)
+    x = torch.randn(40, D)
+    context = torch.randn_like(x) if kwargs.get("score") == "context" else None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x, context=context)
+    assert y.dtype == x.dtype and torch.isfinite(y).all()
+    half = layer.to(torch.bfloat16)
+    xb = x.to(torch.bfloat16).requires_grad_()
+    y = half(xb, context=None if context is None else context.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+    y.float().sum().backward()
+    assert torch.isfinite(xb.grad.float()).all()

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from .routing.base import RouterOutput
+from .routing.base import RouterOutput, count_per_expert
 
 
 class _GatherSlots(Function):
@@ -85,7 +85,7 @@ class TokenChoicePlan:
         num_assign = num_tokens * top_k
         device = topk_idx_TK.device
         expert_A = topk_idx_TK.reshape(-1)
-        self.assigned_E = torch.bincount(expert_A, minlength=num_experts)
+        self.assigned_E = count_per_expert(expert_A, num_experts)
         if keep_TK is not None:  # selections the router itself dropped go to bucket E (never computed)
             expert_A = torch.where(keep_TK.reshape(-1), expert_A, num_experts)
         if capacity is None:
@@ -93,8 +93,9 @@ class TokenChoicePlan:
             bucket_A = expert_A
         else:
             perm, bucket_A = self._capacity_order(expert_A, capacity, priority_TK)
-        counts = torch.bincount(bucket_A, minlength=num_experts + 1)
+        counts = count_per_expert(bucket_A, num_experts + 1)
         self.counts_E = counts[:num_experts]
+        # Drops need the kept count on the host (to slice the permutation); dropless routing needs no sync.
         self.num_dropped = int(counts[num_experts]) if (capacity is not None or keep_TK is not None) else 0
         self.num_kept = num_assign - self.num_dropped
         self.perm_S = perm[: self.num_kept]
@@ -112,7 +113,7 @@ class TokenChoicePlan:
             order = order[by_prio[by_choice]]
         grouped = order[torch.argsort(expert_A[order], stable=True)]  # by expert, priority order within
         expert_G = expert_A[grouped]
-        counts = torch.bincount(expert_G, minlength=num_experts + 1)
+        counts = count_per_expert(expert_G, num_experts + 1)
         starts = torch.cumsum(counts, 0) - counts
         position = torch.arange(expert_G.numel(), device=device) - starts[expert_G]
         bucket_G = torch.where(position < capacity, expert_G, num_experts)

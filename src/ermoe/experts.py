@@ -21,23 +21,24 @@ _grouped_unsupported: set[tuple[str, torch.dtype]] = set()
 
 
 class _GroupedMM(Function):
-    """``y[rows of e] = x[rows of e] @ w[e]`` through ``grouped_mm``, with its backward spelled out.
+    """``y[rows of e] = x[rows of e] @ w[e]^T`` through ``grouped_mm``, with its backward spelled out.
 
-    Spelled out so the backward always hands ``grouped_mm`` contiguous gradients (it rejects e.g. the stride-0
-    gradient of ``y.sum()``) and stays two grouped matmuls.
+    Weights are (E, out, in), as ``nn.Linear``'s. The backward is spelled out so it always hands ``grouped_mm``
+    contiguous gradients (it rejects e.g. the stride-0 gradient of ``y.sum()``) and stays two grouped matmuls, the
+    weight gradient coming out directly in (E, out, in).
     """
 
     @staticmethod
-    def forward(ctx, x_SK: Tensor, w_EKN: Tensor, offs_E: Tensor) -> Tensor:
-        ctx.save_for_backward(x_SK, w_EKN, offs_E)
-        return F.grouped_mm(x_SK, w_EKN, offs=offs_E)
+    def forward(ctx, x_SK: Tensor, w_ENK: Tensor, offs_E: Tensor) -> Tensor:
+        ctx.save_for_backward(x_SK, w_ENK, offs_E)
+        return F.grouped_mm(x_SK, w_ENK.transpose(-2, -1), offs=offs_E)
 
     @staticmethod
     def backward(ctx, grad_SN: Tensor):
-        x_SK, w_EKN, offs_E = ctx.saved_tensors
+        x_SK, w_ENK, offs_E = ctx.saved_tensors
         grad_SN = grad_SN.contiguous()
-        grad_x = F.grouped_mm(grad_SN, w_EKN.transpose(-2, -1), offs=offs_E) if ctx.needs_input_grad[0] else None
-        grad_w = F.grouped_mm(x_SK.T, grad_SN, offs=offs_E) if ctx.needs_input_grad[1] else None
+        grad_x = F.grouped_mm(grad_SN, w_ENK, offs=offs_E) if ctx.needs_input_grad[0] else None
+        grad_w = F.grouped_mm(grad_SN.T, x_SK, offs=offs_E) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None
 
 
@@ -45,26 +46,29 @@ def _grouped_ok(x: Tensor, w: Tensor) -> bool:
     if x.dtype not in _GROUPED_DTYPES or w.dtype != x.dtype or (x.device.type, x.dtype) in _grouped_unsupported:
         return False
     align = 16 // x.element_size()  # grouped_mm needs 16-byte aligned strides
-    return x.shape[1] % align == 0 and w.shape[2] % align == 0
+    return x.shape[1] % align == 0 and w.shape[1] % align == 0
 
 
-def grouped_matmul(x_SK: Tensor, w_EKN: Tensor, counts_E: Tensor, offs_E: Tensor | None = None) -> Tensor:
-    """Row block e of ``x`` (``counts_E[e]`` rows, in order) times ``w[e]``. ``offs_E``: int32 cumsum of counts."""
+def grouped_matmul(x_SK: Tensor, w_ENK: Tensor, counts_E: Tensor, offs_E: Tensor | None = None) -> Tensor:
+    """Row block e of ``x`` (``counts_E[e]`` rows, in order) times ``w[e]^T``; ``w`` is (E, out, in) as nn.Linear.
+
+    ``offs_E``: the int32 cumulative sum of ``counts_E`` (computed if not given).
+    """
     if torch.is_autocast_enabled(x_SK.device.type):
         dtype = torch.get_autocast_dtype(x_SK.device.type)
-        x_SK, w_EKN = x_SK.to(dtype), w_EKN.to(dtype)
+        x_SK, w_ENK = x_SK.to(dtype), w_ENK.to(dtype)
     else:
-        w_EKN = w_EKN.to(x_SK.dtype)
-    if _grouped_ok(x_SK, w_EKN):
+        w_ENK = w_ENK.to(x_SK.dtype)
+    if _grouped_ok(x_SK, w_ENK):
         if offs_E is None:
             offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         try:
-            return _GroupedMM.apply(x_SK.contiguous(), w_EKN, offs_E)
+            return _GroupedMM.apply(x_SK.contiguous(), w_ENK, offs_E)
         except (RuntimeError, NotImplementedError):  # e.g. a GPU or dtype this PyTorch has no kernel for
             _grouped_unsupported.add((x_SK.device.type, x_SK.dtype))
     parts = x_SK.split(counts_E.tolist())
-    weights = w_EKN.unbind(0)  # backward of unbind is one stack, not E full-size zero tensors
-    return torch.cat([p @ w for p, w in zip(parts, weights)]) if parts else x_SK.new_zeros(0, w_EKN.shape[2])
+    weights = w_ENK.unbind(0)  # backward of unbind is one stack, not E full-size zero tensors
+    return torch.cat([p @ w.T for p, w in zip(parts, weights)]) if parts else x_SK.new_zeros(0, w_ENK.shape[1])
 
 
 def expand_rows(param_EF: Tensor, counts_E: Tensor, num_rows: int) -> Tensor:
@@ -72,20 +76,20 @@ def expand_rows(param_EF: Tensor, counts_E: Tensor, num_rows: int) -> Tensor:
     return param_EF.repeat_interleave(counts_E, dim=0, output_size=num_rows)
 
 
-def _kaiming_uniform_(w_EIO: Tensor, fan_in: int) -> None:
-    bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default init, per expert
-    nn.init.uniform_(w_EIO, -bound, bound)
+def _kaiming_uniform_(w_EOI: Tensor) -> None:
+    bound = 1.0 / math.sqrt(w_EOI.shape[-1])  # nn.Linear's default init, per expert
+    nn.init.uniform_(w_EOI, -bound, bound)
 
 
 class MLPExperts(nn.Module):
-    """E two-layer MLPs ``Linear(D, H) -> act -> Linear(H, D)``, weights stored (E, in, out)."""
+    """E two-layer MLPs ``Linear(D, H) -> act -> Linear(H, D)``, weights stored (E, out, in) as nn.Linear's."""
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, act_layer: type[nn.Module] = nn.GELU,
                  bias: bool = False) -> None:
         super().__init__()
         self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
-        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.b1 = nn.Parameter(torch.zeros(num_experts, hidden_dim)) if bias else None
         self.b2 = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
         self.act = act_layer()
@@ -93,8 +97,8 @@ class MLPExperts(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        _kaiming_uniform_(self.w1, self.dim)
-        _kaiming_uniform_(self.w2, self.hidden_dim)
+        _kaiming_uniform_(self.w1)
+        _kaiming_uniform_(self.w2)
 
     def forward(self, x_SD: Tensor, counts_E: Tensor) -> Tensor:
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
@@ -117,7 +121,7 @@ class EigenExperts(nn.Module):
 
     The input rows are the coordinates ``z`` (S, R) that the ERMoE router already computed for its score (the basis
     ``U_e`` lives in the router, ``layer.router.basis``). ``s_e`` scales the R eigen-directions (init 1) and is folded
-    into ``V_e`` for the matmul: ``V_e (s_e * z) = (diag(s_e) V_e)`` applied to z, in (in, out) layout.
+    into ``V_e`` for the matmul: ``V_e (s_e * z) = (V_e diag(s_e)) z``. Weights are (E, out, in).
     """
 
     def __init__(self, num_experts: int, rank: int, hidden_dim: int, dim: int,
@@ -125,8 +129,8 @@ class EigenExperts(nn.Module):
         super().__init__()
         self.num_experts, self.rank, self.hidden_dim, self.dim = num_experts, rank, hidden_dim, dim
         self.scales = nn.Parameter(torch.ones(num_experts, rank))
-        self.v = nn.Parameter(torch.empty(num_experts, rank, hidden_dim))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.v = nn.Parameter(torch.empty(num_experts, hidden_dim, rank))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.c = nn.Parameter(torch.zeros(num_experts, hidden_dim)) if bias else None
         self.d = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
         self.act = act_layer()
@@ -134,12 +138,12 @@ class EigenExperts(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        _kaiming_uniform_(self.v, self.rank)
-        _kaiming_uniform_(self.w2, self.hidden_dim)
+        _kaiming_uniform_(self.v)
+        _kaiming_uniform_(self.w2)
 
     def forward(self, z_SR: Tensor, counts_E: Tensor) -> Tensor:
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        h_SH = grouped_matmul(z_SR, self.scales.unsqueeze(-1) * self.v, counts_E, offs_E)
+        h_SH = grouped_matmul(z_SR, self.v * self.scales.unsqueeze(1), counts_E, offs_E)
         if self.c is not None:
             h_SH = h_SH + expand_rows(self.c, counts_E, h_SH.shape[0]).to(h_SH.dtype)
         y_SD = grouped_matmul(self.act(h_SH), self.w2, counts_E, offs_E)

@@ -40,7 +40,7 @@ class MoE(nn.Module):
         act_layer, expert_bias: the experts' activation and whether their linear maps have biases (None: as the
             papers: no bias for MLP experts, biases c_e and d_e for ERMoE's eigen experts).
         router_kwargs: keyword arguments of the router (see docs/routers.md).
-        validate: check inputs (shape, dtype, finite values) on every call; switch off to save the NaN scan.
+        validate: scan CPU inputs for NaN/inf on every call (shape and dtype are always checked); off saves the scan.
     """
 
     def __init__(
@@ -108,7 +108,8 @@ class MoE(nn.Module):
                 raise ValueError(f"router {self.router_name!r} takes no context tensor")
             if context.shape != x.shape:
                 raise ValueError(f"context must have the input's shape {tuple(x.shape)}, got {tuple(context.shape)}")
-        if self.validate and not torch.isfinite(x).all():
+        # The NaN scan reads a flag back to the host: on CPU that is free, on a GPU a sync per call, so CPU only.
+        if self.validate and x.device.type == "cpu" and not torch.isfinite(x).all():
             raise ValueError("MoE input contains NaN or inf")
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
@@ -149,7 +150,7 @@ class MoE(nn.Module):
 
 
 def _routing_info(route, plan, num_tokens: int, top_k: int) -> RoutingInfo:
-    aux = {name: float(loss.detach()) for name, loss in route.aux_losses.items()}
+    aux = {name: loss.detach() for name, loss in route.aux_losses.items()}
     if isinstance(plan, TokenChoicePlan):
         expert_idx = route.topk_idx_TK
         if plan.num_dropped:
@@ -191,7 +192,8 @@ def routing_stats(model: nn.Module) -> dict[str, dict[str, Any]]:
             continue
         counts = info.tokens_per_expert
         stats[name or "moe"] = {"tokens_per_expert": counts.tolist(), **load_summary(counts),
-                                "drop_rate": info.drop_rate, "num_tokens": info.num_tokens, **info.aux_losses}
+                                "drop_rate": info.drop_rate, "num_tokens": info.num_tokens,
+                                **{name: float(loss) for name, loss in info.aux_losses.items()}}
     return stats
 
 

@@ -55,7 +55,7 @@ class RoutingInfo:
     probs: Tensor
     tokens_per_expert: Tensor
     assigned_per_expert: Tensor
-    aux_losses: dict[str, float]
+    aux_losses: dict[str, Tensor]
     dropped: int
     assignments: int
     choice: Literal["token", "expert"] = "token"
@@ -112,7 +112,16 @@ def topk_gates(probs_TE: Tensor, k: int, renormalize: bool = False) -> tuple[Ten
     return idx_TK, gates_TK
 
 
+def count_per_expert(idx: Tensor, num_experts: int) -> Tensor:
+    """How many entries of ``idx`` (any shape, values in [0, num_experts)) name each expert.
+
+    A scatter-add rather than ``bincount``, which reads the largest index back to the host (a GPU sync).
+    """
+    flat = idx.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def tokens_per_expert(idx: Tensor, num_experts: int) -> Tensor:
     """How many selections each expert received (``idx`` any shape, entries < 0 ignored)."""
     flat = idx.reshape(-1)
-    return torch.bincount(flat[flat >= 0], minlength=num_experts)
+    return count_per_expert(torch.where(flat >= 0, flat, num_experts), num_experts + 1)[:num_experts]

@@ -52,8 +52,9 @@ class ScoreStandardizer(nn.Module):
 
     def forward(self, scores_TE: Tensor) -> Tensor:
         use_batch = self.training and scores_TE.shape[0] > 1
-        return F.batch_norm(scores_TE, self.running_mean, self.running_var, training=use_batch,
-                            momentum=self.momentum, eps=self.eps)
+        out = F.batch_norm(scores_TE.to(self.running_mean.dtype), self.running_mean, self.running_var,
+                           training=use_batch, momentum=self.momentum, eps=self.eps)
+        return out.to(scores_TE.dtype)
 
 
 class EnergyWhitener(nn.Module):
@@ -75,4 +76,4 @@ class EnergyWhitener(nn.Module):
                 self.running_mean.lerp_(mean_R.detach().to(self.running_mean.dtype), self.momentum)
         else:
             mean_R = self.running_mean
-        return energy_TR / (mean_R + self.eps)
+        return energy_TR / (mean_R.to(energy_TR.dtype) + self.eps)

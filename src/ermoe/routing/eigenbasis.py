@@ -29,8 +29,12 @@ from .common import ScoreStandardizer, Temperature
 
 
 def default_eigen_rank(dim: int, num_experts: int) -> int:
-    """``dim // E`` rounded down to a multiple of 4 (aligned for grouped matmul), within [4, 64] and <= dim."""
-    return min(dim, max(4, min(64, (dim // num_experts) // 4 * 4)))
+    """``min(32, dim // E)`` rounded down to a multiple of 4 (aligned for grouped matmul), at least 4, at most dim.
+
+    ``dim // E`` lets the E bases be mutually orthogonal; the cap of 32 bounds the router's projection (a D x E*R
+    matmul that every token pays for), which keeps ERMoE's cost near a dense FFN's (docs/performance.md).
+    """
+    return min(dim, max(4, min(32, dim // num_experts) // 4 * 4))
 
 
 class EigenbasisRouter(Router):

@@ -78,8 +78,9 @@ class EigenEnergyRouter(Router):
         sq_TR = upcast(z_TR).pow(2)
         energy_TR = sq_TR / (sq_TR.sum(dim=-1, keepdim=True) + self.eps)
         energy_TR = self.whitener(energy_TR)
-        pi_RE = self.pi.softmax(dim=-1) if self.pi_norm == "softmax" else self.pi
-        scores_TE = energy_TR @ (self.gamma.unsqueeze(-1) * pi_RE) + self.bias
+        pi_RE = upcast(self.pi)
+        pi_RE = pi_RE.softmax(dim=-1) if self.pi_norm == "softmax" else pi_RE
+        scores_TE = energy_TR @ (upcast(self.gamma).unsqueeze(-1) * pi_RE) + upcast(self.bias)
         probs_TE = self.temperature(self.standardizer(scores_TE)).softmax(dim=-1)
         topk_idx_TK, gates_TK = topk_gates(probs_TE, self.top_k, renormalize=self.gate == "renormalized")
         if self.reestimate_every and self.training and x_TD.shape[0] > 0:

@@ -10,6 +10,8 @@ import math
 import torch
 from torch import Tensor
 
+from .base import count_per_expert
+
 
 def switch_balancing_loss(probs_TE: Tensor, topk_idx_TK: Tensor) -> Tensor:
     """Switch/GShard load-balancing loss ``E * sum_i f_i * P_i``.
@@ -21,7 +23,7 @@ def switch_balancing_loss(probs_TE: Tensor, topk_idx_TK: Tensor) -> Tensor:
     num_tokens, num_experts = probs_TE.shape
     if num_tokens == 0:
         return probs_TE.sum() * 0.0
-    counts_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=num_experts).to(probs_TE.dtype)
+    counts_E = count_per_expert(topk_idx_TK, num_experts).to(probs_TE.dtype)
     return num_experts * torch.dot(counts_E / num_tokens, probs_TE.mean(dim=0))
 
 

@@ -84,7 +84,7 @@ class LossFreeBiasRouter(Router):
     def forward(self, x_TD: Tensor, context_TD: Tensor | None = None) -> RouterOutput:
         logits_TE = upcast(self.gate(x_TD))
         scores_TE = logits_TE.softmax(dim=-1) if self.score_fn == "softmax" else logits_TE.sigmoid()
-        topk_idx_TK = torch.topk(scores_TE + self.expert_bias, self.top_k, dim=-1).indices
+        topk_idx_TK = torch.topk(scores_TE + self.expert_bias.to(scores_TE.dtype), self.top_k, dim=-1).indices
         gates_TK = scores_TE.gather(1, topk_idx_TK)
         if self.renormalize:
             gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
