@@ -76,6 +76,19 @@ def expand_rows(param_EF: Tensor, counts_E: Tensor, num_rows: int) -> Tensor:
     return param_EF.repeat_interleave(counts_E, dim=0, output_size=num_rows)
 
 
+def grouped_mlp(x_SI: Tensor, counts_E: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor,
+                b_out: Tensor | None, act: nn.Module) -> Tensor:
+    """``act(x W_in^T + b_in) W_out^T + b_out`` with every weight chosen per row by its expert."""
+    offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+    h_SH = grouped_matmul(x_SI, w_in, counts_E, offs_E)
+    if b_in is not None:
+        h_SH = h_SH + expand_rows(b_in, counts_E, h_SH.shape[0]).to(h_SH.dtype)
+    y_SO = grouped_matmul(act(h_SH), w_out, counts_E, offs_E)
+    if b_out is not None:
+        y_SO = y_SO + expand_rows(b_out, counts_E, y_SO.shape[0]).to(y_SO.dtype)
+    return y_SO
+
+
 def _kaiming_uniform_(w_EOI: Tensor) -> None:
     bound = 1.0 / math.sqrt(w_EOI.shape[-1])  # nn.Linear's default init, per expert
     nn.init.uniform_(w_EOI, -bound, bound)
@@ -101,14 +114,7 @@ class MLPExperts(nn.Module):
         _kaiming_uniform_(self.w2)
 
     def forward(self, x_SD: Tensor, counts_E: Tensor) -> Tensor:
-        offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        h_SH = grouped_matmul(x_SD, self.w1, counts_E, offs_E)
-        if self.b1 is not None:
-            h_SH = h_SH + expand_rows(self.b1, counts_E, h_SH.shape[0]).to(h_SH.dtype)
-        y_SD = grouped_matmul(self.act(h_SH), self.w2, counts_E, offs_E)
-        if self.b2 is not None:
-            y_SD = y_SD + expand_rows(self.b2, counts_E, y_SD.shape[0]).to(y_SD.dtype)
-        return y_SD
+        return grouped_mlp(x_SD, counts_E, self.w1, self.b1, self.w2, self.b2, self.act)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, bias={self.b1 is not None}"
@@ -142,14 +148,7 @@ class EigenExperts(nn.Module):
         _kaiming_uniform_(self.w2)
 
     def forward(self, z_SR: Tensor, counts_E: Tensor) -> Tensor:
-        offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        h_SH = grouped_matmul(z_SR, self.v * self.scales.unsqueeze(1), counts_E, offs_E)
-        if self.c is not None:
-            h_SH = h_SH + expand_rows(self.c, counts_E, h_SH.shape[0]).to(h_SH.dtype)
-        y_SD = grouped_matmul(self.act(h_SH), self.w2, counts_E, offs_E)
-        if self.d is not None:
-            y_SD = y_SD + expand_rows(self.d, counts_E, y_SD.shape[0]).to(y_SD.dtype)
-        return y_SD
+        return grouped_mlp(z_SR, counts_E, self.v * self.scales.unsqueeze(1), self.c, self.w2, self.d, self.act)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, rank={self.rank}, hidden_dim={self.hidden_dim}, dim={self.dim}, "
