@@ -163,6 +163,10 @@ def test_bad_input_raises_clear_errors():
         ermoe.MoE(D, H, E, router="emoe", router_kwargs={"ortho": "svd"})
     with pytest.raises(ValueError, match="temperature"):
         ermoe.MoE(D, H, E, router="ermoe", router_kwargs={"tau": 0.0})
+    with pytest.raises(ValueError, match="rank must be an int"):
+        ermoe.MoE(D, H, E, router="emoe", router_kwargs={"rank": "8"})
+    with pytest.raises(ValueError, match="rank must be an int"):
+        ermoe.MoE(D, H, E, router="ermoe", router_kwargs={"rank": D + 1})
     with pytest.raises(ValueError, match="learn_tau=True needs gate='prob'"):
         ermoe.MoE(D, H, E, router="ermoe", router_kwargs={"learn_tau": True})
 

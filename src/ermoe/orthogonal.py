@@ -109,8 +109,8 @@ class OrthonormalBasis(nn.Module):
         groups = 1
         for b in batch:
             groups *= b
-        if rank < 1 or rank > dim:
-            raise ValueError(f"basis rank must be in [1, dim={dim}], got {rank}")
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= dim:
+            raise ValueError(f"basis rank must be an int in [1, dim={dim}], got {rank!r}")
         if joint and groups * rank > dim:
             raise ValueError(
                 f"mutually orthogonal bases need batch*rank <= dim, got {groups}*{rank}={groups * rank} > {dim}")
