@@ -140,6 +140,19 @@ class MoE(nn.Module):
         self.router.after_step()
 
     @torch.no_grad()
+    def expert_outputs(self, x: Tensor) -> Tensor:
+        """Every expert's output on every token, ``(E, T, D)``, ungated (for homogeneity diagnostics)."""
+        x_TD = x.reshape(-1, self.dim)
+        num_tokens, num_experts = x_TD.shape[0], self.num_experts
+        project = getattr(self.router, "project", None)
+        if self.router.expert_input_dim is not None and project is not None:
+            source = project(x_TD).transpose(0, 1).reshape(num_experts * num_tokens, -1)
+        else:
+            source = x_TD.repeat(num_experts, 1)
+        counts_E = torch.full((num_experts,), num_tokens, dtype=torch.long, device=x_TD.device)
+        return self.experts(source.to(x_TD.dtype), counts_E).view(num_experts, num_tokens, -1)
+
+    @torch.no_grad()
     def init_from_features(self, features: Tensor) -> None:
         """Data-dependent initialisation of the router (PCA bases of ``emoe``/``ermoe``) from sample inputs."""
         self.router.init_from_features(features.reshape(-1, self.dim))

@@ -1,0 +1,194 @@
+"""What the experts do: load, specialisation, homogeneity, stability and basis geometry of every MoE layer.
+
+All functions take plain tensors so they can be checked against slow references; :func:`evaluate_classifier`
+runs a model over a dataset and gathers them per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ..models.vit import PatchMoE, patch_moe_layers
+from ..orthogonal import pca_basis, principal_angles
+from ..routing.base import RoutingInfo
+from ..routing.stats import load_summary
+
+
+def assignments(info: RoutingInfo) -> tuple[Tensor, Tensor]:
+    """The (token, expert) pairs a layer computed: token-choice drops (-1) excluded; expert choice unrolled."""
+    if info.choice == "expert":
+        idx_EC = info.expert_idx
+        experts = torch.arange(idx_EC.shape[0], device=idx_EC.device).unsqueeze(1).expand_as(idx_EC)
+        keep = idx_EC >= 0
+        return idx_EC[keep], experts[keep]
+    idx_TK = info.expert_idx
+    tokens = torch.arange(idx_TK.shape[0], device=idx_TK.device).unsqueeze(1).expand_as(idx_TK)
+    keep = idx_TK >= 0
+    return tokens[keep], idx_TK[keep]
+
+
+def mutual_information(joint_counts: Tensor) -> float:
+    """I(X; Y) in bits from a table of co-occurrence counts (rows X, columns Y)."""
+    p = joint_counts.double() / joint_counts.sum().clamp_min(1)
+    px, py = p.sum(1, keepdim=True), p.sum(0, keepdim=True)
+    nz = p > 0
+    return float((p[nz] * (p[nz] / (px * py).expand_as(p)[nz]).log2()).sum())
+
+
+def entropy_bits(counts: Tensor) -> float:
+    p = counts.double() / counts.sum().clamp_min(1)
+    p = p[p > 0]
+    return float(-(p * p.log2()).sum())
+
+
+def homogeneity(outputs_ETD: Tensor) -> float:
+    """Mean pairwise cosine similarity of expert outputs over the same tokens: per token, averaged over pairs."""
+    e = outputs_ETD.shape[0]
+    if e < 2:
+        return float("nan")
+    y = torch.nn.functional.normalize(outputs_ETD.double(), dim=-1)
+    sim_EE = torch.einsum("etd,ftd->ef", y, y) / y.shape[1]
+    off = ~torch.eye(e, dtype=torch.bool, device=y.device)
+    return float(sim_EE[off].mean())
+
+
+def changed_share(previous: Tensor, current: Tensor) -> float:
+    """Share of probe tokens whose (top-1) expert differs between two checkpoints."""
+    if previous.shape != current.shape:
+        raise ValueError(f"probe routing shapes differ: {tuple(previous.shape)} vs {tuple(current.shape)}")
+    return float((previous != current).double().mean())
+
+
+def basis_geometry(router: nn.Module, inputs_TD: Tensor, top1_T: Tensor) -> dict[str, Any] | None:
+    """Orthonormality error and principal angles (degrees) of a router's basis/bases to the top-r PCA subspace of
+    their inputs: the layer's inputs for a shared basis (EMoE), the tokens routed to the expert for per-expert bases
+    (ERMoE; NaN where an expert got fewer than r probe tokens). None for routers without a basis."""
+    basis = getattr(router, "basis", None)
+    if basis is None:
+        return None
+    u = basis.matrix.detach().double().cpu()
+    x = inputs_TD.double().cpu()
+    rank = u.shape[-1]
+    error = float(basis.error().max())
+    if u.dim() == 2:
+        angles = [float(torch.rad2deg(principal_angles(u, pca_basis(x, rank))).mean())]
+    else:
+        angles = []
+        for e in range(u.shape[0]):
+            mine = x[top1_T.cpu() == e]
+            angles.append(float(torch.rad2deg(principal_angles(u[e], pca_basis(mine, rank))).mean())
+                          if len(mine) >= rank else float("nan"))
+    finite = [a for a in angles if not math.isnan(a)]
+    return {"ortho_error": error, "principal_angle_deg": angles,
+            "principal_angle_deg_mean": sum(finite) / len(finite) if finite else float("nan")}
+
+
+class _Recorder:
+    """Forward hooks on every PatchMoE: routing of each call (and optionally the patch-token inputs)."""
+
+    def __init__(self, model: nn.Module, keep_inputs: bool = False) -> None:
+        self.layers = patch_moe_layers(model)
+        self.keep_inputs = keep_inputs
+        self.inputs: dict[str, list[Tensor]] = {n: [] for n, _ in self.layers}
+        self.handles = []
+        for name, layer in self.layers:
+            if keep_inputs:
+                self.handles.append(layer.register_forward_pre_hook(self._pre(name, layer)))
+
+    def _pre(self, name: str, layer: PatchMoE) -> Callable:
+        def hook(_m, args):
+            self.inputs[name].append(args[0][:, layer.num_prefix_tokens:].detach())
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], num_classes: int,
+                        probe: Tensor | None = None, max_probe_tokens: int = 4096,
+                        autocast: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Accuracy (top-1/top-5), loss, and per MoE layer: load, expert x class counts, MI, and on the probe images
+    the top-1 routing (for stability), homogeneity and basis geometry.
+
+    ``batches`` yields ``(images, labels)`` already on the model's device and preprocessed.
+    """
+    was_training = model.training
+    model.eval()
+    layers = patch_moe_layers(model)
+    counts = {n: torch.zeros(l.moe.num_experts, num_classes, dtype=torch.long) for n, l in layers}
+    dropped = {n: 0 for n, _ in layers}
+    assigned = {n: 0 for n, _ in layers}
+    class_images = torch.zeros(num_classes, dtype=torch.long)
+    correct1 = correct5 = total = 0
+    loss_sum = 0.0
+    ctx = autocast or torch.no_grad
+    for images, labels in batches:
+        with ctx():
+            logits = model(images).float()
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += int((top[:, 0] == labels).sum())
+        correct5 += int((top == labels[:, None]).any(1).sum())
+        total += len(labels)
+        class_images += torch.bincount(labels.cpu(), minlength=num_classes)
+        for name, layer in layers:
+            info = layer.moe.last_routing
+            tokens, experts = assignments(info)
+            per_image = info.num_tokens // len(labels)
+            cls = labels[tokens // per_image]
+            counts[name] += torch.bincount((experts * num_classes + cls).cpu(),
+                                           minlength=counts[name].numel()).view_as(counts[name])
+            dropped[name] += info.dropped
+            assigned[name] += info.assignments
+    result: dict[str, Any] = {"test_top1": correct1 / max(total, 1), "test_top5": correct5 / max(total, 1),
+                              "test_loss": loss_sum / max(total, 1), "test_images": total,
+                              "class_images": class_images.tolist(), "layers": {}}
+    probe_stats = probe_routing(model, probe, max_probe_tokens, ctx) if probe is not None else {}
+    h_class = entropy_bits(class_images)
+    for name, layer in layers:
+        joint = counts[name]
+        mi = mutual_information(joint)
+        stats: dict[str, Any] = {"tokens_per_expert": joint.sum(1).tolist(), **load_summary(joint.sum(1)),
+                                 "drop_rate": dropped[name] / max(assigned[name], 1),
+                                 "expert_class_counts": joint.tolist(), "mi_bits": mi,
+                                 "mi_over_class_entropy": mi / h_class if h_class > 0 else float("nan")}
+        stats.update(probe_stats.get(name, {}))
+        result["layers"][name] = stats
+    model.train(was_training)
+    return result
+
+
+@torch.no_grad()
+def probe_routing(model: nn.Module, probe: Tensor, max_tokens: int = 4096,
+                  ctx: Callable[[], Any] = torch.no_grad) -> dict[str, dict[str, Any]]:
+    """Per layer on fixed probe images: ``probe_top1`` (the router's preferred expert per patch token, a tensor),
+    homogeneity of the expert outputs, and basis geometry."""
+    was_training = model.training
+    model.eval()
+    rec = _Recorder(model, keep_inputs=True)
+    try:
+        with ctx():
+            model(probe)
+    finally:
+        rec.close()
+    out = {}
+    for name, layer in rec.layers:
+        info = layer.moe.last_routing
+        top1 = info.probs.float().argmax(-1).cpu()
+        x_TD = torch.cat(rec.inputs[name]).reshape(-1, layer.moe.dim)[:max_tokens].float()
+        stats: dict[str, Any] = {"probe_top1": top1}
+        moe = layer.moe
+        with ctx():
+            stats["homogeneity"] = homogeneity(moe.expert_outputs(x_TD.to(next(moe.parameters()).dtype)).float())
+        geometry = basis_geometry(moe.router, x_TD, top1[: len(x_TD)])
+        if geometry is not None:
+            stats.update(geometry)
+        out[name] = stats
+    model.train(was_training)
+    return out

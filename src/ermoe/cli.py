@@ -1,0 +1,52 @@
+"""The ``ermoe`` command: ``train``, ``eval``, ``report``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ermoe", description="Train and inspect eigenbasis-routed MoE models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train a model (defaults: ERMoE ViT-tiny on Fashion-MNIST)",
+                             epilog="Any config key can be overridden: --model.moe.router=emoe --optim.epochs=5")
+    p_train.add_argument("--config", help="YAML config file (see configs/)")
+    p_train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p_eval = sub.add_parser("eval", help="evaluate a run's latest checkpoint, rewrite metrics.json and figures")
+    p_eval.add_argument("run_dir")
+    p_eval.add_argument("--checkpoint", help="a checkpoint directory (default: the latest)")
+    p_report = sub.add_parser("report", help="print the results table and redraw figures from metrics.json")
+    p_report.add_argument("run_dir")
+    args, rest = parser.parse_known_args(argv)
+
+    from .data.download import DownloadError
+    from .data.images import CorruptDatasetError, DatasetNotFoundError
+    from .train import CheckpointError, ConfigError, NonFiniteLossError, evaluate, load_config, report, train
+
+    try:
+        if args.command == "train":
+            if args.resume:
+                from pathlib import Path
+                from .train.config import config_to_dict, parse_overrides, _merge, config_from_dict
+                from .train.trainer import Run
+                base = config_to_dict(Run(Path(args.resume)).read_config())
+                cfg = config_from_dict(_merge(base, parse_overrides(rest)) if rest else base)
+                train(cfg, resume=args.resume)
+            else:
+                train(load_config(args.config, rest))
+        elif rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        elif args.command == "eval":
+            evaluate(args.run_dir, args.checkpoint)
+        else:
+            report(args.run_dir)
+    except (ConfigError, CheckpointError, NonFiniteLossError, DatasetNotFoundError, CorruptDatasetError,
+            DownloadError, FileNotFoundError) as err:
+        print(f"ermoe {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Checkpoints: model weights in safetensors plus optimizer, scheduler, RNG and step state, written atomically.
+
+Layout: ``RUN/checkpoints/step_00001234/{model.safetensors, state.pt, manifest.json}`` and ``RUN/checkpoints/latest``
+(a one-line text file naming the newest complete checkpoint). A checkpoint is written into a hidden temporary
+directory, fsynced and renamed into place; ``latest`` is replaced only afterwards, so a crash at any point leaves the
+previous checkpoint intact and ``latest`` pointing to it. The manifest holds each file's SHA-256, so truncation or
+corruption is reported as such on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+WEIGHTS, STATE, MANIFEST, LATEST = "model.safetensors", "state.pt", "manifest.json", "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupt, or does not fit the model."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as contiguous CPU tensors (safetensors refuses shared or non-contiguous storage)."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoint ``step`` under ``ckpt_dir``, point ``latest`` at it, prune all but the newest ``keep``."""
+    from safetensors.torch import save_file
+
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:08d}"
+    final = ckpt_dir / name
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_dir, prefix=f".{name}."))
+    try:
+        save_file(model_tensors(model), str(tmp / WEIGHTS))
+        torch.save(state, tmp / STATE)
+        manifest = {"step": step, "files": {f: _sha256(tmp / f) for f in (WEIGHTS, STATE)}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        for f in (WEIGHTS, STATE, MANIFEST):
+            with open(tmp / f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # a re-save of the same step (e.g. after resume): move the old one aside first
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    atomic_write_text(ckpt_dir / LATEST, name + "\n")
+    for old in list_checkpoints(ckpt_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / MANIFEST).exists())
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A run directory, a ``checkpoints`` directory or a checkpoint directory -> the checkpoint directory to load."""
+    path = Path(path)
+    if (path / MANIFEST).exists() or (path / WEIGHTS).exists():
+        return path
+    for ckpt_dir in (path / "checkpoints", path):
+        latest = ckpt_dir / LATEST
+        if latest.exists():
+            target = ckpt_dir / latest.read_text().strip()
+            if not target.is_dir():
+                raise CheckpointError(f"{latest} names {target.name}, which does not exist")
+            return target
+    raise CheckpointError(f"no checkpoint found in {path} (expected checkpoints/latest or a checkpoint directory)")
+
+
+def load_checkpoint(path: Path, model: nn.Module | None = None, map_location: str | torch.device = "cpu"
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Verify and read a checkpoint; with ``model``, load the weights into it (strict). Returns (weights, state)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    ckpt = resolve_checkpoint(path)
+    manifest_path = ckpt / MANIFEST
+    if not manifest_path.exists():
+        raise CheckpointError(f"checkpoint {ckpt} has no {MANIFEST} (incomplete write?)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"{manifest_path} is corrupt: {err}") from None
+    for fname, digest in files.items():
+        fpath = ckpt / fname
+        if not fpath.exists():
+            raise CheckpointError(f"checkpoint file {fpath} is missing")
+        if _sha256(fpath) != digest:
+            raise CheckpointError(f"checkpoint file {fpath} is corrupt or truncated (SHA-256 does not match the "
+                                  "manifest)")
+    try:
+        weights = load_file(str(ckpt / WEIGHTS), device=str(map_location))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"cannot read {ckpt / WEIGHTS}: {err}") from None
+    try:
+        state = torch.load(ckpt / STATE, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a corrupt file
+        raise CheckpointError(f"cannot read {ckpt / STATE}: {err}") from None
+    if model is not None:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint {ckpt} does not fit the model: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}")
+    return weights, state

@@ -1,0 +1,269 @@
+"""Run configuration: nested dataclasses, loaded from YAML, overridden from the command line, validated.
+
+``load_config(path, overrides)`` reads a YAML file (missing keys keep their defaults), applies ``key.sub=value``
+overrides (values parsed as YAML: ``3``, ``0.1``, ``true``, ``[1, 3]``, ``{standardize: true}``), and checks every
+key and type; an error names the offending key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..data.images import DATASETS
+from ..models.vit import PLACEMENTS, VIT_SIZES, MoESpec
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, has the wrong type, or an out-of-range value."""
+
+
+@dataclass
+class ModelConfig:
+    """The defaults are the main job: ViT-tiny's width and heads (192, 3) at depth 4 and patch 7, sized to train on
+    Fashion-MNIST on a 2-core CPU in under 10 minutes. ``depth: null`` gives the size's own depth (12 for tiny)."""
+
+    name: str = "vit_tiny"
+    patch_size: int = 7
+    depth: int | None = 4
+    embed_dim: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float = 4.0
+    global_pool: str = "avg"
+    class_token: bool = True
+    drop_path_rate: float = 0.0
+    pretrained: bool = False
+    freeze_backbone: bool = False
+    moe: MoESpec = field(default_factory=MoESpec)
+    # Data-dependent router initialisation before training: "pca" sets eigen bases from the patch features.
+    moe_init: str = "random"
+    moe_init_batches: int = 4
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"
+    data_dir: str | None = None
+    download: bool = False
+    mirror: str | None = None
+    img_size: int | None = None  # imagefolder only: the decoded size
+    train_limit: int | None = None  # first N training images (quick runs)
+    test_limit: int | None = None
+    # Off by default: in the 4-epoch main job augmentation cost accuracy (docs/vision.md has the measurement).
+    crop_padding: int = 0
+    hflip: bool = False
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 4
+    max_steps: int | None = None  # stop early after this many steps (the schedule still spans ``epochs``)
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.01
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 200
+    clip_grad: float | None = 1.0
+    label_smoothing: float = 0.0
+    amp: str = "auto"  # auto: bf16 on CUDA GPUs that support it, off on CPU; or bf16, fp16, none
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    device: str = "auto"
+    out_dir: str = "runs"
+    run_name: str | None = None
+    log_every: int = 50
+    checkpoint_every: int = 0  # steps; 0: at the end of every epoch only
+    keep_checkpoints: int = 2
+    probe_size: int = 256  # test images whose routing is tracked across checkpoints (stability)
+    threads: int | None = None
+    tensorboard: bool = True
+    progress: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in hints:
+            raise ConfigError(f"unknown config key {full!r}; valid keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    def require(ok: bool, key: str, what: str, value: Any) -> None:
+        if not ok:
+            raise ConfigError(f"{key} must be {what}, got {value!r}")
+
+    m, d, o, moe = cfg.model, cfg.data, cfg.optim, cfg.model.moe
+    require(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
+            "auto, cpu, cuda[:N] or mps", cfg.device)
+    for key, value in [("log_every", cfg.log_every), ("keep_checkpoints", cfg.keep_checkpoints),
+                       ("probe_size", cfg.probe_size), ("model.patch_size", m.patch_size),
+                       ("optim.epochs", o.epochs), ("optim.batch_size", o.batch_size),
+                       ("optim.eval_batch_size", o.eval_batch_size), ("model.moe.num_experts", moe.num_experts),
+                       ("model.moe.top_k", moe.top_k), ("model.moe_init_batches", m.moe_init_batches)]:
+        require(value >= 1, key, "a positive integer", value)
+    require(cfg.checkpoint_every >= 0, "checkpoint_every", ">= 0", cfg.checkpoint_every)
+    require(m.name in VIT_SIZES or "_patch" in m.name, "model.name",
+            f"one of {list(VIT_SIZES)} or a timm ViT name", m.name)
+    require(m.global_pool in ("avg", "token", "max", "avgmax", "map"), "model.global_pool",
+            "avg, token, max, avgmax or map", m.global_pool)
+    require(m.moe_init in ("random", "pca"), "model.moe_init", "random or pca", m.moe_init)
+    require(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "in [0, 1)", m.drop_path_rate)
+    require(moe.router == "dense" or moe.top_k <= moe.num_experts, "model.moe.top_k", "<= num_experts", moe.top_k)
+    require(moe.placement is None or moe.placement in PLACEMENTS, "model.moe.placement", f"one of {PLACEMENTS}",
+            moe.placement)
+    require(d.name in DATASETS, "data.name", f"one of {DATASETS}", d.name)
+    require(d.crop_padding >= 0, "data.crop_padding", ">= 0", d.crop_padding)
+    for key, value in [("data.train_limit", d.train_limit), ("data.test_limit", d.test_limit),
+                       ("optim.max_steps", o.max_steps)]:
+        require(value is None or value >= 1, key, "a positive integer or null", value)
+    require(o.lr > 0, "optim.lr", "> 0", o.lr)
+    require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]", o.min_lr_ratio)
+    require(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
+    require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two values in [0, 1)", o.betas)
+    require(o.warmup_steps >= 0, "optim.warmup_steps", ">= 0", o.warmup_steps)
+    require(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", "> 0 or null", o.clip_grad)
+    require(0 <= o.label_smoothing < 1, "optim.label_smoothing", "in [0, 1)", o.label_smoothing)
+    require(o.amp in ("auto", "bf16", "fp16", "none"), "optim.amp", "auto, bf16, fp16 or none", o.amp)
+    try:
+        moe.validate()
+    except ValueError as err:
+        raise ConfigError(f"model.moe: {err}") from None
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``['--a.b=1', '--c', 'x']`` (leading dashes optional) -> ``{'a': {'b': 1}, 'c': 'x'}``."""
+    tree: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i].lstrip("-")
+        if "=" in arg:
+            key, raw = arg.split("=", 1)
+        elif i + 1 < len(args):
+            key, raw = arg, args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"override {args[i]!r} has no value (use --key=value)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {err}") from None
+        _set_dotted(tree, key, value)
+        i += 1
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    cfg = _build(TrainConfig, values or {})
+    _check_ranges(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    if overrides:
+        extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        values = _merge(values, extra)
+    return config_from_dict(values)
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

@@ -1,0 +1,193 @@
+"""The training job end to end on a small real dataset (scikit-learn digits): run directory contents, resume
+equivalence, checkpoint integrity, non-finite loss handling, config validation, the command line."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ermoe.cli import main
+from ermoe.train import (CheckpointError, ConfigError, NonFiniteLossError, evaluate, load_checkpoint, load_config,
+                         report, save_checkpoint, train)
+from ermoe.train import checkpoint as ckpt_mod
+from ermoe.train import trainer as trainer_mod
+
+pytest.importorskip("sklearn")
+
+
+def tiny(tmp_path, **extra):
+    overrides = {
+        "out_dir": str(tmp_path), "run_name": "run", "progress": False, "tensorboard": False, "log_every": 1,
+        "probe_size": 32, "data": {"name": "digits", "train_limit": 640, "hflip": False, "crop_padding": 1},
+        "model": {"patch_size": 2, "depth": 2, "embed_dim": 32, "num_heads": 2,
+                  "moe": {"router": "ermoe", "num_experts": 4, "blocks": "all"}},
+        "optim": {"epochs": 2, "batch_size": 64, "warmup_steps": 3, "eval_batch_size": 128},
+    }
+    for key, value in extra.items():
+        node = overrides
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return load_config(None, overrides)
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in lines if r["kind"] == "train"]
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_end_to_end_run_directory(tmp_path):
+    run = train(tiny(tmp_path, **{"model.moe_init": "pca"}), quiet=True)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_top1"] <= 1.0 and metrics["step"] == 20
+    layer = metrics["layers"]["blocks.0.mlp"]
+    for key in ("tokens_per_expert", "load_cv", "max_over_mean", "entropy", "gini", "mi_bits", "homogeneity",
+                "probe_changed", "ortho_error", "principal_angle_deg_mean", "expert_class_counts"):
+        assert key in layer, key
+    assert sum(layer["tokens_per_expert"]) == metrics["test_images"] * 16
+    assert 0.0 <= layer["probe_changed"] <= 1.0  # two checkpoints: the probe routing was compared
+    assert (run / "config.yaml").exists() and (run / "checkpoints" / "latest").exists()
+    assert {p.name for p in (run / "figures").iterdir()} == {"heatmap_blocks_0_mlp.png", "heatmap_blocks_1_mlp.png",
+                                                            "load.png"}
+    assert [s for s, _ in losses(run)] == list(range(1, 21))
+    again = evaluate(run, quiet=True)
+    assert again["test_top1"] == pytest.approx(metrics["test_top1"])
+    assert report(run, quiet=True)["test_top1"] == again["test_top1"]
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    full = train(tiny(tmp_path / "a"), quiet=True)
+    part = train(tiny(tmp_path / "b", **{"optim.max_steps": 13}), quiet=True)
+    assert [s for s, _ in losses(part)] == list(range(1, 14))
+    resumed = train(tiny(tmp_path / "b"), resume=part, quiet=True)
+    assert resumed == part
+    a, b = losses(full), losses(resumed)
+    assert [s for s, _ in a] == [s for s, _ in b]
+    for (_, la), (_, lb) in zip(a, b):
+        assert abs(la - lb) <= 1e-6
+    wa, _ = load_checkpoint(full)
+    wb, _ = load_checkpoint(resumed)
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "manifest"])
+def test_corrupt_checkpoint_is_a_clear_error_and_nothing_is_overwritten(tmp_path, damage):
+    run = train(tiny(tmp_path, **{"optim.max_steps": 4}), quiet=True)
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    if damage == "flip":
+        data = bytearray((latest / "model.safetensors").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (latest / "model.safetensors").write_bytes(bytes(data))
+    elif damage == "truncate":
+        path = latest / "state.pt"
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        (latest / "manifest.json").write_text("{not json")
+    before = snapshot(run)
+    with pytest.raises(CheckpointError, match="corrupt|truncated"):
+        train(tiny(tmp_path), resume=run, quiet=True)
+    with pytest.raises(CheckpointError):
+        evaluate(run, quiet=True)
+    assert snapshot(run) == before
+
+
+def test_crash_while_writing_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    ckpts = tmp_path / "checkpoints"
+    save_checkpoint(ckpts, 1, model, {"step": 1})
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(ckpt_mod.torch, "save", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(ckpts, 2, model, {"step": 2})
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000001"]
+    _, state = load_checkpoint(tmp_path)
+    assert state["step"] == 1
+
+
+def test_keeps_only_the_newest_checkpoints(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    for step in range(1, 5):
+        save_checkpoint(tmp_path, step, model, {"step": step}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000003", "step_00000004"]
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    real = trainer_mod.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(logits, *args, **kwargs):
+        calls["n"] += 1
+        loss = real(logits, *args, **kwargs)
+        return loss * float("nan") if calls["n"] == 13 else loss
+    monkeypatch.setattr(trainer_mod.F, "cross_entropy", poisoned)
+    cfg = tiny(tmp_path)
+    with pytest.raises(NonFiniteLossError, match="at step 12"):
+        train(cfg, quiet=True)
+    run = tmp_path / "run"
+    _, state = load_checkpoint(run)
+    assert state["step"] == 10  # the end of epoch 0, the last good one
+    assert not (run / "metrics.json").exists()
+
+
+def test_new_runs_never_reuse_a_directory(tmp_path):
+    cfg = tiny(tmp_path, **{"optim.max_steps": 1})
+    first, second = train(cfg, quiet=True), train(cfg, quiet=True)
+    assert first.name == "run" and second.name == "run-2"
+
+
+def test_config_validation_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'optim.lrate'"):
+        load_config(None, ["--optim.lrate=1"])
+    with pytest.raises(ConfigError, match="optim.batch_size: expected int"):
+        load_config(None, ["--optim.batch_size=big"])
+    with pytest.raises(ConfigError, match="optim.lr must be > 0"):
+        load_config(None, ["--optim.lr=-1"])
+    with pytest.raises(ConfigError, match="model.moe.top_k"):
+        load_config(None, ["--model.moe.top_k=9", "--model.moe.num_experts=8"])
+    with pytest.raises(ConfigError, match="data.name"):
+        load_config(None, ["--data.name=mnist3d"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text("optim:\n  lr: 3e-4\nmodel:\n  moe:\n    router: emoe\n")
+    cfg = load_config(good, ["--optim.epochs", "5"])
+    assert cfg.optim.lr == 3e-4 and cfg.model.moe.router == "emoe" and cfg.optim.epochs == 5
+
+
+def test_shipped_configs_are_valid():
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)
+
+
+def test_cli_reports_errors_cleanly(tmp_path, capsys):
+    assert main(["train", "--optim.epochs=0"]) == 1
+    assert "optim.epochs must be a positive integer" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path)]) == 1
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_cli_train_eval_report(tmp_path, capsys):
+    args = [f"--out_dir={tmp_path}", "--run_name=cli", "--progress=false", "--tensorboard=false",
+            "--data.name=digits", "--data.train_limit=256", "--model.depth=1", "--model.embed_dim=16",
+            "--model.num_heads=2", "--model.patch_size=4", "--optim.epochs=1", "--optim.batch_size=64"]
+    assert main(["train", *args]) == 0
+    out = capsys.readouterr().out
+    assert "test top-1" in out and "blocks.0.mlp" not in out  # one block, every_other selects none
+    assert main(["eval", str(tmp_path / "cli")]) == 0
+    assert main(["report", str(tmp_path / "cli")]) == 0
