@@ -191,3 +191,28 @@ def test_cli_train_eval_report(tmp_path, capsys):
     assert "test top-1" in out and "blocks.0.mlp" not in out  # one block, every_other selects none
     assert main(["eval", str(tmp_path / "cli")]) == 0
     assert main(["report", str(tmp_path / "cli")]) == 0
+
+
+def test_trainer_warns_about_an_moe_layer_without_gradient():
+    import ermoe
+    with pytest.warns(UserWarning):
+        model = ermoe.create_model("vit_tiny", num_classes=3, img_size=8, patch_size=4, in_chans=1, depth=2,
+                                   embed_dim=16, num_heads=2, global_pool="token",
+                                   moe=dict(router="softmax_topk", num_experts=2, blocks="all"))
+    model(torch.randn(2, 1, 8, 8)).sum().backward()
+    with pytest.warns(UserWarning, match=r"blocks\.1\.mlp got no gradient"):
+        trainer_mod._warn_gradless_moe(model)
+
+
+def test_bf16_autocast_training_on_cpu(tmp_path):
+    run = train(tiny(tmp_path, **{"optim.amp": "bf16", "optim.max_steps": 3}), quiet=True)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 3 and 0.0 <= metrics["test_top1"] <= 1.0
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = trainer_mod.lr_lambda
+    assert f(0, 10, 110, 0.01) == pytest.approx(0.1)
+    assert f(9, 10, 110, 0.01) == pytest.approx(1.0)
+    assert f(60, 10, 110, 0.01) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert f(110, 10, 110, 0.01) == pytest.approx(0.01)

@@ -62,11 +62,11 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = 4
+    epochs: int = 5
     max_steps: int | None = None  # stop early after this many steps (the schedule still spans ``epochs``)
     batch_size: int = 128
     eval_batch_size: int = 500
-    lr: float = 1e-3
+    lr: float = 5e-4
     min_lr_ratio: float = 0.01
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

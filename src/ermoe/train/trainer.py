@@ -321,7 +321,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = Fals
     logger.close()
     if not quiet:
         print(results_table(metrics))
-        print(f"run directory: {run.root}")
+        print(f"run directory: {run.root} (figures in {run.figures})")
     return run.root
 
 
