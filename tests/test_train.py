@@ -180,6 +180,10 @@ def test_cli_reports_errors_cleanly(tmp_path, capsys):
     assert "optim.epochs must be a positive integer" in capsys.readouterr().err
     assert main(["eval", str(tmp_path)]) == 1
     assert "not a run directory" in capsys.readouterr().err
+    assert main(["train", "--model.moe.blocks=last:x"]) == 1
+    assert "last:N" in capsys.readouterr().err
+    assert main(["train", "--model.patch_size=5", "--data.name=digits"]) == 1  # 8x8 images, patch 5
+    assert "multiple of patch_size" in capsys.readouterr().err
 
 
 def test_cli_train_eval_report(tmp_path, capsys):

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             report(args.run_dir)
     except (ConfigError, CheckpointError, NonFiniteLossError, DatasetNotFoundError, CorruptDatasetError,
-            DownloadError, FileNotFoundError) as err:
+            DownloadError, FileNotFoundError, ValueError) as err:
         print(f"ermoe {args.command}: error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -67,8 +67,10 @@ class MoESpec:
             raise ValueError(f"unknown router {self.router!r}; choose 'dense' or one of {list_routers()}")
         if self.placement is not None and self.placement not in PLACEMENTS:
             raise ValueError(f"unknown placement {self.placement!r}; choose one of {PLACEMENTS}")
-        if isinstance(self.blocks, str) and not (self.blocks in ("all", "every_other") or self.blocks.startswith("last:")):
-            raise ValueError(f"blocks must be 'all', 'every_other', 'last:N' or a list of ints, got {self.blocks!r}")
+        if isinstance(self.blocks, str):
+            ok = self.blocks in ("all", "every_other") or (self.blocks.startswith("last:") and self.blocks[5:].isdigit())
+            if not ok:
+                raise ValueError(f"blocks must be 'all', 'every_other', 'last:N' or a list of ints, got {self.blocks!r}")
 
 
 def select_blocks(blocks: str | Sequence[int], depth: int) -> list[int]:
