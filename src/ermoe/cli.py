@@ -18,6 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--checkpoint", help="a checkpoint directory (default: the latest)")
     p_report = sub.add_parser("report", help="print the results table and redraw figures from metrics.json")
     p_report.add_argument("run_dir")
+    p_study = sub.add_parser("study", help="train every method under one budget with several seeds; write the report",
+                             epilog="Overrides: --seeds=[0,1] --methods=[ermoe,switch] --train.optim.epochs=2")
+    p_study.add_argument("--config", help="YAML study config (keys of ermoe.study.StudyConfig)")
+    p_study.add_argument("--quick", action="store_true", help="a minutes-long version (tiny model, 2 seeds)")
     args, rest = parser.parse_known_args(argv)
 
     from .data.download import DownloadError
@@ -35,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                 train(cfg, resume=args.resume)
             else:
                 train(load_config(args.config, rest))
+        elif args.command == "study":
+            study(args, rest, argv)
         elif rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         elif args.command == "eval":
@@ -46,6 +52,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ermoe {args.command}: error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def study(args, rest: list[str], argv: list[str] | None) -> None:
+    import time
+    from pathlib import Path
+
+    from .study import load_study_config, run_study, write_report
+    from .train.checkpoint import atomic_write_text
+    from .train.config import parse_overrides
+
+    cfg = load_study_config(args.config, quick=args.quick, overrides=parse_overrides(rest) if rest else None)
+    t0 = time.perf_counter()
+    results = run_study(cfg)
+    command = "ermoe " + " ".join(argv if argv is not None else sys.argv[1:])
+    path = write_report(cfg, results, cfg.report, command, time.perf_counter() - t0,
+                        lambda p, text: atomic_write_text(Path(p), text))
+    print(f"report: {path}")
 
 
 if __name__ == "__main__":

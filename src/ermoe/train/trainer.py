@@ -25,6 +25,8 @@ from ..data.augment import normalize, train_transform
 from ..data.images import ImageData, load_dataset
 from ..models.vit import create_model, init_moe_from_data, patch_moe_layers
 from ..moe import after_step, aux_loss
+from ..routing.base import tokens_per_expert
+from ..routing.stats import load_cv
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 from .config import TrainConfig, config_from_dict, dump_config
 
@@ -236,6 +238,9 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = Fals
     def checkpoint(at_step: int) -> None:
         nonlocal prev_probe, probe_changed
         current = {n: s["probe_top1"] for n, s in probe_routing(model, probe, ctx=autocast).items()}
+        if current:  # load over training, measured on the fixed probe images
+            logger.log({"kind": "probe_load", "step": at_step, **{
+                n: load_cv(tokens_per_expert(top1, patch_moe(model, n).num_experts)) for n, top1 in current.items()}})
         if prev_probe is not None:
             probe_changed = {n: changed_share(prev_probe[n], current[n]) for n in current if n in prev_probe}
             logger.log({"kind": "stability", "step": at_step, **probe_changed})
@@ -357,19 +362,33 @@ def evaluate_run(run: Run, model: nn.Module, data: ImageData, cfg: TrainConfig, 
         stats.pop("probe_top1", None)
         stats["probe_changed"] = probe_changed.get(name)
     metrics.update(dataset=data.name, classes=data.classes, run=str(run.root),
-                   params_total=sum(p.numel() for p in model.parameters()),
+                   params_total=sum(p.numel() for p in model.parameters()), params_active=active_parameters(model),
                    params_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
     draw_figures(metrics, run.figures)
     return metrics
+
+
+def patch_moe(model: nn.Module, name: str):
+    return dict(patch_moe_layers(model))[name].moe
+
+
+def active_parameters(model: nn.Module) -> int:
+    """Parameters one token uses: all, less the experts it is not routed to (top_k of num_experts per layer)."""
+    total = sum(p.numel() for p in model.parameters())
+    for _, layer in patch_moe_layers(model):
+        moe = layer.moe
+        expert_params = sum(p.numel() for p in moe.experts.parameters())
+        total -= round(expert_params * (1 - moe.top_k / moe.num_experts))
+    return total
 
 
 def write_metrics(run: Run, metrics: dict[str, Any]) -> None:
     atomic_write_text(run.root / METRICS_FILE, json.dumps(metrics, indent=1, default=float))
 
 
-def evaluate(run_dir: str | Path, checkpoint: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
-    """``ermoe eval``: rebuild the model from the run's config, load a checkpoint (latest by default), evaluate,
-    rewrite metrics.json and the figures."""
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None
+             ) -> tuple[TrainConfig, ImageData, nn.Module, dict[str, Any], torch.device]:
+    """Rebuild a run's data and model from its config and load a checkpoint (the latest by default)."""
     run = Run(Path(run_dir))
     cfg = run.read_config()
     if cfg.threads:
@@ -387,6 +406,14 @@ def evaluate(run_dir: str | Path, checkpoint: str | Path | None = None, quiet: b
                             data).to(device)
     _use_pretrained_normalization(cfg, model, data)
     _, state = load_checkpoint(Path(checkpoint) if checkpoint else run.root, model, map_location=device)
+    return cfg, data, model, state, device
+
+
+def evaluate(run_dir: str | Path, checkpoint: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
+    """``ermoe eval``: rebuild the model from the run's config, load a checkpoint (latest by default), evaluate,
+    rewrite metrics.json and the figures."""
+    run = Run(Path(run_dir))
+    cfg, data, model, state, device = load_run(run_dir, checkpoint)
     autocast = autocast_ctx(device, amp_dtype(cfg, device))
     metrics = evaluate_run(run, model, data, cfg, device, autocast, state.get("probe_changed", {}))
     metrics["step"] = state["step"]

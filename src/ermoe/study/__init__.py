@@ -1,0 +1,8 @@
+"""The comparison study: every method under one budget, several seeds, a generated report."""
+
+from .methods import METHODS, method_overrides
+from .report import aggregate, verdicts, write_report
+from .runner import StudyConfig, load_study_config, run_study
+
+__all__ = ["METHODS", "StudyConfig", "aggregate", "load_study_config", "method_overrides", "run_study", "verdicts",
+           "write_report"]

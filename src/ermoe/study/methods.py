@@ -1,0 +1,50 @@
+"""The methods the study compares: each is a set of config overrides on the same base model, data and budget.
+
+Every MoE method uses the same backbone, the same blocks, the same expert count and width, top-1 routing (so the
+same active parameters per token, except the adapter placements of EMoE, which add a branch beside a dense FFN), and
+trains the same steps on the same data order (same seeds). Rows that are the papers' methods read as written are
+marked ``paper``; the SPEC 7 variants that try to balance eigen routing without a loss are marked ``variant``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# name -> (role, description, overrides of model.moe)
+METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "dense": ("reference", "dense ViT, no MoE", {"router": "dense"}),
+    "ermoe": ("paper", "ERMoE replacing the FFN (papers' reading)", {"router": "ermoe", "placement": "replace"}),
+    "emoe_parallel": ("paper", "EMoE branch beside the FFN", {"router": "emoe", "placement": "parallel"}),
+    "emoe_post_block": ("paper", "EMoE adapter on the block output (reference code)",
+                        {"router": "emoe", "placement": "post-block"}),
+    "ermoe_standardize": ("variant", "ERMoE + per-expert score standardisation",
+                          {"router": "ermoe", "router_kwargs": {"standardize": True}}),
+    "ermoe_learn_tau": ("variant", "ERMoE + learned temperature (from 0.1), gate = prob",
+                        {"router": "ermoe", "router_kwargs": {"learn_tau": True, "tau": 0.1, "gate": "prob"}}),
+    "ermoe_mutual": ("variant", "ERMoE with mutually orthogonal bases",
+                     {"router": "ermoe", "router_kwargs": {"mutually_orthogonal": True}}),
+    "ermoe_pca": ("variant", "ERMoE with PCA-initialised bases", {"router": "ermoe", "_init": "pca"}),
+    "emoe_whiten": ("variant", "EMoE + whitened energies", {"router": "emoe", "router_kwargs": {"whiten": True}}),
+    "emoe_standardize": ("variant", "EMoE + per-expert score standardisation",
+                         {"router": "emoe", "router_kwargs": {"standardize": True}}),
+    "emoe_pca": ("variant", "EMoE with PCA-initialised basis", {"router": "emoe", "_init": "pca"}),
+    "softmax_noloss": ("baseline", "softmax top-1, no balancing loss",
+                       {"router": "softmax_topk", "router_kwargs": {"balance_weight": 0.0}}),
+    "switch": ("baseline", "Switch/GShard: softmax top-1 + balancing loss 0.01",
+               {"router": "softmax_topk", "router_kwargs": {"balance_weight": 0.01}}),
+    "vmoe": ("baseline", "V-MoE: noisy top-1, importance + load losses, capacity 1.05, BPR", {"router": "vmoe"}),
+    "loss_free_bias": ("baseline", "auxiliary-loss-free bias balancing", {"router": "loss_free_bias"}),
+    "cosine": ("baseline", "cosine routing (X-MoE)", {"router": "cosine"}),
+    "expert_choice": ("baseline", "expert choice", {"router": "expert_choice"}),
+}
+
+
+def method_overrides(name: str, base_moe: dict[str, Any]) -> dict[str, Any]:
+    """Config overrides (a nested dict) that turn the study's base config into method ``name``."""
+    if name not in METHODS:
+        raise ValueError(f"unknown study method {name!r}; choose from {list(METHODS)}")
+    moe = dict(METHODS[name][2])
+    init = moe.pop("_init", "random")
+    # Router options and placement come from the method alone (None: the router's own default placement).
+    merged = {**base_moe, "router_kwargs": {}, "placement": None, **moe}
+    return {"model": {"moe": merged, "moe_init": init}}

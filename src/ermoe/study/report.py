@@ -1,0 +1,235 @@
+"""The study's report: per-method mean and std over seeds, and a verdict for each of the papers' claims, written
+from the numbers (never by hand)."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .methods import METHODS
+
+PAPER_METHODS = ("ermoe", "emoe_parallel")
+# (key, label, format, lower is better)
+COLUMNS = [
+    ("test_top1", "top-1", ".4f"), ("load_cv", "load CV", ".3f"), ("max_over_mean", "max/mean", ".2f"),
+    ("gini", "Gini", ".3f"), ("mi_bits", "MI bits", ".3f"), ("homogeneity", "homog.", ".3f"),
+    ("probe_changed", "changed", ".3f"), ("fewshot_1", "1-shot", ".3f"), ("fewshot_5", "5-shot", ".3f"),
+    ("fewshot_10", "10-shot", ".3f"), ("train_img_per_s", "img/s", ".0f"), ("params_total", "params", ",.0f"),
+    ("params_active", "active", ",.0f"),
+]
+
+
+def _layer_mean(metrics: dict[str, Any], key: str) -> float:
+    values = [s.get(key) for s in metrics.get("layers", {}).values()]
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def run_measures(metrics: dict[str, Any]) -> dict[str, float]:
+    """One run's numbers: task metrics, and per-layer statistics averaged over the MoE layers."""
+    out = {k: float(metrics[k]) if metrics.get(k) is not None else float("nan")
+           for k in ("test_top1", "train_img_per_s", "params_total", "params_active")}
+    for key in ("load_cv", "max_over_mean", "gini", "mi_bits", "homogeneity", "probe_changed"):
+        out[key] = _layer_mean(metrics, key)
+    for shots, value in metrics.get("fewshot", {}).items():
+        out[f"fewshot_{shots}"] = value["mean"]
+    return out
+
+
+def aggregate(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[str, list[float]]]:
+    """method -> measure -> the values over seeds."""
+    table: dict[str, dict[str, list[float]]] = {}
+    for method, runs in results.items():
+        per_seed = [run_measures(m) for _, m in sorted(runs.items())]
+        table[method] = {k: [r.get(k, float("nan")) for r in per_seed] for k in per_seed[0]}
+    return table
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
+    if arr.size == 0:
+        return float("nan"), float("nan")
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def welch_p(a: list[float], b: list[float]) -> float | None:
+    """Two-sided Welch t-test p-value (None with fewer than 3 seeds a side, or without scipy)."""
+    if len(a) < 3 or len(b) < 3:
+        return None
+    try:
+        from scipy.stats import ttest_ind
+    except ImportError:
+        return None
+    if np.allclose(a, b) or (np.std(a) == 0 and np.std(b) == 0):
+        return None  # identical or constant samples: no test to make
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = ttest_ind(a, b, equal_var=False).pvalue
+    return None if math.isnan(p) else float(p)
+
+
+def _cell(values: list[float] | None, spec: str) -> str:
+    if not values:
+        return "-"
+    m, s = mean_std(values)
+    if math.isnan(m):
+        return "-"
+    return format(m, spec) if len(values) < 2 or spec.endswith(",.0f") else f"{format(m, spec)} ± {format(s, spec)}"
+
+
+def results_table(table: dict[str, dict[str, list[float]]]) -> str:
+    header = "| method | role | " + " | ".join(label for _, label, _ in COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
+    for method, measures in table.items():
+        role = METHODS[method][0] if method in METHODS else "-"
+        cells = [_cell(measures.get(key), spec) for key, _, spec in COLUMNS]
+        lines.append(f"| `{method}` | {role} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# Each claim: a list of (measure, baseline, direction) tests that every paper method must pass; direction "<"
+# means the method's mean must be below the baseline's (times the tolerance factor), ">" above.
+CLAIMS: list[tuple[str, str, list[tuple[str, str, str, float]]]] = [
+    ("1", "flatter expert loads than a learned softmax gate (no balancing loss)",
+     [("load_cv", "softmax_noloss", "<", 1.0)]),
+    ("2", "balance comparable to a balancing loss (load CV at most 1.25x Switch's)",
+     [("load_cv", "switch", "<", 1.25)]),
+    ("3", "accuracy at least as good as the balancing-loss baselines (within 0.5 points of the better of Switch "
+          "and V-MoE)", [("test_top1", "best_balanced", ">", -0.005)]),
+    ("4", "more specialised (higher MI(expert; class)) and less homogeneous experts than Switch",
+     [("mi_bits", "switch", ">", 0.0), ("homogeneity", "switch", "<", 1.0)]),
+    ("5", "more stable routing (fewer probe tokens change expert between checkpoints) than Switch",
+     [("probe_changed", "switch", "<", 1.0)]),
+    ("6", "better few-shot features (1-, 5-, 10-shot linear probes) than Switch",
+     [("fewshot_1", "switch", ">", 0.0), ("fewshot_5", "switch", ">", 0.0), ("fewshot_10", "switch", ">", 0.0)]),
+]
+
+
+def _baseline(table, name: str, measure: str) -> tuple[str, list[float]] | None:
+    if name == "best_balanced":
+        options = [(n, table[n][measure]) for n in ("switch", "vmoe") if n in table and measure in table[n]]
+        if not options:
+            return None
+        return max(options, key=lambda item: mean_std(item[1])[0])
+    if name in table and measure in table[name]:
+        return name, table[name][measure]
+    return None
+
+
+def _passes(method_values, base_values, direction: str, tol: float) -> bool | None:
+    m, b = mean_std(method_values)[0], mean_std(base_values)[0]
+    if math.isnan(m) or math.isnan(b):
+        return None
+    return m < b * tol if direction == "<" else m > b + tol
+
+
+def verdicts(table: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
+    """For each claim: 'supported' if every paper method passes all its tests, 'not supported' if none does,
+    'mixed' otherwise; with the numbers, Welch p-values (3+ seeds) and the SPEC 7 variants that would pass."""
+    out = []
+    for number, text, tests in CLAIMS:
+        evidence, outcomes = [], []
+        for method in [m for m in PAPER_METHODS if m in table]:
+            passes = []
+            for measure, base_name, direction, tol in tests:
+                base = _baseline(table, base_name, measure)
+                if base is None or measure not in table[method]:
+                    continue  # not part of this study (e.g. a shot count it did not probe)
+                bname, bvals = base
+                passed = _passes(table[method][measure], bvals, direction, tol)
+                p = welch_p(table[method][measure], bvals)
+                mm, bm = mean_std(table[method][measure])[0], mean_std(bvals)[0]
+                evidence.append(f"`{method}` {measure} {mm:.4g} vs `{bname}` {bm:.4g}"
+                                + (f" (Welch p = {p:.3f})" if p is not None else "")
+                                + {True: " ✓", False: " ✗", None: " (not measured)"}[passed])
+                passes.append(passed)
+            outcomes.append(None if not passes or None in passes else all(passes))
+        known = [o for o in outcomes if o is not None]
+        if not known:
+            verdict = "not measured"
+        elif all(known) and len(known) == len(outcomes):
+            verdict = "supported"
+        elif not any(known):
+            verdict = "not supported"
+        else:
+            verdict = "mixed"
+        variants = [m for m, (role, _, _) in METHODS.items() if role == "variant" and m in table and all(
+            (_baseline(table, b, meas) is not None and meas in table[m]
+             and _passes(table[m][meas], _baseline(table, b, meas)[1], d, t))
+            for meas, b, d, t in tests)]
+        out.append({"claim": number, "text": text, "verdict": verdict, "evidence": evidence, "variants": variants})
+    return out
+
+
+def accuracy_vs_cv_figure(table, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, measures in table.items():
+        if method == "dense":
+            continue
+        cv, cv_s = mean_std(measures["load_cv"])
+        acc, acc_s = mean_std(measures["test_top1"])
+        role = METHODS.get(method, ("-",))[0]
+        marker = {"paper": "o", "variant": "^", "baseline": "s"}.get(role, "x")
+        ax.errorbar(cv, acc, xerr=cv_s, yerr=acc_s, fmt=marker, capsize=2)
+        ax.annotate(method, (cv, acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("load CV (mean over MoE layers; lower = flatter)")
+    ax.set_ylabel("test top-1")
+    ax.set_title("accuracy against load balance (mean ± std over seeds)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def machine_description() -> str:
+    import torch
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+            f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
+
+
+def write_report(cfg, results, path: str | Path, command: str, wall_s: float,
+                 atomic_write: Callable[[Path, str], None]) -> Path:
+    path = Path(path)
+    table = aggregate(results)
+    figure = accuracy_vs_cv_figure(table, path.parent / "figures" / f"{path.stem}_accuracy_vs_cv.png")
+    t = cfg.train
+    lines = [
+        "# Study results", "",
+        f"Generated by `{command}` — do not edit by hand.", "",
+        f"- Machine: {machine_description()}",
+        f"- Seeds: {cfg.seeds} (mean ± sample std over seeds; few-shot: {cfg.fewshot_draws} draws per seed)",
+        f"- Wall time: {wall_s / 60:.1f} min for the runs this invocation trained (finished runs are reused)",
+        f"- Budget, the same for every method: `{t}`",
+        "", "## Results", "", results_table(table), "",
+        "load CV, max/mean, Gini, MI (expert; class, bits), homogeneity (mean pairwise cosine of expert outputs) "
+        "and changed (probe tokens that changed expert between the last two checkpoints) are means over the MoE "
+        "layers of each run; few-shot: logistic-regression probes on frozen pooled features; active: parameters "
+        "one token uses (top-1 of the experts).", "",
+        f"![accuracy against load CV]({figure.relative_to(path.parent).as_posix()})", "",
+        "## The papers' claims", "",
+        f"Verdicts compare the papers' methods read as written ({', '.join(f'`{m}`' for m in PAPER_METHODS)}) "
+        "with the baselines; 'supported' needs every one of them to pass every test, 'not supported' none. "
+        "Variants that would pass are listed but do not change the verdict.", "",
+    ]
+    for v in verdicts(table):
+        lines.append(f"**Claim {v['claim']}: {v['text']}. Verdict: {v['verdict']}.**")
+        lines.extend(f"- {e}" for e in v["evidence"])
+        lines.append(f"- SPEC 7 variants that pass: {', '.join(f'`{m}`' for m in v['variants']) or 'none'}")
+        lines.append("")
+    if len(cfg.seeds) < 3:
+        lines.append(f"With {len(cfg.seeds)} seed(s) no significance test is possible; treat every verdict as "
+                     "provisional.")
+    atomic_write(path, "\n".join(lines) + "\n")
+    return path

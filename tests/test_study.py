@@ -1,0 +1,100 @@
+"""The study: method definitions, verdicts from the numbers, few-shot probes, and `ermoe study --quick` end to end."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ermoe.analysis.fewshot import few_shot_probe
+from ermoe.cli import main
+from ermoe.data.images import DEBIAN_FASHION_MNIST
+from ermoe.study import METHODS, method_overrides, verdicts
+from ermoe.study.runner import load_study_config, run_config
+
+pytest.importorskip("sklearn")
+
+
+def test_method_overrides_differ_in_routing_only():
+    base = {"num_experts": 8, "top_k": 1, "blocks": "every_other"}
+    a = method_overrides("ermoe_standardize", base)["model"]["moe"]
+    b = method_overrides("switch", base)["model"]["moe"]
+    assert a["num_experts"] == b["num_experts"] == 8 and a["blocks"] == b["blocks"]
+    assert a["router_kwargs"] == {"standardize": True} and b["router_kwargs"] == {"balance_weight": 0.01}
+    assert method_overrides("ermoe_pca", base)["model"]["moe_init"] == "pca"
+    assert method_overrides("emoe_parallel", base)["model"]["moe"]["placement"] == "parallel"
+    with pytest.raises(ValueError, match="unknown study method"):
+        method_overrides("nope", base)
+
+
+def test_every_method_builds_a_valid_config():
+    cfg = load_study_config(quick=True)
+    for method in METHODS:
+        for seed in cfg.seeds:
+            train_cfg = run_config(cfg, method, seed)
+            assert train_cfg.seed == seed and train_cfg.data.name == "fashion_mnist"
+
+
+def _table(**cv):
+    base = {"test_top1": [0.8, 0.81, 0.79], "mi_bits": [0.1, 0.11, 0.09], "homogeneity": [0.2, 0.21, 0.19],
+            "probe_changed": [0.1, 0.11, 0.09], "fewshot_5": [0.5, 0.51, 0.49]}
+    table = {name: {**base, "load_cv": [v, v * 1.05, v * 0.95]} for name, v in cv.items()}
+    return table
+
+
+def test_verdicts_follow_the_numbers():
+    table = _table(ermoe=0.2, emoe_parallel=0.3, softmax_noloss=0.5, switch=0.4, vmoe=0.4)
+    table["ermoe"]["mi_bits"] = [0.3, 0.31, 0.29]
+    table["ermoe"]["homogeneity"] = [0.1] * 3
+    by_claim = {v["claim"]: v for v in verdicts(table)}
+    assert by_claim["1"]["verdict"] == "supported"  # both below the softmax gate's CV
+    assert by_claim["2"]["verdict"] == "supported"  # 0.3 <= 1.25 * 0.4
+    assert by_claim["3"]["verdict"] == "supported"  # equal accuracy is within 0.5 points
+    assert by_claim["4"]["verdict"] == "mixed"  # ERMoE passes, EMoE does not
+    assert by_claim["5"]["verdict"] == "not supported"  # equal is not fewer
+    assert "Welch p" in by_claim["4"]["evidence"][0]
+    table = _table(ermoe=0.9, emoe_parallel=1.2, softmax_noloss=0.5, switch=0.4, vmoe=0.4, ermoe_standardize=0.3)
+    one = verdicts(table)[0]
+    assert one["verdict"] == "not supported" and one["variants"] == ["ermoe_standardize"]
+
+
+def test_few_shot_probe_separable_and_chance():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(400) % 4
+    x = torch.nn.functional.one_hot(y, 4).double() * 5 + 0.1 * torch.randn(400, 4, generator=g, dtype=torch.float64)
+    mean, std = few_shot_probe(x[:200], y[:200], x[200:], y[200:], shots=1, draws=3)
+    assert mean == 1.0 and std == 0.0
+    noise = torch.randn(400, 4, generator=g)
+    mean, _ = few_shot_probe(noise[:200], y[:200], noise[200:], y[200:], shots=5, draws=3)
+    assert mean < 0.45
+
+
+def test_study_quick_end_to_end_and_resumable(tmp_path, capsys):
+    args = ["study", "--quick", f"--out_dir={tmp_path / 'runs'}", f"--report={tmp_path / 'results.md'}"]
+    if not DEBIAN_FASHION_MNIST.exists():  # CI installs it; elsewhere fall back to digits (8x8: patch 2)
+        args += ["--train.data.name=digits", "--train.model.patch_size=2"]
+    t0 = time.perf_counter()
+    assert main(args) == 0
+    assert time.perf_counter() - t0 < 300  # the issue's budget for --quick
+    report = (tmp_path / "results.md").read_text()
+    assert "do not edit by hand" in report and "ermoe study --quick" in report
+    for method in METHODS:
+        assert f"| `{method}` |" in report
+    assert report.count("Verdict:") == 6
+    assert (tmp_path / "figures" / "results_accuracy_vs_cv.png").exists()
+    capsys.readouterr()
+
+    # An interrupted run (checkpoint, no metrics) resumes; finished ones are skipped.
+    run = tmp_path / "runs" / "switch" / "seed0"
+    (run / "metrics.json").unlink()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 2 * len(METHODS) - 1
+    assert "fewshot" in json.loads((run / "metrics.json").read_text())
+
+
+def test_study_config_errors(tmp_path):
+    assert main(["study", "--methods=[ermoe,nope]"]) == 1
+    assert main(["study", "--train.optim.lr=-1"]) == 1
+    assert main(["study", "--seeds=[]"]) == 1
