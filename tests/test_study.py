@@ -82,7 +82,9 @@ def test_study_quick_end_to_end_and_resumable(tmp_path, capsys):
     for method in METHODS:
         assert f"| `{method}` |" in report
     assert report.count("Verdict:") == 6
-    assert (tmp_path / "figures" / "results_accuracy_vs_cv.png").exists()
+    for fig in ("accuracy_vs_cv", "load_over_training", "heatmaps"):
+        assert (tmp_path / "figures" / f"results_{fig}.png").stat().st_size > 1000
+        assert f"figures/results_{fig}.png" in report
     capsys.readouterr()
 
     # An interrupted run (checkpoint, no metrics) resumes; finished ones are skipped.

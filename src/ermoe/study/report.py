@@ -193,6 +193,89 @@ def accuracy_vs_cv_figure(table, path: Path) -> Path:
     return path
 
 
+def load_over_training(results) -> dict[str, tuple[list[int], list[float]]]:
+    """method -> (checkpoint steps, probe load CV averaged over MoE layers and seeds) from each run's log.jsonl."""
+    import json
+
+    curves = {}
+    for method, runs in results.items():
+        per_step: dict[int, list[float]] = {}
+        for metrics in runs.values():
+            log = Path(metrics.get("run", "")) / "log.jsonl"
+            if not log.exists():
+                continue
+            for line in log.read_text().splitlines():
+                record = json.loads(line)
+                if record.get("kind") == "probe_load":
+                    values = [v for k, v in record.items() if k not in ("kind", "step")]
+                    if values:
+                        per_step.setdefault(record["step"], []).append(float(np.mean(values)))
+        if per_step:
+            steps = sorted(per_step)
+            curves[method] = (steps, [float(np.mean(per_step[s])) for s in steps])
+    return curves
+
+
+def load_over_training_figure(results, path: Path) -> Path | None:
+    curves = load_over_training(results)
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, (steps, cv) in curves.items():
+        role = METHODS.get(method, ("-",))[0]
+        ax.plot(steps, cv, marker="o", markersize=3, label=method,
+                linestyle={"paper": "-", "variant": "--", "baseline": ":"}.get(role, "-"))
+    ax.set_xlabel("training step (checkpoints)")
+    ax.set_ylabel("load CV on the probe images")
+    ax.set_title("load over training (mean over MoE layers and seeds)", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def heatmaps_figure(results, path: Path) -> Path | None:
+    """The last MoE layer's expert x class heatmap of every method (first seed), side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for method, runs in results.items():
+        metrics = runs[min(runs)]
+        layers = metrics.get("layers", {})
+        if layers:
+            name = list(layers)[-1]
+            per_class = np.maximum(np.asarray(metrics["class_images"], dtype=float), 1.0)
+            panels.append((method, name, np.asarray(layers[name]["expert_class_counts"], float) / per_class))
+    if not panels:
+        return None
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (method, layer, counts) in zip(axes.flat, panels):
+        ax.axis("on")
+        ax.imshow(counts, aspect="auto", cmap="viridis")
+        ax.set_title(f"{method}\n{layer}", fontsize=7)
+        ax.set_xlabel("class", fontsize=6)
+        ax.set_ylabel("expert", fontsize=6)
+        ax.tick_params(labelsize=5)
+    fig.suptitle("routed tokens per image, expert x class (first seed, last MoE layer)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def machine_description() -> str:
     import torch
     return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
@@ -203,7 +286,10 @@ def write_report(cfg, results, path: str | Path, command: str, wall_s: float,
                  atomic_write: Callable[[Path, str], None]) -> Path:
     path = Path(path)
     table = aggregate(results)
-    figure = accuracy_vs_cv_figure(table, path.parent / "figures" / f"{path.stem}_accuracy_vs_cv.png")
+    fig_dir = path.parent / "figures"
+    figure = accuracy_vs_cv_figure(table, fig_dir / f"{path.stem}_accuracy_vs_cv.png")
+    extra_figures = [f for f in (load_over_training_figure(results, fig_dir / f"{path.stem}_load_over_training.png"),
+                                 heatmaps_figure(results, fig_dir / f"{path.stem}_heatmaps.png")) if f is not None]
     t = cfg.train
     lines = [
         "# Study results", "",
@@ -218,6 +304,7 @@ def write_report(cfg, results, path: str | Path, command: str, wall_s: float,
         "layers of each run; few-shot: logistic-regression probes on frozen pooled features; active: parameters "
         "one token uses (top-1 of the experts).", "",
         f"![accuracy against load CV]({figure.relative_to(path.parent).as_posix()})", "",
+        *[f"![{f.stem}]({f.relative_to(path.parent).as_posix()})\n" for f in extra_figures],
         "## The papers' claims", "",
         f"Verdicts compare the papers' methods read as written ({', '.join(f'`{m}`' for m in PAPER_METHODS)}) "
         "with the baselines; 'supported' needs every one of them to pass every test, 'not supported' none. "
