@@ -17,13 +17,19 @@ pytest.importorskip("sklearn")
 
 
 def test_method_overrides_differ_in_routing_only():
-    base = {"num_experts": 8, "top_k": 1, "blocks": "every_other"}
+    base = {"embed_dim": 96, "moe": {"num_experts": 8, "top_k": 1, "blocks": "every_other"}}
     a = method_overrides("ermoe_standardize", base)["model"]["moe"]
     b = method_overrides("switch", base)["model"]["moe"]
     assert a["num_experts"] == b["num_experts"] == 8 and a["blocks"] == b["blocks"]
     assert a["router_kwargs"] == {"standardize": True} and b["router_kwargs"] == {"balance_weight": 0.01}
     assert method_overrides("ermoe_pca", base)["model"]["moe_init"] == "pca"
     assert method_overrides("emoe_parallel", base)["model"]["moe"]["placement"] == "parallel"
+    assert "name" not in method_overrides("switch", base)["model"]  # the same ViT ...
+    single = method_overrides("single_gate", base)["model"]
+    assert single["moe"]["router"] == "single_gate" and single["moe"]["num_experts"] == 8
+    deep = method_overrides("deepmoe", base)["model"]  # ... except DeepMoE's CNN, sized with the ViT's width
+    assert deep["name"] == "deepmoe_cnn" and deep["moe"]["router_kwargs"] == {"widths": [40, 80, 160]}
+    assert method_overrides("deepmoe", {"embed_dim": 192})["model"]["moe"]["router_kwargs"]["widths"] == [80, 160, 320]
     with pytest.raises(ValueError, match="unknown study method"):
         method_overrides("nope", base)
 

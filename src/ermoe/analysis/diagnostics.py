@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from ..models.vit import PatchMoE, patch_moe_layers
+from ..models.routed import last_routing, num_experts, routed_layers
+from ..models.vit import PatchMoE
 from ..orthogonal import pca_basis, principal_angles
 from ..routing.base import RoutingInfo
 from ..routing.stats import load_summary
@@ -88,15 +89,15 @@ def basis_geometry(router: nn.Module, inputs_TD: Tensor, top1_T: Tensor) -> dict
 
 
 class _Recorder:
-    """Forward hooks on every PatchMoE: routing of each call (and optionally the patch-token inputs)."""
+    """Every routing layer of a model; optionally forward hooks keeping each PatchMoE's patch-token inputs."""
 
     def __init__(self, model: nn.Module, keep_inputs: bool = False) -> None:
-        self.layers = patch_moe_layers(model)
+        self.layers = routed_layers(model)
         self.keep_inputs = keep_inputs
         self.inputs: dict[str, list[Tensor]] = {n: [] for n, _ in self.layers}
         self.handles = []
         for name, layer in self.layers:
-            if keep_inputs:
+            if keep_inputs and isinstance(layer, PatchMoE):
                 self.handles.append(layer.register_forward_pre_hook(self._pre(name, layer)))
 
     def _pre(self, name: str, layer: PatchMoE) -> Callable:
@@ -120,8 +121,8 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor
     """
     was_training = model.training
     model.eval()
-    layers = patch_moe_layers(model)
-    counts = {n: torch.zeros(l.moe.num_experts, num_classes, dtype=torch.long) for n, l in layers}
+    layers = routed_layers(model)
+    counts = {n: torch.zeros(num_experts(l), num_classes, dtype=torch.long) for n, l in layers}
     dropped = {n: 0 for n, _ in layers}
     assigned = {n: 0 for n, _ in layers}
     class_images = torch.zeros(num_classes, dtype=torch.long)
@@ -138,7 +139,7 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor
         total += len(labels)
         class_images += torch.bincount(labels.cpu(), minlength=num_classes)
         for name, layer in layers:
-            info = layer.moe.last_routing
+            info = last_routing(layer)
             tokens, experts = assignments(info)
             per_image = info.num_tokens // len(labels)
             cls = labels[tokens // per_image]
@@ -168,7 +169,8 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor
 def probe_routing(model: nn.Module, probe: Tensor, max_tokens: int = 4096,
                   ctx: Callable[[], Any] = torch.no_grad) -> dict[str, dict[str, Any]]:
     """Per layer on fixed probe images: ``probe_top1`` (the router's preferred expert per patch token, a tensor),
-    homogeneity of the expert outputs, and basis geometry."""
+    homogeneity of the expert outputs, and basis geometry; for DeepMoE's gated convolutions ``probe_load`` (open
+    channels counted over the probe images) instead of the last two."""
     was_training = model.training
     model.eval()
     rec = _Recorder(model, keep_inputs=True)
@@ -179,8 +181,13 @@ def probe_routing(model: nn.Module, probe: Tensor, max_tokens: int = 4096,
         rec.close()
     out = {}
     for name, layer in rec.layers:
-        info = layer.moe.last_routing
+        info = last_routing(layer)
         top1 = info.probs.float().argmax(-1).cpu()
+        if not isinstance(layer, PatchMoE):
+            # DeepMoE's channel gates: stability follows each image's strongest channel; the load counts every
+            # open channel, as the end-of-run load does.
+            out[name] = {"probe_top1": top1, "probe_load": info.tokens_per_expert.cpu()}
+            continue
         x_TD = torch.cat(rec.inputs[name]).reshape(-1, layer.moe.dim)[:max_tokens].float()
         stats: dict[str, Any] = {"probe_top1": top1}
         moe = layer.moe

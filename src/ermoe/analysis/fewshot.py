@@ -11,10 +11,15 @@ from torch import Tensor, nn
 
 @torch.no_grad()
 def extract_features(model: nn.Module, batches: Iterable[Tensor]) -> Tensor:
-    """Pooled pre-logit features of a timm ViT (what the classification head sees), float32 on the CPU."""
+    """Pre-logit features (what the classification head sees), float32 on the CPU: ``model.pre_logits(x)`` where
+    the model defines it (the single-gated ViT, DeepMoE), else a timm model's pooled features."""
     was_training = model.training
     model.eval()
-    feats = [model.forward_head(model.forward_features(x), pre_logits=True).float().cpu() for x in batches]
+    pre_logits = getattr(model, "pre_logits", None)
+    if pre_logits is None:
+        def pre_logits(x):
+            return model.forward_head(model.forward_features(x), pre_logits=True)
+    feats = [pre_logits(x).float().cpu() for x in batches]
     model.train(was_training)
     return torch.cat(feats)
 

@@ -25,6 +25,8 @@ from ..moe import MoE
 from ..routing import list_routers
 
 PLACEMENTS = ("replace", "parallel", "post-block")
+# Methods that are whole models rather than a router inside an MoE layer (see create_model).
+MODEL_METHODS = ("single_gate", "deepmoe")
 
 # name -> (embed_dim, depth, num_heads), as in the ViT and DeiT papers.
 VIT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -63,8 +65,12 @@ class MoESpec:
         return "parallel" if self.router == "emoe" else "replace"
 
     def validate(self) -> None:
-        if self.router != "dense" and self.router not in list_routers():
-            raise ValueError(f"unknown router {self.router!r}; choose 'dense' or one of {list_routers()}")
+        if self.router != "dense" and self.router not in list_routers() and self.router not in MODEL_METHODS:
+            raise ValueError(f"unknown router {self.router!r}; choose 'dense', one of {list_routers()}, or a "
+                             f"model-level method {MODEL_METHODS}")
+        if self.router in MODEL_METHODS and (self.top_k != 1 or self.placement not in (None, "replace")):
+            raise ValueError(f"router {self.router!r} routes one expert per image: top_k must be 1 and placement "
+                             f"None or 'replace', got top_k={self.top_k}, placement={self.placement!r}")
         if self.placement is not None and self.placement not in PLACEMENTS:
             raise ValueError(f"unknown placement {self.placement!r}; choose one of {PLACEMENTS}")
         if isinstance(self.blocks, str):
@@ -230,6 +236,7 @@ def create_model(
     moe: MoESpec | dict[str, Any] | None = None,
     pretrained: bool = False,
     freeze_backbone: bool = False,
+    total_steps: int | None = None,
 ) -> nn.Module:
     """A ViT with MoE layers (``moe=None`` or ``router='dense'``: the plain ViT of the same shape).
 
@@ -240,9 +247,26 @@ def create_model(
 
     ``freeze_backbone=True`` is the papers' recipe: every parameter is frozen except the MoE layers and the
     classification head.
+
+    Two baselines are whole models: ``router='single_gate'`` wraps the dense ViT in
+    :class:`~ermoe.models.single_gate.SingleGatedViT` (experts in ``blocks``; ``router_kwargs`` go to it, a float
+    ``kmeans_step`` in (0, 1) is a fraction of ``total_steps``), and ``name='deepmoe_cnn'`` with
+    ``router='deepmoe'`` builds :class:`~ermoe.models.deepmoe.DeepMoECNN` (``router_kwargs``: widths, embed_dim,
+    l1_weight, embed_loss_weight).
     """
     spec = MoESpec(**moe) if isinstance(moe, dict) else (moe or MoESpec(router="dense"))
     spec.validate()
+    if (name == "deepmoe_cnn") != (spec.router == "deepmoe"):
+        raise ValueError("DeepMoE is its own CNN: use model name 'deepmoe_cnn' together with router 'deepmoe' "
+                         f"(got name {name!r}, router {spec.router!r})")
+    if name == "deepmoe_cnn":
+        from .deepmoe import DeepMoECNN
+        if pretrained or freeze_backbone:
+            raise ValueError("deepmoe_cnn is built from scratch: pretrained and freeze_backbone do not apply")
+        try:
+            return DeepMoECNN(num_classes, in_chans, **spec.router_kwargs)
+        except TypeError as err:
+            raise ValueError(f"deepmoe router_kwargs: {err}") from err
     if global_pool not in ("avg", "token", "max", "avgmax", "map"):
         raise ValueError(f"global_pool must be one of avg, token, max, avgmax, map; got {global_pool!r}")
     if name in VIT_SIZES:
@@ -270,9 +294,34 @@ def create_model(
         model = _timm_vit(name, pretrained=pretrained, num_classes=num_classes, global_pool=global_pool,
                           img_size=img_size if img_size != 224 else None, in_chans=in_chans if in_chans != 3 else None,
                           drop_path_rate=drop_path_rate)
+    if spec.router == "single_gate":
+        return _single_gated(model, spec, total_steps, freeze_backbone)
     inject_moe(model, spec)
     if freeze_backbone:
         freeze_except_moe_and_head(model)
+    return model
+
+
+def _single_gated(vit: nn.Module, spec: MoESpec, total_steps: int | None, freeze_backbone: bool) -> nn.Module:
+    from .single_gate import SingleGatedViT
+
+    kwargs = dict(spec.router_kwargs)
+    step = kwargs.get("kmeans_step", 0)
+    if isinstance(step, float):
+        if not 0.0 <= step < 1.0:
+            raise ValueError(f"single_gate kmeans_step: a float is a fraction of training in [0, 1), got {step}")
+        if total_steps is None:
+            raise ValueError("single_gate kmeans_step given as a fraction needs total_steps")
+        kwargs["kmeans_step"] = int(step * total_steps)
+    kwargs.setdefault("seed", torch.initial_seed() % 2**31)
+    try:
+        model = SingleGatedViT(vit, select_blocks(spec.blocks, len(vit.blocks)), spec.num_experts, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"single_gate router_kwargs: {err}") from err
+    if freeze_backbone:  # the papers' recipe: the pretrained base stays, the gate, experts and heads train
+        model.requires_grad_(False)
+        for module in (model.gate, model.experts, model.expert_head, vit.get_classifier()):
+            module.requires_grad_(True)
     return model
 
 

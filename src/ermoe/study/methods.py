@@ -2,7 +2,10 @@
 
 Every MoE method uses the same backbone, the same blocks, the same expert count and width, top-1 routing (so the
 same active parameters per token, except the adapter placements of EMoE, which add a branch beside a dense FFN), and
-trains the same steps on the same data order (same seeds). Rows that are the papers' methods read as written are
+trains the same steps on the same data order (same seeds). The two whole-model baselines differ by design: the
+single-gated MoE runs a dense base branch beside the chosen expert (its active parameters are the dense ViT's plus
+one expert FFN per MoE block), and DeepMoE is a CNN, sized to the dense ViT's parameter count, whose "experts" are
+conv channels. Rows that are the papers' methods read as written are
 marked ``paper``; the SPEC 7 variants that try to balance eigen routing without a loss are marked ``variant``.
 """
 
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# name -> (role, description, overrides of model.moe)
+# name -> (role, description, overrides of model.moe; "_init": moe_init, "_model": other model fields)
 METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "dense": ("reference", "dense ViT, no MoE", {"router": "dense"}),
     "ermoe": ("paper", "ERMoE replacing the FFN (papers' reading)", {"router": "ermoe", "placement": "replace"}),
@@ -36,15 +39,34 @@ METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "loss_free_bias": ("baseline", "auxiliary-loss-free bias balancing", {"router": "loss_free_bias"}),
     "cosine": ("baseline", "cosine routing (X-MoE)", {"router": "cosine"}),
     "expert_choice": ("baseline", "expert choice", {"router": "expert_choice"}),
+    "single_gate": ("baseline", "single-gated MoE (Royer 2023): one gate per image, dense base branch as early exit "
+                    "and ensemble member, k-means gate after 1/3 of training",
+                    {"router": "single_gate", "router_kwargs": {"kmeans_step": 0.33}}),
+    "deepmoe": ("baseline", "DeepMoE (Wang 2020): CNN, conv channels gated per image by ReLU(W e), L1 penalty",
+                {"router": "deepmoe", "_model": {"name": "deepmoe_cnn"}}),
 }
 
 
-def method_overrides(name: str, base_moe: dict[str, Any]) -> dict[str, Any]:
-    """Config overrides (a nested dict) that turn the study's base config into method ``name``."""
+def deepmoe_widths(embed_dim: int) -> list[int]:
+    """DeepMoE's stage widths for a study whose ViT has width ``embed_dim``: (40, 80, 160) at 96, which gives the
+    CNN about the parameters of the dense depth-4 ViT (489k against 455k), scaled linearly with the width."""
+    unit = max(4, round(40 * embed_dim / 96))
+    return [unit, 2 * unit, 4 * unit]
+
+
+def method_overrides(name: str, base_model: dict[str, Any]) -> dict[str, Any]:
+    """Config overrides (a nested dict) that turn the study's base model config into method ``name``."""
+    from ..models.vit import VIT_SIZES
+
     if name not in METHODS:
         raise ValueError(f"unknown study method {name!r}; choose from {list(METHODS)}")
+    base_moe = base_model.get("moe", {})
     moe = dict(METHODS[name][2])
+    if name == "deepmoe":
+        size = VIT_SIZES.get(base_model.get("name", "vit_tiny"), (96,))[0]
+        moe["router_kwargs"] = {"widths": deepmoe_widths(base_model.get("embed_dim") or size)}
     init = moe.pop("_init", "random")
+    model = moe.pop("_model", {})
     # Router options and placement come from the method alone (None: the router's own default placement).
     merged = {**base_moe, "router_kwargs": {}, "placement": None, **moe}
-    return {"model": {"moe": merged, "moe_init": init}}
+    return {"model": {**model, "moe": merged, "moe_init": init}}

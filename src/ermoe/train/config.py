@@ -169,8 +169,10 @@ def _check_ranges(cfg: TrainConfig) -> None:
                        ("model.moe.top_k", moe.top_k), ("model.moe_init_batches", m.moe_init_batches)]:
         require(value >= 1, key, "a positive integer", value)
     require(cfg.checkpoint_every >= 0, "checkpoint_every", ">= 0", cfg.checkpoint_every)
-    require(m.name in VIT_SIZES or "_patch" in m.name, "model.name",
-            f"one of {list(VIT_SIZES)} or a timm ViT name", m.name)
+    require(m.name in VIT_SIZES or "_patch" in m.name or m.name == "deepmoe_cnn", "model.name",
+            f"one of {list(VIT_SIZES)}, a timm ViT name or deepmoe_cnn", m.name)
+    require((m.name == "deepmoe_cnn") == (moe.router == "deepmoe"), "model.moe.router",
+            "'deepmoe' exactly when model.name is 'deepmoe_cnn' (DeepMoE is its own CNN)", moe.router)
     require(m.global_pool in ("avg", "token", "max", "avgmax", "map"), "model.global_pool",
             "avg, token, max, avgmax or map", m.global_pool)
     require(m.moe_init in ("random", "pca"), "model.moe_init", "random or pca", m.moe_init)

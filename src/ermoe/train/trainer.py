@@ -23,6 +23,7 @@ from ..analysis.diagnostics import changed_share, evaluate_classifier, probe_rou
 from ..analysis.report import draw_figures, results_table
 from ..data.augment import normalize, train_transform
 from ..data.images import ImageData, load_dataset
+from ..models.routed import num_experts, routed_layers
 from ..models.vit import create_model, init_moe_from_data, patch_moe_layers
 from ..moe import after_step, aux_loss
 from ..routing.base import tokens_per_expert
@@ -64,6 +65,7 @@ def build_model(cfg: TrainConfig, data: ImageData) -> nn.Module:
     if not (m.name.startswith("vit_") and "_patch" in m.name):
         kwargs.update(patch_size=m.patch_size, depth=m.depth, embed_dim=m.embed_dim, num_heads=m.num_heads,
                       mlp_ratio=m.mlp_ratio, class_token=m.class_token)
+    kwargs["total_steps"] = len(data.train) // cfg.optim.batch_size * cfg.optim.epochs  # data already subset
     return create_model(m.name, **kwargs)
 
 
@@ -235,12 +237,16 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = Fals
     atomic_write_text(run.root / CONFIG_FILE, dump_config(cfg))
     logger = Logger(run.root, cfg.tensorboard)
 
+    layers = {n: num_experts(layer) for n, layer in routed_layers(model)}
+
     def checkpoint(at_step: int) -> None:
         nonlocal prev_probe, probe_changed
-        current = {n: s["probe_top1"] for n, s in probe_routing(model, probe, ctx=autocast).items()}
+        probed = probe_routing(model, probe, ctx=autocast)
+        current = {n: s["probe_top1"] for n, s in probed.items()}
         if current:  # load over training, measured on the fixed probe images
             logger.log({"kind": "probe_load", "step": at_step, **{
-                n: load_cv(tokens_per_expert(top1, patch_moe(model, n).num_experts)) for n, top1 in current.items()}})
+                n: load_cv(s["probe_load"] if "probe_load" in s else tokens_per_expert(s["probe_top1"], layers[n]))
+                for n, s in probed.items()}})
         if prev_probe is not None:
             probe_changed = {n: changed_share(prev_probe[n], current[n]) for n in current if n in prev_probe}
             logger.log({"kind": "stability", "step": at_step, **probe_changed})
@@ -272,7 +278,10 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = Fals
             y = data.train.labels[idx].to(device)
             with autocast():
                 logits = model(x)
-                task_loss = F.cross_entropy(logits.float(), y, label_smoothing=o.label_smoothing)
+                if hasattr(model, "training_loss"):  # whole-model baselines add their own terms (early exit, L1)
+                    task_loss = model.training_loss(logits, y, o.label_smoothing)
+                else:
+                    task_loss = F.cross_entropy(logits.float(), y, label_smoothing=o.label_smoothing)
                 extra = aux_loss(model)
                 loss = task_loss + extra
             loss_value = float(loss.detach())
@@ -282,7 +291,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = Fals
                     f"checkpoint in {run.checkpoints} is kept; resume with a lower lr or check the data.")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if not checked_grads:
+            if not checked_grads and getattr(model, "experts_active", True):
                 _warn_gradless_moe(model)
                 checked_grads = True
             if o.clip_grad:
@@ -360,16 +369,13 @@ def evaluate_run(run: Run, model: nn.Module, data: ImageData, cfg: TrainConfig, 
     metrics["eval_time_s"] = time.perf_counter() - t0
     for name, stats in metrics["layers"].items():
         stats.pop("probe_top1", None)
+        stats.pop("probe_load", None)
         stats["probe_changed"] = probe_changed.get(name)
     metrics.update(dataset=data.name, classes=data.classes, run=str(run.root),
                    params_total=sum(p.numel() for p in model.parameters()), params_active=active_parameters(model),
                    params_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
     draw_figures(metrics, run.figures)
     return metrics
-
-
-def patch_moe(model: nn.Module, name: str):
-    return dict(patch_moe_layers(model))[name].moe
 
 
 def active_parameters(model: nn.Module) -> int:

@@ -1,0 +1,264 @@
+"""Single-gated MoE (Royer et al. 2023, "Revisiting Single-gated Mixtures of Experts"), adapted to a ViT.
+
+The paper's three ingredients, and how they map onto the study's ViT:
+
+- **one gate per image**: a linear gate on the mean-pooled patch tokens of the shared trunk (the blocks before the
+  first MoE block) picks one expert; every patch token of the image goes to that expert in every MoE block (the
+  class token keeps the base FFN).
+- **a base branch, early exit and ensemble member**: the dense ViT itself. The trunk is shared; from the first MoE
+  block on, the base branch runs the dense blocks and its own head, the expert branch runs the same blocks with the
+  chosen expert's FFN in the MoE blocks (attention and the other blocks are shared with the base). The prediction is
+  the ensemble of the two (mean of probabilities); the base logits alone are the early exit
+  (:meth:`SingleGatedViT.predict_early_exit`). Each image therefore computes the base branch and one expert: its
+  active parameters are the dense model's plus one expert FFN per MoE block, and the blocks after the trunk run
+  twice.
+- **clustering-based initialisation**: the paper trains the base model first, clusters its features with k-means,
+  initialises the gate from the clusters and the experts from the base model. Under the study's single budget this
+  happens inside one run: for the first ``kmeans_step`` training steps only the base branch trains; then the gate
+  is set to the nearest-centroid rule of k-means on the pooled trunk features of the last ``kmeans_samples`` training
+  images, every expert FFN becomes a copy of the base FFN of its block, the expert head a copy of the base head, and
+  from then on the whole model trains jointly. No balancing loss.
+
+The gate's weight on the chosen expert is ``1 + p - stop_grad(p)``: the value 1 (so a freshly copied expert computes
+exactly the base FFN) with the gradient of the Switch gate ``p``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..moe import MoE
+from ..routing.base import Router, RouterOutput
+
+
+class ImageGateRouter(Router):
+    """Sends every token of an image to the expert the image's gate chose; ``probs_BE`` is set by the model."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int = 1) -> None:
+        super().__init__(dim, num_experts, top_k)
+        if top_k != 1:
+            raise ValueError("the single-gated MoE picks one expert per image: top_k must be 1")
+        self.probs_BE: Tensor | None = None
+
+    def forward(self, x_TD: Tensor, context_TD: Tensor | None = None) -> RouterOutput:
+        probs_BE = self.probs_BE
+        if probs_BE is None:
+            raise RuntimeError("ImageGateRouter: the image gate has not run for this input")
+        num_images, num_tokens = probs_BE.shape[0], x_TD.shape[0]
+        if num_images == 0 or num_tokens % num_images:
+            raise RuntimeError(f"ImageGateRouter: {num_tokens} tokens do not split over {num_images} images")
+        per_image = num_tokens // num_images
+        p_B1, idx_B1 = probs_BE.max(dim=-1, keepdim=True)
+        gate_B1 = 1 + p_B1 - p_B1.detach()
+        return RouterOutput(probs_TE=probs_BE.repeat_interleave(per_image, 0),
+                            topk_idx_TK=idx_B1.repeat_interleave(per_image, 0),
+                            gates_TK=gate_B1.repeat_interleave(per_image, 0))
+
+
+def _expert_ffn(layer: nn.Module, base_mlp: nn.Module, h: Tensor) -> Tensor:
+    """The chosen expert on the patch tokens; the prefix (class) tokens keep the base FFN, as in the base branch."""
+    p = layer.num_prefix_tokens
+    y = layer(h)
+    if p == 0:
+        return y
+    return torch.cat([base_mlp(h[:, :p]), y[:, p:]], dim=1)
+
+
+def _block_forward(block: nn.Module, x: Tensor, mlp: nn.Module) -> Tensor:
+    """A timm ``Block`` with its FFN swapped for ``mlp`` (the same residual, layer scale and drop path)."""
+    x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+    return x + block.drop_path2(block.ls2(mlp(block.norm2(x))))
+
+
+class SingleGatedViT(nn.Module):
+    """A dense timm ViT (the base model) plus ``num_experts`` copies of the FFNs of ``moe_blocks``, one per image.
+
+    Args:
+        vit: a dense timm ``VisionTransformer`` (the base branch; its head is the early exit).
+        moe_blocks: indices of the blocks whose FFN has experts; the trunk is every block before the first of them.
+        num_experts: E.
+        kmeans_step: training steps of base-only training before the k-means initialisation (0: initialise on the
+            first training batch, from the untrained trunk).
+        kmeans_samples: pooled trunk features kept (from the latest training images) for k-means.
+        base_loss_weight: weight of the base branch's own cross-entropy (it stays a good early exit).
+        seed: k-means seed.
+    """
+
+    def __init__(self, vit: nn.Module, moe_blocks: Sequence[int], num_experts: int, *, kmeans_step: int = 0,
+                 kmeans_samples: int = 2048, base_loss_weight: float = 1.0, seed: int = 0) -> None:
+        super().__init__()
+        depth = len(vit.blocks)
+        moe_blocks = sorted(set(moe_blocks))
+        if not moe_blocks or not all(0 <= i < depth for i in moe_blocks):
+            raise ValueError(f"moe_blocks must name blocks in [0, {depth}), got {list(moe_blocks)}")
+        if num_experts < 2:
+            raise ValueError(f"the single-gated MoE needs at least 2 experts, got {num_experts}")
+        if kmeans_step < 0 or kmeans_samples < num_experts:
+            raise ValueError(f"kmeans_step must be >= 0 and kmeans_samples >= num_experts ({num_experts}); got "
+                             f"{kmeans_step}, {kmeans_samples}")
+        from .vit import PatchMoE
+
+        self.vit = vit
+        self.split = moe_blocks[0]
+        self.moe_blocks = moe_blocks
+        self.num_experts = num_experts
+        self.kmeans_step, self.kmeans_samples = kmeans_step, kmeans_samples
+        self.base_loss_weight, self.seed = base_loss_weight, seed
+        dim, npt = vit.embed_dim, vit.num_prefix_tokens
+        self.gate = nn.Linear(dim, num_experts)
+        experts = {}
+        for i in moe_blocks:
+            hidden = vit.blocks[i].mlp.fc1.out_features
+            experts[str(i)] = PatchMoE(MoE(dim, hidden, num_experts, ImageGateRouter(dim, num_experts),
+                                           expert_bias=True, learn_alpha=False), npt)
+        self.experts = nn.ModuleDict(experts)
+        self.expert_head = nn.Linear(vit.head.in_features, vit.head.out_features)
+        self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("experts_ready", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("feature_bank", torch.zeros(kmeans_samples, dim))
+        self.register_buffer("bank_filled", torch.zeros((), dtype=torch.long))
+        self._base_logits: Tensor | None = None
+
+    # timm-style accessors used by the trainer
+    @property
+    def pretrained_cfg(self) -> dict:
+        return getattr(self.vit, "pretrained_cfg", {}) or {}
+
+    def get_classifier(self) -> nn.Module:
+        return self.vit.get_classifier()
+
+    @property
+    def experts_active(self) -> bool:
+        return bool(self.experts_ready)
+
+    def _trunk(self, x: Tensor) -> Tensor:
+        v = self.vit
+        x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
+        for block in v.blocks[:self.split]:
+            x = block(x)
+        return x
+
+    def _pre_logits(self, x: Tensor) -> Tensor:
+        return self.vit.forward_head(self.vit.norm(x), pre_logits=True)
+
+    def _pooled(self, x: Tensor) -> Tensor:
+        return x[:, self.vit.num_prefix_tokens:].mean(1)
+
+    def _base(self, x: Tensor) -> Tensor:
+        """The base branch's pre-logit features."""
+        for block in self.vit.blocks[self.split:]:
+            x = block(x)
+        return self._pre_logits(x)
+
+    def _expert_branch(self, x: Tensor, probs_BE: Tensor) -> Tensor:
+        """The expert branch's pre-logit features."""
+        for i, block in enumerate(self.vit.blocks):
+            if i < self.split:
+                continue
+            if str(i) in self.experts:
+                layer = self.experts[str(i)]
+                layer.moe.router.probs_BE = probs_BE
+                x = _block_forward(block, x, partial(_expert_ffn, layer, block.mlp))
+            else:
+                x = block(x)
+        return self._pre_logits(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self._trunk(x)
+        pooled = self._pooled(h)
+        if self.training:
+            if not self.experts_ready:
+                self._remember(pooled.detach().float())
+                if int(self.steps_seen) >= self.kmeans_step:
+                    self.init_from_clusters()
+            self.steps_seen += 1
+        base_logits = self.vit.head(self._base(h))
+        self._base_logits = base_logits
+        if self.training and not self.experts_ready:
+            return base_logits  # base-only phase: the expert branch is not run
+        probs_BE = torch.softmax(self.gate(pooled).float(), dim=-1)
+        expert_logits = self.expert_head(self._expert_branch(h, probs_BE))
+        if not self.experts_ready:
+            return base_logits  # eval before k-means: routing is recorded for the diagnostics, the base predicts
+        return ensemble(base_logits, expert_logits)
+
+    def training_loss(self, output: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+        """Cross-entropy of the ensemble plus ``base_loss_weight`` times that of the base branch (early exit)."""
+        loss = F.cross_entropy(output.float(), target, label_smoothing=label_smoothing)
+        if self.experts_ready and self._base_logits is not None and self.base_loss_weight:
+            loss = loss + self.base_loss_weight * F.cross_entropy(self._base_logits.float(), target,
+                                                                  label_smoothing=label_smoothing)
+        return loss
+
+    @torch.no_grad()
+    def pre_logits(self, x: Tensor) -> Tensor:
+        """Frozen features for probes: the base and expert branches' pooled features side by side (what the
+        ensemble's two heads read); the base features twice before the experts exist."""
+        h = self._trunk(x)
+        base = self._base(h)
+        if not self.experts_ready:
+            return torch.cat([base, base], dim=-1)
+        probs_BE = torch.softmax(self.gate(self._pooled(h)).float(), dim=-1)
+        return torch.cat([base, self._expert_branch(h, probs_BE)], dim=-1)
+
+    @torch.no_grad()
+    def predict_early_exit(self, x: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+        """Log-probabilities with early exit: images whose base branch is at least ``threshold`` confident keep the
+        base prediction and skip the experts. Returns ``(log_probs, exited)``."""
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        h = self._trunk(x)
+        out = torch.log_softmax(self.vit.head(self._base(h)).float(), dim=-1)
+        exited = out.exp().amax(-1) >= threshold
+        rest = ~exited
+        if self.experts_ready and rest.any():
+            hr = h[rest]
+            probs_BE = torch.softmax(self.gate(self._pooled(hr)).float(), dim=-1)
+            out[rest] = ensemble(out[rest], self.expert_head(self._expert_branch(hr, probs_BE)))
+        return out, exited
+
+    @torch.no_grad()
+    def _remember(self, pooled_BD: Tensor) -> None:
+        n = self.kmeans_samples
+        b = min(len(pooled_BD), n)
+        self.feature_bank.copy_(torch.cat([self.feature_bank[b:], pooled_BD[-b:]]))
+        self.bank_filled.fill_(min(n, int(self.bank_filled) + b))
+
+    @torch.no_grad()
+    def init_from_clusters(self, features: Tensor | None = None) -> None:
+        """k-means on pooled trunk features (default: the remembered ones) sets the gate to the nearest-centroid
+        rule; experts and the expert head start as copies of the base model's FFNs and head."""
+        from sklearn.cluster import KMeans
+
+        if features is None:
+            features = self.feature_bank[self.kmeans_samples - int(self.bank_filled):]
+        if len(features) < self.num_experts:
+            raise RuntimeError(f"k-means needs at least {self.num_experts} features, has {len(features)}")
+        km = KMeans(self.num_experts, n_init=4, random_state=self.seed).fit(features.double().cpu().numpy())
+        c = torch.as_tensor(km.cluster_centers_, dtype=torch.float64)
+        # argmin ||x - c||^2 = argmax (2 x.c - ||c||^2): a linear gate; scaled so its logits have unit spread.
+        w, b = 2 * c, -(c * c).sum(1)
+        spread = (features.double().cpu() @ w.T + b).std(dim=1).mean().clamp_min(1e-6)
+        self.gate.weight.copy_(w / spread)
+        self.gate.bias.copy_(b / spread)
+        for i, layer in self.experts.items():
+            mlp = self.vit.blocks[int(i)].mlp
+            experts = layer.moe.experts
+            experts.w1.copy_(mlp.fc1.weight.expand_as(experts.w1))
+            experts.b1.copy_(mlp.fc1.bias.expand_as(experts.b1))
+            experts.w2.copy_(mlp.fc2.weight.expand_as(experts.w2))
+            experts.b2.copy_(mlp.fc2.bias.expand_as(experts.b2))
+        self.expert_head.load_state_dict(self.vit.head.state_dict())
+        self.experts_ready.fill_(True)
+
+
+def ensemble(logits_a: Tensor, logits_b: Tensor) -> Tensor:
+    """Log of the mean of two softmax distributions (a proper mixture; cross-entropy on it is its NLL)."""
+    stacked = torch.stack([torch.log_softmax(logits_a.float(), -1), torch.log_softmax(logits_b.float(), -1)])
+    return torch.logsumexp(stacked, 0) - math.log(2)
