@@ -220,3 +220,13 @@ def test_lr_schedule_warmup_then_cosine():
     assert f(9, 10, 110, 0.01) == pytest.approx(1.0)
     assert f(60, 10, 110, 0.01) == pytest.approx(0.01 + 0.99 * 0.5)
     assert f(110, 10, 110, 0.01) == pytest.approx(0.01)
+
+
+def test_probe_load_is_logged_between_checkpoints(tmp_path):
+    run = train(tiny(tmp_path, probe_every=5), quiet=True)
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    probes = [r for r in records if r["kind"] == "probe_load"]
+    assert [r["step"] for r in probes] == [5, 10, 15, 20]  # 10 and 20 are the epoch checkpoints, logged once
+    for r in probes:
+        for layer in ("blocks.0.mlp", "blocks.1.mlp"):
+            assert r[layer] >= 0 and r[f"{layer}/max_over_mean"] >= 1 and 0 <= r[f"{layer}/gini"] <= 1

@@ -165,6 +165,27 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor
     return result
 
 
+def _load_counts(layer: nn.Module, info: RoutingInfo) -> Tensor:
+    """Probe load of a layer: tokens per preferred (top-1) expert; DeepMoE's gated convs: images per open channel."""
+    if isinstance(layer, PatchMoE):
+        counts = torch.bincount(info.probs.float().argmax(-1).reshape(-1), minlength=num_experts(layer))
+        return counts.cpu()
+    return info.tokens_per_expert.cpu()
+
+
+@torch.no_grad()
+def probe_load(model: nn.Module, probe: Tensor, ctx: Callable[[], Any] = torch.no_grad) -> dict[str, Tensor]:
+    """Per routing layer, the load on fixed probe images (see ``_load_counts``): one eval forward, nothing else."""
+    was_training = model.training
+    model.eval()
+    try:
+        with ctx():
+            model(probe)
+    finally:
+        model.train(was_training)
+    return {name: _load_counts(layer, last_routing(layer)) for name, layer in routed_layers(model)}
+
+
 @torch.no_grad()
 def probe_routing(model: nn.Module, probe: Tensor, max_tokens: int = 4096,
                   ctx: Callable[[], Any] = torch.no_grad) -> dict[str, dict[str, Any]]:
@@ -186,10 +207,10 @@ def probe_routing(model: nn.Module, probe: Tensor, max_tokens: int = 4096,
         if not isinstance(layer, PatchMoE):
             # DeepMoE's channel gates: stability follows each image's strongest channel; the load counts every
             # open channel, as the end-of-run load does.
-            out[name] = {"probe_top1": top1, "probe_load": info.tokens_per_expert.cpu()}
+            out[name] = {"probe_top1": top1, "probe_load": _load_counts(layer, info)}
             continue
         x_TD = torch.cat(rec.inputs[name]).reshape(-1, layer.moe.dim)[:max_tokens].float()
-        stats: dict[str, Any] = {"probe_top1": top1}
+        stats: dict[str, Any] = {"probe_top1": top1, "probe_load": _load_counts(layer, info)}
         moe = layer.moe
         with ctx():
             stats["homogeneity"] = homogeneity(moe.expert_outputs(x_TD.to(next(moe.parameters()).dtype)).float())

@@ -193,8 +193,12 @@ def accuracy_vs_cv_figure(table, path: Path) -> Path:
     return path
 
 
-def load_over_training(results) -> dict[str, tuple[list[int], list[float]]]:
-    """method -> (checkpoint steps, probe load CV averaged over MoE layers and seeds) from each run's log.jsonl."""
+LOAD_STATS = (("load_cv", "load CV"), ("max_over_mean", "max/mean"), ("gini", "Gini"))
+
+
+def load_over_training(results, stat: str = "load_cv") -> dict[str, tuple[list[int], list[float]]]:
+    """method -> (steps, probe-image load statistic ``stat`` averaged over routing layers and seeds) from each run's
+    log.jsonl (``probe_load`` records: the CV under the layer's name, other statistics under ``layer/stat``)."""
     import json
 
     curves = {}
@@ -206,10 +210,12 @@ def load_over_training(results) -> dict[str, tuple[list[int], list[float]]]:
                 continue
             for line in log.read_text().splitlines():
                 record = json.loads(line)
-                if record.get("kind") == "probe_load":
-                    values = [v for k, v in record.items() if k not in ("kind", "step")]
-                    if values:
-                        per_step.setdefault(record["step"], []).append(float(np.mean(values)))
+                if record.get("kind") != "probe_load":
+                    continue
+                values = [v for k, v in record.items() if k not in ("kind", "step")
+                          and (k.endswith(f"/{stat}") if stat != "load_cv" else "/" not in k)]
+                if values:
+                    per_step.setdefault(record["step"], []).append(float(np.mean(values)))
         if per_step:
             steps = sorted(per_step)
             curves[method] = (steps, [float(np.mean(per_step[s])) for s in steps])
@@ -217,24 +223,27 @@ def load_over_training(results) -> dict[str, tuple[list[int], list[float]]]:
 
 
 def load_over_training_figure(results, path: Path) -> Path | None:
-    curves = load_over_training(results)
-    if not curves:
+    panels = [(label, load_over_training(results, stat)) for stat, label in LOAD_STATS]
+    panels = [(label, curves) for label, curves in panels if curves]
+    if not panels:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, (steps, cv) in curves.items():
-        role = METHODS.get(method, ("-",))[0]
-        ax.plot(steps, cv, marker="o", markersize=3, label=method,
-                linestyle={"paper": "-", "variant": "--", "baseline": ":"}.get(role, "-"))
-    ax.set_xlabel("training step (checkpoints)")
-    ax.set_ylabel("load CV on the probe images")
-    ax.set_title("load over training (mean over MoE layers and seeds)", fontsize=9)
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    for ax, (label, curves) in zip(axes[0], panels):
+        for i, (method, (steps, values)) in enumerate(curves.items()):
+            role = METHODS.get(method, ("-",))[0]
+            ax.plot(steps, values, marker="o", markersize=2, label=method, color=plt.cm.tab20(i % 20),
+                    linestyle={"paper": "-", "variant": "--", "baseline": ":"}.get(role, "-"))
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"{label} on the probe images")
+        ax.set_title(f"{label} over training (mean over routing layers and seeds)", fontsize=9)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, ncol=1, loc="center right")
+    fig.tight_layout(rect=(0, 0, 0.88, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -318,7 +327,8 @@ def write_report(cfg, results, path: str | Path, command: str, wall_s: float,
         "## The papers' claims", "",
         f"Verdicts compare the papers' methods read as written ({', '.join(f'`{m}`' for m in PAPER_METHODS)}) "
         "with the baselines; 'supported' needs every one of them to pass every test, 'not supported' none. "
-        "Variants that would pass are listed but do not change the verdict.", "",
+        "Variants that would pass are listed but do not change the verdict. Welch p-values are per comparison, "
+        "not corrected for the number of comparisons; with three seeds they are rough.", "",
     ]
     for v in verdicts(table):
         lines.append(f"**Claim {v['claim']}: {v['text']}. Verdict: {v['verdict']}.**")

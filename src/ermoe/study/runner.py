@@ -32,7 +32,7 @@ class StudyConfig:
                   "moe": {"num_experts": 8, "top_k": 1, "blocks": "every_other"}},
         "data": {"name": "fashion_mnist", "train_limit": 20000, "test_limit": 5000},  # SPEC 7's budget
         "optim": {"epochs": 3, "batch_size": 128, "lr": 1.0e-3, "warmup_steps": 100},
-        "probe_size": 256, "tensorboard": False, "progress": False, "keep_checkpoints": 1,
+        "probe_size": 256, "probe_every": 39, "tensorboard": False, "progress": False, "keep_checkpoints": 1,
     })
 
 
@@ -45,7 +45,7 @@ QUICK = {
     "fewshot_train_pool": 1000,
     "train": {"model": {"embed_dim": 32, "num_heads": 2, "depth": 2, "moe": {"num_experts": 4, "blocks": "all"}},
               "data": {"train_limit": 2048, "test_limit": 1000},
-              "optim": {"epochs": 2, "batch_size": 64, "warmup_steps": 10}, "probe_size": 64},
+              "optim": {"epochs": 2, "batch_size": 64, "warmup_steps": 10}, "probe_size": 64, "probe_every": 8},
 }
 
 

@@ -86,6 +86,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0: at the end of every epoch only
     keep_checkpoints: int = 2
     probe_size: int = 256  # test images whose routing is tracked across checkpoints (stability)
+    probe_every: int = 0  # steps; also log the probe images' load (CV, max/mean, Gini) between checkpoints
     threads: int | None = None
     tensorboard: bool = True
     progress: bool = True
@@ -169,6 +170,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
                        ("model.moe.top_k", moe.top_k), ("model.moe_init_batches", m.moe_init_batches)]:
         require(value >= 1, key, "a positive integer", value)
     require(cfg.checkpoint_every >= 0, "checkpoint_every", ">= 0", cfg.checkpoint_every)
+    require(cfg.probe_every >= 0, "probe_every", ">= 0", cfg.probe_every)
     require(m.name in VIT_SIZES or "_patch" in m.name or m.name == "deepmoe_cnn", "model.name",
             f"one of {list(VIT_SIZES)}, a timm ViT name or deepmoe_cnn", m.name)
     require((m.name == "deepmoe_cnn") == (moe.router == "deepmoe"), "model.moe.router",

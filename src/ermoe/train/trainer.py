@@ -19,15 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..analysis.diagnostics import changed_share, evaluate_classifier, probe_routing
+from ..analysis.diagnostics import changed_share, evaluate_classifier, probe_load, probe_routing
 from ..analysis.report import draw_figures, results_table
 from ..data.augment import normalize, train_transform
 from ..data.images import ImageData, load_dataset
-from ..models.routed import num_experts, routed_layers
 from ..models.vit import create_model, init_moe_from_data, patch_moe_layers
 from ..moe import after_step, aux_loss
-from ..routing.base import tokens_per_expert
-from ..routing.stats import load_cv
+from ..routing.stats import load_summary
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 from .config import TrainConfig, config_from_dict, dump_config
 
@@ -237,16 +235,21 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = Fals
     atomic_write_text(run.root / CONFIG_FILE, dump_config(cfg))
     logger = Logger(run.root, cfg.tensorboard)
 
-    layers = {n: num_experts(layer) for n, layer in routed_layers(model)}
+    def log_probe_load(at_step: int, counts: dict[str, Tensor]) -> None:
+        """Load over training on the fixed probe images: CV under the layer's name, then max/mean and Gini."""
+        if counts:
+            record: dict[str, Any] = {"kind": "probe_load", "step": at_step}
+            for n, c in counts.items():
+                summary = load_summary(c)
+                record.update({n: summary["load_cv"], f"{n}/max_over_mean": summary["max_over_mean"],
+                               f"{n}/gini": summary["gini"]})
+            logger.log(record)
 
     def checkpoint(at_step: int) -> None:
         nonlocal prev_probe, probe_changed
         probed = probe_routing(model, probe, ctx=autocast)
         current = {n: s["probe_top1"] for n, s in probed.items()}
-        if current:  # load over training, measured on the fixed probe images
-            logger.log({"kind": "probe_load", "step": at_step, **{
-                n: load_cv(s["probe_load"] if "probe_load" in s else tokens_per_expert(s["probe_top1"], layers[n]))
-                for n, s in probed.items()}})
+        log_probe_load(at_step, {n: s["probe_load"] for n, s in probed.items()})
         if prev_probe is not None:
             probe_changed = {n: changed_share(prev_probe[n], current[n]) for n in current if n in prev_probe}
             logger.log({"kind": "stability", "step": at_step, **probe_changed})
@@ -321,6 +324,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = Fals
             end_of_epoch = step % steps_per_epoch == 0
             if step == last_step or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or end_of_epoch:
                 checkpoint(step)
+            elif cfg.probe_every and step % cfg.probe_every == 0:
+                log_probe_load(step, probe_load(model, probe, autocast))
             if end_of_epoch and step != last_step:
                 acc = _quick_accuracy(model, data, o.eval_batch_size, device, autocast)
                 logger.log({"kind": "eval", "step": step, "epoch": epoch, "test_top1": acc})
