@@ -1,0 +1,68 @@
+"""Every study method on a CUDA GPU (skipped without one): the GPU's forward pass and gradients match the CPU's in
+fp32, and each method trains through the trainer on the GPU (bf16 autocast) to finite metrics."""
+
+import json
+
+import pytest
+import torch
+
+from ermoe.study import METHODS, method_overrides
+from ermoe.train import load_config, train
+from ermoe.data.images import load_dataset
+from ermoe.train.trainer import build_model, eval_batches
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytest.importorskip("sklearn")
+
+BASE_MODEL = {"patch_size": 2, "depth": 2, "embed_dim": 32, "num_heads": 2,
+              "moe": {"num_experts": 4, "top_k": 1, "blocks": "all"}}
+
+
+def config(tmp_path, method, **extra):
+    overrides = {"out_dir": str(tmp_path), "run_name": method, "progress": False, "tensorboard": False,
+                 "probe_size": 32, "data": {"name": "digits", "train_limit": 256, "hflip": False},
+                 "model": BASE_MODEL, "optim": {"epochs": 1, "batch_size": 64, "warmup_steps": 1}, **extra}
+    moe = method_overrides(method, BASE_MODEL)
+    overrides["model"] = {**BASE_MODEL, **moe["model"], "moe": {**BASE_MODEL["moe"], **moe["model"]["moe"]}}
+    if method == "single_gate":  # reach the k-means step within the run
+        overrides["model"]["moe"]["router_kwargs"] = {"kmeans_step": 2, "kmeans_samples": 64}
+    return load_config(None, overrides)
+
+
+@pytest.fixture(autouse=True)
+def full_fp32():
+    """cuDNN convolutions default to TF32 (10-bit mantissa): the comparison with the CPU needs true fp32."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_gpu_forward_and_gradients_match_cpu(tmp_path, method):
+    cfg = config(tmp_path, method)
+    data = load_dataset(cfg.data.name)
+    torch.manual_seed(0)
+    model = build_model(cfg, data).eval()  # eval: no router noise, the same expert choice on both devices
+    x, _ = next(eval_batches(data, "test", 16, torch.device("cpu")))
+    outputs = []
+    for device in ("cpu", "cuda"):
+        model.to(device).zero_grad()
+        y = model(x.to(device))
+        y.square().sum().backward()
+        grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
+        outputs.append((y.detach().cpu(), grads))
+    (y_cpu, g_cpu), (y_gpu, g_gpu) = outputs
+    torch.testing.assert_close(y_gpu, y_cpu, atol=1e-4, rtol=1e-4)
+    assert g_cpu.keys() == g_gpu.keys() and g_cpu
+    for name, g in g_cpu.items():
+        torch.testing.assert_close(g_gpu[name], g, atol=1e-3, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_trains_on_the_gpu(tmp_path, method):
+    run = train(config(tmp_path, method, device="cuda"), quiet=True)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_top1"] <= 1.0
+    for layer in metrics["layers"].values():
+        assert sum(layer["tokens_per_expert"]) > 0
