@@ -10,8 +10,11 @@ import torch
 from ermoe.analysis.fewshot import few_shot_probe
 from ermoe.cli import main
 from ermoe.data.images import DEBIAN_FASHION_MNIST
-from ermoe.study import METHODS, method_overrides, verdicts
+from ermoe.experts import matched_eigen_hidden_dim
+from ermoe.models import create_model
+from ermoe.study import DEFAULT_METHODS, METHODS, method_overrides, verdicts
 from ermoe.study.runner import load_study_config, run_config
+from ermoe.train.trainer import active_parameters
 
 pytest.importorskip("sklearn")
 
@@ -32,6 +35,30 @@ def test_method_overrides_differ_in_routing_only():
     assert method_overrides("deepmoe", {"embed_dim": 192})["model"]["moe"]["router_kwargs"]["widths"] == [80, 160, 320]
     with pytest.raises(ValueError, match="unknown study method"):
         method_overrides("nope", base)
+
+
+def test_matched_eigen_width_by_hand():
+    # budget 96*8 + (2*96*384 + 384 + 96) = 74976; bases 8*96*12 = 9216; left 74976 - 9216 - (12 + 96) = 65652;
+    # 65652 / (12 + 1 + 96) = 602.3
+    assert matched_eigen_hidden_dim(96, 384, 8, 12) == 602
+    # top-2: 768 + 2*74208 = 149184; left 149184 - 9216 - 2*108 = 139752; / (2*109) = 641.1
+    assert matched_eigen_hidden_dim(96, 384, 8, 12, top_k=2) == 641
+    with pytest.raises(ValueError, match="lower the rank"):
+        matched_eigen_hidden_dim(96, 8, 8, 12)
+
+
+def test_matched_ermoe_uses_the_mlp_experts_active_parameters():
+    base = {"embed_dim": 96, "moe": {"num_experts": 8, "top_k": 1, "blocks": "every_other"}}
+
+    def active(method):
+        moe = method_overrides(method, base)["model"]["moe"]
+        return active_parameters(create_model("vit_tiny", num_classes=10, img_size=28, patch_size=7, in_chans=1,
+                                              depth=4, embed_dim=96, num_heads=3, moe=moe))
+
+    switch = active("switch")
+    assert abs(active("ermoe_matched") / switch - 1) < 0.005
+    assert active("ermoe") < 0.92 * switch  # rank-12 experts of the FFN's width are smaller
+    assert set(DEFAULT_METHODS) < set(METHODS)
 
 
 def test_every_method_builds_a_valid_config():
@@ -85,7 +112,7 @@ def test_study_quick_end_to_end_and_resumable(tmp_path, capsys):
     assert time.perf_counter() - t0 < 300  # the budget for --quick
     report = (tmp_path / "results.md").read_text()
     assert "do not edit by hand" in report and "ermoe study --quick" in report
-    for method in METHODS:
+    for method in DEFAULT_METHODS:
         assert f"| `{method}` |" in report
     assert report.count("Verdict:") == 6
     for fig in ("accuracy_vs_cv", "load_over_training", "heatmaps"):
@@ -98,7 +125,7 @@ def test_study_quick_end_to_end_and_resumable(tmp_path, capsys):
     (run / "metrics.json").unlink()
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert out.count("skipped") == 2 * len(METHODS) - 1
+    assert out.count("skipped") == 2 * len(DEFAULT_METHODS) - 1
     assert "fewshot" in json.loads((run / "metrics.json").read_text())
 
 

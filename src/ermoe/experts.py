@@ -153,3 +153,21 @@ class EigenExperts(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, rank={self.rank}, hidden_dim={self.hidden_dim}, dim={self.dim}, "
                 f"bias={self.c is not None}")
+
+
+def matched_eigen_hidden_dim(dim: int, hidden_dim: int, num_experts: int, rank: int, top_k: int = 1) -> int:
+    """The hidden width at which ERMoE's experts use as many parameters per token as MLP experts of width
+    ``hidden_dim`` behind a linear gate (a fair comparison at equal active size).
+
+    Per token, a softmax-routed MoE uses its gate (``dim * E``) and ``top_k`` MLP experts (``2 * dim * H + H + dim``);
+    ERMoE uses all E bases of its router (``E * dim * rank``: every score needs every projection) and ``top_k`` eigen
+    experts (``rank + H' * (rank + 1) + dim * H' + dim``). Rank-``rank`` experts of the FFN's own width are smaller
+    (at dim 96, E 8, rank 12: 409k active parameters in the study's ViT against 456k).
+    """
+    budget = dim * num_experts + top_k * (2 * dim * hidden_dim + hidden_dim + dim)
+    left = budget - num_experts * dim * rank - top_k * (rank + dim)
+    width = round(left / (top_k * (rank + 1 + dim)))
+    if width < 1:
+        raise ValueError(f"ERMoE's bases alone ({num_experts} x {dim} x {rank}) use more parameters per token than "
+                         f"MLP experts of width {hidden_dim}: lower the rank")
+    return width

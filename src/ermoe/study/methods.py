@@ -31,6 +31,20 @@ METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "emoe_standardize": ("variant", "EMoE + per-expert score standardisation",
                          {"router": "emoe", "router_kwargs": {"standardize": True}}),
     "emoe_pca": ("variant", "EMoE with PCA-initialised basis", {"router": "emoe", "_init": "pca"}),
+    "ermoe_matched": ("variant", "ERMoE with experts widened to the MLP experts' active parameters",
+                      {"router": "ermoe", "_match_active": True}),
+    "ermoe_standardize_matched": ("variant", "ERMoE + standardisation, widened experts",
+                                  {"router": "ermoe", "router_kwargs": {"standardize": True}, "_match_active": True}),
+    "ermoe_standardize_prob": ("variant", "ERMoE + standardisation, learned temperature (from 1), gate = prob",
+                               {"router": "ermoe", "router_kwargs": {"standardize": True, "learn_tau": True,
+                                                                     "tau": 1.0, "gate": "prob"}}),
+    "ermoe_tau_matched": ("variant", "ERMoE + learned temperature (from 0.1), gate = prob, widened experts",
+                          {"router": "ermoe", "router_kwargs": {"learn_tau": True, "tau": 0.1, "gate": "prob"},
+                           "_match_active": True}),
+    "emoe_pi_small": ("variant", "EMoE with Pi initialised at std 0.1", {"router": "emoe",
+                                                                         "router_kwargs": {"pi_init_std": 0.1}}),
+    "emoe_pi_large": ("variant", "EMoE with Pi initialised at std 3", {"router": "emoe",
+                                                                       "router_kwargs": {"pi_init_std": 3.0}}),
     "softmax_noloss": ("baseline", "softmax top-1, no balancing loss",
                        {"router": "softmax_topk", "router_kwargs": {"balance_weight": 0.0}}),
     "switch": ("baseline", "Switch/GShard: softmax top-1 + balancing loss 0.01",
@@ -45,6 +59,11 @@ METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "deepmoe": ("baseline", "DeepMoE (Wang 2020): CNN, conv channels gated per image by ReLU(W e), L1 penalty",
                 {"router": "deepmoe", "_model": {"name": "deepmoe_cnn"}}),
 }
+
+# What `ermoe study` runs by default; the other METHODS rows are follow-ups of the variants, run with
+# `--methods=[...]` (docs/study.md says which ran where).
+EXTRA_METHODS = ("ermoe_standardize_matched", "ermoe_tau_matched", "emoe_pi_large")
+DEFAULT_METHODS = [name for name in METHODS if name not in EXTRA_METHODS]
 
 
 def deepmoe_widths(embed_dim: int) -> list[int]:
@@ -65,8 +84,24 @@ def method_overrides(name: str, base_model: dict[str, Any]) -> dict[str, Any]:
     if name == "deepmoe":
         size = VIT_SIZES.get(base_model.get("name", "vit_tiny"), (96,))[0]
         moe["router_kwargs"] = {"widths": deepmoe_widths(base_model.get("embed_dim") or size)}
+    if moe.pop("_match_active", False):
+        moe["hidden_dim"] = _matched_hidden(base_model, moe.get("router_kwargs", {}).get("rank"))
     init = moe.pop("_init", "random")
     model = moe.pop("_model", {})
     # Router options and placement come from the method alone (None: the router's own default placement).
     merged = {**base_moe, "router_kwargs": {}, "placement": None, **moe}
     return {"model": {**model, "moe": merged, "moe_init": init}}
+
+
+def _matched_hidden(base_model: dict[str, Any], rank: int | None) -> int:
+    """ERMoE's expert width at which it uses the MLP experts' active parameters per token (``matched_eigen_hidden_dim``)."""
+    from ..experts import matched_eigen_hidden_dim
+    from ..models.vit import VIT_SIZES, MoESpec
+    from ..routing.eigenbasis import default_eigen_rank
+
+    moe = base_model.get("moe", {})
+    dim = base_model.get("embed_dim") or VIT_SIZES.get(base_model.get("name", "vit_tiny"), (96,))[0]
+    experts = moe.get("num_experts", MoESpec.num_experts)
+    hidden = moe.get("hidden_dim") or int(dim * base_model.get("mlp_ratio", 4.0))
+    rank = rank or default_eigen_rank(dim, experts)
+    return matched_eigen_hidden_dim(dim, hidden, experts, rank, moe.get("top_k", MoESpec.top_k))

@@ -13,14 +13,14 @@ import yaml
 
 from ..train.config import ConfigError, _build, _merge, config_from_dict
 from ..train.trainer import METRICS_FILE, eval_batches, load_run, train, write_metrics, Run
-from .methods import METHODS, method_overrides
+from .methods import DEFAULT_METHODS, METHODS, method_overrides
 
 
 @dataclass
 class StudyConfig:
     """What the study runs. ``train`` holds overrides of the training config shared by every run (the budget)."""
 
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     out_dir: str = "runs/study"
     report: str = "docs/results.md"
