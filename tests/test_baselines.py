@@ -99,6 +99,28 @@ def test_single_gated_diagnostics_early_exit_and_features():
         model.predict_early_exit(x, 1.5)
 
 
+def test_single_gated_early_exit_metrics_match_predict_early_exit():
+    model = single_gated(kmeans_step=0)
+    model.train()
+    model(torch.randn(8, 1, 16, 16))  # the k-means step: the experts become active
+    model.eval()
+    torch.manual_seed(3)
+    batches = [(torch.randn(10, 1, 16, 16), torch.randint(0, 5, (10,))) for _ in range(2)]
+    with torch.no_grad():  # confident base predictions, so that some images exit at every threshold
+        model.vit.head.weight.mul_(40)
+    metrics = evaluate_classifier(model, batches, 5)["model_metrics"]
+    with torch.no_grad():
+        base_hits = sum(int((model.vit.head(model._base(model._trunk(x))).argmax(-1) == y).sum()) for x, y in batches)
+        assert metrics["base_top1"] == pytest.approx(base_hits / 20)
+        for t in model.EXIT_THRESHOLDS:
+            outs = [model.predict_early_exit(x, t) for x, _ in batches]
+            exited = sum(int(e.sum()) for _, e in outs)
+            hits = sum(int((out.argmax(-1) == y).sum()) for (out, _), (_, y) in zip(outs, batches))
+            assert metrics[f"exit_share@{t}"] == pytest.approx(exited / 20)
+            assert metrics[f"exit_top1@{t}"] == pytest.approx(hits / 20)
+    assert 0 < metrics["exit_share@0.5"] and metrics["exit_share@0.95"] <= metrics["exit_share@0.5"]
+
+
 def test_single_gated_build_errors():
     with pytest.raises(ValueError, match="needs total_steps"):
         single_gated(kmeans_step=0.5)
@@ -141,6 +163,11 @@ def test_deepmoe_gates_channels_and_its_loss():
     stats = result["layers"]["layers.0"]
     assert stats["tokens_per_expert"][2] == 0
     assert sum(stats["tokens_per_expert"]) == int((first.last_gates > 0).sum())
+    gates = torch.cat([layer.last_gates for layer in model.layers], dim=1)  # (images, every gated channel)
+    closed = (gates == 0).float()
+    torch.testing.assert_close(result["model_metrics"]["gate_sparsity"], float(closed.mean()))
+    torch.testing.assert_close(result["model_metrics"]["open_channels"], float((1 - closed).sum(1).mean()))
+    assert result["model_metrics"]["gate_sparsity"] == pytest.approx(model.gate_sparsity())
     assert len(routed_layers(model)) == 6
 
 

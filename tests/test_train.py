@@ -57,8 +57,12 @@ def test_end_to_end_run_directory(tmp_path):
     assert {p.name for p in (run / "figures").iterdir()} == {"heatmap_blocks_0_mlp.png", "heatmap_blocks_1_mlp.png",
                                                             "load.png"}
     assert [s for s, _ in losses(run)] == list(range(1, 21))
+    (run / "metrics.json").write_text(json.dumps({**metrics, "run_wall_s": 12.5, "fewshot": {}}))
     again = evaluate(run, quiet=True)
     assert again["test_top1"] == pytest.approx(metrics["test_top1"])
+    # what only training knows is kept; what depends on the evaluated checkpoint (the study's probes) is not
+    assert again["run_wall_s"] == 12.5 and again["train_time_s"] == metrics["train_time_s"]
+    assert "fewshot" not in again
     assert report(run, quiet=True)["test_top1"] == again["test_top1"]
 
 

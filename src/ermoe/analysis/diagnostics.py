@@ -115,7 +115,8 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor
                         probe: Tensor | None = None, max_probe_tokens: int = 4096,
                         autocast: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Accuracy (top-1/top-5), loss, and per MoE layer: load, expert x class counts, MI, and on the probe images
-    the top-1 routing (for stability), homogeneity and basis geometry.
+    the top-1 routing (for stability), homogeneity and basis geometry. A model with a ``batch_metrics(logits,
+    labels)`` method (sums over the batch) adds ``model_metrics``: those sums over the test set per image.
 
     ``batches`` yields ``(images, labels)`` already on the model's device and preprocessed.
     """
@@ -128,10 +129,14 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor
     class_images = torch.zeros(num_classes, dtype=torch.long)
     correct1 = correct5 = total = 0
     loss_sum = 0.0
+    model_sums: dict[str, float] = {}  # models with a batch_metrics(logits, labels) method: per-image sums
     ctx = autocast or torch.no_grad
     for images, labels in batches:
         with ctx():
             logits = model(images).float()
+            extra = model.batch_metrics(logits, labels) if hasattr(model, "batch_metrics") else {}
+        for key, value in extra.items():
+            model_sums[key] = model_sums.get(key, 0.0) + value
         loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct1 += int((top[:, 0] == labels).sum())
@@ -150,6 +155,8 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor
     result: dict[str, Any] = {"test_top1": correct1 / max(total, 1), "test_top5": correct5 / max(total, 1),
                               "test_loss": loss_sum / max(total, 1), "test_images": total,
                               "class_images": class_images.tolist(), "layers": {}}
+    if model_sums:
+        result["model_metrics"] = {key: value / max(total, 1) for key, value in model_sums.items()}
     probe_stats = probe_routing(model, probe, max_probe_tokens, ctx) if probe is not None else {}
     h_class = entropy_bits(class_images)
     for name, layer in layers:

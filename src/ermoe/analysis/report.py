@@ -19,6 +19,8 @@ def results_table(metrics: dict[str, Any]) -> str:
              f"loss {metrics['test_loss']:.4f}   ({metrics['test_images']} test images)"]
     if "train_time_s" in metrics:
         lines[0] += f"   train {metrics['train_time_s']:.0f} s"
+    if metrics.get("model_metrics"):
+        lines.append("model: " + "   ".join(f"{k} {v:.4g}" for k, v in metrics["model_metrics"].items()))
     layers = metrics.get("layers", {})
     if layers:
         header = ["layer", "CV", "max/mean", "entropy", "Gini", "drop", "MI bits", "homog.", "changed", "angle"]

@@ -114,6 +114,14 @@ class DeepMoECNN(nn.Module):
         return loss
 
     @torch.no_grad()
+    def batch_metrics(self, output: Tensor, target: Tensor) -> dict[str, float]:
+        """Sums over the batch for the evaluation (divided by the image count there): per image, the share of its
+        channel gates that are closed (zero) over all gated layers, and the channels it keeps open."""
+        closed_B = sum((layer.last_gates == 0).float().sum(1) for layer in self.layers)
+        channels = sum(layer.last_gates.shape[1] for layer in self.layers)
+        return {"gate_sparsity": float((closed_B / channels).sum()), "open_channels": float((channels - closed_B).sum())}
+
+    @torch.no_grad()
     def gate_sparsity(self) -> float:
         """Share of zero gates over the gated layers' channels in the last forward."""
         zeros = sum(int((layer.last_gates == 0).sum()) for layer in self.layers)

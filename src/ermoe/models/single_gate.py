@@ -196,6 +196,24 @@ class SingleGatedViT(nn.Module):
                                                                   label_smoothing=label_smoothing)
         return loss
 
+    EXIT_THRESHOLDS = (0.5, 0.8, 0.9, 0.95)
+
+    @torch.no_grad()
+    def batch_metrics(self, output: Tensor, target: Tensor) -> dict[str, float]:
+        """Sums over the batch for the evaluation (divided by the image count there): the base branch's top-1 (every
+        image exits early) and, per confidence threshold, the images that would exit and the top-1 with early exit
+        (exited images keep the base prediction, the rest the ensemble: what ``predict_early_exit`` returns)."""
+        base = self._base_logits.float()
+        confident, base_pred = torch.softmax(base, -1).max(-1)
+        sums = {"base_top1": float((base_pred == target).sum())}
+        ensemble_pred = output.argmax(-1)
+        for t in self.EXIT_THRESHOLDS:
+            exited = confident >= t
+            pred = torch.where(exited, base_pred, ensemble_pred)
+            sums[f"exit_share@{t}"] = float(exited.sum())
+            sums[f"exit_top1@{t}"] = float((pred == target).sum())
+        return sums
+
     @torch.no_grad()
     def pre_logits(self, x: Tensor) -> Tensor:
         """Frozen features for probes: the base and expert branches' pooled features side by side (what the

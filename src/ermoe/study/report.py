@@ -39,7 +39,20 @@ def run_measures(metrics: dict[str, Any]) -> dict[str, float]:
         out[key] = _layer_mean(metrics, key)
     for shots, value in metrics.get("fewshot", {}).items():
         out[f"fewshot_{shots}"] = value["mean"]
+    for key, value in metrics.get("model_metrics", {}).items():
+        out[f"model:{key}"] = float(value)
     return out
+
+
+def model_metrics_lines(table: dict[str, dict[str, list[float]]]) -> list[str]:
+    """Whole-model measures (``model_metrics`` of a run: DeepMoE's closed gates, the single-gated MoE's early
+    exit), one line per method that has them."""
+    lines = []
+    for method, measures in table.items():
+        cells = [f"{key[6:]} {_cell(values, '.3f')}" for key, values in measures.items() if key.startswith("model:")]
+        if cells:
+            lines.append(f"- `{method}`: " + "; ".join(cells))
+    return lines
 
 
 def aggregate(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[str, list[float]]]:
@@ -322,6 +335,11 @@ def write_report(cfg, results, path: str | Path, command: str, wall_s: float,
         "whose experts are conv channels: an image is routed to every channel with a non-zero gate, its load "
         "statistics are over channels, 'changed' tracks each probe image's strongest channel, homogeneity does "
         "not apply, and every parameter is active (gates multiply, zero channels are not skipped).", "",
+        *(["Whole-model measures on the test images (`gate_sparsity`: share of an image's channel gates that are "
+           "closed; `open_channels`: channels it keeps open, of all gated layers; `base_top1`: the base branch "
+           "alone, every image exiting early; `exit_share@t`, `exit_top1@t`: images whose base branch is at least "
+           "t confident, and the top-1 when they exit there and the rest use the ensemble):", "",
+           *model_metrics_lines(table), ""] if model_metrics_lines(table) else []),
         f"![accuracy against load CV]({figure.relative_to(path.parent).as_posix()})", "",
         *[f"![{f.stem}]({f.relative_to(path.parent).as_posix()})\n" for f in extra_figures],
         "## The papers' claims", "",
@@ -333,7 +351,7 @@ def write_report(cfg, results, path: str | Path, command: str, wall_s: float,
     for v in verdicts(table):
         lines.append(f"**Claim {v['claim']}: {v['text']}. Verdict: {v['verdict']}.**")
         lines.extend(f"- {e}" for e in v["evidence"])
-        lines.append(f"- SPEC 7 variants that pass: {', '.join(f'`{m}`' for m in v['variants']) or 'none'}")
+        lines.append(f"- Variants that pass: {', '.join(f'`{m}`' for m in v['variants']) or 'none'}")
         lines.append("")
     if len(cfg.seeds) < 3:
         lines.append(f"With {len(cfg.seeds)} seed(s) no significance test is possible; treat every verdict as "

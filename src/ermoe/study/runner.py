@@ -134,8 +134,9 @@ def run_study(cfg: StudyConfig, log=print) -> dict[str, dict[int, dict[str, Any]
                         shutil.rmtree(path)
                     train(train_cfg, quiet=True)
                 metrics = add_fewshot(path, cfg)
-                # Time of this run as it ran (a resumed run: only its last part), kept for the report.
-                metrics["run_wall_s"] = time.perf_counter() - t0
+                # Time of this run as it ran, kept for the report: a run re-evaluated by `ermoe eval` keeps its
+                # training time and adds the probes'; one resumed from a checkpoint counts its last part only.
+                metrics["run_wall_s"] = metrics.get("run_wall_s", 0.0) + time.perf_counter() - t0
                 write_metrics(Run(path), metrics)
                 status = f"{metrics['run_wall_s']:.0f} s"
             else:

@@ -431,7 +431,7 @@ def evaluate(run_dir: str | Path, checkpoint: str | Path | None = None, quiet: b
     old = run.root / METRICS_FILE
     if old.exists():  # keep what only training knows
         previous = json.loads(old.read_text())
-        for key in ("train_time_s", "train_img_per_s"):
+        for key in ("train_time_s", "train_img_per_s", "run_wall_s"):
             if key in previous:
                 metrics.setdefault(key, previous[key])
     write_metrics(run, metrics)
