@@ -10,8 +10,8 @@ shift
 ermoe=${ERMOE:-ermoe}
 # Split the cores between the workers: oversubscribed BLAS threads make the whole study several times slower.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / workers > 1 ? $(nproc) / workers : 1 ))}
-# STUDY_METHODS="a b c" runs those methods only (default: every method of ermoe.study.METHODS)
-methods=${STUDY_METHODS:-$(python3 -c "from ermoe.study import METHODS; print(' '.join(METHODS))")}
+# STUDY_METHODS="a b c" runs those methods only (default: the study's own, from --config / --methods / defaults)
+methods=${STUDY_METHODS:-$($ermoe study "$@" --list-methods)}
 read -ra all <<<"$methods"
 only=()
 if [[ -n ${STUDY_METHODS:-} ]]; then only=("--methods=[$(IFS=,; echo "${all[*]}")]"); fi

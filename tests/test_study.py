@@ -1,6 +1,9 @@
 """The study: method definitions, verdicts from the numbers, few-shot probes, and `ermoe study --quick` end to end."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -127,6 +130,32 @@ def test_study_quick_end_to_end_and_resumable(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("skipped") == 2 * len(DEFAULT_METHODS) - 1
     assert "fewshot" in json.loads((run / "metrics.json").read_text())
+
+
+def test_list_methods_follows_config_and_overrides(tmp_path, capsys):
+    assert main(["study", "--list-methods"]) == 0
+    assert capsys.readouterr().out.split() == DEFAULT_METHODS
+    config = tmp_path / "study.yaml"
+    config.write_text("methods: [ermoe, switch]\n")
+    assert main(["study", "--config", str(config), "--list-methods"]) == 0
+    assert capsys.readouterr().out.split() == ["ermoe", "switch"]
+    assert main(["study", "--config", str(config), "--methods=[vmoe]", "--list-methods"]) == 0
+    assert capsys.readouterr().out.split() == ["vmoe"]
+
+
+def test_parallel_study_script(tmp_path):
+    """benchmarks/study_parallel.sh: the study's methods split over workers, then one report with all of them."""
+    script = Path(__file__).parents[1] / "benchmarks" / "study_parallel.sh"
+    env = {**os.environ, "ERMOE": f"{sys.executable} -m ermoe.cli", "TMPDIR": str(tmp_path)}
+    args = ["--quick", "--methods=[dense,switch,ermoe]", "--seeds=[0]", "--train.data.name=digits",
+            "--train.model.patch_size=2", f"--out_dir={tmp_path / 'runs'}", f"--report={tmp_path / 'results.md'}"]
+    done = subprocess.run(["bash", str(script), "2", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("done before, skipped") == 3  # the final pass reuses every worker's runs
+    report = (tmp_path / "results.md").read_text()
+    assert all(f"| `{m}` |" in report for m in ("dense", "switch", "ermoe"))
+    assert "dense" in (tmp_path / "study_worker_0.log").read_text()
+    assert "switch" in (tmp_path / "study_worker_1.log").read_text()
 
 
 def test_study_config_errors(tmp_path):

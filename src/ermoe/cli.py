@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
                              epilog="Overrides: --seeds=[0,1] --methods=[ermoe,switch] --train.optim.epochs=2")
     p_study.add_argument("--config", help="YAML study config (keys of ermoe.study.StudyConfig)")
     p_study.add_argument("--quick", action="store_true", help="a minutes-long version (tiny model, 2 seeds)")
+    p_study.add_argument("--list-methods", action="store_true",
+                         help="print the methods this study would run, one line, and exit")
     args, rest = parser.parse_known_args(argv)
 
     from .data.download import DownloadError
@@ -63,6 +65,9 @@ def study(args, rest: list[str], argv: list[str] | None) -> None:
     from .train.config import parse_overrides
 
     cfg = load_study_config(args.config, quick=args.quick, overrides=parse_overrides(rest) if rest else None)
+    if args.list_methods:
+        print(" ".join(cfg.methods))
+        return
     t0 = time.perf_counter()
     results = run_study(cfg)
     command = "ermoe " + " ".join(argv if argv is not None else sys.argv[1:])

