@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ermoe.analysis.diagnostics import evaluate_classifier
-from ermoe.models import DeepMoECNN, ImageGateRouter, SingleGatedViT, create_model, routed_layers
+from ermoe.models import DeepMoECNN, ImageGateRouter, SingleGatedViT, create_model
 from ermoe.train import ConfigError, load_checkpoint, load_config, train
 
 pytest.importorskip("sklearn")
@@ -15,9 +15,16 @@ pytest.importorskip("sklearn")
 
 def single_gated(num_experts=4, **kwargs) -> SingleGatedViT:
     torch.manual_seed(0)
-    return create_model("vit_tiny", num_classes=5, img_size=16, patch_size=4, in_chans=1, depth=4, embed_dim=32,
-                        num_heads=2, moe={"router": "single_gate", "num_experts": num_experts,
-                                          "router_kwargs": {"kmeans_samples": 64, **kwargs}})
+    return create_model("single_gated_vit", num_classes=5, img_size=16, patch_size=4, in_chans=1, depth=4,
+                        embed_dim=32, num_heads=2, num_experts=num_experts, **{"kmeans_samples": 64, **kwargs})
+
+
+def train_steps(model, x, steps, first=1):
+    """``steps`` training forwards, each followed by the loop's ``after_step`` (no optimizer: weights stay)."""
+    model.train()
+    for step in range(first, first + steps):
+        model(x)
+        model.after_step(step)
 
 
 def test_image_gate_sends_every_token_of_an_image_to_its_expert():
@@ -38,18 +45,18 @@ def test_image_gate_sends_every_token_of_an_image_to_its_expert():
         ImageGateRouter(8, 3, top_k=2)
 
 
-def test_base_phase_then_kmeans_initialisation():
+def test_base_phase_then_kmeans_initialisation_in_after_step():
     model = single_gated(kmeans_step=3)
     expert_w1 = model.experts["1"].moe.experts.w1.detach().clone()
     x = torch.randn(16, 1, 16, 16)
     model.train()
-    for _ in range(3):  # base-only phase: the output is the base branch's, the experts are untouched
+    for step in range(1, 4):  # base-only phase: the output is the base branch's, the experts are untouched
         out = model(x)
         assert not model.experts_active
         torch.testing.assert_close(out, model._base_logits)
-    torch.testing.assert_close(model.experts["1"].moe.experts.w1, expert_w1)
-    model(x)  # step 3: k-means on the features of steps 0-3 (the bank holds 64), then the first joint step
-    assert model.experts_active and int(model.bank_filled) == 64
+        torch.testing.assert_close(model.experts["1"].moe.experts.w1, expert_w1)  # forward changes no state
+        model.after_step(step)  # after step 3: k-means on the features of steps 1-3 (the bank holds 64)
+    assert model.experts_active and int(model.bank_filled) == 48
     for i in ("1", "3"):  # every expert is a copy of its block's base FFN
         w1 = model.experts[i].moe.experts.w1
         for e in range(w1.shape[0]):
@@ -58,6 +65,22 @@ def test_base_phase_then_kmeans_initialisation():
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), torch.log_softmax(model._base_logits, -1), atol=1e-5, rtol=1e-5)
+
+
+def test_forward_alone_never_initialises_the_experts():
+    model = single_gated(kmeans_step=1)
+    model.train()
+    for _ in range(3):
+        model(torch.randn(8, 1, 16, 16))
+    assert not model.experts_active and int(model.bank_filled) == 0
+
+
+def test_fractional_kmeans_step_needs_the_run_length():
+    model = single_gated(kmeans_step=0.5)
+    with pytest.raises(RuntimeError, match="on_train_start"):
+        train_steps(model, torch.randn(8, 1, 16, 16), 1)
+    model.on_train_start(10)
+    assert model.kmeans_step == 5
 
 
 def test_kmeans_gate_is_the_nearest_centroid_rule():
@@ -75,11 +98,10 @@ def test_kmeans_gate_is_the_nearest_centroid_rule():
 
 
 def test_single_gated_diagnostics_early_exit_and_features():
-    model = single_gated(kmeans_step=0)
+    model = single_gated(kmeans_step=1)
     x, y = torch.randn(12, 1, 16, 16), torch.randint(0, 5, (12,))
-    model.train()
-    model(x)
-    result = evaluate_classifier(model, [(x, y)], 5, probe=x[:4])
+    train_steps(model, x, 1)
+    result = evaluate_classifier(model, [((x,), y)], 5, probe=(x[:4],))
     assert set(result["layers"]) == {"experts.1", "experts.3"}
     layer = result["layers"]["experts.1"]
     assert sum(layer["tokens_per_expert"]) == 12 * 16
@@ -94,21 +116,20 @@ def test_single_gated_diagnostics_early_exit_and_features():
         none_exit, exited = model.predict_early_exit(x, 1.0)
         assert not exited.any()
         torch.testing.assert_close(none_exit, full, atol=1e-5, rtol=1e-5)
-        assert model.pre_logits(x).shape == (12, 64)
+        assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (12, 64)
     with pytest.raises(ValueError, match="threshold"):
         model.predict_early_exit(x, 1.5)
 
 
 def test_single_gated_early_exit_metrics_match_predict_early_exit():
-    model = single_gated(kmeans_step=0)
-    model.train()
-    model(torch.randn(8, 1, 16, 16))  # the k-means step: the experts become active
+    model = single_gated(kmeans_step=1)
+    train_steps(model, torch.randn(8, 1, 16, 16), 1)  # the k-means step: the experts become active
     model.eval()
     torch.manual_seed(3)
     batches = [(torch.randn(10, 1, 16, 16), torch.randint(0, 5, (10,))) for _ in range(2)]
     with torch.no_grad():  # confident base predictions, so that some images exit at every threshold
         model.vit.head.weight.mul_(40)
-    metrics = evaluate_classifier(model, batches, 5)["model_metrics"]
+    metrics = evaluate_classifier(model, [((x,), y) for x, y in batches], 5)["model_metrics"]
     with torch.no_grad():
         base_hits = sum(int((model.vit.head(model._base(model._trunk(x))).argmax(-1) == y).sum()) for x, y in batches)
         assert metrics["base_top1"] == pytest.approx(base_hits / 20)
@@ -122,17 +143,18 @@ def test_single_gated_early_exit_metrics_match_predict_early_exit():
 
 
 def test_single_gated_build_errors():
-    with pytest.raises(ValueError, match="needs total_steps"):
-        single_gated(kmeans_step=0.5)
-    with pytest.raises(ValueError, match="fraction"):
-        create_model("vit_tiny", depth=2, moe={"router": "single_gate", "router_kwargs": {"kmeans_step": 1.5}},
-                     total_steps=10)
-    with pytest.raises(ValueError, match="top_k must be 1"):
-        create_model("vit_tiny", depth=2, moe={"router": "single_gate", "top_k": 2})
-    with pytest.raises(ValueError, match="router_kwargs"):
-        create_model("vit_tiny", depth=2, moe={"router": "single_gate", "router_kwargs": {"nope": 1}})
-    model = create_model("vit_tiny", depth=4, moe={"router": "single_gate", "router_kwargs": {"kmeans_step": 0.5}},
-                         total_steps=10)
+    for bad in (1.5, 0.0):
+        with pytest.raises(ValueError, match="fraction"):
+            create_model("single_gated_vit", depth=2, kmeans_step=bad)
+    with pytest.raises(ValueError, match=">= 1"):
+        create_model("single_gated_vit", depth=2, kmeans_step=0)
+    # what an MoE layer takes does not apply to the single-gated model: named errors, never ignored
+    for key, value in (("hidden_dim", 64), ("capacity_factor", 1.0), ("learn_alpha", True), ("top_k", 2),
+                       ("router_kwargs", {}), ("moe", {"router": "ermoe"}), ("nope", 1)):
+        with pytest.raises(ValueError, match=f"takes no argument '{key}'"):
+            create_model("single_gated_vit", depth=2, **{key: value})
+    model = create_model("single_gated_vit", depth=4, kmeans_step=0.5)
+    model.on_train_start(10)
     assert model.kmeans_step == 5 and model.split == 1
 
 
@@ -155,11 +177,12 @@ def test_deepmoe_gates_channels_and_its_loss():
     torch.testing.assert_close(first.last_gates, g)
     penalty = sum(F.relu(layer.gate(e)).mean() for layer in model.layers)
     expected = F.cross_entropy(out, y) + 0.5 * penalty + 0.25 * F.cross_entropy(model.embed_head(e), y)
-    torch.testing.assert_close(model.training_loss(out, y), expected)
-    model.training_loss(out, y).backward()
+    criterion = torch.nn.functional.cross_entropy
+    torch.testing.assert_close(model.training_loss(out, y, criterion), expected)
+    model.training_loss(out, y, criterion).backward()
     assert first.gate.weight.grad is not None and model.embed[0].weight.grad is not None
     assert 0 < model.gate_sparsity() < 1
-    result = evaluate_classifier(model, [(x, y)], 4, probe=x)
+    result = evaluate_classifier(model, [((x,), y)], 4, probe=(x,))
     stats = result["layers"]["layers.0"]
     assert stats["tokens_per_expert"][2] == 0
     assert sum(stats["tokens_per_expert"]) == int((first.last_gates > 0).sum())
@@ -168,27 +191,30 @@ def test_deepmoe_gates_channels_and_its_loss():
     torch.testing.assert_close(result["model_metrics"]["gate_sparsity"], float(closed.mean()))
     torch.testing.assert_close(result["model_metrics"]["open_channels"], float((1 - closed).sum(1).mean()))
     assert result["model_metrics"]["gate_sparsity"] == pytest.approx(model.gate_sparsity())
-    assert len(routed_layers(model)) == 6
+    assert [v.name for v in model.routed_layers()] == [f"layers.{i}" for i in range(6)]
+    assert all(v.num_experts == 8 and v.moe is None for v in model.routed_layers())
 
 
 def test_deepmoe_config_errors():
-    with pytest.raises(ValueError, match="deepmoe_cnn"):
-        create_model("deepmoe_cnn", moe={"router": "ermoe"})
-    with pytest.raises(ValueError, match="deepmoe_cnn"):
-        create_model("vit_tiny", moe={"router": "deepmoe"})
     with pytest.raises(ValueError, match="widths"):
-        create_model("deepmoe_cnn", moe={"router": "deepmoe", "router_kwargs": {"widths": [8, 8]}})
-    with pytest.raises(ConfigError, match="deepmoe"):
-        load_config(None, {"model": {"name": "deepmoe_cnn"}})
+        create_model("deepmoe_cnn", widths=[8, 8])
+    for key, value in (("num_experts", 8), ("hidden_dim", 64), ("moe", {"router": "ermoe"}), ("patch_size", 4)):
+        with pytest.raises(ValueError, match=f"takes no argument '{key}'"):
+            create_model("deepmoe_cnn", **{key: value})
+    with pytest.raises(ConfigError, match="model.num_experts does not apply to model 'deepmoe_cnn'"):
+        load_config(None, {"model": {"name": "deepmoe_cnn", "num_experts": 8}})
+    with pytest.raises(ConfigError, match="whole model: model.name: deepmoe_cnn"):
+        load_config(None, {"model": {"moe": {"router": "deepmoe"}}})
+    with pytest.raises(ConfigError, match="model.name: single_gated_vit"):
+        load_config(None, {"model": {"moe": {"router": "single_gate"}}})
 
 
-def tiny(tmp_path, router, max_steps=None, **model):
-    moe = {"router": router, "num_experts": 4, "blocks": "all", **model.pop("moe", {})}
+def tiny(tmp_path, max_steps=None, **model):
     return load_config(None, {
         "out_dir": str(tmp_path), "run_name": "run", "progress": False, "tensorboard": False, "log_every": 1,
         "probe_size": 32, "data": {"name": "digits", "train_limit": 640},
-        "model": {"patch_size": 2, "depth": 2, "embed_dim": 32, "num_heads": 2, **model, "moe": moe},
-        "optim": {"epochs": 2, "batch_size": 64, "warmup_steps": 3, "eval_batch_size": 128, "max_steps": max_steps}})
+        "model": model, "optim": {"epochs": 2, "batch_size": 64, "warmup_steps": 3, "eval_batch_size": 128,
+                                  "max_steps": max_steps}})
 
 
 def losses(run):
@@ -197,18 +223,19 @@ def losses(run):
 
 
 def test_single_gated_training_resumes_exactly_across_the_kmeans_step(tmp_path):
-    def kwargs():  # k-means at step 15 of 20, after the interruption at 13
-        return {"moe": {"router_kwargs": {"kmeans_step": 0.75, "kmeans_samples": 256}}}
+    def model():  # k-means after step 15 of 20, after the interruption at 13
+        return {"name": "single_gated_vit", "patch_size": 2, "depth": 2, "embed_dim": 32, "num_heads": 2,
+                "num_experts": 4, "blocks": "all", "kmeans_step": 0.75, "kmeans_samples": 256}
 
-    full = train(tiny(tmp_path / "a", "single_gate", **kwargs()), quiet=True)
-    part = train(tiny(tmp_path / "b", "single_gate", max_steps=13, **kwargs()), quiet=True)
-    resumed = train(tiny(tmp_path / "b", "single_gate", **kwargs()), resume=part, quiet=True)
+    full = train(tiny(tmp_path / "a", **model()), quiet=True)
+    part = train(tiny(tmp_path / "b", max_steps=13, **model()), quiet=True)
+    resumed = train(tiny(tmp_path / "b", **model()), resume=part, quiet=True)
     a, b = losses(full), losses(resumed)
     assert len(a) == len(b) == 20
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5
     wa, _ = load_checkpoint(full)
     wb, _ = load_checkpoint(resumed)
-    assert bool(wa["experts_ready"]) and int(wa["steps_seen"]) == 20
+    assert bool(wa["experts_ready"]) and int(wa["bank_filled"]) == min(256, 15 * 64)  # the latest 256 of 15 steps
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-5)
     metrics = json.loads((full / "metrics.json").read_text())
@@ -216,10 +243,8 @@ def test_single_gated_training_resumes_exactly_across_the_kmeans_step(tmp_path):
 
 
 def test_deepmoe_trains_with_the_trainer(tmp_path):
-    run = train(tiny(tmp_path, "deepmoe", name="deepmoe_cnn", moe={"router_kwargs": {"widths": [8, 16, 16]}}),
-                quiet=True)
+    run = train(tiny(tmp_path, name="deepmoe_cnn", widths=[8, 16, 16]), quiet=True)
     metrics = json.loads((run / "metrics.json").read_text())
-    assert len(metrics["layers"]) == 6 and 0.0 <= metrics["test_top1"] <= 1.0
+    assert len(metrics["layers"]) == 6 and metrics["test_images"] == 360
     assert metrics["params_active"] == metrics["params_total"]
     assert all(l["probe_changed"] is not None for l in metrics["layers"].values())
-

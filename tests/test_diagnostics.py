@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ermoe.analysis import assignments, basis_geometry, changed_share, homogeneity, mutual_information
-from ermoe.analysis.report import draw_figures, results_table
+from ermoe.analysis.report import draw_figures
+from ermoe.tasks import ImageClassification
 from ermoe.orthogonal import pca_basis
 from ermoe.routing import create_router
 from ermoe.routing.base import RoutingInfo
@@ -78,7 +79,7 @@ def test_table_and_figures(tmp_path):
                    "tokens_per_expert": [6, 4], "load_cv": 0.2, "max_over_mean": 1.2, "entropy": 0.97, "gini": 0.1,
                    "drop_rate": 0.0, "expert_class_counts": [[5, 1], [0, 4]], "mi_bits": 0.5, "homogeneity": 0.1,
                    "probe_changed": None, "principal_angle_deg_mean": float("nan")}}}
-    table = results_table(metrics)
+    table = ImageClassification.results_table(metrics)
     assert "0.9000" in table and "blocks.1.mlp" in table and "0.200" in table
     files = draw_figures(metrics, tmp_path)
     assert [f.name for f in files] == ["heatmap_blocks_1_mlp.png", "load.png"]

@@ -1,5 +1,7 @@
 """Dispatch and the whole layer against a slow per-token loop in float64: values and gradients, with and without drops."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,3 +190,31 @@ def test_experts_bias_options():
     y = experts(x, counts)
     rows = [expert_forward(experts, 0 if i < 3 else 1, x[i]) for i in range(5)]
     assert torch.allclose(y, torch.stack(rows))
+
+
+def test_grouped_matmul_falls_back_only_when_unsupported_and_warns_once(monkeypatch):
+    from ermoe import experts as experts_mod
+
+    x, w, counts = torch.randn(16, 16), torch.randn(2, 8, 16), torch.tensor([9, 7])
+    expected = torch.cat([x[:9] @ w[0].T, x[9:] @ w[1].T])
+
+    def fail(err):
+        def grouped_mm(*args, **kwargs):
+            raise err
+        return grouped_mm
+
+    # a real error (out of memory, or any other) propagates and leaves grouped_mm on
+    for err in (torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("illegal memory access")):
+        monkeypatch.setattr(experts_mod.F, "grouped_mm", fail(err))
+        with pytest.raises(type(err)):
+            grouped_matmul(x, w, counts)
+        assert not experts_mod._grouped_unsupported
+    # no kernel for this device/dtype: the loop, the same values, one warning
+    monkeypatch.setattr(experts_mod, "_grouped_unsupported", set())
+    monkeypatch.setattr(experts_mod.F, "grouped_mm", fail(NotImplementedError("no kernel for 'CPU'")))
+    with pytest.warns(RuntimeWarning, match="loop of matmuls"):
+        torch.testing.assert_close(grouped_matmul(x, w, counts), expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(grouped_matmul(x, w, counts), expected)  # no second warning
+    assert experts_mod._grouped_unsupported == {("cpu", torch.float32)}

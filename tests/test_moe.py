@@ -171,6 +171,25 @@ def test_bad_input_raises_clear_errors():
         ermoe.MoE(D, H, E, router="ermoe", router_kwargs={"learn_tau": True})
 
 
+def test_settings_that_do_not_apply_raise():
+    # expert choice sets its own capacity: the layer's capacity_factor would be silently ignored
+    with pytest.raises(ValueError, match="capacity_factor does not apply to 'expert_choice'.*router_kwargs"):
+        ermoe.MoE(D, H, E, router="expert_choice", capacity_factor=2.0)
+    ermoe.MoE(D, H, E, router="expert_choice", router_kwargs={"capacity_factor": 2.0})  # its own keyword
+    # ERMoE's threshold never drops a token's top selection: with top-1 it would do nothing
+    with pytest.raises(ValueError, match="threshold applies only with top_k > 1"):
+        ermoe.MoE(D, H, E, router="ermoe", router_kwargs={"threshold": 0.5})
+    ermoe.MoE(D, H, E, router="ermoe", top_k=2, router_kwargs={"threshold": 0.5})
+
+
+def test_learned_alpha_follows_the_router_given_by_name_or_instance():
+    by_name = ermoe.MoE(D, H, E, router="emoe")
+    by_instance = ermoe.MoE(D, H, E, router=ermoe.create_router("emoe", D, E))
+    assert by_name.alpha is not None and by_instance.alpha is not None  # EMoE's alpha, however the router comes
+    assert ermoe.MoE(D, H, E, router=ermoe.create_router("ermoe", D, E)).alpha is None
+    assert ermoe.MoE(D, H, E, router=ermoe.create_router("emoe", D, E), learn_alpha=False).alpha is None
+
+
 def test_aux_loss_and_stats_collect_every_layer():
     torch.manual_seed(0)
     model = torch.nn.Sequential(ermoe.MoE(D, H, E, router="softmax_topk"), torch.nn.GELU(),

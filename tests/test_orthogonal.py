@@ -102,13 +102,37 @@ def test_orthonormal_after_200_adamw_steps_with_retraction(router, joint):
     layer = ermoe.MoE(32, 16, 4, router=router, top_k=2, router_kwargs=kwargs)
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
     x, target = torch.randn(64, 32), torch.randn(64, 32)
+    drift = []
     for _ in range(200):
         loss = (layer(x) - target).pow(2).mean() + ermoe.aux_loss(layer)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        drift.append(float(layer.router.basis.error()))  # before the retraction: what the step did
         ermoe.after_step(layer)
-    assert layer.router.basis.error() < 1e-5
+        assert layer.router.basis.error() < 1e-5  # after it: orthonormal again
+    assert max(drift) > 1e-3  # the optimizer does pull the basis off the manifold; the retraction is not idle
+
+
+def test_joint_retraction_is_symmetric_in_the_experts():
+    """QR of the joint matrix would let expert 0 take expert 1's directions but not the reverse; the polar
+    retraction commutes with a permutation of the experts."""
+    torch.manual_seed(0)
+    basis = OrthonormalBasis(12, 3, batch=(3,), mode="qr", joint=True).double()
+    with torch.no_grad():
+        basis.weight.add_(0.2 * torch.randn_like(basis.weight))  # an optimizer step's worth of drift
+    perm = [2, 0, 1]
+    swapped = OrthonormalBasis(12, 3, batch=(3,), mode="qr", joint=True).double()
+    with torch.no_grad():
+        swapped.weight.copy_(basis.weight[perm])
+    basis.retract()
+    swapped.retract()
+    torch.testing.assert_close(swapped.weight, basis.weight[perm], atol=1e-12, rtol=0)
+    assert basis.error() < 1e-12
+    # an orthonormal joint basis is left exactly as it is (optimizer state stays consistent)
+    before = basis.weight.detach().clone()
+    basis.retract()
+    torch.testing.assert_close(basis.weight, before, atol=1e-12, rtol=0)
 
 
 def test_penalty_mode_reduces_orthonormality_error():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ermoe.models import create_model
-from ermoe.models.stems import PretrainedStem, find_stem, load_efficientnet_lite0
+from ermoe.models.stems import PretrainedStem, load_efficientnet_lite0
 from ermoe.train import ConfigError, load_config
 
 timm = pytest.importorskip("timm")
@@ -25,7 +25,7 @@ def test_missing_and_foreign_weight_files(tmp_path):
 
 
 def test_stem_and_config_errors():
-    with pytest.raises(ValueError, match="from-scratch ViT"):
+    with pytest.raises(ValueError, match="takes no argument 'stem'"):  # only from-scratch ViTs take a stem
         create_model("vit_base_patch16_224", stem="efficientnet_lite0")
     with pytest.raises(ValueError, match="unknown stem"):
         PretrainedStem("resnet", 4, 1, 32)
@@ -64,8 +64,8 @@ def test_stem_tokens_frozen_statistics_and_gradients(weights):
     model = create_model("vit_tiny", num_classes=10, img_size=28, patch_size=7, in_chans=1, depth=2, embed_dim=32,
                          num_heads=2, moe={"router": "ermoe", "num_experts": 4, "blocks": "all"},
                          stem="efficientnet_lite0", stem_weights=weights[0])
-    stem = find_stem(model)
-    assert stem is model.patch_embed and stem.num_patches == 16
+    stem = model.patch_embed
+    assert isinstance(stem, PretrainedStem) and stem.num_patches == 16
     x = torch.rand(3, 1, 28, 28)
     assert stem(x).shape == (3, 16, 32)
     model.train()
@@ -80,13 +80,14 @@ def test_stem_tokens_frozen_statistics_and_gradients(weights):
 
 
 def test_trainer_feeds_the_stem_its_own_normalisation(weights):
-    from ermoe.data.images import load_dataset
-    from ermoe.train.trainer import _use_pretrained_normalization, build_model
+    from ermoe.tasks import create_task
+    from ermoe.train.trainer import build_model
 
     cfg = load_config(None, {"data": {"name": "digits"}, "model": {
         "patch_size": 2, "depth": 1, "embed_dim": 16, "num_heads": 2, "stem": "efficientnet_lite0",
-        "stem_weights": weights[0], "moe": {"router": "dense"}}})
-    data = load_dataset("digits")
-    model = build_model(cfg, data)
-    _use_pretrained_normalization(cfg, model, data)
-    assert data.mean.tolist() == [0.5] and data.std.tolist() == [0.5]  # pixels to [-1, 1], as the stem was trained
+        "stem_weights": weights[0], "moe": None}})
+    task = create_task(cfg, torch.device("cpu"))
+    task.load()
+    assert task.data.mean.tolist() != [0.5]
+    task.prepare(build_model(cfg, task))
+    assert task.data.mean.tolist() == [0.5] and task.data.std.tolist() == [0.5]  # pixels to [-1, 1], as trained

@@ -1,7 +1,7 @@
 """ermoe: eigenbasis-guided sparse Mixture-of-Experts (EMoE, ERMoE) and the baselines they are compared against."""
 
 from .experts import EigenExperts, MLPExperts, matched_eigen_hidden_dim
-from .models import MoESpec, create_model, list_models
+from .models import MoESpec, RoutedModel, create_model, list_models
 from .moe import MoE, after_step, aux_loss, moe_layers, routing_stats
 from .orthogonal import OrthonormalBasis, orthonormality_error, pca_basis, principal_angles
 from .routing import Router, RouterOutput, RoutingInfo, create_router, list_routers
@@ -9,5 +9,5 @@ from .routing import Router, RouterOutput, RoutingInfo, create_router, list_rout
 __version__ = "0.1.0"
 
 __all__ = ["MoE", "Router", "RouterOutput", "RoutingInfo", "EigenExperts", "MLPExperts", "OrthonormalBasis",
-           "MoESpec", "after_step", "matched_eigen_hidden_dim", "aux_loss", "create_model", "create_router", "list_models", "list_routers", "moe_layers", "orthonormality_error",
+           "MoESpec", "RoutedModel", "after_step", "matched_eigen_hidden_dim", "aux_loss", "create_model", "create_router", "list_models", "list_routers", "moe_layers", "orthonormality_error",
            "pca_basis", "principal_angles", "routing_stats"]

@@ -2,7 +2,8 @@
 
 ``counts_E[e]`` consecutive rows belong to expert e (see ``ermoe.dispatch``). The per-expert matmuls run as one
 grouped matmul (``torch.nn.functional.grouped_mm``) where PyTorch supports it for the dtype and alignment, and as a
-loop over experts otherwise (float64, odd sizes); both give the same values.
+loop over experts otherwise (float64, odd sizes); both give the same values. Where grouped_mm itself reports that it
+has no kernel (a device or dtype), the loop takes over for that device and dtype, with a warning, once.
 
 Shape suffixes: S rows, D model dim, H hidden dim, R basis rank, E experts.
 """
@@ -10,6 +11,7 @@ Shape suffixes: S rows, D model dim, H hidden dim, R basis rank, E experts.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,16 @@ class _GroupedMM(Function):
         return grad_x, grad_w, None
 
 
+# What grouped_mm says when it has no kernel for a device, dtype or layout (PyTorch's GroupedMMUtils.h and
+# GroupedBlas.cpp checks); any other error is a real one and propagates.
+_UNSUPPORTED_MESSAGES = ("aligned to 16 bytes", "multiple of 16 bytes", "Expected mat_a to be", "Expected mat_b to be",
+                         "not supported", "only supported", "compute capability", "not implemented")
+
+
+def _unsupported(err: Exception) -> bool:
+    return isinstance(err, NotImplementedError) or any(m in str(err) for m in _UNSUPPORTED_MESSAGES)
+
+
 def _grouped_ok(x: Tensor, w: Tensor) -> bool:
     if x.dtype not in _GROUPED_DTYPES or w.dtype != x.dtype or (x.device.type, x.dtype) in _grouped_unsupported:
         return False
@@ -64,8 +76,15 @@ def grouped_matmul(x_SK: Tensor, w_ENK: Tensor, counts_E: Tensor, offs_E: Tensor
             offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         try:
             return _GroupedMM.apply(x_SK.contiguous(), w_ENK, offs_E)
-        except (RuntimeError, NotImplementedError):  # e.g. a GPU or dtype this PyTorch has no kernel for
-            _grouped_unsupported.add((x_SK.device.type, x_SK.dtype))
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError) as err:
+            if not _unsupported(err):
+                raise
+            key = (x_SK.device.type, x_SK.dtype)
+            _grouped_unsupported.add(key)
+            warnings.warn(f"grouped_mm is not supported here for {key[0]} {key[1]} ({str(err).strip()}): the experts "
+                          "run as a loop of matmuls from now on (same values, slower)", RuntimeWarning, stacklevel=2)
     parts = x_SK.split(counts_E.tolist())
     weights = w_ENK.unbind(0)  # backward of unbind is one stack, not E full-size zero tensors
     return torch.cat([p @ w.T for p, w in zip(parts, weights)]) if parts else x_SK.new_zeros(0, w_ENK.shape[1])

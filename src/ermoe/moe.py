@@ -36,7 +36,8 @@ class MoE(nn.Module):
             each expert computes at most ``ceil(capacity_factor * T * k / E)`` assignments, the rest are dropped.
             ``float("inf")`` forces dropless.
         learn_alpha: multiply the output by a learned scalar alpha (init 1). None: as the router's paper does
-            (EMoE: ``h <- h + alpha * sum_k p_k Expert_k(h)``), i.e. on for ``emoe`` only.
+            (``Router.learn_alpha``; EMoE: ``h <- h + alpha * sum_k p_k Expert_k(h)``), i.e. on for ``emoe`` only,
+            given by name or as an instance.
         act_layer, expert_bias: the experts' activation and whether their linear maps have biases (None: as the
             papers: no bias for MLP experts, biases c_e and d_e for ERMoE's eigen experts).
         router_kwargs: keyword arguments of the router (see docs/routers.md).
@@ -85,11 +86,14 @@ class MoE(nn.Module):
                                                    bias=True if expert_bias is None else expert_bias)
         else:
             self.experts = MLPExperts(num_experts, dim, hidden_dim, act_layer, bias=bool(expert_bias))
+        if capacity_factor is not None and not router.layer_capacity:
+            raise ValueError(f"MoE: capacity_factor does not apply to {self.router_name!r}, which sets its own "
+                             "capacity (give it as router_kwargs={'capacity_factor': ...})")
         if capacity_factor is None:
             capacity_factor = router.capacity_factor
         self.capacity_factor = None if capacity_factor == float("inf") else capacity_factor
         if learn_alpha is None:
-            learn_alpha = self.router_name == "emoe"
+            learn_alpha = router.learn_alpha
         self.alpha = nn.Parameter(torch.ones(())) if learn_alpha else None
         self.dispatcher = LocalDispatcher()
         self.validate = validate

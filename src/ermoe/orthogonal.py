@@ -6,6 +6,9 @@ A basis is a tensor ``U`` of shape ``(*batch, D, r)`` with ``r <= D`` whose colu
 - ``"qr"``: a free parameter, pulled back onto the Stiefel manifold by a QR retraction after every optimizer step
   (:meth:`OrthonormalBasis.retract`, called through ``ermoe.after_step``). Column signs follow ``sign(diag R)`` so
   that a basis that is already orthonormal is left exactly as it is and the optimizer state stays consistent.
+  Mutually orthogonal bases (``joint=True``) are retracted together by the polar factor instead: QR of the joint
+  matrix would orthogonalise each basis against the ones before it, so expert 0 could take expert 1's directions but
+  not the reverse; the polar factor is symmetric in the bases (and also leaves an orthonormal matrix as it is).
 - ``"parametrization"``: PyTorch's ``torch.nn.utils.parametrizations.orthogonal``; always exactly orthonormal.
 - ``"penalty"``: a free parameter kept near orthonormal only by ``L_ortho = ||U^T U - I||_F^2`` (EMoE eq. 3).
 """
@@ -45,6 +48,14 @@ def qr_orthonormalize(basis: Tensor) -> Tensor:
     sign = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
     return q * sign.unsqueeze(-2)
+
+
+def polar_orthonormalize(basis: Tensor) -> Tensor:
+    """The orthonormal polar factor ``U (U^T U)^{-1/2} = W V^T`` (from the SVD ``U = W S V^T``): the orthonormal
+    matrix nearest ``U`` in Frobenius norm. Unlike QR it treats every column alike (a column permutation of ``U``
+    permutes the result the same way), so no block of columns has priority over another."""
+    w, _, vh = torch.linalg.svd(basis, full_matrices=False)
+    return w @ vh
 
 
 def pca_basis(features: Tensor, rank: int, center: bool = False) -> Tensor:
@@ -154,8 +165,7 @@ class OrthonormalBasis(nn.Module):
         """Set the basis to the orthonormalised ``value`` (same shape), e.g. a PCA basis."""
         if tuple(value.shape) != (*self.batch, self.dim, self.rank):
             raise ValueError(f"basis of shape {(*self.batch, self.dim, self.rank)} expected, got {tuple(value.shape)}")
-        value = value.to(torch.float64)
-        q = self._from_joint(qr_orthonormalize(self._as_joint(value))) if self.joint else qr_orthonormalize(value)
+        q = self._orthonormalize(value.to(torch.float64))
         if parametrize.is_parametrized(self, "weight"):
             self.weight = q.to(self.parametrizations.weight.original.dtype)
         else:
@@ -167,8 +177,11 @@ class OrthonormalBasis(nn.Module):
         if self.mode != "qr":
             return
         u = self.weight
-        q = self._from_joint(qr_orthonormalize(self._as_joint(u))) if self.joint else qr_orthonormalize(u)
-        u.copy_(q)
+        u.copy_(self._orthonormalize(u))
+
+    def _orthonormalize(self, u: Tensor) -> Tensor:
+        """QR per basis; polar on the joint matrix of mutually orthogonal bases (symmetric in the bases)."""
+        return self._from_joint(polar_orthonormalize(self._as_joint(u))) if self.joint else qr_orthonormalize(u)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, rank={self.rank}, batch={self.batch}, mode={self.mode!r}, joint={self.joint}"

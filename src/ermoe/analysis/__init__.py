@@ -1,8 +1,8 @@
-"""Diagnostics of MoE layers (load, specialisation, homogeneity, stability, basis geometry) and their figures."""
+"""Diagnostics of routing layers (load, specialisation, homogeneity, stability, basis geometry) and their figures."""
 
 from .diagnostics import (assignments, basis_geometry, changed_share, entropy_bits, evaluate_classifier, homogeneity,
-                          mutual_information, probe_routing)
-from .report import draw_figures, results_table
+                          mutual_information, probe_load, probe_routing)
+from .report import draw_figures, layers_table
 
 __all__ = ["assignments", "basis_geometry", "changed_share", "entropy_bits", "evaluate_classifier", "homogeneity",
-           "mutual_information", "probe_routing", "draw_figures", "results_table"]
+           "mutual_information", "probe_load", "probe_routing", "draw_figures", "layers_table"]

@@ -7,14 +7,13 @@ runs a model over a dataset and gathers them per layer.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..models.routed import last_routing, num_experts, routed_layers
-from ..models.vit import PatchMoE
-from ..orthogonal import pca_basis, principal_angles
+from ..models.protocol import RoutedLayer, RoutedModel
+from ..orthogonal import OrthonormalBasis, pca_basis, principal_angles
 from ..routing.base import RoutingInfo
 from ..routing.stats import load_summary
 
@@ -68,9 +67,10 @@ def basis_geometry(router: nn.Module, inputs_TD: Tensor, top1_T: Tensor) -> dict
     """Orthonormality error and principal angles (degrees) of a router's basis/bases to the top-r PCA subspace of
     their inputs: the layer's inputs for a shared basis (EMoE), the tokens routed to the expert for per-expert bases
     (ERMoE; NaN where an expert got fewer than r probe tokens). None for routers without a basis."""
-    basis = getattr(router, "basis", None)
-    if basis is None:
+    bases = [m for m in router.children() if isinstance(m, OrthonormalBasis)]
+    if not bases:
         return None
+    (basis,) = bases
     u = basis.matrix.detach().double().cpu()
     x = inputs_TD.double().cpu()
     rank = u.shape[-1]
@@ -88,21 +88,17 @@ def basis_geometry(router: nn.Module, inputs_TD: Tensor, top1_T: Tensor) -> dict
             "principal_angle_deg_mean": sum(finite) / len(finite) if finite else float("nan")}
 
 
-class _Recorder:
-    """Every routing layer of a model; optionally forward hooks keeping each PatchMoE's patch-token inputs."""
+class _InputRecorder:
+    """Forward pre-hooks keeping the tokens each token-routing MoE of ``layers`` receives, flattened to (T, D)."""
 
-    def __init__(self, model: nn.Module, keep_inputs: bool = False) -> None:
-        self.layers = routed_layers(model)
-        self.keep_inputs = keep_inputs
-        self.inputs: dict[str, list[Tensor]] = {n: [] for n, _ in self.layers}
-        self.handles = []
-        for name, layer in self.layers:
-            if keep_inputs and isinstance(layer, PatchMoE):
-                self.handles.append(layer.register_forward_pre_hook(self._pre(name, layer)))
+    def __init__(self, layers: list[RoutedLayer]) -> None:
+        self.inputs: dict[str, list[Tensor]] = {view.name: [] for view in layers}
+        self.handles = [view.moe.register_forward_pre_hook(self._hook(view.name)) for view in layers
+                        if view.moe is not None]
 
-    def _pre(self, name: str, layer: PatchMoE) -> Callable:
+    def _hook(self, name: str) -> Callable:
         def hook(_m, args):
-            self.inputs[name].append(args[0][:, layer.num_prefix_tokens:].detach())
+            self.inputs[name].append(args[0].detach().reshape(-1, args[0].shape[-1]))
         return hook
 
     def close(self) -> None:
@@ -111,30 +107,31 @@ class _Recorder:
 
 
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], num_classes: int,
-                        probe: Tensor | None = None, max_probe_tokens: int = 4096,
+def evaluate_classifier(model: RoutedModel, batches: Iterable[tuple[Sequence[Tensor], Tensor]], num_classes: int,
+                        probe: Sequence[Tensor] | None = None, max_probe_tokens: int = 4096,
                         autocast: Callable[[], Any] | None = None) -> dict[str, Any]:
-    """Accuracy (top-1/top-5), loss, and per MoE layer: load, expert x class counts, MI, and on the probe images
-    the top-1 routing (for stability), homogeneity and basis geometry. A model with a ``batch_metrics(logits,
-    labels)`` method (sums over the batch) adds ``model_metrics``: those sums over the test set per image.
+    """Accuracy (top-1/top-5), loss, and per routing layer: load, expert x class counts, MI, and on the probe inputs
+    the top-1 routing (for stability), homogeneity and basis geometry. The model's ``batch_metrics`` (sums over the
+    batch), if it has any, give ``model_metrics``: those sums over the test set per image.
 
-    ``batches`` yields ``(images, labels)`` already on the model's device and preprocessed.
+    ``batches`` yields ``(inputs, labels)``: the model's positional inputs and the labels, on the model's device and
+    preprocessed; ``probe``: the probe's model inputs.
     """
     was_training = model.training
     model.eval()
-    layers = routed_layers(model)
-    counts = {n: torch.zeros(num_experts(l), num_classes, dtype=torch.long) for n, l in layers}
-    dropped = {n: 0 for n, _ in layers}
-    assigned = {n: 0 for n, _ in layers}
+    layers = model.routed_layers()
+    counts = {v.name: torch.zeros(v.num_experts, num_classes, dtype=torch.long) for v in layers}
+    dropped = {v.name: 0 for v in layers}
+    assigned = {v.name: 0 for v in layers}
     class_images = torch.zeros(num_classes, dtype=torch.long)
     correct1 = correct5 = total = 0
     loss_sum = 0.0
     model_sums: dict[str, float] = {}  # models with a batch_metrics(logits, labels) method: per-image sums
     ctx = autocast or torch.no_grad
-    for images, labels in batches:
+    for inputs, labels in batches:
         with ctx():
-            logits = model(images).float()
-            extra = model.batch_metrics(logits, labels) if hasattr(model, "batch_metrics") else {}
+            logits = model(*inputs).float()
+            extra = model.batch_metrics(logits, labels)
         for key, value in extra.items():
             model_sums[key] = model_sums.get(key, 0.0) + value
         loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
@@ -143,8 +140,8 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor
         correct5 += int((top == labels[:, None]).any(1).sum())
         total += len(labels)
         class_images += torch.bincount(labels.cpu(), minlength=num_classes)
-        for name, layer in layers:
-            info = last_routing(layer)
+        for view in layers:
+            name, info = view.name, view.last_routing
             tokens, experts = assignments(info)
             per_image = info.num_tokens // len(labels)
             cls = labels[tokens // per_image]
@@ -159,7 +156,7 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor
         result["model_metrics"] = {key: value / max(total, 1) for key, value in model_sums.items()}
     probe_stats = probe_routing(model, probe, max_probe_tokens, ctx) if probe is not None else {}
     h_class = entropy_bits(class_images)
-    for name, layer in layers:
+    for name in counts:
         joint = counts[name]
         mi = mutual_information(joint)
         stats: dict[str, Any] = {"tokens_per_expert": joint.sum(1).tolist(), **load_summary(joint.sum(1)),
@@ -172,58 +169,55 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor
     return result
 
 
-def _load_counts(layer: nn.Module, info: RoutingInfo) -> Tensor:
-    """Probe load of a layer: tokens per preferred (top-1) expert; DeepMoE's gated convs: images per open channel."""
-    if isinstance(layer, PatchMoE):
-        counts = torch.bincount(info.probs.float().argmax(-1).reshape(-1), minlength=num_experts(layer))
-        return counts.cpu()
+def _load_counts(view: RoutedLayer, info: RoutingInfo) -> Tensor:
+    """Probe load of a layer: tokens per preferred (top-1) expert of a token MoE; for other routing (DeepMoE's gated
+    convs) the layer's own count (images per open channel)."""
+    if view.moe is not None:
+        return torch.bincount(info.probs.float().argmax(-1).reshape(-1), minlength=view.num_experts).cpu()
     return info.tokens_per_expert.cpu()
 
 
 @torch.no_grad()
-def probe_load(model: nn.Module, probe: Tensor, ctx: Callable[[], Any] = torch.no_grad) -> dict[str, Tensor]:
-    """Per routing layer, the load on fixed probe images (see ``_load_counts``): one eval forward, nothing else."""
+def probe_load(model: RoutedModel, probe: Sequence[Tensor], ctx: Callable[[], Any] = torch.no_grad
+               ) -> dict[str, Tensor]:
+    """Per routing layer, the load on fixed probe inputs (see ``_load_counts``): one eval forward, nothing else."""
     was_training = model.training
     model.eval()
     try:
         with ctx():
-            model(probe)
+            model(*probe)
     finally:
         model.train(was_training)
-    return {name: _load_counts(layer, last_routing(layer)) for name, layer in routed_layers(model)}
+    return {view.name: _load_counts(view, view.last_routing) for view in model.routed_layers()}
 
 
 @torch.no_grad()
-def probe_routing(model: nn.Module, probe: Tensor, max_tokens: int = 4096,
+def probe_routing(model: RoutedModel, probe: Sequence[Tensor], max_tokens: int = 4096,
                   ctx: Callable[[], Any] = torch.no_grad) -> dict[str, dict[str, Any]]:
-    """Per layer on fixed probe images: ``probe_top1`` (the router's preferred expert per patch token, a tensor),
-    homogeneity of the expert outputs, and basis geometry; for DeepMoE's gated convolutions ``probe_load`` (open
-    channels counted over the probe images) instead of the last two."""
+    """Per routing layer on fixed probe inputs: ``probe_top1`` (the router's preferred expert per token, a tensor),
+    ``probe_load``, and for token MoEs the homogeneity of the expert outputs and the basis geometry."""
     was_training = model.training
     model.eval()
-    rec = _Recorder(model, keep_inputs=True)
+    layers = model.routed_layers()
+    rec = _InputRecorder(layers)
     try:
         with ctx():
-            model(probe)
+            model(*probe)
     finally:
         rec.close()
     out = {}
-    for name, layer in rec.layers:
-        info = last_routing(layer)
+    for view in layers:
+        info = view.last_routing
         top1 = info.probs.float().argmax(-1).cpu()
-        if not isinstance(layer, PatchMoE):
-            # DeepMoE's channel gates: stability follows each image's strongest channel; the load counts every
-            # open channel, as the end-of-run load does.
-            out[name] = {"probe_top1": top1, "probe_load": _load_counts(layer, info)}
-            continue
-        x_TD = torch.cat(rec.inputs[name]).reshape(-1, layer.moe.dim)[:max_tokens].float()
-        stats: dict[str, Any] = {"probe_top1": top1, "probe_load": _load_counts(layer, info)}
-        moe = layer.moe
-        with ctx():
-            stats["homogeneity"] = homogeneity(moe.expert_outputs(x_TD.to(next(moe.parameters()).dtype)).float())
-        geometry = basis_geometry(moe.router, x_TD, top1[: len(x_TD)])
-        if geometry is not None:
-            stats.update(geometry)
-        out[name] = stats
+        stats: dict[str, Any] = {"probe_top1": top1, "probe_load": _load_counts(view, info)}
+        moe = view.moe
+        if moe is not None:
+            x_TD = torch.cat(rec.inputs[view.name])[:max_tokens].float()
+            with ctx():
+                stats["homogeneity"] = homogeneity(moe.expert_outputs(x_TD.to(next(moe.parameters()).dtype)).float())
+            geometry = basis_geometry(moe.router, x_TD, top1[: len(x_TD)])
+            if geometry is not None:
+                stats.update(geometry)
+        out[view.name] = stats
     model.train(was_training)
     return out

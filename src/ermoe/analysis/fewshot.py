@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from ..models.protocol import RoutedModel
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, batches: Iterable[Tensor]) -> Tensor:
-    """Pre-logit features (what the classification head sees), float32 on the CPU: ``model.pre_logits(x)`` where
-    the model defines it (the single-gated ViT, DeepMoE), else a timm model's pooled features."""
+def extract_features(model: RoutedModel, batches: Iterable[Sequence[Tensor]]) -> Tensor:
+    """Pre-logit features (what the head reads: ``forward_head(forward_features(x), pre_logits=True)``), float32 on
+    the CPU; ``batches`` yields the model's positional inputs."""
     was_training = model.training
     model.eval()
-    pre_logits = getattr(model, "pre_logits", None)
-    if pre_logits is None:
-        def pre_logits(x):
-            return model.forward_head(model.forward_features(x), pre_logits=True)
-    feats = [pre_logits(x).float().cpu() for x in batches]
+    feats = [model.forward_head(model.forward_features(*inputs), pre_logits=True).float().cpu() for inputs in batches]
     model.train(was_training)
     return torch.cat(feats)
 

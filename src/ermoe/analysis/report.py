@@ -13,12 +13,10 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
     return format(value, spec)
 
 
-def results_table(metrics: dict[str, Any]) -> str:
-    """A short plain-text table: accuracy, then per MoE layer its load and specialisation."""
-    lines = [f"test top-1 {metrics['test_top1']:.4f}   top-5 {metrics['test_top5']:.4f}   "
-             f"loss {metrics['test_loss']:.4f}   ({metrics['test_images']} test images)"]
-    if "train_time_s" in metrics:
-        lines[0] += f"   train {metrics['train_time_s']:.0f} s"
+def layers_table(metrics: dict[str, Any]) -> list[str]:
+    """Lines of a plain-text table of what the model and its routing layers did: whole-model measures, then per
+    routing layer its load, specialisation, homogeneity, stability and basis geometry, then the legend."""
+    lines = []
     if metrics.get("model_metrics"):
         lines.append("model: " + "   ".join(f"{k} {v:.4g}" for k, v in metrics["model_metrics"].items()))
     layers = metrics.get("layers", {})
@@ -39,7 +37,7 @@ def results_table(metrics: dict[str, Any]) -> str:
                      "homog.: mean pairwise cosine of expert outputs; changed: probe tokens that changed expert "
                      "since the previous checkpoint; angle: mean principal angle (deg) of the bases to the PCA "
                      "subspace of their inputs.")
-    return "\n".join(lines)
+    return lines
 
 
 def draw_figures(metrics: dict[str, Any], fig_dir: str | Path) -> list[Path]:

@@ -1,12 +1,14 @@
-"""Models with MoE layers: vision transformers built on timm, and the two whole-model baselines (the single-gated
-ViT of Royer et al. 2023 and the DeepMoE CNN of Wang et al. 2020)."""
+"""Models by name (``create_model``, ``list_models``): vision transformers built on timm with MoE layers, and the
+two whole-model baselines (the single-gated ViT of Royer et al. 2023 and the DeepMoE CNN of Wang et al. 2020).
+Every model is a :class:`RoutedModel` (``protocol.py`` says what the rest of ermoe may call on it)."""
 
 from .deepmoe import DeepMoECNN, GatedConv
-from .routed import routed_layers
+from .protocol import RoutedLayer, RoutedModel, RoutingLayer, router_has_data_init
+from .registry import DATA_ARGS, create_model, describe, list_models, model_families, model_parameters, register_model
 from .single_gate import ImageGateRouter, SingleGatedViT
-from .vit import (MODEL_METHODS, PLACEMENTS, VIT_SIZES, MoESpec, PatchMoE, create_model, freeze_except_moe_and_head,
-                  init_moe_from_data, inject_moe, list_models, patch_moe_layers, select_blocks)
+from .vit import PLACEMENTS, VIT_SIZES, MoESpec, MoEViT, PatchMoE, inject_moe, select_blocks
 
-__all__ = ["MODEL_METHODS", "PLACEMENTS", "VIT_SIZES", "DeepMoECNN", "GatedConv", "ImageGateRouter", "MoESpec",
-           "PatchMoE", "SingleGatedViT", "create_model", "freeze_except_moe_and_head", "init_moe_from_data",
-           "inject_moe", "list_models", "patch_moe_layers", "routed_layers", "select_blocks"]
+__all__ = ["DATA_ARGS", "PLACEMENTS", "VIT_SIZES", "DeepMoECNN", "GatedConv", "ImageGateRouter", "MoESpec", "MoEViT",
+           "PatchMoE", "RoutedLayer", "RoutedModel", "RoutingLayer", "SingleGatedViT", "create_model", "describe",
+           "inject_moe", "list_models", "model_families", "model_parameters", "register_model", "router_has_data_init",
+           "select_blocks"]

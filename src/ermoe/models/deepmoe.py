@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..routing.base import RoutingInfo
+from .protocol import RoutedModel, RoutingLayer
+from .registry import register_model
 
 
-class GatedConv(nn.Module):
+class GatedConv(RoutingLayer):
     """conv3x3 -> BatchNorm -> scale each output channel by its gate ``g = ReLU(W e)`` -> ReLU (g >= 0, so this is
     the gated channel's ReLU output). Keeps the last eval forward's gates as a :class:`RoutingInfo` (channels are
     the experts, an image is routed to every channel with a non-zero gate) for the diagnostics."""
@@ -57,7 +59,7 @@ def _routing_info(g_BC: Tensor) -> RoutingInfo:
                        assignments=int(on.sum()), choice="token")
 
 
-class DeepMoECNN(nn.Module):
+class DeepMoECNN(RoutedModel):
     """The DeepMoE classifier. ``widths``: the channels of the three stages; ``embed_dim``: the size of ``e``."""
 
     def __init__(self, num_classes: int, in_chans: int = 1, widths: Sequence[int] = (32, 64, 128),
@@ -83,13 +85,13 @@ class DeepMoECNN(nn.Module):
             cin = width
         self.layers = nn.ModuleList(layers)
         self.head = nn.Linear(widths[-1], num_classes)
-        self.pretrained_cfg: dict = {}
         self._embedding: Tensor | None = None
 
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def pre_logits(self, x: Tensor) -> Tensor:
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The globally pooled features of the gated CNN, ``(B, widths[-1])``."""
         e = self.embed(x)
         self._embedding = e
         h = self.stem(x)
@@ -98,19 +100,21 @@ class DeepMoECNN(nn.Module):
             h = y + h if i % 2 else y  # the second conv of a stage is residual
         return h.mean((2, 3))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.pre_logits(x))
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return x if pre_logits else self.head(x)
 
     def gate_penalty(self) -> Tensor:
         """sum over gated layers of the mean gate value (the L1 norm per channel and image; gates are >= 0)."""
         return sum(layer.last_gates.float().mean() for layer in self.layers)
 
-    def training_loss(self, output: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
-        loss = F.cross_entropy(output.float(), target, label_smoothing=label_smoothing)
+    def training_loss(self, output: Tensor, target: Tensor, criterion) -> Tensor:
+        """The criterion, plus ``l1_weight`` times the gate penalty, plus ``embed_loss_weight`` times the criterion
+        of the embedding's own linear classifier (the paper's embedding loss)."""
+        loss = criterion(output, target)
         if self.l1_weight:
             loss = loss + self.l1_weight * self.gate_penalty()
         if self.embed_loss_weight:
-            loss = loss + self.embed_loss_weight * F.cross_entropy(self.embed_head(self._embedding).float(), target)
+            loss = loss + self.embed_loss_weight * criterion(self.embed_head(self._embedding), target)
         return loss
 
     @torch.no_grad()
@@ -127,3 +131,15 @@ class DeepMoECNN(nn.Module):
         zeros = sum(int((layer.last_gates == 0).sum()) for layer in self.layers)
         total = sum(layer.last_gates.numel() for layer in self.layers)
         return zeros / max(total, 1)
+
+
+@register_model("deepmoe_cnn", family="deepmoe_cnn",
+                description="DeepMoE (Wang et al. 2020): a CNN whose conv channels are gated per image by ReLU(W e)")
+def deepmoe_cnn(*, num_classes: int = 10, in_chans: int = 1, img_size: int = 28, widths: list[int] = (32, 64, 128),
+                embed_dim: int = 32, l1_weight: float = 0.05, embed_loss_weight: float = 0.1) -> DeepMoECNN:
+    """The DeepMoE classifier: three stages of ``widths`` channels, an embedding of size ``embed_dim``, the L1 gate
+    penalty ``l1_weight`` and the embedding loss ``embed_loss_weight``. Any ``img_size`` of at least 8 pixels (the
+    CNN pools globally)."""
+    if img_size < 8:
+        raise ValueError(f"deepmoe_cnn needs images of at least 8 pixels, got img_size {img_size}")
+    return DeepMoECNN(num_classes, in_chans, tuple(widths), embed_dim, l1_weight, embed_loss_weight)

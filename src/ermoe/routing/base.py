@@ -69,13 +69,17 @@ class Router(nn.Module):
     """Base class: ``forward(x_TD, context_TD=None) -> RouterOutput``.
 
     Subclasses set ``num_experts`` and ``top_k``; ``capacity_factor`` is the router's default for the layer (None:
-    dropless). State that changes outside gradient descent changes in :meth:`after_step`, which the trainer calls
-    after ``optimizer.step()`` through ``ermoe.after_step(model)``.
+    dropless); ``layer_capacity=False`` marks a router that sets its own capacity (expert choice), so the layer's
+    ``capacity_factor`` does not apply to it; ``learn_alpha`` is whether its paper scales the layer's output by a
+    learned alpha (EMoE). State that changes outside gradient descent changes in :meth:`after_step`, which the trainer
+    calls after ``optimizer.step()`` through ``ermoe.after_step(model)``.
     """
 
     num_experts: int
     top_k: int
     capacity_factor: float | None = None
+    layer_capacity: bool = True
+    learn_alpha: bool = False
     accepts_context: bool = False
     # Experts operate on the router's per-expert projections instead of the token (ERMoE).
     expert_input_dim: int | None = None

@@ -67,6 +67,9 @@ class EigenbasisRouter(Router):
             raise ValueError(f"ermoe gate must be 'renormalized', 'score' or 'prob', got {gate!r}")
         if threshold is not None and not -1.0 <= threshold <= 1.0:
             raise ValueError(f"ermoe threshold must be a cosine in [-1, 1] or None, got {threshold!r}")
+        if threshold is not None and top_k == 1:
+            # The threshold drops weak selections but never a token's first one: with one selection it does nothing.
+            raise ValueError("ermoe threshold applies only with top_k > 1 (the top selection is never dropped)")
         if ortho_weight < 0:
             raise ValueError(f"ortho_weight must be >= 0, got {ortho_weight!r}")
         if learn_tau and gate != "prob":
@@ -99,7 +102,7 @@ class EigenbasisRouter(Router):
         topk_idx_TK = torch.topk(probs_TE, self.top_k, dim=-1).indices
         sel_scores_TK = scores_TE.gather(1, topk_idx_TK)
         keep_TK = None
-        if self.threshold is not None and self.top_k > 1:
+        if self.threshold is not None:
             keep_TK = sel_scores_TK >= self.threshold
             keep_TK[:, 0] = True  # never drop every expert of a token
         gates_TK = self._gates(sel_scores_TK, probs_TE.gather(1, topk_idx_TK), keep_TK)

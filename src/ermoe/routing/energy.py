@@ -29,6 +29,8 @@ from .common import EnergyWhitener, ScoreStandardizer, Temperature
 
 
 class EigenEnergyRouter(Router):
+    learn_alpha = True  # h <- h + alpha * sum_k p_k Expert_k(h), alpha learned (EMoE)
+
     def __init__(
         self,
         dim: int,

@@ -20,6 +20,8 @@ from .softmax import linear_gate
 
 
 class ExpertChoiceRouter(Router):
+    layer_capacity = False  # its capacity is its own keyword capacity_factor, above
+
     def __init__(self, dim: int, num_experts: int, top_k: int = 1, *, capacity_factor: float = 1.0,
                  init_std: float = 0.02) -> None:
         super().__init__(dim, num_experts, top_k)

@@ -1,21 +1,28 @@
-"""The methods the study compares: each is a set of config overrides on the same base model, data and budget.
+"""The methods the study compares: each turns the study's base model section into its own, on the same data and
+budget.
 
 Every MoE method uses the same backbone, the same blocks, the same expert count and width, top-1 routing (so the
 same active parameters per token, except the adapter placements of EMoE, which add a branch beside a dense FFN), and
 trains the same steps on the same data order (same seeds). The two whole-model baselines differ by design: the
 single-gated MoE runs a dense base branch beside the chosen expert (its active parameters are the dense ViT's plus
 one expert FFN per MoE block), and DeepMoE is a CNN, sized to the dense ViT's parameter count, whose "experts" are
-conv channels. Rows that are the papers' methods read as written are
-marked ``paper``; the SPEC 7 variants that try to balance eigen routing without a loss are marked ``variant``.
+conv channels. Rows that are the papers' methods read as written are marked ``paper``; the variants that try to
+balance eigen routing without a loss (docs/method.md, "Balancing without a loss") are marked ``variant``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-# name -> (role, description, overrides of model.moe; "_init": moe_init, "_model": other model fields)
+from ..experts import matched_eigen_hidden_dim
+from ..models.vit import VIT_SIZES, MoESpec
+from ..routing.eigenbasis import default_eigen_rank
+
+# name -> (role, description, overrides of model.moe; "_init": moe_init; "_match_active": ERMoE experts widened to the
+# MLP experts' active parameters; "_no_moe": the dense model; "_model": a whole model, built from the base ViT's
+# settings with the other keys as its arguments)
 METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "dense": ("reference", "dense ViT, no MoE", {"router": "dense"}),
+    "dense": ("reference", "dense ViT, no MoE", {"_no_moe": True}),
     "ermoe": ("paper", "ERMoE replacing the FFN (papers' reading)", {"router": "ermoe", "placement": "replace"}),
     "emoe_parallel": ("paper", "EMoE branch beside the FFN", {"router": "emoe", "placement": "parallel"}),
     "emoe_post_block": ("paper", "EMoE adapter on the block output (reference code)",
@@ -55,9 +62,9 @@ METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "expert_choice": ("baseline", "expert choice", {"router": "expert_choice"}),
     "single_gate": ("baseline", "single-gated MoE (Royer 2023): one gate per image, dense base branch as early exit "
                     "and ensemble member, k-means gate after 1/3 of training",
-                    {"router": "single_gate", "router_kwargs": {"kmeans_step": 0.33}}),
+                    {"_model": "single_gated_vit", "kmeans_step": 0.33}),
     "deepmoe": ("baseline", "DeepMoE (Wang 2020): CNN, conv channels gated per image by ReLU(W e), L1 penalty",
-                {"router": "deepmoe", "_model": {"name": "deepmoe_cnn"}}),
+                {"_model": "deepmoe_cnn"}),
 }
 
 # What `ermoe study` runs by default; the other METHODS rows are follow-ups of the variants, run with
@@ -73,32 +80,32 @@ def deepmoe_widths(embed_dim: int) -> list[int]:
     return [unit, 2 * unit, 4 * unit]
 
 
-def method_overrides(name: str, base_model: dict[str, Any]) -> dict[str, Any]:
-    """Config overrides (a nested dict) that turn the study's base model config into method ``name``."""
-    from ..models.vit import VIT_SIZES
-
+def method_model(name: str, base_model: dict[str, Any]) -> dict[str, Any]:
+    """The whole model section (``TrainConfig.model``, flat) of method ``name`` on the study's base model section."""
     if name not in METHODS:
         raise ValueError(f"unknown study method {name!r}; choose from {list(METHODS)}")
-    base_moe = base_model.get("moe", {})
-    moe = dict(METHODS[name][2])
-    if name == "deepmoe":
+    spec = dict(METHODS[name][2])
+    base_moe = base_model.get("moe") or {}
+    vit = {k: v for k, v in base_model.items() if k not in ("moe", "moe_init", "moe_init_batches")}
+    whole = spec.pop("_model", None)
+    if whole == "deepmoe_cnn":
         size = VIT_SIZES.get(base_model.get("name", "vit_tiny"), (96,))[0]
-        moe["router_kwargs"] = {"widths": deepmoe_widths(base_model.get("embed_dim") or size)}
-    if moe.pop("_match_active", False):
-        moe["hidden_dim"] = _matched_hidden(base_model, moe.get("router_kwargs", {}).get("rank"))
-    init = moe.pop("_init", "random")
-    model = moe.pop("_model", {})
+        return {"name": whole, "widths": deepmoe_widths(base_model.get("embed_dim") or size)}
+    if whole == "single_gated_vit":
+        blocks = {k: base_moe[k] for k in ("num_experts", "blocks") if k in base_moe}
+        return {"name": whole, "base": vit.pop("name", "vit_tiny"), **vit, **blocks, **spec}
+    if spec.pop("_no_moe", False):
+        return {**vit, "moe": None}
+    if spec.pop("_match_active", False):
+        spec["hidden_dim"] = _matched_hidden(base_model, spec.get("router_kwargs", {}).get("rank"))
+    init = spec.pop("_init", "random")
     # Router options and placement come from the method alone (None: the router's own default placement).
-    merged = {**base_moe, "router_kwargs": {}, "placement": None, **moe}
-    return {"model": {**model, "moe": merged, "moe_init": init}}
+    moe = {**base_moe, "router_kwargs": {}, "placement": None, **spec}
+    return {**vit, "moe": moe, "moe_init": init}
 
 
 def _matched_hidden(base_model: dict[str, Any], rank: int | None) -> int:
     """ERMoE's expert width at which it uses the MLP experts' active parameters per token (``matched_eigen_hidden_dim``)."""
-    from ..experts import matched_eigen_hidden_dim
-    from ..models.vit import VIT_SIZES, MoESpec
-    from ..routing.eigenbasis import default_eigen_rank
-
     moe = base_model.get("moe", {})
     dim = base_model.get("embed_dim") or VIT_SIZES.get(base_model.get("name", "vit_tiny"), (96,))[0]
     experts = moe.get("num_experts", MoESpec.num_experts)

@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from ..train.config import ConfigError, _build, _merge, config_from_dict
-from ..train.trainer import METRICS_FILE, eval_batches, load_run, train, write_metrics, Run
-from .methods import DEFAULT_METHODS, METHODS, method_overrides
+from ..train.trainer import METRICS_FILE, Run, load_run, train
+from .methods import DEFAULT_METHODS, METHODS, method_model
 
 
 @dataclass
@@ -74,8 +75,9 @@ def load_study_config(path: str | Path | None = None, quick: bool = False,
 
 
 def run_config(cfg: StudyConfig, method: str, seed: int):
-    values = _merge(_merge(cfg.train, method_overrides(method, cfg.train.get("model", {}))),
-                    {"seed": seed, "out_dir": str(Path(cfg.out_dir) / method), "run_name": f"seed{seed}"})
+    """The training config of one run: the shared budget, the method's whole model section, the seed."""
+    values = {**cfg.train, "model": method_model(method, cfg.train.get("model", {}))}
+    values = _merge(values, {"seed": seed, "out_dir": str(Path(cfg.out_dir) / method), "run_name": f"seed{seed}"})
     return config_from_dict(values)
 
 
@@ -95,20 +97,20 @@ def add_fewshot(path: Path, cfg: StudyConfig) -> dict[str, Any]:
     """Few-shot linear probes on the frozen pooled features of a finished run; stored in its metrics.json."""
     from ..analysis.fewshot import extract_features, few_shot_probe
 
-    train_cfg, data, model, _, device = load_run(path)
-    pool = data.train.subset(cfg.fewshot_train_pool)
-    data.train = pool
-    bs = train_cfg.optim.eval_batch_size
-    ftr = extract_features(model, (x for x, _ in eval_batches(data, "train", bs, device)))
-    fte = extract_features(model, (x for x, _ in eval_batches(data, "test", bs, device)))
+    train_cfg, task, model, _, _ = load_run(path)
+    train_batches = list(task.eval_batches("train", limit=cfg.fewshot_train_pool))
+    test_batches = list(task.eval_batches("test"))
+    ftr = extract_features(model, (b.inputs for b in train_batches))
+    fte = extract_features(model, (b.inputs for b in test_batches))
+    ytr = torch.cat([b.target for b in train_batches]).cpu()
+    yte = torch.cat([b.target for b in test_batches]).cpu()
     fewshot = {}
     for shots in cfg.fewshot_shots:
-        mean, std = few_shot_probe(ftr, pool.labels, fte, data.test.labels, shots, cfg.fewshot_draws,
-                                   seed=train_cfg.seed)
+        mean, std = few_shot_probe(ftr, ytr, fte, yte, shots, cfg.fewshot_draws, seed=train_cfg.seed)
         fewshot[str(shots)] = {"mean": mean, "std": std}
     metrics = json.loads((path / METRICS_FILE).read_text())
     metrics["fewshot"] = fewshot
-    write_metrics(Run(path), metrics)
+    Run(path).write_metrics(metrics)
     return metrics
 
 
@@ -137,7 +139,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict[str, dict[int, dict[str, Any]
                 # Time of this run as it ran, kept for the report: a run re-evaluated by `ermoe eval` keeps its
                 # training time and adds the probes'; one resumed from a checkpoint counts its last part only.
                 metrics["run_wall_s"] = metrics.get("run_wall_s", 0.0) + time.perf_counter() - t0
-                write_metrics(Run(path), metrics)
+                Run(path).write_metrics(metrics)
                 status = f"{metrics['run_wall_s']:.0f} s"
             else:
                 status = "done before, skipped"

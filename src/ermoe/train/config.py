@@ -3,6 +3,10 @@
 ``load_config(path, overrides)`` reads a YAML file (missing keys keep their defaults), applies ``key.sub=value``
 overrides (values parsed as YAML: ``3``, ``0.1``, ``true``, ``[1, 3]``, ``{standardize: true}``), and checks every
 key and type; an error names the offending key and what was expected.
+
+The model section is the model's builder's keyword arguments (the registry, ``ermoe.models``, types and checks
+them), the data section is checked against what the task's dataset reads (``ermoe.tasks``): nothing here repeats
+their rules.
 """
 
 from __future__ import annotations
@@ -12,41 +16,45 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from ..data.images import DATASETS
-from ..models.vit import PLACEMENTS, VIT_SIZES, MoESpec
+from ..models import DATA_ARGS, MoESpec, model_parameters, router_has_data_init
+from ..tasks import task_class
 
 
 class ConfigError(ValueError):
     """A configuration key is unknown, has the wrong type, or an out-of-range value."""
 
 
+# The main job's model: ViT-tiny's width and heads (192, 3) at depth 4 and patch 7, ERMoE in blocks 1 and 3, sized to
+# train on Fashion-MNIST on a 2-core CPU in under 10 minutes.
+MAIN_MODEL, MAIN_MODEL_ARGS = "vit_tiny", {"depth": 4, "patch_size": 7, "moe": {}}
+
+
 @dataclass
 class ModelConfig:
-    """The defaults are the main job: ViT-tiny's width and heads (192, 3) at depth 4 and patch 7, sized to train on
-    Fashion-MNIST on a 2-core CPU in under 10 minutes. ``depth: null`` gives the size's own depth (12 for tiny)."""
+    """The model section. In YAML it is flat: besides ``name``, ``moe_init`` and ``moe_init_batches`` every key is a
+    keyword argument of the model's builder (``ermoe.models.describe(name)``), kept in ``args`` and typed by the
+    builder's signature; a key the model does not take, or one that comes from the data (``num_classes``,
+    ``img_size``, ``in_chans``), is an error. ``moe: null`` is a model without MoE layers.
 
-    name: str = "vit_tiny"
-    patch_size: int = 7
-    depth: int | None = 4
-    embed_dim: int | None = None
-    num_heads: int | None = None
-    mlp_ratio: float = 4.0
-    global_pool: str = "avg"
-    class_token: bool = True
-    drop_path_rate: float = 0.0
-    pretrained: bool = False
-    freeze_backbone: bool = False
-    # A frozen pretrained CNN as the patch embedding ("efficientnet_lite0"; ermoe.models.stems); stem_weights: its file.
-    stem: str | None = None
-    stem_weights: str | None = None
-    moe: MoESpec = field(default_factory=MoESpec)
-    # Data-dependent router initialisation before training: "pca" sets eigen bases from the patch features.
-    moe_init: str = "random"
+    The defaults are the main job's model (:data:`MAIN_MODEL_ARGS`); they apply while ``name`` is ``vit_tiny``.
+    Another model starts from its own builder's defaults.
+
+    ``moe_init``: data-dependent router initialisation before training (``pca``: eigen bases from the features).
+    """
+
+    name: str = MAIN_MODEL
+    args: dict[str, Any] = field(default_factory=lambda: {**MAIN_MODEL_ARGS, "moe": MoESpec()})
+    moe_init: Literal["random", "pca"] = "random"
     moe_init_batches: int = 4
+
+    @property
+    def moe(self) -> MoESpec | None:
+        """The MoE layers' spec, if the model takes one (None: none)."""
+        return self.args.get("moe")
 
 
 @dataclass
@@ -81,6 +89,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    task: str = "classification"
     seed: int = 0
     device: str = "auto"
     out_dir: str = "runs"
@@ -88,8 +97,8 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 0  # steps; 0: at the end of every epoch only
     keep_checkpoints: int = 2
-    probe_size: int = 256  # test images whose routing is tracked across checkpoints (stability)
-    probe_every: int = 0  # steps; also log the probe images' load (CV, max/mean, Gini) between checkpoints
+    probe_size: int = 256  # test examples whose routing is tracked across checkpoints (stability)
+    probe_every: int = 0  # steps; also log the probe's load (CV, max/mean, Gini) between checkpoints
     threads: int | None = None
     tensorboard: bool = True
     progress: bool = True
@@ -99,24 +108,29 @@ class TrainConfig:
 
 
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arm in typing.get_args(tp):
+        arms = typing.get_args(tp)
+        if isinstance(value, dict) and any(dataclasses.is_dataclass(a) for a in arms):
+            # A mapping for a dataclass (e.g. model.moe) is checked as that dataclass: its own error, not a plain dict.
+            return _coerce(value, next(a for a in arms if dataclasses.is_dataclass(a)), key)
+        for arm in arms:
             if arm is type(None):
                 if value is None:
                     return None
                 continue
             try:
                 return _coerce(value, arm, key)
-            except ConfigError as err:
-                errors.append(err)
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is ModelConfig:
+        return _build_model(value, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
@@ -132,6 +146,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return dict(value)
     if tp is Any:
         return value
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}: expected one of {list(typing.get_args(tp))}, got {value!r}")
+
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
@@ -144,6 +163,32 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+def _build_model(values: Any, key: str) -> ModelConfig:
+    """The model section: ``name``, the loop's two keys, and the builder's arguments checked against its signature."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{key}: expected a mapping of model settings, got {values!r}")
+    values = dict(values)
+    name = _coerce(values.pop("name", MAIN_MODEL), str, f"{key}.name")
+    loop = {k: values.pop(k) for k in ("moe_init", "moe_init_batches") if k in values}
+    raw = _merge(MAIN_MODEL_ARGS, values) if name == MAIN_MODEL else values
+    try:
+        accepted = model_parameters(name, raw)
+    except ValueError as err:
+        raise ConfigError(f"{key}.name: {err}") from None
+    args = {}
+    for arg, value in raw.items():
+        if arg in DATA_ARGS:
+            raise ConfigError(f"{key}.{arg} is set from the data, not in the config")
+        if arg not in accepted:
+            raise ConfigError(f"{key}.{arg} does not apply to model {name!r}; it takes: "
+                              f"{', '.join(k for k in accepted if k not in DATA_ARGS)}")
+        try:
+            args[arg] = _coerce(value, accepted[arg], f"{key}.{arg}")
+        except ValueError as err:  # a MoESpec's own validation
+            raise ConfigError(err if isinstance(err, ConfigError) else f"{key}.{arg}: {err}") from None
+    return _build(ModelConfig, {"name": name, "args": args, **loop}, key)
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
@@ -163,33 +208,24 @@ def _check_ranges(cfg: TrainConfig) -> None:
         if not ok:
             raise ConfigError(f"{key} must be {what}, got {value!r}")
 
-    m, d, o, moe = cfg.model, cfg.data, cfg.optim, cfg.model.moe
+    m, d, o = cfg.model, cfg.data, cfg.optim
     require(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
             "auto, cpu, cuda[:N] or mps", cfg.device)
     for key, value in [("log_every", cfg.log_every), ("keep_checkpoints", cfg.keep_checkpoints),
-                       ("probe_size", cfg.probe_size), ("model.patch_size", m.patch_size),
-                       ("optim.epochs", o.epochs), ("optim.batch_size", o.batch_size),
-                       ("optim.eval_batch_size", o.eval_batch_size), ("model.moe.num_experts", moe.num_experts),
-                       ("model.moe.top_k", moe.top_k), ("model.moe_init_batches", m.moe_init_batches)]:
+                       ("probe_size", cfg.probe_size), ("optim.epochs", o.epochs), ("optim.batch_size", o.batch_size),
+                       ("optim.eval_batch_size", o.eval_batch_size), ("model.moe_init_batches", m.moe_init_batches)]:
         require(value >= 1, key, "a positive integer", value)
     require(cfg.checkpoint_every >= 0, "checkpoint_every", ">= 0", cfg.checkpoint_every)
     require(cfg.probe_every >= 0, "probe_every", ">= 0", cfg.probe_every)
-    require(m.name in VIT_SIZES or "_patch" in m.name or m.name == "deepmoe_cnn", "model.name",
-            f"one of {list(VIT_SIZES)}, a timm ViT name or deepmoe_cnn", m.name)
-    require((m.name == "deepmoe_cnn") == (moe.router == "deepmoe"), "model.moe.router",
-            "'deepmoe' exactly when model.name is 'deepmoe_cnn' (DeepMoE is its own CNN)", moe.router)
-    require(m.global_pool in ("avg", "token", "max", "avgmax", "map"), "model.global_pool",
-            "avg, token, max, avgmax or map", m.global_pool)
-    require(m.moe_init in ("random", "pca"), "model.moe_init", "random or pca", m.moe_init)
-    require(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "in [0, 1)", m.drop_path_rate)
-    require(moe.router == "dense" or moe.top_k <= moe.num_experts, "model.moe.top_k", "<= num_experts", moe.top_k)
-    require(moe.placement is None or moe.placement in PLACEMENTS, "model.moe.placement", f"one of {PLACEMENTS}",
-            moe.placement)
-    require(d.name in DATASETS, "data.name", f"one of {DATASETS}", d.name)
-    require(d.crop_padding >= 0, "data.crop_padding", ">= 0", d.crop_padding)
+    if m.moe_init == "pca" and not (m.moe is not None and router_has_data_init(m.moe.router)):
+        router = "no MoE layers" if m.moe is None else f"router {m.moe.router!r}"
+        raise ConfigError(f"model.moe_init: pca sets the bases of eigen routers (emoe, ermoe) from the data; model "
+                          f"{m.name!r} with {router} has none")
+    _check_data(cfg)
     for key, value in [("data.train_limit", d.train_limit), ("data.test_limit", d.test_limit),
                        ("optim.max_steps", o.max_steps)]:
         require(value is None or value >= 1, key, "a positive integer or null", value)
+    require(d.crop_padding >= 0, "data.crop_padding", ">= 0", d.crop_padding)
     require(o.lr > 0, "optim.lr", "> 0", o.lr)
     require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]", o.min_lr_ratio)
     require(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
@@ -198,13 +234,24 @@ def _check_ranges(cfg: TrainConfig) -> None:
     require(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", "> 0 or null", o.clip_grad)
     require(0 <= o.label_smoothing < 1, "optim.label_smoothing", "in [0, 1)", o.label_smoothing)
     require(o.amp in ("auto", "bf16", "fp16", "none"), "optim.amp", "auto, bf16, fp16 or none", o.amp)
-    from ..models.stems import STEMS
-    require(cfg.model.stem is None or cfg.model.stem in STEMS, "model.stem", f"null or one of {list(STEMS)}",
-            cfg.model.stem)
+
+
+def _check_data(cfg: TrainConfig) -> None:
+    """The task reads the dataset, and every data key set away from its default applies to that dataset."""
     try:
-        moe.validate()
+        task = task_class(cfg.task)
     except ValueError as err:
-        raise ConfigError(f"model.moe: {err}") from None
+        raise ConfigError(f"task: {err}") from None
+    d = cfg.data
+    if d.name not in task.datasets:
+        raise ConfigError(f"data.name must be one of {list(task.datasets)} for task {cfg.task!r}, got {d.name!r}")
+    applicable = task.data_keys.get(d.name, ())
+    defaults = dataclasses.asdict(DataConfig())
+    for key, value in dataclasses.asdict(d).items():
+        if key != "name" and key not in applicable and value != defaults[key]:
+            raise ConfigError(f"data.{key} does not apply to dataset {d.name!r} (it reads: {', '.join(applicable)})")
+    if d.mirror is not None and not d.download:
+        raise ConfigError("data.mirror applies only with data.download: true")
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -272,7 +319,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Plain data, the model section flat as in YAML (what ``config_from_dict`` reads back)."""
+    out = dataclasses.asdict(cfg)
+    model = out["model"]
+    out["model"] = {"name": model["name"], **model["args"], "moe_init": model["moe_init"],
+                    "moe_init_batches": model["moe_init_batches"]}
+    return out
 
 
 def dump_config(cfg: TrainConfig) -> str:

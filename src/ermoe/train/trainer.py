@@ -1,4 +1,10 @@
-"""Training and evaluation of image classifiers with MoE layers (the ``ermoe train`` / ``ermoe eval`` jobs)."""
+"""The training loop, written once for every task (``ermoe train`` / ``ermoe eval`` / ``ermoe report``).
+
+What differs between applications lives in the task (:mod:`ermoe.tasks`); what differs between models lives behind
+the model protocol (:mod:`ermoe.models.protocol`). Here: the run directory, the optimizer and schedule, AMP, the
+non-finite guard, logging, the routing probes (load over training, stability between checkpoints), checkpoints and
+exact resume.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +12,24 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..analysis.diagnostics import changed_share, evaluate_classifier, probe_load, probe_routing
-from ..analysis.report import draw_figures, results_table
-from ..data.augment import normalize, train_transform
-from ..data.images import ImageData, load_dataset
-from ..models.stems import find_stem
-from ..models.vit import create_model, init_moe_from_data, patch_moe_layers
-from ..moe import after_step, aux_loss
+from ..analysis.diagnostics import changed_share, probe_load, probe_routing
+from ..experts import EigenExperts, MLPExperts
+from ..models import RoutedModel, create_model
+from ..routing import CosineRouter, EigenEnergyRouter
 from ..routing.stats import load_summary
-from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from ..tasks import Batch, Task, create_task, task_class
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .config import TrainConfig, config_from_dict, dump_config
 
 CONFIG_FILE, METRICS_FILE, LOG_FILE = "config.yaml", "metrics.json", "log.jsonl"
@@ -50,35 +52,19 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]
 
 
-def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
+def autocast_ctx(device: torch.device, dtype: torch.dtype | None) -> Callable[[], Any]:
     if dtype is None:
         return contextlib.nullcontext
     return partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
-def build_model(cfg: TrainConfig, data: ImageData) -> nn.Module:
-    m = cfg.model
-    kwargs: dict[str, Any] = dict(num_classes=data.num_classes, img_size=data.img_size, in_chans=data.in_chans,
-                                  global_pool=m.global_pool, drop_path_rate=m.drop_path_rate, moe=m.moe,
-                                  pretrained=m.pretrained, freeze_backbone=m.freeze_backbone)
-    if not (m.name.startswith("vit_") and "_patch" in m.name):
-        kwargs.update(patch_size=m.patch_size, depth=m.depth, embed_dim=m.embed_dim, num_heads=m.num_heads,
-                      mlp_ratio=m.mlp_ratio, class_token=m.class_token)
-    if m.stem is not None:
-        kwargs.update(stem=m.stem, stem_weights=m.stem_weights)
-    kwargs["total_steps"] = len(data.train) // cfg.optim.batch_size * cfg.optim.epochs  # data already subset
-    return create_model(m.name, **kwargs)
-
-
-def _use_pretrained_normalization(cfg: TrainConfig, model: nn.Module, data: ImageData) -> None:
-    """A pretrained backbone expects the normalisation it was trained with, not the dataset's own statistics."""
-    pcfg = getattr(model, "pretrained_cfg", None) or {}
-    stem = find_stem(model)
-    if stem is not None:
-        data.mean = torch.full((data.in_chans,), stem.input_mean)
-        data.std = torch.full((data.in_chans,), stem.input_std)
-    elif cfg.model.pretrained and "mean" in pcfg and len(pcfg["mean"]) == data.in_chans:
-        data.mean, data.std = torch.tensor(pcfg["mean"]), torch.tensor(pcfg["std"])
+def build_model(cfg: TrainConfig, task: Task, load_pretrained: bool = True) -> RoutedModel:
+    """The run's model: its config's builder arguments plus what the task's data says. ``load_pretrained=False``
+    builds the skeleton only (a checkpoint will fill every weight)."""
+    args = dict(cfg.model.args)
+    if not load_pretrained and "pretrained" in args:
+        args["pretrained"] = False
+    return create_model(cfg.model.name, **args, **task.model_args())
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -89,13 +75,37 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# The weights of linear maps (matmuls and convolutions), by the module that owns them: the only decayed parameters.
+_DECAYED: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
+    (nn.Linear, ("weight",)), (nn.Conv1d, ("weight",)), (nn.Conv2d, ("weight",)), (nn.Conv3d, ("weight",)),
+    (MLPExperts, ("w1", "w2")), (EigenExperts, ("v", "w2")), (EigenEnergyRouter, ("pi",)),
+    (CosineRouter, ("expert_embed",)),
+)
+
+
+def decayed_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters weight decay applies to: the weights of linear maps (``nn.Linear``/``nn.Conv*``,
+    the experts' ``w1``/``w2``/``v``, EMoE's ``Pi`` and cosine routing's expert embeddings). Not decayed: biases
+    (the experts' per-expert ``b1``, ``b2``, ``c``, ``d`` included), norms, scales (``experts.scales``), alpha,
+    temperatures, orthonormal bases (decay would pull them off the Stiefel manifold every step), position and
+    class embeddings."""
+    names = set()
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        own = dict(module.named_parameters(recurse=False))
+        for cls, params in _DECAYED:
+            if isinstance(module, cls):
+                names.update(prefix + p for p in params if p in own)
+    return names
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, scales, alpha, position/class embeddings (the usual ViT recipe)."""
+    """AdamW with weight decay on the weights of linear maps only (:func:`decayed_parameter_names`)."""
+    decayed = decayed_parameter_names(model)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.dim() <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token")) else decay).append(p)
+        if p.requires_grad:
+            (decay if name in decayed else no_decay).append(p)
     o = cfg.optim
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
@@ -105,18 +115,24 @@ def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def eval_batches(data: ImageData, split: str, batch_size: int, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-    subset = getattr(data, split)
-    for i in range(0, len(subset), batch_size):
-        x = normalize(subset.images[i:i + batch_size].to(device), data.mean, data.std)
-        yield x, subset.labels[i:i + batch_size].to(device)
-
-
 @dataclass
 class Run:
     """A run directory and what lives in it."""
 
     root: Path
+
+    @classmethod
+    def new(cls, cfg: TrainConfig) -> "Run":
+        """A fresh directory under ``out_dir``, never an existing one (a ``-2``, ``-3``, ... suffix if taken)."""
+        moe = cfg.model.moe
+        base = cfg.run_name or "-".join([cfg.data.name, cfg.model.name, *([moe.router] if moe else []),
+                                         f"seed{cfg.seed}"])
+        root = Path(cfg.out_dir) / base
+        n = 2
+        while root.exists():
+            root = Path(cfg.out_dir) / f"{base}-{n}"
+            n += 1
+        return cls(root)
 
     @property
     def checkpoints(self) -> Path:
@@ -141,15 +157,8 @@ class Run:
         keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
         atomic_write_text(path, "".join(line + "\n" for line in keep))
 
-
-def new_run_dir(cfg: TrainConfig) -> Path:
-    base = cfg.run_name or f"{cfg.data.name}-{cfg.model.name}-{cfg.model.moe.router}-seed{cfg.seed}"
-    root = Path(cfg.out_dir) / base
-    n = 2
-    while root.exists():  # never write into an existing run
-        root = Path(cfg.out_dir) / f"{base}-{n}"
-        n += 1
-    return root
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        atomic_write_text(self.root / METRICS_FILE, json.dumps(metrics, indent=1, default=float))
 
 
 class Logger:
@@ -163,7 +172,8 @@ class Logger:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(root / "tensorboard"))
             except ImportError:
-                pass
+                warnings.warn("tensorboard is not installed: the run logs to log.jsonl only "
+                              "(pip install tensorboard, or set tensorboard: false)", stacklevel=2)
 
     def log(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -192,6 +202,160 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
+def warn_gradless_routing(model: RoutedModel) -> None:
+    """Warn about routing layers whose trainable parameters got no gradient, or only zeros, from the last backward
+    (docs/method.md, "Patch-only routing in the last block")."""
+    for view in model.routed_layers():
+        params = [p for p in view.layer.parameters() if p.requires_grad]
+        if params and all(p.grad is None or not p.grad.any() for p in params):
+            warnings.warn(f"routing layer {view.name} got no gradient: its output does not reach the loss (a "
+                          "patch-only MoE under a class-token head?). Use global_pool='avg' or move the layer.",
+                          stacklevel=2)
+
+
+class Trainer:
+    """One run's training: steps, logs, probes and checkpoints. ``state``: a checkpoint's state to resume from."""
+
+    def __init__(self, cfg: TrainConfig, run: Run, task: Task, model: RoutedModel, device: torch.device,
+                 state: dict[str, Any] | None = None, quiet: bool = False) -> None:
+        self.cfg, self.run, self.task, self.model, self.device, self.quiet = cfg, run, task, model, device, quiet
+        o = cfg.optim
+        self.steps_per_epoch = task.num_train // o.batch_size
+        self.total_steps = self.steps_per_epoch * o.epochs
+        self.last_step = min(self.total_steps, o.max_steps or self.total_steps)
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, partial(lr_lambda, warmup=o.warmup_steps, total=self.total_steps, min_ratio=o.min_lr_ratio))
+        dtype = amp_dtype(cfg, device)
+        self.autocast = autocast_ctx(device, dtype)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        self.probe = task.probe()
+        self.step, self.prev_probe, self.probe_changed = 0, None, {}
+        self.train_time = 0.0
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            _set_rng_state(state["rng"])
+            self.step, self.prev_probe = state["step"], state.get("probe_top1")
+            self.probe_changed = state.get("probe_changed", {})
+            run.truncate_log(self.step)  # lines after the checkpoint will be redone; before the log is opened
+        self.logger = Logger(run.root, cfg.tensorboard)
+
+    def fit(self) -> None:
+        """Train from the current step to the last one."""
+        cfg, model = self.cfg, self.model
+        model.on_train_start(self.total_steps)
+        progress = None
+        if cfg.progress and not self.quiet:
+            from tqdm.auto import tqdm
+            progress = tqdm(total=self.last_step, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
+        checked_grads = False
+        model.train()
+        window: dict[str, float] = {}
+        window_t0 = time.perf_counter()
+        order, order_epoch = None, -1
+        try:
+            while self.step < self.last_step:
+                epoch, i = divmod(self.step, self.steps_per_epoch)
+                if epoch != order_epoch:
+                    order, order_epoch = epoch_order(self.task.num_train, cfg.seed, epoch), epoch
+                t0 = time.perf_counter()
+                batch = self.task.train_batch(order[i * cfg.optim.batch_size:(i + 1) * cfg.optim.batch_size],
+                                              self.step)
+                stats = self._train_step(batch, epoch)
+                if not checked_grads and model.experts_active:
+                    warn_gradless_routing(model)
+                    checked_grads = True
+                self._update()
+                self.train_time += time.perf_counter() - t0
+                for key, value in stats.items():
+                    window[key] = window.get(key, 0.0) + value
+                step = self.step
+                if step % cfg.log_every == 0 or step == self.last_step:
+                    elapsed = time.perf_counter() - window_t0
+                    seen = window.pop("examples")
+                    record = {"kind": "train", "step": step, "epoch": epoch,
+                              **{k: v / seen for k, v in window.items() if k != "aux_loss"},
+                              "lr": self.scheduler.get_last_lr()[0], "aux_loss": stats["aux_loss"],
+                              "img_per_s": seen / max(elapsed, 1e-9)}
+                    self.logger.log(record)
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['img_per_s']:.0f}")
+                    window, window_t0 = {}, time.perf_counter()
+                if progress is not None:
+                    progress.update(1)
+                end_of_epoch = step % self.steps_per_epoch == 0
+                if step == self.last_step or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or end_of_epoch:
+                    self.checkpoint()
+                elif cfg.probe_every and step % cfg.probe_every == 0:
+                    self._log_probe_load(probe_load(model, self.probe.inputs, self.autocast))
+                if end_of_epoch and step != self.last_step:
+                    self.logger.log({"kind": "eval", "step": step, "epoch": epoch,
+                                     **self.task.quick_eval(model, self.autocast)})
+        finally:
+            if progress is not None:
+                progress.close()
+
+    def _train_step(self, batch: Batch, epoch: int) -> dict[str, float]:
+        """Forward and backward of one batch; returns the sums for the log."""
+        model = self.model
+        with self.autocast():
+            output = model(*batch.inputs)
+            loss = model.training_loss(output, batch.target, self.task.loss)
+            extra = model.aux_loss()
+            total = loss + extra
+        loss_value = float(total.detach())
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"loss is {loss_value} at step {self.step} (epoch {epoch}); training stopped. The last good "
+                f"checkpoint in {self.run.checkpoints} is kept; resume with a lower lr or check the data.")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        n = len(batch)
+        return {"loss": loss_value * n, "examples": n, "aux_loss": float(extra.detach()),
+                **self.task.batch_stats(output.detach(), batch)}
+
+    def _update(self) -> None:
+        if self.cfg.optim.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        self.model.after_step(self.step)
+
+    def _log_probe_load(self, counts: dict[str, Tensor]) -> None:
+        """Load over training on the fixed probe: CV under the layer's name, then max/mean and Gini."""
+        if counts:
+            record: dict[str, Any] = {"kind": "probe_load", "step": self.step}
+            for n, c in counts.items():
+                summary = load_summary(c)
+                record.update({n: summary["load_cv"], f"{n}/max_over_mean": summary["max_over_mean"],
+                               f"{n}/gini": summary["gini"]})
+            self.logger.log(record)
+
+    def checkpoint(self) -> None:
+        """Probe the routing (load, and stability against the previous checkpoint), then save everything."""
+        probed = probe_routing(self.model, self.probe.inputs, ctx=self.autocast)
+        current = {n: s["probe_top1"] for n, s in probed.items()}
+        self._log_probe_load({n: s["probe_load"] for n, s in probed.items()})
+        if self.prev_probe is not None:
+            self.probe_changed = {n: changed_share(self.prev_probe[n], current[n]) for n in current
+                                  if n in self.prev_probe}
+            self.logger.log({"kind": "stability", "step": self.step, **self.probe_changed})
+        self.prev_probe = current
+        save_checkpoint(self.run.checkpoints, self.step, self.model, {
+            "step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": _rng_state(), "probe_top1": current,
+            "probe_changed": self.probe_changed}, keep=self.cfg.keep_checkpoints)
+
+    def close(self) -> None:
+        self.logger.close()
+
+
 def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = False) -> Path:
     """Train (or resume) a run; evaluates at the end and returns the run directory."""
     if resume is not None:
@@ -199,241 +363,84 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = Fals
         # Read and verify the checkpoint before anything in the run directory is touched.
         _, state = load_checkpoint(run.root)
     else:
-        run = Run(new_run_dir(cfg))
-        state = None
+        run, state = Run.new(cfg), None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    data = load_dataset(cfg.data.name, cfg.data.data_dir, download=cfg.data.download, mirror=cfg.data.mirror,
-                        img_size=cfg.data.img_size)
-    data.train = data.train.subset(cfg.data.train_limit)
-    data.test = data.test.subset(cfg.data.test_limit)
-    o = cfg.optim
-    steps_per_epoch = len(data.train) // o.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"batch_size {o.batch_size} exceeds the {len(data.train)} training images")
-    total_steps = steps_per_epoch * o.epochs
-    last_step = min(total_steps, o.max_steps or total_steps)
-
+    task = create_task(cfg, device)
+    task.load()
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data).to(device)
-    _use_pretrained_normalization(cfg, model, data)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_lambda, warmup=o.warmup_steps, total=total_steps, min_ratio=o.min_lr_ratio))
-    dtype = amp_dtype(cfg, device)
-    autocast = autocast_ctx(device, dtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    probe = next(eval_batches(data, "test", cfg.probe_size, device))[0]
-    step, prev_probe, probe_changed = 0, None, {}
+    model = build_model(cfg, task).to(device)
+    task.prepare(model)
     if state is not None:
         load_checkpoint(run.root, model, map_location=device)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        step, prev_probe, probe_changed = state["step"], state.get("probe_top1"), state.get("probe_changed", {})
-        run.truncate_log(step)
     else:
         run.root.mkdir(parents=True)
         if cfg.model.moe_init == "pca":
-            batches = [x for x, _ in eval_batches(data, "train", o.batch_size, device)][:cfg.model.moe_init_batches]
-            init_moe_from_data(model, batches)
+            batches = [b.inputs for b in task.eval_batches("train", cfg.optim.batch_size)][:cfg.model.moe_init_batches]
+            model.init_routers_from_data(batches)
     atomic_write_text(run.root / CONFIG_FILE, dump_config(cfg))
-    logger = Logger(run.root, cfg.tensorboard)
-
-    def log_probe_load(at_step: int, counts: dict[str, Tensor]) -> None:
-        """Load over training on the fixed probe images: CV under the layer's name, then max/mean and Gini."""
-        if counts:
-            record: dict[str, Any] = {"kind": "probe_load", "step": at_step}
-            for n, c in counts.items():
-                summary = load_summary(c)
-                record.update({n: summary["load_cv"], f"{n}/max_over_mean": summary["max_over_mean"],
-                               f"{n}/gini": summary["gini"]})
-            logger.log(record)
-
-    def checkpoint(at_step: int) -> None:
-        nonlocal prev_probe, probe_changed
-        probed = probe_routing(model, probe, ctx=autocast)
-        current = {n: s["probe_top1"] for n, s in probed.items()}
-        log_probe_load(at_step, {n: s["probe_load"] for n, s in probed.items()})
-        if prev_probe is not None:
-            probe_changed = {n: changed_share(prev_probe[n], current[n]) for n in current if n in prev_probe}
-            logger.log({"kind": "stability", "step": at_step, **probe_changed})
-        prev_probe = current
-        save_checkpoint(run.checkpoints, at_step, model, {
-            "step": at_step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng": _rng_state(), "probe_top1": current,
-            "probe_changed": probe_changed}, keep=cfg.keep_checkpoints)
-
-    train_time = 0.0
-    progress = None
-    if cfg.progress and not quiet:
-        from tqdm.auto import tqdm
-        progress = tqdm(total=last_step, initial=step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
-    checked_grads = False
-    model.train()
-    window_loss, window_correct, window_seen, window_t0 = 0.0, 0, 0, time.perf_counter()
+    trainer = Trainer(cfg, run, task, model, device, state, quiet)
     try:
-        order, order_epoch = None, -1
-        while step < last_step:
-            epoch, i = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                order, order_epoch = epoch_order(len(data.train), cfg.seed, epoch), epoch
-            t0 = time.perf_counter()
-            idx = order[i * o.batch_size:(i + 1) * o.batch_size]
-            gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-            x = train_transform(data.train.images[idx].to(device), data.mean, data.std,
-                                crop_padding=cfg.data.crop_padding, hflip=cfg.data.hflip, generator=gen)
-            y = data.train.labels[idx].to(device)
-            with autocast():
-                logits = model(x)
-                if hasattr(model, "training_loss"):  # whole-model baselines add their own terms (early exit, L1)
-                    task_loss = model.training_loss(logits, y, o.label_smoothing)
-                else:
-                    task_loss = F.cross_entropy(logits.float(), y, label_smoothing=o.label_smoothing)
-                extra = aux_loss(model)
-                loss = task_loss + extra
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(
-                    f"loss is {loss_value} at step {step} (epoch {epoch}); training stopped. The last good "
-                    f"checkpoint in {run.checkpoints} is kept; resume with a lower lr or check the data.")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if not checked_grads and getattr(model, "experts_active", True):
-                _warn_gradless_moe(model)
-                checked_grads = True
-            if o.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            after_step(model)
-            step += 1
-            train_time += time.perf_counter() - t0
-            window_loss += loss_value * len(y)
-            window_correct += int((logits.argmax(1) == y).sum())
-            window_seen += len(y)
-            if step % cfg.log_every == 0 or step == last_step:
-                elapsed = time.perf_counter() - window_t0
-                record = {"kind": "train", "step": step, "epoch": epoch, "loss": window_loss / window_seen,
-                          "acc": window_correct / window_seen, "lr": scheduler.get_last_lr()[0],
-                          "aux_loss": float(extra.detach()), "img_per_s": window_seen / max(elapsed, 1e-9)}
-                logger.log(record)
-                if progress is not None:
-                    progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}",
-                                         img_s=f"{record['img_per_s']:.0f}")
-                window_loss, window_correct, window_seen, window_t0 = 0.0, 0, 0, time.perf_counter()
-            if progress is not None:
-                progress.update(1)
-            end_of_epoch = step % steps_per_epoch == 0
-            if step == last_step or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or end_of_epoch:
-                checkpoint(step)
-            elif cfg.probe_every and step % cfg.probe_every == 0:
-                log_probe_load(step, probe_load(model, probe, autocast))
-            if end_of_epoch and step != last_step:
-                acc = _quick_accuracy(model, data, o.eval_batch_size, device, autocast)
-                logger.log({"kind": "eval", "step": step, "epoch": epoch, "test_top1": acc})
+        trainer.fit()
+        metrics = evaluate_run(run, task, model, cfg, trainer.autocast, trainer.probe_changed)
+        metrics.update(step=trainer.step, train_time_s=trainer.train_time,
+                       train_img_per_s=(trainer.step * cfg.optim.batch_size / trainer.train_time
+                                        if trainer.train_time and state is None else None))
+        run.write_metrics(metrics)
+        trainer.logger.log({"kind": "eval", "step": trainer.step,
+                            **{k: v for k, v in metrics.items() if k.startswith("test_") and isinstance(v, float)}})
     finally:
-        if progress is not None:
-            progress.close()
-    metrics = evaluate_run(run, model, data, cfg, device, autocast, probe_changed)
-    metrics.update(step=step, train_time_s=train_time,
-                   train_img_per_s=step * o.batch_size / train_time if train_time and state is None else None)
-    write_metrics(run, metrics)
-    logger.log({"kind": "eval", "step": step, "test_top1": metrics["test_top1"], "test_top5": metrics["test_top5"]})
-    logger.close()
+        trainer.close()
     if not quiet:
-        print(results_table(metrics))
+        print(task.results_table(metrics))
         print(f"run directory: {run.root} (figures in {run.figures})")
     return run.root
 
 
-def _warn_gradless_moe(model: nn.Module) -> None:
-    """SPEC 7: warn about MoE layers whose trainable parameters got no gradient from the first backward."""
-    for name, layer in patch_moe_layers(model):
-        params = [p for p in layer.parameters() if p.requires_grad]
-        if params and all(p.grad is None or not p.grad.any() for p in params):
-            warnings.warn(f"MoE layer {name} got no gradient: its output does not reach the loss (a patch-only MoE "
-                          "under a class-token head?). Use global_pool='avg' or move the layer.", stacklevel=2)
-
-
-@torch.no_grad()
-def _quick_accuracy(model: nn.Module, data: ImageData, batch_size: int, device: torch.device, autocast) -> float:
-    was = model.training
-    model.eval()
-    correct = 0
-    for x, y in eval_batches(data, "test", batch_size, device):
-        with autocast():
-            correct += int((model(x).argmax(1) == y).sum())
-    model.train(was)
-    return correct / len(data.test)
-
-
-def evaluate_run(run: Run, model: nn.Module, data: ImageData, cfg: TrainConfig, device: torch.device, autocast,
+def evaluate_run(run: Run, task: Task, model: RoutedModel, cfg: TrainConfig, autocast: Callable[[], Any],
                  probe_changed: dict[str, float]) -> dict[str, Any]:
+    """The task's metrics on the test split, the routing stability between the last two checkpoints, parameter
+    counts, and the figures."""
     t0 = time.perf_counter()
-    probe = next(eval_batches(data, "test", cfg.probe_size, device))[0]
-    metrics = evaluate_classifier(model, eval_batches(data, "test", cfg.optim.eval_batch_size, device),
-                                  data.num_classes, probe=probe, autocast=autocast)
+    metrics = task.evaluate(model, autocast, probe=task.probe())
     metrics["eval_time_s"] = time.perf_counter() - t0
     for name, stats in metrics["layers"].items():
         stats.pop("probe_top1", None)
         stats.pop("probe_load", None)
         stats["probe_changed"] = probe_changed.get(name)
-    metrics.update(dataset=data.name, classes=data.classes, run=str(run.root),
-                   params_total=sum(p.numel() for p in model.parameters()), params_active=active_parameters(model),
+    metrics.update(task=cfg.task, run=str(run.root), params_total=sum(p.numel() for p in model.parameters()),
+                   params_active=model.active_parameters(),
                    params_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
-    draw_figures(metrics, run.figures)
+    task.draw_figures(metrics, run.figures)
     return metrics
 
 
-def active_parameters(model: nn.Module) -> int:
-    """Parameters one token uses: all, less the experts it is not routed to (top_k of num_experts per layer)."""
-    total = sum(p.numel() for p in model.parameters())
-    for _, layer in patch_moe_layers(model):
-        moe = layer.moe
-        expert_params = sum(p.numel() for p in moe.experts.parameters())
-        total -= round(expert_params * (1 - moe.top_k / moe.num_experts))
-    return total
-
-
-def write_metrics(run: Run, metrics: dict[str, Any]) -> None:
-    atomic_write_text(run.root / METRICS_FILE, json.dumps(metrics, indent=1, default=float))
-
-
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None
-             ) -> tuple[TrainConfig, ImageData, nn.Module, dict[str, Any], torch.device]:
-    """Rebuild a run's data and model from its config and load a checkpoint (the latest by default)."""
+             ) -> tuple[TrainConfig, Task, RoutedModel, dict[str, Any], torch.device]:
+    """Rebuild a run's task (its data loaded) and model from its config and load a checkpoint (the latest by
+    default)."""
     run = Run(Path(run_dir))
     cfg = run.read_config()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    data = load_dataset(cfg.data.name, cfg.data.data_dir, download=cfg.data.download, mirror=cfg.data.mirror,
-                        img_size=cfg.data.img_size)
-    data.train = data.train.subset(cfg.data.train_limit)
-    data.test = data.test.subset(cfg.data.test_limit)
+    task = create_task(cfg, device)
+    task.load()
     torch.manual_seed(cfg.seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # The checkpoint holds every weight: no need to fetch pretrained ones again.
-        model = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False)),
-                            data).to(device)
-    _use_pretrained_normalization(cfg, model, data)
+    model = build_model(cfg, task, load_pretrained=False).to(device)
+    task.prepare(model)
     _, state = load_checkpoint(Path(checkpoint) if checkpoint else run.root, model, map_location=device)
-    return cfg, data, model, state, device
+    return cfg, task, model, state, device
 
 
 def evaluate(run_dir: str | Path, checkpoint: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
     """``ermoe eval``: rebuild the model from the run's config, load a checkpoint (latest by default), evaluate,
     rewrite metrics.json and the figures."""
     run = Run(Path(run_dir))
-    cfg, data, model, state, device = load_run(run_dir, checkpoint)
+    cfg, task, model, state, device = load_run(run_dir, checkpoint)
     autocast = autocast_ctx(device, amp_dtype(cfg, device))
-    metrics = evaluate_run(run, model, data, cfg, device, autocast, state.get("probe_changed", {}))
+    metrics = evaluate_run(run, task, model, cfg, autocast, state.get("probe_changed", {}))
     metrics["step"] = state["step"]
     old = run.root / METRICS_FILE
     if old.exists():  # keep what only training knows
@@ -441,9 +448,9 @@ def evaluate(run_dir: str | Path, checkpoint: str | Path | None = None, quiet: b
         for key in ("train_time_s", "train_img_per_s", "run_wall_s"):
             if key in previous:
                 metrics.setdefault(key, previous[key])
-    write_metrics(run, metrics)
+    run.write_metrics(metrics)
     if not quiet:
-        print(results_table(metrics))
+        print(task.results_table(metrics))
     return metrics
 
 
@@ -454,8 +461,9 @@ def report(run_dir: str | Path, quiet: bool = False) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `ermoe eval {run.root}` first")
     metrics = json.loads(path.read_text())
-    files = draw_figures(metrics, run.figures)
+    task = task_class(metrics.get("task", "classification"))
+    files = task.draw_figures(metrics, run.figures)
     if not quiet:
-        print(results_table(metrics))
+        print(task.results_table(metrics))
         print("figures: " + ", ".join(str(f) for f in files))
     return metrics

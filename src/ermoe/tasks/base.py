@@ -1,0 +1,141 @@
+"""What differs between applications, behind one interface the training loop drives: the data and its batches, the
+loss, the evaluation metrics, and what the report shows.
+
+The loop (``ermoe.train``) is written once, for every task: resume, checkpoints, AMP, logging, routing probes and the
+non-finite guard. A task plugs in with a :class:`Task` subclass registered by name (``TrainConfig.task``):
+
+    task = create_task(cfg, device); task.load()             # the data, once
+    model = create_model(cfg.model.name, **cfg.model.args, **task.model_args())
+    batch = task.train_batch(indices, step)                  # a Batch on the device
+    out = model(*batch.inputs)
+    loss = model.training_loss(out, batch.target, task.loss) + model.aux_loss()
+    task.batch_stats(out, batch)                             # sums for the training log, e.g. correct predictions
+    metrics = task.evaluate(model, autocast, probe)          # the run's metrics.json
+    task.results_table(metrics); task.draw_figures(metrics, run.figures)
+
+A batch's ``inputs`` are the model's positional arguments: ``(images,)`` for classification, ``(volumes,)`` for brain
+age, ``(images, token_ids)`` for a dual encoder; ``target`` is what the criterion compares the output with (labels,
+ages, or None for a contrastive loss whose positives are the batch's pairs).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:  # the config lives in train/, which imports the tasks
+    from ..train.config import TrainConfig
+
+
+@dataclass
+class Batch:
+    """The model's positional inputs and the target of the criterion, on the training device."""
+
+    inputs: tuple[Tensor, ...]
+    target: Tensor | None
+
+    def __len__(self) -> int:
+        return self.inputs[0].shape[0]
+
+
+class Task(ABC):
+    """One application: its data, loss, metrics and report. Subclasses register with :func:`register_task`.
+
+    ``datasets`` names the ``data.name`` values the task reads; ``data_keys`` maps each to the ``data.*`` keys that
+    apply to it (any other data key set away from its default is an error, not ignored).
+    """
+
+    name: ClassVar[str]
+    datasets: ClassVar[tuple[str, ...]]
+    data_keys: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def __init__(self, cfg: "TrainConfig", device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+
+    # data -------------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def load(self) -> None:
+        """Read the data (once per process); raises a clear error for missing or corrupt files."""
+
+    @abstractmethod
+    def model_args(self) -> dict[str, Any]:
+        """What the model builder takes from the data (e.g. ``num_classes``, ``img_size``, ``in_chans``)."""
+
+    def prepare(self, model: nn.Module) -> None:
+        """Adapt the data pipeline to the built model (e.g. the input normalisation pretrained weights expect)."""
+
+    @property
+    @abstractmethod
+    def num_train(self) -> int:
+        """Training examples per epoch."""
+
+    @abstractmethod
+    def train_batch(self, indices: Tensor, step: int) -> Batch:
+        """The training examples ``indices`` as a batch; random augmentation is seeded by ``step`` (exact resume)."""
+
+    @abstractmethod
+    def eval_batches(self, split: str, batch_size: int | None = None, limit: int | None = None) -> Iterator[Batch]:
+        """Batches of a split in order, without augmentation; ``limit``: its first examples only."""
+
+    def probe(self) -> Batch:
+        """Fixed evaluation inputs whose routing is followed across checkpoints (stability, load over training)."""
+        return next(self.eval_batches("test", self.cfg.probe_size))
+
+    # loss -------------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def loss(self, output: Tensor, target: Tensor | None) -> Tensor:
+        """The task's criterion (the model may add terms of its own, ``RoutedModel.training_loss``)."""
+
+    def batch_stats(self, output: Tensor, batch: Batch) -> dict[str, float]:
+        """Sums over a training batch for the log (divided by the examples seen), e.g. ``{"acc": correct}``."""
+        return {}
+
+    # evaluation -------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def evaluate(self, model: nn.Module, autocast: Callable[[], Any], probe: Batch | None = None) -> dict[str, Any]:
+        """The run's metrics on the test split: the task's measures and, per routing layer, its diagnostics."""
+
+    @abstractmethod
+    def quick_eval(self, model: nn.Module, autocast: Callable[[], Any]) -> dict[str, float]:
+        """A cheap headline measure for the per-epoch log (e.g. ``{"test_top1": ...}``)."""
+
+    @staticmethod
+    @abstractmethod
+    def results_table(metrics: dict[str, Any]) -> str:
+        """A plain-text summary of a run's metrics (``ermoe train/eval/report`` print it)."""
+
+    @staticmethod
+    @abstractmethod
+    def draw_figures(metrics: dict[str, Any], fig_dir: Path) -> list[Path]:
+        """The run's figures from its metrics alone; returns the files written."""
+
+
+_TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: register a task under its ``name``."""
+    if cls.name in _TASKS:
+        raise ValueError(f"task {cls.name!r} is registered twice")
+    _TASKS[cls.name] = cls
+    return cls
+
+
+def list_tasks() -> list[str]:
+    return list(_TASKS)
+
+
+def task_class(name: str) -> type[Task]:
+    if name not in _TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {list_tasks()}")
+    return _TASKS[name]
+
+
+def create_task(cfg: "TrainConfig", device: torch.device) -> Task:
+    """The task of a run's config, not loaded yet (call ``load()``)."""
+    return task_class(cfg.task)(cfg, device)

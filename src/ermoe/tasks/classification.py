@@ -1,0 +1,113 @@
+"""Image classification: in-memory image datasets, cross-entropy, top-1/top-5 and the routing diagnostics per class
+(load, MI(expert; class), the expert x class heatmap)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..analysis.diagnostics import evaluate_classifier
+from ..analysis.report import draw_figures, layers_table
+from ..data.augment import normalize, train_transform
+from ..data.images import DATASETS, ImageData, load_dataset
+from .base import Batch, Task, register_task
+
+_LIMITS, _AUGMENT = ("train_limit", "test_limit"), ("crop_padding", "hflip")
+
+
+@register_task
+class ImageClassification(Task):
+    name = "classification"
+    datasets = DATASETS
+    data_keys = {
+        "fashion_mnist": ("data_dir", "download", "mirror", *_LIMITS, *_AUGMENT),
+        "digits": (*_LIMITS, *_AUGMENT),
+        "cifar10": ("data_dir", *_LIMITS, *_AUGMENT),
+        "cifar100": ("data_dir", *_LIMITS, *_AUGMENT),
+        "imagefolder": ("data_dir", "img_size", *_LIMITS, *_AUGMENT),
+    }
+    data: ImageData
+
+    def load(self) -> None:
+        d = self.cfg.data
+        data = load_dataset(d.name, d.data_dir, download=d.download, mirror=d.mirror, img_size=d.img_size)
+        data.train = data.train.subset(d.train_limit)
+        data.test = data.test.subset(d.test_limit)
+        if len(data.train) < self.cfg.optim.batch_size:
+            raise ValueError(f"optim.batch_size {self.cfg.optim.batch_size} exceeds the {len(data.train)} training "
+                             "images")
+        self.data = data
+
+    def model_args(self) -> dict[str, Any]:
+        return {"num_classes": self.data.num_classes, "img_size": self.data.img_size, "in_chans": self.data.in_chans}
+
+    def prepare(self, model: nn.Module) -> None:
+        """Pretrained weights expect the normalisation they were trained with, not the dataset's own statistics."""
+        norm = model.input_normalization(pretrained=bool(self.cfg.model.args.get("pretrained", False)))
+        if norm is None:
+            return
+        mean, std = (torch.as_tensor(v, dtype=torch.float32) for v in norm)
+        if len(mean) != self.data.in_chans:
+            warnings.warn(f"the model's pretrained input normalisation has {len(mean)} channels, the images "
+                          f"{self.data.in_chans}: normalising with the dataset's own statistics instead", stacklevel=2)
+            return
+        self.data.mean, self.data.std = mean, std
+
+    @property
+    def num_train(self) -> int:
+        return len(self.data.train)
+
+    def train_batch(self, indices: Tensor, step: int) -> Batch:
+        d, device = self.cfg.data, self.device
+        gen = torch.Generator(device=device).manual_seed(self.cfg.seed * 1_000_003 + step)
+        x = train_transform(self.data.train.images[indices].to(device), self.data.mean, self.data.std,
+                            crop_padding=d.crop_padding, hflip=d.hflip, generator=gen)
+        return Batch((x,), self.data.train.labels[indices].to(device))
+
+    def eval_batches(self, split: str, batch_size: int | None = None, limit: int | None = None) -> Iterator[Batch]:
+        subset = {"train": self.data.train, "test": self.data.test}[split].subset(limit)
+        batch_size = batch_size or self.cfg.optim.eval_batch_size
+        for i in range(0, len(subset), batch_size):
+            x = normalize(subset.images[i:i + batch_size].to(self.device), self.data.mean, self.data.std)
+            yield Batch((x,), subset.labels[i:i + batch_size].to(self.device))
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(output.float(), target, label_smoothing=self.cfg.optim.label_smoothing)
+
+    def batch_stats(self, output: Tensor, batch: Batch) -> dict[str, float]:
+        return {"acc": float((output.argmax(1) == batch.target).sum())}
+
+    def evaluate(self, model: nn.Module, autocast: Callable[[], Any], probe: Batch | None = None) -> dict[str, Any]:
+        metrics = evaluate_classifier(model, ((b.inputs, b.target) for b in self.eval_batches("test")),
+                                      self.data.num_classes,
+                                      probe=None if probe is None else probe.inputs, autocast=autocast)
+        metrics.update(dataset=self.data.name, classes=self.data.classes)
+        return metrics
+
+    @torch.no_grad()
+    def quick_eval(self, model: nn.Module, autocast: Callable[[], Any]) -> dict[str, float]:
+        was = model.training
+        model.eval()
+        correct = 0
+        for batch in self.eval_batches("test"):
+            with autocast():
+                correct += int((model(*batch.inputs).argmax(1) == batch.target).sum())
+        model.train(was)
+        return {"test_top1": correct / len(self.data.test)}
+
+    @staticmethod
+    def results_table(metrics: dict[str, Any]) -> str:
+        head = (f"test top-1 {metrics['test_top1']:.4f}   top-5 {metrics['test_top5']:.4f}   "
+                f"loss {metrics['test_loss']:.4f}   ({metrics['test_images']} test images)")
+        if metrics.get("train_time_s") is not None:
+            head += f"   train {metrics['train_time_s']:.0f} s"
+        return "\n".join([head, *layers_table(metrics)])
+
+    @staticmethod
+    def draw_figures(metrics: dict[str, Any], fig_dir: Path) -> list[Path]:
+        return draw_figures(metrics, fig_dir)

@@ -1,0 +1,102 @@
+"""The package's shape: imports flow one way (no cycle, no layer importing a layer above it), and the loop and the
+diagnostics reach models only through the declared protocol (no capability probing)."""
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).parents[1] / "src" / "ermoe"
+# Lower layers first; a module may import from its own layer or below. `data` depends on nothing of ermoe.
+LAYERS = [
+    {"data"},
+    {"routing", "orthogonal"},
+    {"experts", "dispatch"},
+    {"moe"},
+    {"models"},
+    {"analysis"},
+    {"tasks"},
+    {"train"},
+    {"study"},
+    {"cli", "__init__"},
+]
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+
+
+def _imports(path: Path) -> set[str]:
+    """ermoe modules a file imports (at any depth, TYPE_CHECKING blocks excluded), resolved to module names."""
+    tree = ast.parse(path.read_text())
+    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+    modules = {_module_name(p) for p in SRC.rglob("*.py")}
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            return
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            base = base[:len(base) - (node.level - 1)] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                found.add(sub if sub in modules else target)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return {m for m in found if m in modules and m.startswith("ermoe")}
+
+
+def _graph() -> dict[str, set[str]]:
+    return {_module_name(p): _imports(p) - {_module_name(p)} for p in SRC.rglob("*.py")}
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[1] if "." in module else "__init__"
+    return next(i for i, names in enumerate(LAYERS) if top in names)
+
+
+def test_no_import_cycle():
+    graph = _graph()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(dep):] + [dep]))
+            if dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+
+
+def test_imports_flow_one_way():
+    wrong = [f"{m} imports {d}" for m, deps in _graph().items() for d in deps
+             if d != "ermoe" and _layer(d) > _layer(m)]
+    assert not wrong, wrong
+
+
+def test_no_capability_probing_in_the_loop_and_the_diagnostics():
+    probes = []
+    for folder in ("train", "analysis", "tasks"):
+        for path in (SRC / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr",
+                                                                                                        "getattr"):
+                    probes.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    assert not probes, probes
