@@ -9,5 +9,6 @@ from .routing import Router, RouterOutput, RoutingInfo, create_router, list_rout
 __version__ = "0.1.0"
 
 __all__ = ["MoE", "Router", "RouterOutput", "RoutingInfo", "EigenExperts", "MLPExperts", "OrthonormalBasis",
-           "MoESpec", "RoutedModel", "after_step", "matched_eigen_hidden_dim", "aux_loss", "create_model", "create_router", "list_models", "list_routers", "moe_layers", "orthonormality_error",
-           "pca_basis", "principal_angles", "routing_stats"]
+           "MoESpec", "RoutedModel", "after_step", "matched_eigen_hidden_dim", "aux_loss", "create_model",
+           "create_router", "list_models", "list_routers", "moe_layers", "orthonormality_error", "pca_basis",
+           "principal_angles", "routing_stats"]

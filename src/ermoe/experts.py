@@ -140,7 +140,7 @@ class MLPExperts(nn.Module):
 
 
 class EigenExperts(nn.Module):
-    """ERMoE's eigen-reparameterised experts after their basis projection (SPEC section 2):
+    """ERMoE's eigen-reparameterised experts after their basis projection (docs/method.md, section 2):
 
         Expert_e(h) = W2_e GELU(V_e (s_e * z) + c_e) + d_e,   z = U_e^T h
 

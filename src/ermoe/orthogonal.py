@@ -1,7 +1,7 @@
 """Keeping a basis orthonormal, initialising it from data, and measuring how far it is from a subspace.
 
 A basis is a tensor ``U`` of shape ``(*batch, D, r)`` with ``r <= D`` whose columns should stay orthonormal
-(``U^T U = I_r``). Three ways to keep it so (SPEC section 1), chosen per layer by ``mode``:
+(``U^T U = I_r``). Three ways to keep it so (docs/method.md, section 1), chosen per layer by ``mode``:
 
 - ``"qr"``: a free parameter, pulled back onto the Stiefel manifold by a QR retraction after every optimizer step
   (:meth:`OrthonormalBasis.retract`, called through ``ermoe.after_step``). Column signs follow ``sign(diag R)`` so

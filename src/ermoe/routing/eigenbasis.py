@@ -1,4 +1,5 @@
-"""ERMoE's Eigenbasis Score router (Cheng et al., "ERMoE: Eigen-reparameterized Mixture-of-Experts"; SPEC section 2).
+"""ERMoE's Eigenbasis Score router (Cheng et al., "ERMoE: Eigen-reparameterized Mixture-of-Experts";
+docs/method.md, section 2).
 
 Each expert e owns an orthonormal basis U_e (D x R), and the expert computes in it: its first layer is U_e^T h
 (see :class:`ermoe.experts.EigenExperts`, which receives these coordinates from the router, so they are computed once).
@@ -10,7 +11,8 @@ Each expert e owns an orthonormal basis U_e (D x R), and the expert computes in 
     are first mapped to [0, 1] by (1 + cos) / 2 so the weights stay non-negative), the raw score
     (gate="score"), or p (gate="prob").
 
-Options from SPEC section 7, each off by default: ``learn_tau``/``tau``, ``mutually_orthogonal`` (the E bases split
+Options from docs/method.md, section 7, each off by default: ``learn_tau``/``tau``, ``mutually_orthogonal``
+(the E bases split
 R^D), ``standardize`` (per-expert score standardisation) and PCA initialisation through :meth:`init_from_features`.
 
 Shape suffixes: T tokens, D model dim, E experts, K top-k, R basis rank.

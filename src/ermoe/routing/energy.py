@@ -1,4 +1,5 @@
-"""EMoE's Eigen Router (Cheng et al., "EMoE: Eigenbasis-guided routing for Mixture-of-Experts"; SPEC section 1).
+"""EMoE's Eigen Router (Cheng et al., "EMoE: Eigenbasis-guided routing for Mixture-of-Experts"; docs/method.md,
+section 1).
 
 One shared learnable orthonormal basis U (D x R). For a token h:
 
@@ -8,7 +9,8 @@ One shared learnable orthonormal basis U (D x R). For a token h:
     p = softmax(s / tau); top-k; gate = p of the chosen expert(s)
     L_ortho = lambda_ortho * ||U^T U - I||_F^2                                            (EMoE eq. 3)
 
-The defaults are the paper's reading. Options from SPEC section 7, each off by default: ``whiten`` (energies over
+The defaults are the paper's reading. Options from docs/method.md, section 7, each off by default: ``whiten``
+(energies over
 their running mean), ``standardize`` (per-expert score standardisation), ``learn_tau``/``tau``, ``pi_init_std``,
 ``pi_norm="none"``, ``reestimate_every`` (U re-set to the top-R principal directions of a running second moment)
 and PCA initialisation through :meth:`init_from_features`.

@@ -144,7 +144,7 @@ def _passes(method_values, base_values, direction: str, tol: float) -> bool | No
 
 def verdicts(table: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
     """For each claim: 'supported' if every paper method passes all its tests, 'not supported' if none does,
-    'mixed' otherwise; with the numbers, Welch p-values (3+ seeds) and the SPEC 7 variants that would pass."""
+    'mixed' otherwise; with the numbers, Welch p-values (3+ seeds) and the variants that would pass."""
     out = []
     for number, text, tests in CLAIMS:
         evidence, outcomes = [], []

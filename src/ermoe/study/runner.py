@@ -31,7 +31,7 @@ class StudyConfig:
     train: dict[str, Any] = field(default_factory=lambda: {
         "model": {"name": "vit_tiny", "embed_dim": 96, "num_heads": 3, "depth": 4, "patch_size": 7,
                   "moe": {"num_experts": 8, "top_k": 1, "blocks": "every_other"}},
-        "data": {"name": "fashion_mnist", "train_limit": 20000, "test_limit": 5000},  # SPEC 7's budget
+        "data": {"name": "fashion_mnist", "train_limit": 20000, "test_limit": 5000},  # docs/method.md, section 7
         "optim": {"epochs": 3, "batch_size": 128, "lr": 1.0e-3, "warmup_steps": 100},
         "probe_size": 256, "probe_every": 39, "tensorboard": False, "progress": False, "keep_checkpoints": 1,
     })

@@ -7,6 +7,11 @@ key and type; an error names the offending key and what was expected.
 The model section is the model's builder's keyword arguments (the registry, ``ermoe.models``, types and checks
 them), the data section is checked against what the task's dataset reads (``ermoe.tasks``): nothing here repeats
 their rules.
+
+Why not OmegaConf structured configs (tried with 2.4.0): a ``str | list[int]`` field (``model.moe.blocks``:
+``every_other`` or ``[1, 3]``) rejects the list; strings are coerced silently (``'yes'`` and ``'false'`` to bools,
+``'5'`` to an int), where a wrong type must be an error; and the model section's schema is chosen by
+``model.name`` at load time, which would need a generated dataclass per builder. The checker below is small.
 """
 
 from __future__ import annotations

@@ -287,7 +287,8 @@ class Trainer:
                 if progress is not None:
                     progress.update(1)
                 end_of_epoch = step % self.steps_per_epoch == 0
-                if step == self.last_step or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or end_of_epoch:
+                due = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+                if step == self.last_step or due or end_of_epoch:
                     self.checkpoint()
                 elif cfg.probe_every and step % cfg.probe_every == 0:
                     self._log_probe_load(probe_load(model, self.probe.inputs, self.autocast))
@@ -356,6 +357,20 @@ class Trainer:
         self.logger.close()
 
 
+def setup(cfg: TrainConfig, load_pretrained: bool = True) -> tuple[Task, RoutedModel, torch.device]:
+    """A run's threads and device, its task with the data loaded, and its model (seeded, on the device), with the
+    data pipeline adapted to the model. ``load_pretrained=False``: the skeleton only (a checkpoint fills it)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    task = create_task(cfg, device)
+    task.load()
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, task, load_pretrained).to(device)
+    task.prepare(model)
+    return task, model, device
+
+
 def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = False) -> Path:
     """Train (or resume) a run; evaluates at the end and returns the run directory."""
     if resume is not None:
@@ -364,14 +379,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = Fals
         _, state = load_checkpoint(run.root)
     else:
         run, state = Run.new(cfg), None
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    task = create_task(cfg, device)
-    task.load()
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, task).to(device)
-    task.prepare(model)
+    task, model, device = setup(cfg)
     if state is not None:
         load_checkpoint(run.root, model, map_location=device)
     else:
@@ -422,14 +430,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None
     default)."""
     run = Run(Path(run_dir))
     cfg = run.read_config()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    task = create_task(cfg, device)
-    task.load()
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, task, load_pretrained=False).to(device)
-    task.prepare(model)
+    task, model, device = setup(cfg, load_pretrained=False)
     _, state = load_checkpoint(Path(checkpoint) if checkpoint else run.root, model, map_location=device)
     return cfg, task, model, state, device
 
