@@ -289,7 +289,7 @@ def test_settings_that_do_not_apply_are_config_errors():
     error({"model": {"moe": {"router": "softmax_topk"}, "moe_init": "pca"}}, "moe_init: pca .* router 'softmax_topk'")
     error({"model": {"moe": None, "moe_init": "pca"}}, "moe_init: pca .* no MoE layers")
     error({"model": {"name": "deepmoe_cnn", "moe_init": "pca"}}, "moe_init: pca")
-    error({"model": {"num_classes": 10}}, "model.num_classes is set from the data")
+    error({"model": {"num_classes": 10}}, "model.num_classes is set from the data by task 'classification'")
     error({"model": {"name": "vit_base_patch16_224", "depth": 4}}, "model.depth does not apply to model "
                                                                    "'vit_base_patch16_224'")
     error({"model": {"name": "vit_gigantic"}}, "model.name: unknown model 'vit_gigantic'")

@@ -4,11 +4,11 @@ Every model is a :class:`RoutedModel` (``protocol.py`` says what the rest of erm
 
 from .deepmoe import DeepMoECNN, GatedConv
 from .protocol import RoutedLayer, RoutedModel, RoutingLayer, router_has_data_init
-from .registry import DATA_ARGS, create_model, describe, list_models, model_families, model_parameters, register_model
+from .registry import create_model, describe, list_models, model_families, model_parameters, register_model
 from .single_gate import ImageGateRouter, SingleGatedViT
 from .vit import PLACEMENTS, VIT_SIZES, MoESpec, MoEViT, PatchMoE, inject_moe, select_blocks
 
-__all__ = ["DATA_ARGS", "PLACEMENTS", "VIT_SIZES", "DeepMoECNN", "GatedConv", "ImageGateRouter", "MoESpec", "MoEViT",
+__all__ = ["PLACEMENTS", "VIT_SIZES", "DeepMoECNN", "GatedConv", "ImageGateRouter", "MoESpec", "MoEViT",
            "PatchMoE", "RoutedLayer", "RoutedModel", "RoutingLayer", "SingleGatedViT", "create_model", "describe",
            "inject_moe", "list_models", "model_families", "model_parameters", "register_model", "router_has_data_init",
            "select_blocks"]

@@ -18,9 +18,6 @@ from typing import Any, Callable
 
 from torch import nn
 
-# Keyword arguments a model takes from the data (a task supplies them), never from the model config.
-DATA_ARGS = ("num_classes", "img_size", "in_chans")
-
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -83,8 +80,8 @@ def resolve(name: str) -> tuple[ModelEntry, tuple[Any, ...]]:
 
 
 def model_parameters(name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The keyword arguments model ``name`` takes, with their type annotations (resolved), data arguments
-    included. ``args``: the arguments given, for builders whose accepted keywords depend on them."""
+    """The keyword arguments model ``name`` takes, with their type annotations (resolved), those a task supplies
+    from its data included. ``args``: the arguments given, for builders whose accepted keywords depend on them."""
     entry, positional = resolve(name)
     params = _keyword_params(entry.builder, skip=len(positional))
     if entry.extends is not None:
@@ -110,7 +107,7 @@ def check_model_args(name: str, args: dict[str, Any], where: str = "create_model
                 else "")
         keys = ", ".join(repr(k) for k in unknown)
         raise ValueError(f"{where}: model {name!r} takes no argument {keys}{hint}; it takes: "
-                         f"{', '.join(k for k in accepted if k not in DATA_ARGS)}")
+                         f"{', '.join(accepted)}")
 
 
 def create_model(name: str = "vit_tiny", **kwargs: Any) -> nn.Module:

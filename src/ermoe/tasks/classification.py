@@ -31,6 +31,7 @@ class ImageClassification(Task):
         "cifar100": ("data_dir", *_LIMITS, *_AUGMENT),
         "imagefolder": ("data_dir", "img_size", *_LIMITS, *_AUGMENT),
     }
+    model_data_args = ("num_classes", "img_size", "in_chans")
     data: ImageData
 
     def load(self) -> None:
@@ -44,7 +45,8 @@ class ImageClassification(Task):
         self.data = data
 
     def model_args(self) -> dict[str, Any]:
-        return {"num_classes": self.data.num_classes, "img_size": self.data.img_size, "in_chans": self.data.in_chans}
+        data = self.data
+        return dict(zip(self.model_data_args, (data.num_classes, data.img_size, data.in_chans)))
 
     def prepare(self, model: nn.Module) -> None:
         """Pretrained weights expect the normalisation they were trained with, not the dataset's own statistics."""

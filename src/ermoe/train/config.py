@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ..models import DATA_ARGS, MoESpec, model_parameters, router_has_data_init
+from ..models import MoESpec, model_parameters, router_has_data_init
 from ..tasks import task_class
 
 
@@ -42,8 +42,8 @@ MAIN_MODEL, MAIN_MODEL_ARGS = "vit_tiny", {"depth": 4, "patch_size": 7, "moe": {
 class ModelConfig:
     """The model section. In YAML it is flat: besides ``name``, ``moe_init`` and ``moe_init_batches`` every key is a
     keyword argument of the model's builder (``ermoe.models.describe(name)``), kept in ``args`` and typed by the
-    builder's signature; a key the model does not take, or one that comes from the data (``num_classes``,
-    ``img_size``, ``in_chans``), is an error. ``moe: null`` is a model without MoE layers.
+    builder's signature; a key the model does not take, or one the task sets from the data (``num_classes``,
+    ``img_size``, ``in_chans`` for classification), is an error. ``moe: null`` is a model without MoE layers.
 
     The defaults are the main job's model (:data:`MAIN_MODEL_ARGS`); they apply while ``name`` is ``vit_tiny``.
     Another model starts from its own builder's defaults.
@@ -184,11 +184,8 @@ def _build_model(values: Any, key: str) -> ModelConfig:
         raise ConfigError(f"{key}.name: {err}") from None
     args = {}
     for arg, value in raw.items():
-        if arg in DATA_ARGS:
-            raise ConfigError(f"{key}.{arg} is set from the data, not in the config")
         if arg not in accepted:
-            raise ConfigError(f"{key}.{arg} does not apply to model {name!r}; it takes: "
-                              f"{', '.join(k for k in accepted if k not in DATA_ARGS)}")
+            raise ConfigError(f"{key}.{arg} does not apply to model {name!r}; it takes: {', '.join(accepted)}")
         try:
             args[arg] = _coerce(value, accepted[arg], f"{key}.{arg}")
         except ValueError as err:  # a MoESpec's own validation
@@ -226,7 +223,10 @@ def _check_ranges(cfg: TrainConfig) -> None:
         router = "no MoE layers" if m.moe is None else f"router {m.moe.router!r}"
         raise ConfigError(f"model.moe_init: pca sets the bases of eigen routers (emoe, ermoe) from the data; model "
                           f"{m.name!r} with {router} has none")
-    _check_data(cfg)
+    task = _check_data(cfg)
+    for key in task.model_data_args:
+        if key in m.args:
+            raise ConfigError(f"model.{key} is set from the data by task {cfg.task!r}, not in the config")
     for key, value in [("data.train_limit", d.train_limit), ("data.test_limit", d.test_limit),
                        ("optim.max_steps", o.max_steps)]:
         require(value is None or value >= 1, key, "a positive integer or null", value)
@@ -241,8 +241,9 @@ def _check_ranges(cfg: TrainConfig) -> None:
     require(o.amp in ("auto", "bf16", "fp16", "none"), "optim.amp", "auto, bf16, fp16 or none", o.amp)
 
 
-def _check_data(cfg: TrainConfig) -> None:
-    """The task reads the dataset, and every data key set away from its default applies to that dataset."""
+def _check_data(cfg: TrainConfig) -> type:
+    """The task reads the dataset, and every data key set away from its default applies to that dataset. Returns
+    the task's class."""
     try:
         task = task_class(cfg.task)
     except ValueError as err:
@@ -257,6 +258,7 @@ def _check_data(cfg: TrainConfig) -> None:
             raise ConfigError(f"data.{key} does not apply to dataset {d.name!r} (it reads: {', '.join(applicable)})")
     if d.mirror is not None and not d.download:
         raise ConfigError("data.mirror applies only with data.download: true")
+    return task
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
