@@ -65,11 +65,32 @@ def test_fashion_mnist_from_data_dir(tmp_path, compress):
 
 def test_missing_fashion_mnist_says_where_it_looked_and_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setattr(images_mod, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.setattr(images_mod.Path, "home", lambda: tmp_path / "home")
     with pytest.raises(DatasetNotFoundError) as err:
-        load_fashion_mnist(tmp_path / "empty")
+        load_fashion_mnist()
     msg = str(err.value)
-    assert str(tmp_path / "empty") in msg and str(tmp_path / "nowhere") in msg
+    assert str(tmp_path / "nowhere") in msg and str(tmp_path / "home" / ".cache" / "ermoe" / "fashion-mnist") in msg
     assert "data_dir" in msg and "apt-get install dataset-fashion-mnist" in msg and "download" in msg
+
+
+def test_a_given_data_dir_is_used_or_an_error_never_another_copy(tmp_path, monkeypatch):
+    write_fake_fashion_mnist(tmp_path / "system")  # a complete copy the old code fell back to
+    monkeypatch.setattr(images_mod, "DEBIAN_FASHION_MNIST", tmp_path / "system")
+    with pytest.raises(DatasetNotFoundError, match="data.data_dir .*nonexistent is not a directory"):
+        load_fashion_mnist(tmp_path / "nonexistent")
+    partial = tmp_path / "partial"
+    write_fake_fashion_mnist(partial)
+    (partial / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DatasetNotFoundError, match="lacks Fashion-MNIST files: t10k-labels-idx1-ubyte.gz"):
+        load_fashion_mnist(partial)
+    assert len(load_fashion_mnist().train) == 12  # no data_dir: the system copy
+
+
+def test_fashion_mnist_labels_out_of_range_are_corrupt(tmp_path):
+    write_fake_fashion_mnist(tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.arange(12) + 3)))
+    with pytest.raises(CorruptDatasetError, match="train labels go up to 14"):
+        load_fashion_mnist(tmp_path)
 
 
 @pytest.fixture
@@ -142,6 +163,9 @@ def test_imagefolder(tmp_path):
     assert data.classes == ["cat", "dog"] and data.train.images.shape == (4, 3, 8, 8)
     with pytest.raises(DatasetNotFoundError):
         load_imagefolder(tmp_path / "nope", img_size=8)
+    (tmp_path / "test" / "dog" / "notes.png").write_text("not an image")  # an image's name, not an image
+    with pytest.raises(CorruptDatasetError, match="cannot decode image .*notes.png"):
+        load_imagefolder(tmp_path, img_size=8)
 
 
 def test_digits():

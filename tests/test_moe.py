@@ -1,5 +1,7 @@
 """The public contract of ermoe.MoE for every router: shapes, gradients, determinism, train/eval, edge cases, errors."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -159,12 +161,17 @@ def test_bad_input_raises_clear_errors():
         ermoe.MoE(D, H, E, router="softmax_topk")(torch.randn(4, D), context=torch.randn(4, D))
     with pytest.raises(ValueError, match="needs a context"):
         ermoe.MoE(D, H, E, router="ermoe", router_kwargs={"score": "context"})(torch.randn(4, D))
-    with pytest.raises(ValueError, match="unknown orthogonality mode"):
+    with pytest.raises(ValueError, match="ortho must be Literal\\['qr', 'parametrization', 'penalty'\\], got str 'svd'"):
         ermoe.MoE(D, H, E, router="emoe", router_kwargs={"ortho": "svd"})
     with pytest.raises(ValueError, match="temperature"):
         ermoe.MoE(D, H, E, router="ermoe", router_kwargs={"tau": 0.0})
-    with pytest.raises(ValueError, match="rank must be an int"):
+    with pytest.raises(ValueError, match="rank must be int \\| None, got str '8'"):
         ermoe.MoE(D, H, E, router="emoe", router_kwargs={"rank": "8"})
+    # a string is not a bool (it would be truthy), a bool is not a number
+    with pytest.raises(ValueError, match="standardize must be bool, got str 'false'"):
+        ermoe.MoE(D, H, E, router="ermoe", router_kwargs={"standardize": "false"})
+    with pytest.raises(ValueError, match="tau must be float, got bool True"):
+        ermoe.MoE(D, H, E, router="emoe", router_kwargs={"tau": True})
     with pytest.raises(ValueError, match="rank must be an int"):
         ermoe.MoE(D, H, E, router="ermoe", router_kwargs={"rank": D + 1})
     with pytest.raises(ValueError, match="learn_tau=True needs gate='prob'"):
@@ -262,3 +269,63 @@ def test_bfloat16_module_and_autocast(router, kwargs):
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
     y.float().sum().backward()
     assert torch.isfinite(xb.grad.float()).all()
+
+
+@pytest.mark.parametrize("router", ermoe.list_routers())
+def test_a_trained_layer_can_be_deep_copied_and_pickled(router):
+    """EMA copies and best-model snapshots: the last forward's graph (auxiliary loss) is not part of a copy."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    layer = ermoe.MoE(D, H, E, router=router)
+    layer.train()
+    y = layer(torch.randn(10, D))
+    twin = copy.deepcopy(layer)
+    pickle.loads(pickle.dumps(layer))
+    (y.sum() + ermoe.aux_loss(layer)).backward()  # the original keeps its graph for the step
+    layer.eval()
+    twin.eval()
+    x = torch.randn(6, D)
+    torch.testing.assert_close(twin(x), layer(x))
+
+
+@pytest.mark.parametrize("router", ["emoe", "ermoe"])
+def test_huge_finite_inputs_give_finite_eigen_routing(router):
+    torch.manual_seed(0)
+    layer = ermoe.MoE(D, H, E, router=router).eval()
+    x = torch.randn(10, D)
+    small = layer.router(x)
+    huge = layer.router(x * 1e19)  # squares overflow float32; cosines and energy fractions are scale-free
+    assert torch.isfinite(huge.probs_TE).all()
+    torch.testing.assert_close(huge.probs_TE, small.probs_TE, rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(layer(x * 1e19)).all()
+
+
+@pytest.mark.parametrize("router", ermoe.list_routers())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_input_to_a_float32_layer(router, dtype):
+    """One behaviour for every router: the layer computes in its own dtype, the output has the input's."""
+    torch.manual_seed(0)
+    layer = ermoe.MoE(D, H, E, router=router).eval()
+    x = torch.randn(10, D).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, layer(x.float()).to(dtype))
+
+
+def test_torch_compile_traces_quietly_and_keeps_grouped_mm(caplog):
+    from ermoe import experts as experts_mod
+
+    torch.manual_seed(0)
+    layer = ermoe.MoE(D, H, E, router="softmax_topk")
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = torch.randn(12, D)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = compiled(x)
+        y.sum().backward()
+    torch.testing.assert_close(y, layer(x))
+    assert not [w for w in caught if "ermoe" in w.filename]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # no failed meta call of grouped_mm logged
+    assert not experts_mod._grouped_unsupported  # eager keeps grouped_mm

@@ -12,7 +12,10 @@ def main(argv: list[str] | None = None) -> int:
     p_train = sub.add_parser("train", help="train a model (defaults: ERMoE ViT-tiny on Fashion-MNIST)",
                              epilog="Any config key can be overridden: --model.moe.router=emoe --optim.epochs=5")
     p_train.add_argument("--config", help="YAML config file (see configs/)")
-    p_train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p_train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest intact checkpoint (or "
+                         "give RUN_DIR/checkpoints/step_N); overrides of the schedule, length and logging apply from "
+                         "there, others are refused (docs/runs.md)")
+    p_train.add_argument("--from-step", type=int, metavar="N", help="with --resume: from the checkpoint of step N")
     p_eval = sub.add_parser("eval", help="evaluate a run's latest checkpoint, rewrite metrics.json and figures")
     p_eval.add_argument("run_dir")
     p_eval.add_argument("--checkpoint", help="a checkpoint directory (default: the latest)")
@@ -28,17 +31,24 @@ def main(argv: list[str] | None = None) -> int:
 
     from .data.download import DownloadError
     from .data.images import CorruptDatasetError, DatasetNotFoundError
-    from .train import CheckpointError, ConfigError, NonFiniteLossError, evaluate, load_config, report, train
+    from .train import (CheckpointError, ConfigError, NonFiniteLossError, Run, RunLockedError, evaluate, load_config,
+                        report, train)
 
     try:
         if args.command == "train":
             if args.resume:
-                from pathlib import Path
-                from .train.config import config_to_dict, parse_overrides, _merge, config_from_dict
-                from .train.trainer import Run
-                base = config_to_dict(Run(Path(args.resume)).read_config())
+                from .train.config import _merge, config_from_dict, config_to_dict, parse_overrides
+                from .train.trainer import resume_target
+
+                if args.config:
+                    raise ConfigError("--config does not apply with --resume: a run keeps its own config.yaml; "
+                                      "give the settings to change as overrides (--optim.lr=...)")
+                root, from_step = resume_target(args.resume, args.from_step)
+                base = config_to_dict(Run(root).read_config())
                 cfg = config_from_dict(_merge(base, parse_overrides(rest)) if rest else base)
-                train(cfg, resume=args.resume)
+                train(cfg, resume=root, from_step=from_step)
+            elif args.from_step is not None:
+                raise ConfigError("--from-step applies with --resume RUN_DIR only")
             else:
                 train(load_config(args.config, rest))
         elif args.command == "study":
@@ -49,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             evaluate(args.run_dir, args.checkpoint)
         else:
             report(args.run_dir)
-    except (ConfigError, CheckpointError, NonFiniteLossError, DatasetNotFoundError, CorruptDatasetError,
-            DownloadError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, CheckpointError, NonFiniteLossError, RunLockedError, DatasetNotFoundError,
+            CorruptDatasetError, DownloadError, FileNotFoundError, NotADirectoryError, ValueError) as err:
         print(f"ermoe {args.command}: error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -20,7 +20,12 @@ from torch import Tensor, nn
 from .dispatch import LocalDispatcher, TokenChoicePlan
 from .experts import EigenExperts, MLPExperts
 from .routing import Router, RoutingInfo, create_router
+from .routing.base import graph_free_state
 from .routing.stats import load_summary
+
+
+class NonFiniteInputError(ValueError):
+    """An MoE layer received NaN or inf: usually a diverging model upstream, not bad data."""
 
 
 class MoE(nn.Module):
@@ -114,12 +119,18 @@ class MoE(nn.Module):
                 raise ValueError(f"context must have the input's shape {tuple(x.shape)}, got {tuple(context.shape)}")
         # The NaN scan reads a flag back to the host: on CPU that is free, on a GPU a sync per call, so CPU only.
         if self.validate and x.device.type == "cpu" and not torch.isfinite(x).all():
-            raise ValueError("MoE input contains NaN or inf")
+            raise NonFiniteInputError("MoE input contains NaN or inf")
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         self._check(x, context)
         x_TD = x.reshape(-1, self.dim)
         context_TD = None if context is None else context.reshape(-1, self.dim)
+        dtype = self.experts.w2.dtype
+        if x_TD.dtype != dtype and not torch.is_autocast_enabled(x_TD.device.type):
+            # Input of another float dtype than the layer's (e.g. bf16 into a float32 layer, outside autocast): the
+            # layer computes in its own dtype, the output comes back in the input's.
+            x_TD = x_TD.to(dtype)
+            context_TD = None if context_TD is None else context_TD.to(dtype)
         route = self.router(x_TD, context_TD)
         num_tokens = x_TD.shape[0]
         plan = self.dispatcher.plan(route, num_tokens, self.capacity_factor, self.top_k, self.num_experts)
@@ -135,6 +146,9 @@ class MoE(nn.Module):
         self._aux_loss = sum(route.aux_losses.values()) if route.aux_losses else None
         self.last_routing = _routing_info(route, plan, num_tokens, self.top_k)
         return out_TD.to(x.dtype).view(x.shape)
+
+    def __getstate__(self) -> dict:
+        return graph_free_state(self)  # the last forward's auxiliary loss holds its graph: a copy does not take it
 
     def aux_loss(self) -> Tensor | None:
         """Weighted auxiliary losses of the last forward (with their graph), or None."""

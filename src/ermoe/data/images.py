@@ -115,20 +115,34 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
+def _missing(d: Path) -> list[str]:
+    return [f for f in FASHION_MNIST_FILES if not ((d / f).exists() or (d / f[:-3]).exists())]
+
+
 def _fashion_mnist_dir(data_dir: str | Path | None, download: bool, mirror: str | None) -> Path:
-    looked = []
-    candidates = ([Path(data_dir)] if data_dir else []) + [DEBIAN_FASHION_MNIST]
-    for d in candidates:
-        looked.append(str(d))
-        if all((d / f).exists() or (d / f[:-3]).exists() for f in FASHION_MNIST_FILES):
-            return d
+    """``data_dir`` when given (downloaded into with ``download``), never another copy; else the Debian package's
+    copy, else the download cache."""
     if download:
         target = Path(data_dir) if data_dir else Path.home() / ".cache" / "ermoe" / "fashion-mnist"
         base = (mirror or FASHION_MNIST_URL).rstrip("/") + "/"
         for fname, md5 in FASHION_MNIST_FILES.items():
-            if not (target / fname).exists():
+            if not (target / fname).exists() and not (target / fname[:-3]).exists():
                 download_file(base + fname, target / fname, md5)
         return target
+    if data_dir:
+        d = Path(data_dir)
+        if not d.is_dir():
+            raise DatasetNotFoundError(f"data.data_dir {d} is not a directory (Fashion-MNIST's four idx files are "
+                                       "expected there; --data.download=true fetches them into it)")
+        if _missing(d):
+            raise DatasetNotFoundError(f"data.data_dir {d} lacks Fashion-MNIST files: {', '.join(_missing(d))} (or "
+                                       "their uncompressed versions); --data.download=true fetches them into it")
+        return d
+    looked = []
+    for d in (DEBIAN_FASHION_MNIST, Path.home() / ".cache" / "ermoe" / "fashion-mnist"):
+        looked.append(str(d))
+        if not _missing(d):
+            return d
     raise DatasetNotFoundError(
         "Fashion-MNIST not found; looked in: " + ", ".join(looked) + ". Get it in one of three ways: "
         "(1) pass --data.data_dir=DIR holding the four idx files (train-images-idx3-ubyte.gz, ...); "
@@ -149,6 +163,9 @@ def load_fashion_mnist(data_dir: str | Path | None = None, download: bool = Fals
         images, labels = read(f"{prefix}-images-idx3-ubyte.gz"), read(f"{prefix}-labels-idx1-ubyte.gz")
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise CorruptDatasetError(f"{root}: {prefix} images {images.shape} and labels {labels.shape} disagree")
+        if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+            raise CorruptDatasetError(f"{root}: {prefix} labels go up to {int(labels.max())}; Fashion-MNIST has "
+                                      f"{len(FASHION_MNIST_CLASSES)} classes (0-9)")
         splits.append(ImageSet(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))))
     return _make("fashion_mnist", splits[0], splits[1], list(FASHION_MNIST_CLASSES))
 
@@ -222,10 +239,20 @@ def load_imagefolder(data_dir: str | Path | None, img_size: int) -> ImageData:
     tf = v2.Compose([v2.PILToTensor(), v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size)])
 
     def read(d: Path, classes: list[str] | None) -> tuple[ImageSet, list[str]]:
-        folder = ImageFolder(str(d), transform=lambda img: tf(img.convert("RGB")))
+        try:
+            folder = ImageFolder(str(d), transform=lambda img: tf(img.convert("RGB")))
+        except FileNotFoundError as err:  # a class folder without image files
+            raise DatasetNotFoundError(f"imagefolder {d}: {err}") from None
         if classes is not None and folder.classes != classes:
             raise CorruptDatasetError(f"{d} has classes {folder.classes}, the train split {classes}")
-        xs, ys = zip(*(folder[i] for i in range(len(folder))))
+        xs, ys = [], []
+        for i, (path, label) in enumerate(folder.samples):
+            try:
+                x, _ = folder[i]
+            except Exception as err:  # noqa: BLE001 - PIL raises many types for a file that is not an image
+                raise CorruptDatasetError(f"cannot decode image {path}: {err}") from None
+            xs.append(x)
+            ys.append(label)
         return ImageSet(torch.stack(xs), torch.tensor(ys, dtype=torch.int64)), folder.classes
 
     train, classes = read(root / "train", None)

@@ -31,7 +31,7 @@ from ..moe import after_step as moe_after_step
 from ..moe import aux_loss as moe_aux_loss
 from ..moe import moe_layers
 from ..routing import ROUTERS, Router
-from ..routing.base import RoutingInfo
+from ..routing.base import RoutingInfo, graph_free_state
 
 Criterion = Callable[[Tensor, Tensor], Tensor]
 
@@ -46,6 +46,9 @@ class RoutingLayer(nn.Module):
 
     num_experts: int
     last_routing: RoutingInfo | None
+
+    def __getstate__(self) -> dict:
+        return graph_free_state(self)  # per-forward tensors with a graph (gates kept for a loss) are not copied
 
     def token_moe(self) -> MoE | None:
         """The :class:`~ermoe.MoE` this layer routes tokens with; None for other routing (channel gates)."""
@@ -95,6 +98,9 @@ class RoutedModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def __getstate__(self) -> dict:
+        return graph_free_state(self)  # per-forward caches with a graph (logits kept for a loss) are not copied
 
     def training_loss(self, output: Tensor, target: Tensor, criterion: Criterion) -> Tensor:
         """The loss to minimise, without the routers' auxiliary losses (:meth:`aux_loss`): the task's criterion,

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from timm.models.vision_transformer import VisionTransformer
 
 from ..moe import MoE
-from ..routing import list_routers
+from ..routing import check_router_kwargs, list_routers
 from .protocol import RoutedModel, RoutingLayer
 from .registry import TIMM_VIT, register_model
 from .stems import STEMS, PretrainedStem, install_stem
@@ -87,6 +87,7 @@ class MoESpec:
         if self.router not in list_routers():
             hint = f" ({_NOT_ROUTERS[self.router]})" if self.router in _NOT_ROUTERS else ""
             raise ValueError(f"unknown router {self.router!r}{hint}; choose one of {list_routers()}")
+        check_router_kwargs(self.router, self.router_kwargs)
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise ValueError(f"num_experts must be a positive int, got {self.num_experts!r}")
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:

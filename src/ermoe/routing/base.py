@@ -92,6 +92,9 @@ class Router(nn.Module):
             raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
         self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
 
+    def __getstate__(self) -> dict:
+        return graph_free_state(self)
+
     def after_step(self) -> None:
         """Called after each optimizer step; default: nothing to do."""
 
@@ -101,6 +104,22 @@ class Router(nn.Module):
 
     def forward(self, x_TD: Tensor, context_TD: Tensor | None = None) -> RouterOutput:  # pragma: no cover
         raise NotImplementedError
+
+
+def graph_free_state(module: nn.Module) -> dict:
+    """``module.__dict__`` without the per-forward tensors that hold an autograd graph (an auxiliary loss, gates
+    kept for a loss term): what ``copy.deepcopy`` and ``pickle`` see, so an EMA copy or a best-model snapshot of a
+    trained module works. The copy simply has not run a forward yet."""
+    return {k: None if isinstance(v, Tensor) and v.grad_fn is not None else v for k, v in module.__dict__.items()}
+
+
+def overflow_safe_scale(x_TD: Tensor) -> Tensor:
+    """Per token, a power of two ``s`` (shape ``(T, 1)``) such that the squares of ``x / s`` cannot overflow: 1 for
+    every token whose largest entry is below 2**50, so ordinary inputs are computed exactly as written; dividing by a
+    power of two is exact. For scale-invariant quantities (cosines, energy fractions) of huge finite tokens."""
+    amax_T1 = x_TD.abs().amax(dim=-1, keepdim=True)
+    _, exponent = torch.frexp(amax_T1)
+    return torch.ldexp(torch.ones_like(amax_T1), (exponent - 50).clamp_min(0))
 
 
 def upcast(x: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..orthogonal import OrthoMode, OrthonormalBasis, pca_basis
-from .base import Router, RouterOutput, upcast
+from .base import Router, RouterOutput, overflow_safe_scale, upcast
 from .common import ScoreStandardizer, Temperature
 
 
@@ -99,7 +99,9 @@ class EigenbasisRouter(Router):
             zf_TER = upcast(z_TER)
             scores_TE = (zf_TER * zc_TER).sum(-1) / (zf_TER.norm(dim=-1) * zc_TER.norm(dim=-1) + self.eps)
         else:
-            scores_TE = upcast(z_TER).norm(dim=-1) / (upcast(x_TD).norm(dim=-1, keepdim=True) + self.eps)
+            s_T1 = overflow_safe_scale(upcast(x_TD))  # 1 unless a token is huge: then its norms would overflow
+            scores_TE = ((upcast(z_TER) / s_T1.unsqueeze(-1)).norm(dim=-1)
+                         / ((upcast(x_TD) / s_T1).norm(dim=-1, keepdim=True) + self.eps))
         probs_TE = self.temperature(self.standardizer(scores_TE)).softmax(dim=-1)
         topk_idx_TK = torch.topk(probs_TE, self.top_k, dim=-1).indices
         sel_scores_TK = scores_TE.gather(1, topk_idx_TK)

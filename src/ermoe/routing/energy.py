@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..orthogonal import OrthoMode, OrthonormalBasis, pca_basis, top_eigenvectors
-from .base import Router, RouterOutput, topk_gates, upcast
+from .base import Router, RouterOutput, overflow_safe_scale, topk_gates, upcast
 from .common import EnergyWhitener, ScoreStandardizer, Temperature
 
 
@@ -79,7 +79,8 @@ class EigenEnergyRouter(Router):
     def forward(self, x_TD: Tensor, context_TD: Tensor | None = None) -> RouterOutput:
         u_DR = self.basis.matrix
         z_TR = x_TD.to(u_DR.dtype) @ u_DR
-        sq_TR = upcast(z_TR).pow(2)
+        z_TR = upcast(z_TR)
+        sq_TR = (z_TR / overflow_safe_scale(z_TR)).pow(2)  # energy fractions are scale-free; huge z would overflow
         energy_TR = sq_TR / (sq_TR.sum(dim=-1, keepdim=True) + self.eps)
         energy_TR = self.whitener(energy_TR)
         pi_RE = upcast(self.pi)

@@ -13,7 +13,9 @@ import torch
 import yaml
 
 from ..train.config import ConfigError, _build, _merge, config_from_dict
-from ..train.trainer import METRICS_FILE, Run, load_run, train
+from ..train.lock import RunLock
+from ..train.run import METRICS_FILE, Run
+from ..train.trainer import load_run, train
 from .methods import DEFAULT_METHODS, METHODS, method_model
 
 
@@ -95,6 +97,11 @@ def _finished(path: Path) -> dict[str, Any] | None:
 
 def add_fewshot(path: Path, cfg: StudyConfig) -> dict[str, Any]:
     """Few-shot linear probes on the frozen pooled features of a finished run; stored in its metrics.json."""
+    with RunLock(path):
+        return _add_fewshot(path, cfg)
+
+
+def _add_fewshot(path: Path, cfg: StudyConfig) -> dict[str, Any]:
     from ..analysis.fewshot import extract_features, few_shot_probe
 
     train_cfg, task, model, _, _ = load_run(path)

@@ -2,7 +2,9 @@
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, load_config
-from .trainer import NonFiniteLossError, evaluate, report, train
+from .lock import RunLockedError
+from .run import Run
+from .trainer import NonFiniteLossError, evaluate, load_run, report, train
 
-__all__ = ["CheckpointError", "ConfigError", "NonFiniteLossError", "TrainConfig", "evaluate", "load_checkpoint",
-           "load_config", "report", "save_checkpoint", "train"]
+__all__ = ["CheckpointError", "ConfigError", "NonFiniteLossError", "Run", "RunLockedError", "TrainConfig", "evaluate",
+           "load_checkpoint", "load_config", "load_run", "report", "save_checkpoint", "train"]

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +106,34 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / MANIFEST).exists())
 
 
+def step_of(ckpt: Path) -> int:
+    """The step a checkpoint directory ``step_NNNNNNNN`` holds."""
+    try:
+        return int(Path(ckpt).name[len("step_"):])
+    except ValueError:
+        raise CheckpointError(f"{ckpt} is not a checkpoint directory (step_NNNNNNNN)") from None
+
+
+def clean_temporaries(ckpt_dir: Path) -> list[Path]:
+    """Remove what interrupted writes left behind (``.step_*`` directories, ``.latest.*.tmp`` files); call it only
+    while holding the run's lock. Returns what was removed."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    removed = []
+    for p in ckpt_dir.iterdir():
+        if p.name.startswith(".step_") and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        elif p.name.startswith(f".{LATEST}.") and p.name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def resolve_checkpoint(path: Path) -> Path:
-    """A run directory, a ``checkpoints`` directory or a checkpoint directory -> the checkpoint directory to load."""
+    """A run directory, a ``checkpoints`` directory or a checkpoint directory -> the checkpoint directory to load:
+    the one ``latest`` names (read once). Use :func:`find_checkpoint` for the fallback to an older intact one."""
     path = Path(path)
     if (path / MANIFEST).exists() or (path / WEIGHTS).exists():
         return path
@@ -120,13 +147,48 @@ def resolve_checkpoint(path: Path) -> Path:
     raise CheckpointError(f"no checkpoint found in {path} (expected checkpoints/latest or a checkpoint directory)")
 
 
-def load_checkpoint(path: Path, model: nn.Module | None = None, map_location: str | torch.device = "cpu"
+def find_checkpoint(run_dir: Path, from_step: int | None = None, map_location: str | torch.device = "cpu"
+                    ) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
+    """The checkpoint to resume a run from, verified and read once: ``(path, weights, state)``.
+
+    ``from_step``: that step's checkpoint, or an error listing the steps kept. Otherwise the one ``latest`` names;
+    when ``latest`` is missing, names a missing directory, or its checkpoint is corrupt, the newest intact
+    checkpoint, with a warning naming it and why.
+    """
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    kept = list_checkpoints(ckpt_dir)
+    if from_step is not None:
+        wanted = ckpt_dir / f"step_{from_step:08d}"
+        if wanted not in kept:
+            steps = ", ".join(str(step_of(p)) for p in kept) or "none"
+            raise CheckpointError(f"no checkpoint of step {from_step} in {ckpt_dir} (kept steps: {steps})")
+        return (wanted, *read_checkpoint(wanted, map_location))
+    latest = ckpt_dir / LATEST
+    named = ckpt_dir / latest.read_text().strip() if latest.exists() else None
+    candidates = ([named] if named is not None else []) + [p for p in reversed(kept) if p != named]
+    problems = [] if named is not None else [f"{latest} is missing"]
+    for ckpt in candidates:
+        try:
+            weights, state = read_checkpoint(ckpt, map_location)
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
+        if problems:
+            warnings.warn(f"resuming from {ckpt} (step {step_of(ckpt)}), the newest intact checkpoint: "
+                          + "; ".join(problems), stacklevel=2)
+        return ckpt, weights, state
+    raise CheckpointError(f"no intact checkpoint in {ckpt_dir}: " + ("; ".join(problems) or "none was written"))
+
+
+def read_checkpoint(ckpt: Path, map_location: str | torch.device = "cpu"
                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Verify and read a checkpoint; with ``model``, load the weights into it (strict). Returns (weights, state)."""
+    """Verify a checkpoint directory against its manifest and read it: ``(weights, state)``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    ckpt = resolve_checkpoint(path)
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint {ckpt} does not exist")
     manifest_path = ckpt / MANIFEST
     if not manifest_path.exists():
         raise CheckpointError(f"checkpoint {ckpt} has no {MANIFEST} (incomplete write?)")
@@ -150,9 +212,23 @@ def load_checkpoint(path: Path, model: nn.Module | None = None, map_location: st
         state = torch.load(ckpt / STATE, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a corrupt file
         raise CheckpointError(f"cannot read {ckpt / STATE}: {err}") from None
+    return weights, state
+
+
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Load checkpoint weights into ``model`` (strict), or raise naming the mismatching keys."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {source} does not fit the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+
+
+def load_checkpoint(path: Path, model: nn.Module | None = None, map_location: str | torch.device = "cpu"
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Verify and read a checkpoint (a run's latest, or a checkpoint directory); with ``model``, load the weights
+    into it (strict). Returns (weights, state)."""
+    ckpt = resolve_checkpoint(path)
+    weights, state = read_checkpoint(ckpt, map_location)
     if model is not None:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"checkpoint {ckpt} does not fit the model: missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]}")
+        load_weights(model, weights, ckpt)
     return weights, state

@@ -17,6 +17,7 @@ Why not OmegaConf structured configs (tried with 2.4.0): a ``str | list[int]`` f
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -164,7 +165,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         except ValueError:
             pass
     if tp in (int, float) and isinstance(value, bool):
-        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+        raise ConfigError(f"{key}: expected {tp.__name__}, got bool {value!r}")
     if not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -211,8 +212,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key} must be {what}, got {value!r}")
 
     m, d, o = cfg.model, cfg.data, cfg.optim
-    require(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
-            "auto, cpu, cuda[:N] or mps", cfg.device)
+    _check_device(cfg.device)
     for key, value in [("log_every", cfg.log_every), ("keep_checkpoints", cfg.keep_checkpoints),
                        ("probe_size", cfg.probe_size), ("optim.epochs", o.epochs), ("optim.batch_size", o.batch_size),
                        ("optim.eval_batch_size", o.eval_batch_size), ("model.moe_init_batches", m.moe_init_batches)]:
@@ -228,8 +228,12 @@ def _check_ranges(cfg: TrainConfig) -> None:
         if key in m.args:
             raise ConfigError(f"model.{key} is set from the data by task {cfg.task!r}, not in the config")
     for key, value in [("data.train_limit", d.train_limit), ("data.test_limit", d.test_limit),
-                       ("optim.max_steps", o.max_steps)]:
+                       ("optim.max_steps", o.max_steps), ("data.img_size", d.img_size), ("threads", cfg.threads)]:
         require(value is None or value >= 1, key, "a positive integer or null", value)
+    for key, value in [("optim.lr", o.lr), ("optim.weight_decay", o.weight_decay), ("optim.min_lr_ratio",
+                       o.min_lr_ratio), ("optim.label_smoothing", o.label_smoothing)] + \
+            [(f"optim.betas[{i}]", b) for i, b in enumerate(o.betas)] + [("optim.clip_grad", o.clip_grad or 1.0)]:
+        require(math.isfinite(value), key, "a finite number", value)
     require(d.crop_padding >= 0, "data.crop_padding", ">= 0", d.crop_padding)
     require(o.lr > 0, "optim.lr", "> 0", o.lr)
     require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]", o.min_lr_ratio)
@@ -239,6 +243,32 @@ def _check_ranges(cfg: TrainConfig) -> None:
     require(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", "> 0 or null", o.clip_grad)
     require(0 <= o.label_smoothing < 1, "optim.label_smoothing", "in [0, 1)", o.label_smoothing)
     require(o.amp in ("auto", "bf16", "fp16", "none"), "optim.amp", "auto, bf16, fp16 or none", o.amp)
+
+
+def _check_device(name: str) -> None:
+    """``auto``, ``cpu``, ``cuda[:N]`` or ``mps``, and present on this machine."""
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device must be auto, cpu, cuda[:N] or mps, got {name!r}") from None
+    if device.type == "cpu" and device.index in (None, 0):
+        return
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ConfigError(f"device {name!r}: this machine has no CUDA GPU (torch.cuda.is_available() is False)")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device {name!r}: this machine has {count} CUDA GPU(s), numbered from 0")
+        return
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"device {name!r}: MPS is not available on this machine")
+        return
+    raise ConfigError(f"device must be auto, cpu, cuda[:N] or mps, got {name!r}")
 
 
 def _check_data(cfg: TrainConfig) -> type:
@@ -313,6 +343,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} not found")
+        if not path.is_file():
+            raise ConfigError(f"config file {path} is not a file")
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:

@@ -9,13 +9,11 @@ exact resume.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -26,17 +24,20 @@ from torch import Tensor, nn
 from ..analysis.diagnostics import changed_share, probe_load, probe_routing
 from ..experts import EigenExperts, MLPExperts
 from ..models import RoutedModel, create_model
+from ..moe import NonFiniteInputError
 from ..routing import CosineRouter, EigenEnergyRouter
 from ..routing.stats import load_summary
 from ..tasks import Batch, Task, create_task, task_class
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from .config import TrainConfig, config_from_dict, dump_config
-
-CONFIG_FILE, METRICS_FILE, LOG_FILE = "config.yaml", "metrics.json", "log.jsonl"
+from .checkpoint import (CheckpointError, clean_temporaries, find_checkpoint, list_checkpoints, load_weights,
+                         read_checkpoint, resolve_checkpoint, save_checkpoint, step_of)
+from .config import TrainConfig
+from .lock import RunLock
+from .run import LOG_FILE, METRICS_FILE, Run, resume_changes
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+    """Training diverged (a NaN or infinite loss, gradient, activation or optimizer state); the last good
+    checkpoint is kept."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,52 +116,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-@dataclass
-class Run:
-    """A run directory and what lives in it."""
-
-    root: Path
-
-    @classmethod
-    def new(cls, cfg: TrainConfig) -> "Run":
-        """A fresh directory under ``out_dir``, never an existing one (a ``-2``, ``-3``, ... suffix if taken)."""
-        moe = cfg.model.moe
-        base = cfg.run_name or "-".join([cfg.data.name, cfg.model.name, *([moe.router] if moe else []),
-                                         f"seed{cfg.seed}"])
-        root = Path(cfg.out_dir) / base
-        n = 2
-        while root.exists():
-            root = Path(cfg.out_dir) / f"{base}-{n}"
-            n += 1
-        return cls(root)
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def figures(self) -> Path:
-        return self.root / "figures"
-
-    def read_config(self) -> TrainConfig:
-        import yaml
-        path = self.root / CONFIG_FILE
-        if not path.exists():
-            raise FileNotFoundError(f"{self.root} is not a run directory: {CONFIG_FILE} not found")
-        return config_from_dict(yaml.safe_load(path.read_text()))
-
-    def truncate_log(self, step: int) -> None:
-        """Drop log lines beyond ``step`` (written after the checkpoint we resume from): they will be redone."""
-        path = self.root / LOG_FILE
-        if not path.exists():
-            return
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-    def write_metrics(self, metrics: dict[str, Any]) -> None:
-        atomic_write_text(self.root / METRICS_FILE, json.dumps(metrics, indent=1, default=float))
-
-
 class Logger:
     """JSONL log plus TensorBoard when it is installed and wanted."""
 
@@ -214,7 +169,13 @@ def warn_gradless_routing(model: RoutedModel) -> None:
 
 
 class Trainer:
-    """One run's training: steps, logs, probes and checkpoints. ``state``: a checkpoint's state to resume from."""
+    """One run's training: steps, logs, probes and checkpoints. ``state``: a checkpoint's state to resume from.
+
+    The learning-rate schedule is a function of the config and the step alone, so the scheduler is rebuilt from the
+    config on resume (not read back from the checkpoint); the optimizer's moments come from the checkpoint and its
+    groups' settings from the config. An override of the schedule or of the weight decay on resume therefore takes
+    effect from the step it resumes at.
+    """
 
     def __init__(self, cfg: TrainConfig, run: Run, task: Task, model: RoutedModel, device: torch.device,
                  state: dict[str, Any] | None = None, quiet: bool = False) -> None:
@@ -224,22 +185,28 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * o.epochs
         self.last_step = min(self.total_steps, o.max_steps or self.total_steps)
         self.optimizer = build_optimizer(model, cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, partial(lr_lambda, warmup=o.warmup_steps, total=self.total_steps, min_ratio=o.min_lr_ratio))
         dtype = amp_dtype(cfg, device)
         self.autocast = autocast_ctx(device, dtype)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.probe = task.probe()
         self.step, self.prev_probe, self.probe_changed = 0, None, {}
-        self.train_time = 0.0
+        self.train_time, self.segments = 0.0, []  # over every segment of the run (resumes), up to self.step
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
             _set_rng_state(state["rng"])
             self.step, self.prev_probe = state["step"], state.get("probe_top1")
             self.probe_changed = state.get("probe_changed", {})
+            self.train_time, self.segments = state.get("train_time_s", 0.0), state.get("segments", [])
             run.truncate_log(self.step)  # lines after the checkpoint will be redone; before the log is opened
+        decay, no_decay = self.optimizer.param_groups
+        decay["weight_decay"], no_decay["weight_decay"] = o.weight_decay, 0.0
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = o.lr
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, partial(lr_lambda, warmup=o.warmup_steps, total=self.total_steps, min_ratio=o.min_lr_ratio),
+            last_epoch=self.step - 1)
+        self.segment_start, self.segment_time = self.step, 0.0
         self.logger = Logger(run.root, cfg.tensorboard)
 
     def fit(self) -> None:
@@ -269,7 +236,9 @@ class Trainer:
                     warn_gradless_routing(model)
                     checked_grads = True
                 self._update()
-                self.train_time += time.perf_counter() - t0
+                elapsed_step = time.perf_counter() - t0
+                self.train_time += elapsed_step
+                self.segment_time += elapsed_step
                 for key, value in stats.items():
                     window[key] = window.get(key, 0.0) + value
                 step = self.step
@@ -299,19 +268,28 @@ class Trainer:
             if progress is not None:
                 progress.close()
 
+    def _diverged(self, what: str) -> NonFiniteLossError:
+        kept = list_checkpoints(self.run.checkpoints)
+        where = f"step {step_of(kept[-1])}" if kept else "none yet"
+        return NonFiniteLossError(
+            f"{what} at step {self.step}; training stopped. The last good checkpoint ({where}) in "
+            f"{self.run.checkpoints} is kept: resume with a lower learning rate (ermoe train --resume {self.run.root} "
+            f"--optim.lr=...), or from an older checkpoint (--from-step N), or check the data.")
+
     def _train_step(self, batch: Batch, epoch: int) -> dict[str, float]:
         """Forward and backward of one batch; returns the sums for the log."""
         model = self.model
-        with self.autocast():
-            output = model(*batch.inputs)
-            loss = model.training_loss(output, batch.target, self.task.loss)
-            extra = model.aux_loss()
-            total = loss + extra
+        try:
+            with self.autocast():
+                output = model(*batch.inputs)
+                loss = model.training_loss(output, batch.target, self.task.loss)
+                extra = model.aux_loss()
+                total = loss + extra
+        except NonFiniteInputError as err:  # activations blew up before the loss: the same divergence
+            raise self._diverged(f"non-finite activations ({err})") from None
         loss_value = float(total.detach())
         if not math.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"loss is {loss_value} at step {self.step} (epoch {epoch}); training stopped. The last good "
-                f"checkpoint in {self.run.checkpoints} is kept; resume with a lower lr or check the data.")
+            raise self._diverged(f"the loss is {loss_value}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         n = len(batch)
@@ -319,9 +297,14 @@ class Trainer:
                 **self.task.batch_stats(output.detach(), batch)}
 
     def _update(self) -> None:
-        if self.cfg.optim.clip_grad:
+        """Clip, check the gradient, step. A non-finite gradient stops training before it reaches the weights and
+        the optimizer's moments (fp16 is the exception: its grad scaler skips such steps by design)."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.optim.clip_grad or not self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad or float("inf"))
+            if not self.scaler.is_enabled() and not math.isfinite(float(norm)):
+                raise self._diverged(f"the gradient norm is {float(norm)}")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -338,8 +321,17 @@ class Trainer:
                                f"{n}/gini": summary["gini"]})
             self.logger.log(record)
 
+    def segments_so_far(self) -> list[dict[str, Any]]:
+        """Every segment of the run up to now: where each started and ended and its training time."""
+        current = {"from_step": self.segment_start, "to_step": self.step, "train_time_s": self.segment_time}
+        return self.segments + [current]
+
     def checkpoint(self) -> None:
-        """Probe the routing (load, and stability against the previous checkpoint), then save everything."""
+        """Probe the routing (load, and stability against the previous checkpoint), then save everything; a state
+        with non-finite weights or optimizer moments is never saved."""
+        if not all(torch.isfinite(t).all() for t in _tensors([self.model.state_dict(),
+                                                               self.optimizer.state_dict()["state"]])):
+            raise self._diverged("non-finite weights or optimizer moments")
         probed = probe_routing(self.model, self.probe.inputs, ctx=self.autocast)
         current = {n: s["probe_top1"] for n, s in probed.items()}
         self._log_probe_load({n: s["probe_load"] for n, s in probed.items()})
@@ -349,12 +341,24 @@ class Trainer:
             self.logger.log({"kind": "stability", "step": self.step, **self.probe_changed})
         self.prev_probe = current
         save_checkpoint(self.run.checkpoints, self.step, self.model, {
-            "step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(), "rng": _rng_state(), "probe_top1": current,
-            "probe_changed": self.probe_changed}, keep=self.cfg.keep_checkpoints)
+            "step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "rng": _rng_state(), "probe_top1": current, "probe_changed": self.probe_changed,
+            "train_time_s": self.train_time, "segments": self.segments_so_far()}, keep=self.cfg.keep_checkpoints)
 
     def close(self) -> None:
         self.logger.close()
+
+
+def _tensors(trees: list[Any]):
+    """Every floating-point tensor in nested dicts and lists."""
+    for tree in trees:
+        if isinstance(tree, Tensor):
+            if tree.is_floating_point():
+                yield tree
+        elif isinstance(tree, dict):
+            yield from _tensors(list(tree.values()))
+        elif isinstance(tree, (list, tuple)):
+            yield from _tensors(list(tree))
 
 
 def setup(cfg: TrainConfig, load_pretrained: bool = True) -> tuple[Task, RoutedModel, torch.device]:
@@ -371,35 +375,71 @@ def setup(cfg: TrainConfig, load_pretrained: bool = True) -> tuple[Task, RoutedM
     return task, model, device
 
 
-def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = False) -> Path:
-    """Train (or resume) a run; evaluates at the end and returns the run directory."""
+def resume_target(path: str | Path, from_step: int | None = None) -> tuple[Path, int | None]:
+    """``--resume`` takes a run directory or one of its checkpoint directories (``RUN/checkpoints/step_N``, the
+    same as ``--resume RUN --from-step N``): ``(run directory, from_step)``."""
+    path = Path(path)
+    if (path / "manifest.json").exists() and path.parent.name == "checkpoints":
+        step = step_of(path)
+        if from_step is not None and from_step != step:
+            raise CheckpointError(f"--resume names the checkpoint of step {step} and --from-step {from_step}")
+        return path.parent.parent, step
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a run directory")
+    return path, from_step
+
+
+def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = False,
+          from_step: int | None = None) -> Path:
+    """Train a new run, or resume one (``resume``: its directory; ``from_step``: an older checkpoint than the
+    latest); evaluate at the end; return the run directory.
+
+    On resume, ``cfg`` is the run's config with the overrides to apply: :data:`ermoe.train.run.RESUMABLE` keys take
+    effect from the resumed step (logged, and kept in config.yaml's history); a change to any other key is refused.
+    One process at a time writes a run directory (:class:`ermoe.train.lock.RunLock`).
+    """
     if resume is not None:
-        run = Run(Path(resume))
-        # Read and verify the checkpoint before anything in the run directory is touched.
-        _, state = load_checkpoint(run.root)
+        root, from_step = resume_target(resume, from_step)
+        run = Run(root)
+    elif from_step is not None:
+        raise ValueError("from_step applies to a resumed run only")
     else:
-        run, state = Run.new(cfg), None
-    task, model, device = setup(cfg)
-    if state is not None:
-        load_checkpoint(run.root, model, map_location=device)
-    else:
-        run.root.mkdir(parents=True)
-        if cfg.model.moe_init == "pca":
+        task, model, device = setup(cfg)  # every build error comes before the run directory exists
+        run = Run.new(cfg)
+    with RunLock(run.root):
+        state, changes = None, {}
+        if resume is not None:
+            changes = resume_changes(run.read_config(), cfg)
+            ckpt, weights, state = find_checkpoint(run.root, from_step)  # read once, verified
+            clean_temporaries(run.checkpoints)
+            task, model, device = setup(cfg)
+            load_weights(model, weights, ckpt)
+        elif cfg.model.moe_init == "pca":
             batches = [b.inputs for b in task.eval_batches("train", cfg.optim.batch_size)][:cfg.model.moe_init_batches]
             model.init_routers_from_data(batches)
-    atomic_write_text(run.root / CONFIG_FILE, dump_config(cfg))
-    trainer = Trainer(cfg, run, task, model, device, state, quiet)
-    try:
-        trainer.fit()
-        metrics = evaluate_run(run, task, model, cfg, trainer.autocast, trainer.probe_changed)
-        metrics.update(step=trainer.step, train_time_s=trainer.train_time,
-                       train_img_per_s=(trainer.step * cfg.optim.batch_size / trainer.train_time
-                                        if trainer.train_time and state is None else None))
-        run.write_metrics(metrics)
-        trainer.logger.log({"kind": "eval", "step": trainer.step,
-                            **{k: v for k, v in metrics.items() if k.startswith("test_") and isinstance(v, float)}})
-    finally:
-        trainer.close()
+        trainer = Trainer(cfg, run, task, model, device, state, quiet)
+        try:
+            finished = run.read_metrics()
+            if state is not None and trainer.step >= trainer.last_step and finished and \
+                    finished.get("step") == trainer.step:
+                if not quiet:
+                    print(f"run {run.root} already finished at step {trainer.step}: nothing to do "
+                          "(`ermoe eval` re-evaluates it; resume with more --optim.epochs to continue it)")
+                return run.root
+            run.write_config(cfg, trainer.step, changes)
+            if changes:
+                trainer.logger.log({"kind": "config_change", "step": trainer.step, "changes": changes})
+            trainer.fit()
+            metrics = evaluate_run(run, task, model, cfg, trainer.autocast, trainer.probe_changed)
+            trained = trainer.step * cfg.optim.batch_size
+            metrics.update(step=trainer.step, train_time_s=trainer.train_time,
+                           train_img_per_s=trained / trainer.train_time if trainer.train_time else None,
+                           segments=trainer.segments_so_far())
+            run.write_metrics(metrics)
+            trainer.logger.log({"kind": "eval", "step": trainer.step,
+                                **{k: v for k, v in metrics.items() if k.startswith("test_") and isinstance(v, float)}})
+        finally:
+            trainer.close()
     if not quiet:
         print(task.results_table(metrics))
         print(f"run directory: {run.root} (figures in {run.figures})")
@@ -426,30 +466,34 @@ def evaluate_run(run: Run, task: Task, model: RoutedModel, cfg: TrainConfig, aut
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None
              ) -> tuple[TrainConfig, Task, RoutedModel, dict[str, Any], torch.device]:
-    """Rebuild a run's task (its data loaded) and model from its config and load a checkpoint (the latest by
-    default)."""
+    """Rebuild a run's task (its data loaded) and model from its config and load a checkpoint: ``checkpoint`` (a
+    checkpoint directory) or the latest, falling back to the newest intact one with a warning."""
     run = Run(Path(run_dir))
     cfg = run.read_config()
+    if checkpoint is not None:
+        ckpt = resolve_checkpoint(Path(checkpoint))
+        weights, state = read_checkpoint(ckpt)
+    else:
+        ckpt, weights, state = find_checkpoint(run.root)
     task, model, device = setup(cfg, load_pretrained=False)
-    _, state = load_checkpoint(Path(checkpoint) if checkpoint else run.root, model, map_location=device)
+    load_weights(model, weights, ckpt)
     return cfg, task, model, state, device
 
 
 def evaluate(run_dir: str | Path, checkpoint: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
     """``ermoe eval``: rebuild the model from the run's config, load a checkpoint (latest by default), evaluate,
-    rewrite metrics.json and the figures."""
+    rewrite metrics.json and the figures. Holds the run's lock."""
     run = Run(Path(run_dir))
-    cfg, task, model, state, device = load_run(run_dir, checkpoint)
-    autocast = autocast_ctx(device, amp_dtype(cfg, device))
-    metrics = evaluate_run(run, task, model, cfg, autocast, state.get("probe_changed", {}))
-    metrics["step"] = state["step"]
-    old = run.root / METRICS_FILE
-    if old.exists():  # keep what only training knows
-        previous = json.loads(old.read_text())
-        for key in ("train_time_s", "train_img_per_s", "run_wall_s"):
-            if key in previous:
+    with RunLock(run.root):
+        cfg, task, model, state, device = load_run(run_dir, checkpoint)
+        autocast = autocast_ctx(device, amp_dtype(cfg, device))
+        metrics = evaluate_run(run, task, model, cfg, autocast, state.get("probe_changed", {}))
+        metrics["step"] = state["step"]
+        previous = run.read_metrics()
+        for key in ("train_time_s", "train_img_per_s", "run_wall_s", "segments"):  # what only training knows
+            if previous and key in previous:
                 metrics.setdefault(key, previous[key])
-    run.write_metrics(metrics)
+        run.write_metrics(metrics)
     if not quiet:
         print(task.results_table(metrics))
     return metrics
@@ -458,10 +502,9 @@ def evaluate(run_dir: str | Path, checkpoint: str | Path | None = None, quiet: b
 def report(run_dir: str | Path, quiet: bool = False) -> dict[str, Any]:
     """``ermoe report``: redraw the figures and print the table from metrics.json."""
     run = Run(Path(run_dir))
-    path = run.root / METRICS_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `ermoe eval {run.root}` first")
-    metrics = json.loads(path.read_text())
+    metrics = run.read_metrics()
+    if metrics is None:
+        raise FileNotFoundError(f"{run.root / METRICS_FILE} not found: run `ermoe eval {run.root}` first")
     task = task_class(metrics.get("task", "classification"))
     files = task.draw_figures(metrics, run.figures)
     if not quiet:
