@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from ermoe.analysis import assignments, basis_geometry, changed_share, homogeneity, mutual_information
+from ermoe.analysis import (assignment_matrix, assignments, basis_geometry, chance_changed_share, changed_share,
+                            homogeneity, mutual_information, probe_load, probe_routing)
 from ermoe.analysis.report import draw_figures
 from ermoe.tasks import ImageClassification
 from ermoe.orthogonal import pca_basis
@@ -45,6 +46,48 @@ def test_changed_share():
     assert changed_share(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 0, 0])) == 0.5
     with pytest.raises(ValueError):
         changed_share(torch.zeros(3), torch.zeros(4))
+    # sets of experts (top-2, expert choice): a token changed if any of its experts did
+    a = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    b = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    assert changed_share(a, b) == pytest.approx(1 / 3)
+
+
+def test_chance_changed_share_by_hand():
+    one_hot = lambda idx, e: torch.nn.functional.one_hot(torch.tensor(idx), e).bool()
+    # loads 1/2, 1/2: two random tokens differ with probability 1 - (1/4 + 1/4) = 1/2
+    assert chance_changed_share(one_hot([0, 1, 0, 1], 2)) == pytest.approx(0.5)
+    # uniform over 4 experts: 1 - 4/16 = 3/4; collapse onto one expert: 0 (stability relative to it is undefined)
+    assert chance_changed_share(one_hot([0, 1, 2, 3], 4)) == pytest.approx(0.75)
+    assert chance_changed_share(one_hot([2, 2, 2, 2], 4)) == 0.0
+    # sets: {0,1} twice, {2} twice -> 1 - (1/4 + 1/4)
+    sets = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1], [0, 0, 1]], dtype=torch.bool)
+    assert chance_changed_share(sets) == pytest.approx(0.5)
+
+
+def test_probe_load_and_stability_follow_the_real_assignment_of_loss_free_bias():
+    """The loss-free bias selects top-k of s + b while probs stay unbiased: argmax(probs) is not the routing."""
+    from ermoe.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny", num_classes=3, img_size=8, patch_size=2, in_chans=1, depth=1, embed_dim=16,
+                         num_heads=2, moe=dict(router="loss_free_bias", num_experts=4, blocks="all"))
+    moe = model.routed_layers()[0].moe
+    with torch.no_grad():
+        moe.router.expert_bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0]))  # a large bias: expert 2 takes every token
+    x = (torch.randn(6, 1, 8, 8),)
+    load = probe_load(model, x)["blocks.0.mlp"]
+    info = moe.last_routing
+    assert torch.equal(load, info.tokens_per_expert.cpu()) and load.tolist() == [0, 0, 96, 0]
+    argmax_load = torch.bincount(info.probs.argmax(-1), minlength=4)
+    assert not torch.equal(load, argmax_load)  # what the old probe counted
+    probed = probe_routing(model, x)["blocks.0.mlp"]
+    assert probed["probe_assignment"][:, 2].all() and probed["probe_assignment"].sum() == 96
+    assert chance_changed_share(probed["probe_assignment"]) == 0.0  # collapsed: nothing to be stable against
+
+
+def test_assignment_matrix_of_expert_choice():
+    info = _info(torch.tensor([[2, 3], [0, 2]]), "expert")
+    assert assignment_matrix(info, 2).tolist() == [[False, True], [False, False], [True, True], [True, False]]
 
 
 def _info(expert_idx, choice):

@@ -72,27 +72,64 @@ def test_every_method_builds_a_valid_config():
             assert train_cfg.seed == seed and train_cfg.data.name == "fashion_mnist"
 
 
+def _seeds(mean, spread=0.01, n=5):
+    """n seed values around ``mean`` (deterministic, sample std = spread * 1.58...)."""
+    return [mean + spread * k for k in (-2, -1, 0, 1, 2)][:n]
+
+
 def _table(**cv):
-    base = {"test_top1": [0.8, 0.81, 0.79], "mi_bits": [0.1, 0.11, 0.09], "homogeneity": [0.2, 0.21, 0.19],
-            "probe_changed": [0.1, 0.11, 0.09], "fewshot_5": [0.5, 0.51, 0.49]}
-    table = {name: {**base, "load_cv": [v, v * 1.05, v * 0.95]} for name, v in cv.items()}
-    return table
+    base = {"test_top1": _seeds(0.80), "mi_bits": _seeds(0.10), "homogeneity": _seeds(0.20),
+            "probe_changed_rel": _seeds(0.30), "fewshot_5": _seeds(0.50)}
+    return {name: {**base, "load_cv": _seeds(v, 0.01 * v)} for name, v in cv.items()}
 
 
-def test_verdicts_follow_the_numbers():
+def test_welch_matches_scipy_and_holm_by_hand():
+    from scipy.stats import ttest_ind
+    from ermoe.study.stats import holm, welch
+
+    a, b = [0.81, 0.83, 0.80, 0.82], [0.78, 0.79, 0.775]
+    w = welch(a, b)
+    ref = ttest_ind(a, b, equal_var=False)
+    ci = ref.confidence_interval(0.95)
+    assert w.p == pytest.approx(ref.pvalue) and (w.low, w.high) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert w.diff == pytest.approx(sum(a) / 4 - sum(b) / 3)
+    assert welch([1.0, 1.0], [1.0, 1.0]).p == 1.0 and welch([1.0], [2.0, 3.0]) is None
+    # Holm: sorted 0.01, 0.02, 0.04 -> 3*0.01, max(2*0.02, .03), max(1*0.04, .04); None stays out of the family
+    assert holm([0.04, 0.01, None, 0.02]) == [pytest.approx(0.04), pytest.approx(0.03), None, pytest.approx(0.04)]
+    assert holm([0.5, 0.6]) == [pytest.approx(1.0), pytest.approx(1.0)]  # capped at 1, monotone
+
+
+def test_verdicts_follow_the_statistics():
     table = _table(ermoe=0.2, emoe_parallel=0.3, softmax_noloss=0.5, switch=0.4, vmoe=0.4)
-    table["ermoe"]["mi_bits"] = [0.3, 0.31, 0.29]
-    table["ermoe"]["homogeneity"] = [0.1] * 3
+    table["ermoe"]["mi_bits"] = _seeds(0.30)
+    table["ermoe"]["homogeneity"] = _seeds(0.10)
     by_claim = {v["claim"]: v for v in verdicts(table)}
-    assert by_claim["1"]["verdict"] == "supported"  # both below the softmax gate's CV
-    assert by_claim["2"]["verdict"] == "supported"  # 0.3 <= 1.25 * 0.4
-    assert by_claim["3"]["verdict"] == "supported"  # equal accuracy is within 0.5 points
-    assert by_claim["4"]["verdict"] == "mixed"  # ERMoE passes, EMoE does not
-    assert by_claim["5"]["verdict"] == "not supported"  # equal is not fewer
-    assert "Welch p" in by_claim["4"]["evidence"][0]
+    # 1: both clearly below the softmax gate's CV (5 seeds, 2% spread): significant after Holm
+    assert by_claim["1"]["per_method"] == {"ermoe": "supported", "emoe_parallel": "supported"}
+    # 2 (parity with Switch, margin = Switch's seed std 0.0063): ERMoE is far below -> supported; EMoE's 0.3 too
+    assert by_claim["2"]["per_method"]["ermoe"] == "supported"
+    # 3: equal accuracy: the interval of the difference (0) lies within the margin (the baseline's seed std) -> yes
+    assert by_claim["3"]["per_method"] == {"ermoe": "supported", "emoe_parallel": "supported"}
+    # 4: ERMoE more specialised and less homogeneous; EMoE identical to Switch: no difference -> inconclusive
+    assert by_claim["4"]["per_method"] == {"ermoe": "supported", "emoe_parallel": "inconclusive"}
+    # 5: identical stability to Switch: inconclusive, not "not supported"
+    assert by_claim["5"]["per_method"]["ermoe"] == "inconclusive"
+    assert "Holm" in by_claim["4"]["evidence"][0] and "95% CI" in by_claim["4"]["evidence"][0]
+    # an effect the seeds cannot settle is inconclusive: one seed of noise as big as the effect
     table = _table(ermoe=0.9, emoe_parallel=1.2, softmax_noloss=0.5, switch=0.4, vmoe=0.4, ermoe_standardize=0.3)
+    table["ermoe"]["load_cv"] = [0.3, 0.9, 0.5, 0.7, 0.4]  # mean 0.56 vs 0.5, large spread
     one = verdicts(table)[0]
-    assert one["verdict"] == "not supported" and one["variants"] == ["ermoe_standardize"]
+    assert one["per_method"] == {"ermoe": "inconclusive", "emoe_parallel": "contradicted"}
+    assert one["variants"] == ["ermoe_standardize"]
+
+
+def test_a_collapsed_router_never_passes_the_stability_claim():
+    table = _table(ermoe=2.3, emoe_parallel=0.35, softmax_noloss=0.5, switch=0.4, vmoe=0.4)
+    table["ermoe"]["probe_changed_rel"] = _seeds(0.05)  # barely changes: it sends almost every token to one expert
+    table["emoe_parallel"]["probe_changed_rel"] = _seeds(0.10)
+    five = {v["claim"]: v for v in verdicts(table)}["5"]
+    assert five["per_method"] == {"ermoe": "inconclusive", "emoe_parallel": "supported"}
+    assert any("not compared: load CV 2.3" in e for e in five["evidence"])
 
 
 def test_few_shot_probe_separable_and_chance():
@@ -109,7 +146,7 @@ def test_few_shot_probe_separable_and_chance():
 def test_study_quick_end_to_end_and_resumable(tmp_path, capsys):
     args = ["study", "--quick", f"--out_dir={tmp_path / 'runs'}", f"--report={tmp_path / 'results.md'}"]
     if not DEBIAN_FASHION_MNIST.exists():  # CI installs it; elsewhere fall back to digits (8x8: patch 2)
-        args += ["--train.data.name=digits", "--train.model.patch_size=2"]
+        args += ["--train.data.name=digits", "--train.model.patch_size=2", "--fewshot_transfer=in_domain"]
     assert main(args) == 0
     report = (tmp_path / "results.md").read_text()
     assert "do not edit by hand" in report and "ermoe study --quick" in report
@@ -146,7 +183,7 @@ def test_parallel_study_script(tmp_path):
     script = Path(__file__).parents[1] / "benchmarks" / "study_parallel.sh"
     env = {**os.environ, "ERMOE": f"{sys.executable} -m ermoe.cli", "TMPDIR": str(tmp_path)}
     args = ["--quick", "--methods=[dense,switch,ermoe]", "--seeds=[0]", "--train.data.name=digits",
-            "--train.model.patch_size=2", f"--out_dir={tmp_path / 'runs'}", f"--report={tmp_path / 'results.md'}"]
+            "--train.model.patch_size=2", "--fewshot_transfer=in_domain", f"--out_dir={tmp_path / 'runs'}", f"--report={tmp_path / 'results.md'}"]
     done = subprocess.run(["bash", str(script), "2", *args], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("done before, skipped") == 3  # the final pass reuses every worker's runs
@@ -160,3 +197,21 @@ def test_study_config_errors(tmp_path):
     assert main(["study", "--methods=[ermoe,nope]"]) == 1
     assert main(["study", "--train.optim.lr=-1"]) == 1
     assert main(["study", "--seeds=[]"]) == 1
+
+
+def test_a_stale_run_is_never_reused(tmp_path, capsys):
+    args = ["study", "--quick", "--methods=[switch]", "--seeds=[0]", "--train.data.name=digits",
+            "--train.model.patch_size=2", "--fewshot_transfer=in_domain", f"--out_dir={tmp_path / 'runs'}",
+            f"--report={tmp_path / 'results.md'}"]
+    assert main(args) == 0
+    run = tmp_path / "runs" / "switch" / "seed0"
+    first = json.loads((run / "metrics.json").read_text())
+    capsys.readouterr()
+    # the same study with another budget: the finished run is not this study's run
+    assert main(args + ["--train.optim.epochs=1"]) == 1
+    assert "optim.epochs 2 -> 1" in capsys.readouterr().err
+    assert json.loads((run / "metrics.json").read_text()) == first  # refused: nothing touched
+    assert main(args + ["--train.optim.epochs=1", "--stale=rerun"]) == 0
+    (aside,) = [p for p in run.parent.iterdir() if p.name.startswith("seed0.stale-")]
+    assert json.loads((aside / "metrics.json").read_text()) == first  # kept, not lost
+    assert json.loads((run / "metrics.json").read_text())["step"] == first["step"] // 2

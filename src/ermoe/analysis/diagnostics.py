@@ -56,11 +56,33 @@ def homogeneity(outputs_ETD: Tensor) -> float:
     return float(sim_EE[off].mean())
 
 
+def assignment_matrix(info: RoutingInfo, num_experts: int) -> Tensor:
+    """``(T, E)`` bool on the CPU: the experts that actually computed each token (what the router chose, after
+    capacity drops and thresholds; expert choice unrolled), for every router alike."""
+    tokens, experts = assignments(info)
+    out = torch.zeros(info.num_tokens, num_experts, dtype=torch.bool, device=tokens.device)
+    out[tokens, experts] = True
+    return out.cpu()
+
+
 def changed_share(previous: Tensor, current: Tensor) -> float:
-    """Share of probe tokens whose (top-1) expert differs between two checkpoints."""
+    """Share of probe tokens whose set of experts differs between two checkpoints (``(T, E)`` assignment
+    matrices; for top-1 routing: whose expert changed)."""
     if previous.shape != current.shape:
         raise ValueError(f"probe routing shapes differ: {tuple(previous.shape)} vs {tuple(current.shape)}")
-    return float((previous != current).double().mean())
+    return float((previous != current).reshape(len(previous), -1).any(-1).double().mean())
+
+
+def chance_changed_share(assignment_TE: Tensor) -> float:
+    """The share of tokens whose experts would differ if each token took the assignment of another probe token at
+    random: ``1 - sum_s q_s^2`` over the distinct expert sets ``s`` the tokens hold (for top-1, ``1 - sum_e p_e^2``
+    over the load). It is what a router with the same loads but no memory would change; a collapsed router's is
+    near 0, so stability divided by it cannot reward collapse."""
+    if len(assignment_TE) == 0:
+        return float("nan")
+    _, counts = torch.unique(assignment_TE, dim=0, return_counts=True)
+    q = counts.double() / len(assignment_TE)
+    return float(1 - (q * q).sum())
 
 
 def basis_geometry(router: nn.Module, inputs_TD: Tensor, top1_T: Tensor) -> dict[str, Any] | None:
@@ -169,11 +191,9 @@ def evaluate_classifier(model: RoutedModel, batches: Iterable[tuple[Sequence[Ten
     return result
 
 
-def _load_counts(view: RoutedLayer, info: RoutingInfo) -> Tensor:
-    """Probe load of a layer: tokens per preferred (top-1) expert of a token MoE; for other routing (DeepMoE's gated
-    convs) the layer's own count (images per open channel)."""
-    if view.moe is not None:
-        return torch.bincount(info.probs.float().argmax(-1).reshape(-1), minlength=view.num_experts).cpu()
+def _load_counts(info: RoutingInfo) -> Tensor:
+    """Probe load of a layer: the assignments each expert computed (for DeepMoE's gated convolutions, the images
+    per open channel), as the layer recorded them."""
     return info.tokens_per_expert.cpu()
 
 
@@ -188,14 +208,15 @@ def probe_load(model: RoutedModel, probe: Sequence[Tensor], ctx: Callable[[], An
             model(*probe)
     finally:
         model.train(was_training)
-    return {view.name: _load_counts(view, view.last_routing) for view in model.routed_layers()}
+    return {view.name: _load_counts(view.last_routing) for view in model.routed_layers()}
 
 
 @torch.no_grad()
 def probe_routing(model: RoutedModel, probe: Sequence[Tensor], max_tokens: int = 4096,
                   ctx: Callable[[], Any] = torch.no_grad) -> dict[str, dict[str, Any]]:
-    """Per routing layer on fixed probe inputs: ``probe_top1`` (the router's preferred expert per token, a tensor),
-    ``probe_load``, and for token MoEs the homogeneity of the expert outputs and the basis geometry."""
+    """Per routing layer on fixed probe inputs: ``probe_assignment`` (the ``(T, E)`` experts that computed each
+    token, for stability), ``probe_load``, and for token MoEs the homogeneity of the expert outputs and the basis
+    geometry."""
     was_training = model.training
     model.eval()
     layers = model.routed_layers()
@@ -208,8 +229,11 @@ def probe_routing(model: RoutedModel, probe: Sequence[Tensor], max_tokens: int =
     out = {}
     for view in layers:
         info = view.last_routing
-        top1 = info.probs.float().argmax(-1).cpu()
-        stats: dict[str, Any] = {"probe_top1": top1, "probe_load": _load_counts(view, info)}
+        assigned_TE = assignment_matrix(info, view.num_experts)
+        # each token's first computed expert (-1: none), for the per-expert geometry
+        top1 = torch.where(assigned_TE.any(-1), assigned_TE.float().argmax(-1), -1) if info.choice == "expert" \
+            else info.expert_idx[:, 0].cpu()
+        stats: dict[str, Any] = {"probe_assignment": assigned_TE, "probe_load": _load_counts(info)}
         moe = view.moe
         if moe is not None:
             x_TD = torch.cat(rec.inputs[view.name])[:max_tokens].float()

@@ -21,12 +21,13 @@ def layers_table(metrics: dict[str, Any]) -> list[str]:
         lines.append("model: " + "   ".join(f"{k} {v:.4g}" for k, v in metrics["model_metrics"].items()))
     layers = metrics.get("layers", {})
     if layers:
-        header = ["layer", "CV", "max/mean", "entropy", "Gini", "drop", "MI bits", "homog.", "changed", "angle"]
+        header = ["layer", "CV", "max/mean", "entropy", "Gini", "drop", "MI bits", "homog.", "changed", "/chance",
+                  "angle"]
         rows = [header]
         for name, s in layers.items():
             rows.append([name, _fmt(s.get("load_cv")), _fmt(s.get("max_over_mean")), _fmt(s.get("entropy")),
                          _fmt(s.get("gini")), _fmt(s.get("drop_rate")), _fmt(s.get("mi_bits")),
-                         _fmt(s.get("homogeneity")), _fmt(s.get("probe_changed")),
+                         _fmt(s.get("homogeneity")), _fmt(s.get("probe_changed")), _fmt(s.get("probe_changed_rel")),
                          _fmt(s.get("principal_angle_deg_mean"), ".1f")])
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         for i, row in enumerate(rows):
@@ -34,8 +35,9 @@ def layers_table(metrics: dict[str, Any]) -> list[str]:
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths))
         lines.append("CV, max/mean, entropy (normalised), Gini: load over test tokens; MI: I(expert; class); "
-                     "homog.: mean pairwise cosine of expert outputs; changed: probe tokens that changed expert "
-                     "since the previous checkpoint; angle: mean principal angle (deg) of the bases to the PCA "
+                     "homog.: mean pairwise cosine of expert outputs; changed: probe tokens whose experts changed "
+                     "since the previous checkpoint, /chance: that over what a memoryless router with the same "
+                     "loads would change (0 stable, 1 random; undefined when collapsed); angle: mean principal angle (deg) of the bases to the PCA "
                      "subspace of their inputs.")
     return lines
 

@@ -70,6 +70,18 @@ class ImageData:
     classes: list[str]
     mean: Tensor  # (C,) in [0, 1], from the training split
     std: Tensor
+    val: ImageSet | None = None  # held out from the training split by carve_validation
+
+    def carve_validation(self, size: int, seed: int = 0) -> None:
+        """Hold out ``size`` training images, drawn by ``seed``, as the validation split; the rest stay the
+        training split in their original order. The same ``(size, seed)`` always holds out the same images."""
+        n = len(self.train)
+        if not 1 <= size < n:
+            raise ValueError(f"data.val_size must be in [1, {n - 1}] for {self.name}'s {n} training images, got {size}")
+        held = torch.zeros(n, dtype=torch.bool)
+        held[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]] = True
+        self.val = ImageSet(self.train.images[held], self.train.labels[held])
+        self.train = ImageSet(self.train.images[~held], self.train.labels[~held])
 
     @property
     def num_classes(self) -> int:

@@ -71,6 +71,9 @@ METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
 # `--methods=[...]` (docs/study.md says which ran where).
 EXTRA_METHODS = ("ermoe_standardize_matched", "ermoe_tau_matched", "emoe_pi_large")
 DEFAULT_METHODS = [name for name in METHODS if name not in EXTRA_METHODS]
+# Rows added after looking at an earlier study's test-split results (the variants sweep of session 4): exploratory
+# leads, marked as such in the report, not held-out evidence.
+EXPLORATORY = frozenset({"ermoe_matched", "ermoe_standardize_prob", "emoe_pi_small", *EXTRA_METHODS})
 
 
 def deepmoe_widths(embed_dim: int) -> list[int]:

@@ -7,12 +7,13 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
 
 from ..train.config import ConfigError, _build, _merge, config_from_dict
+from ..train.checkpoint import list_checkpoints
 from ..train.lock import RunLock
 from ..train.run import METRICS_FILE, Run
 from ..train.trainer import load_run, train
@@ -29,11 +30,18 @@ class StudyConfig:
     report: str = "docs/results.md"
     fewshot_shots: list[int] = field(default_factory=lambda: [1, 5, 10])
     fewshot_draws: int = 5
-    fewshot_train_pool: int = 3000  # training images the support sets are drawn from
+    fewshot_train_pool: int = 3000  # images the support sets are drawn from (the transfer set's training split)
+    # Few-shot probes on data the backbone never saw: a dataset name (its images resized to the model's input), or
+    # "in_domain" (support from the training images, queries from the validation split; labelled as such).
+    fewshot_transfer: str = "digits"
+    # A finished or started run whose config (or ermoe version) differs from what the study would run now:
+    # "refuse" (an error naming the difference) or "rerun" (it is moved aside to <run>.stale-<time>, kept).
+    stale: Literal["refuse", "rerun"] = "refuse"
     train: dict[str, Any] = field(default_factory=lambda: {
         "model": {"name": "vit_tiny", "embed_dim": 96, "num_heads": 3, "depth": 4, "patch_size": 7,
                   "moe": {"num_experts": 8, "top_k": 1, "blocks": "every_other"}},
-        "data": {"name": "fashion_mnist", "train_limit": 20000, "test_limit": 5000},  # docs/method.md, section 7
+        # docs/method.md, section 7's budget; 5,000 further training images are held out for validation
+        "data": {"name": "fashion_mnist", "train_limit": 20000, "test_limit": 5000, "val_size": 5000},
         "optim": {"epochs": 3, "batch_size": 128, "lr": 1.0e-3, "warmup_steps": 100},
         "probe_size": 256, "probe_every": 39, "tensorboard": False, "progress": False, "keep_checkpoints": 1,
     })
@@ -47,7 +55,7 @@ QUICK = {
     "fewshot_draws": 2,
     "fewshot_train_pool": 1000,
     "train": {"model": {"embed_dim": 32, "num_heads": 2, "depth": 2, "moe": {"num_experts": 4, "blocks": "all"}},
-              "data": {"train_limit": 2048, "test_limit": 1000},
+              "data": {"train_limit": 2048, "test_limit": 1000, "val_size": 500},
               "optim": {"epochs": 2, "batch_size": 64, "warmup_steps": 10}, "probe_size": 64, "probe_every": 8},
 }
 
@@ -72,6 +80,14 @@ def load_study_config(path: str | Path | None = None, quick: bool = False,
             raise ConfigError(f"study.methods: unknown method {name!r}; choose from {list(METHODS)}")
     if not cfg.seeds:
         raise ConfigError("study.seeds must name at least one seed")
+    if cfg.fewshot_transfer != "in_domain":
+        from ..data.images import DATASETS
+        if cfg.fewshot_transfer not in DATASETS:
+            raise ConfigError(f"study.fewshot_transfer must be 'in_domain' or one of {DATASETS}, got "
+                              f"{cfg.fewshot_transfer!r}")
+        if cfg.fewshot_transfer == cfg.train.get("data", {}).get("name", "fashion_mnist"):
+            raise ConfigError(f"study.fewshot_transfer {cfg.fewshot_transfer!r} is the training data: a transfer "
+                              "probe needs data the backbone never saw (or 'in_domain', labelled as such)")
     run_config(cfg, cfg.methods[0], cfg.seeds[0])  # validates the training overrides before anything runs
     return cfg
 
@@ -103,22 +119,50 @@ def add_fewshot(path: Path, cfg: StudyConfig) -> dict[str, Any]:
 
 def _add_fewshot(path: Path, cfg: StudyConfig) -> dict[str, Any]:
     from ..analysis.fewshot import extract_features, few_shot_probe
+    from ..data.images import load_dataset
 
     train_cfg, task, model, _, _ = load_run(path)
-    train_batches = list(task.eval_batches("train", limit=cfg.fewshot_train_pool))
-    test_batches = list(task.eval_batches("test"))
-    ftr = extract_features(model, (b.inputs for b in train_batches))
-    fte = extract_features(model, (b.inputs for b in test_batches))
-    ytr = torch.cat([b.target for b in train_batches]).cpu()
-    yte = torch.cat([b.target for b in test_batches]).cpu()
+    if cfg.fewshot_transfer == "in_domain":  # labelled as such in the report
+        support = list(task.eval_batches("train", limit=cfg.fewshot_train_pool))
+        query = list(task.eval_batches("val" if task.data.val is not None else "test"))
+    else:
+        transfer = load_dataset(cfg.fewshot_transfer)
+        support = list(task.image_batches(transfer.train.subset(cfg.fewshot_train_pool)))
+        query = list(task.image_batches(transfer.test))
+    ftr = extract_features(model, (b.inputs for b in support))
+    fte = extract_features(model, (b.inputs for b in query))
+    ytr = torch.cat([b.target for b in support]).cpu()
+    yte = torch.cat([b.target for b in query]).cpu()
     fewshot = {}
     for shots in cfg.fewshot_shots:
         mean, std = few_shot_probe(ftr, ytr, fte, yte, shots, cfg.fewshot_draws, seed=train_cfg.seed)
         fewshot[str(shots)] = {"mean": mean, "std": std}
     metrics = json.loads((path / METRICS_FILE).read_text())
     metrics["fewshot"] = fewshot
+    metrics["fewshot_transfer"] = cfg.fewshot_transfer
     Run(path).write_metrics(metrics)
     return metrics
+
+
+def stale_reason(path: Path, train_cfg) -> str | None:
+    """Why the run in ``path`` is not the run the study would make now (its config or the ermoe version that made
+    it differ), or None."""
+    from .. import __version__
+    from ..train.config import config_to_dict
+    from ..train.run import CONFIG_FILE, flatten_config
+
+    if not (path / CONFIG_FILE).exists():
+        return None
+    run = Run(path)
+    stored, wanted = flatten_config(config_to_dict(run.read_config())), flatten_config(config_to_dict(train_cfg))
+    diff = [f"{k} {stored.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(stored) | set(wanted))
+            if stored.get(k) != wanted.get(k)]
+    if diff:
+        return "its config differs: " + ", ".join(diff)
+    metrics = run.read_metrics()
+    if metrics is not None and metrics.get("ermoe_version") != __version__:
+        return f"it was made by ermoe {metrics.get('ermoe_version')}, this is {__version__}"
+    return None
 
 
 def run_study(cfg: StudyConfig, log=print) -> dict[str, dict[int, dict[str, Any]]]:
@@ -130,16 +174,26 @@ def run_study(cfg: StudyConfig, log=print) -> dict[str, dict[int, dict[str, Any]
         for seed in cfg.seeds:
             done += 1
             path = run_dir(cfg, method, seed)
+            train_cfg = run_config(cfg, method, seed)
+            reason = stale_reason(path, train_cfg)
+            if reason is not None:
+                if cfg.stale == "refuse":
+                    raise ConfigError(f"{path} is not this study's run: {reason}. Delete it, choose another "
+                                      "out_dir, or pass --stale=rerun to move it aside and run it again")
+                aside = path.with_name(f"{path.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+                path.rename(aside)
+                log(f"{path}: {reason}; moved to {aside}, running it again")
             metrics = _finished(path)
             t0 = time.perf_counter()
             if metrics is None:
-                train_cfg = run_config(cfg, method, seed)
                 if (path / METRICS_FILE).exists():
                     pass  # trained and evaluated; only the probes are missing
-                elif (path / "checkpoints" / "latest").exists():
+                elif list_checkpoints(path / "checkpoints"):
                     train(train_cfg, resume=path, quiet=True)
                 else:
                     if path.exists():  # started but never checkpointed: nothing worth keeping
+                        with RunLock(path):  # unless another process is writing it
+                            pass
                         shutil.rmtree(path)
                     train(train_cfg, quiet=True)
                 metrics = add_fewshot(path, cfg)

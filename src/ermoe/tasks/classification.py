@@ -17,7 +17,7 @@ from ..data.augment import normalize, train_transform
 from ..data.images import DATASETS, ImageData, load_dataset
 from .base import Batch, Task, register_task
 
-_LIMITS, _AUGMENT = ("train_limit", "test_limit"), ("crop_padding", "hflip")
+_LIMITS, _AUGMENT = ("train_limit", "test_limit", "val_size", "split_seed"), ("crop_padding", "hflip")
 
 
 @register_task
@@ -37,6 +37,8 @@ class ImageClassification(Task):
     def load(self) -> None:
         d = self.cfg.data
         data = load_dataset(d.name, d.data_dir, download=d.download, mirror=d.mirror, img_size=d.img_size)
+        if d.val_size:
+            data.carve_validation(d.val_size, d.split_seed)
         data.train = data.train.subset(d.train_limit)
         data.test = data.test.subset(d.test_limit)
         if len(data.train) < self.cfg.optim.batch_size:
@@ -72,11 +74,29 @@ class ImageClassification(Task):
         return Batch((x,), self.data.train.labels[indices].to(device))
 
     def eval_batches(self, split: str, batch_size: int | None = None, limit: int | None = None) -> Iterator[Batch]:
-        subset = {"train": self.data.train, "test": self.data.test}[split].subset(limit)
+        subset = {"train": self.data.train, "val": self.data.val, "test": self.data.test}[split]
+        if subset is None:
+            raise ValueError(f"{self.data.name} has no {split} split (data.val_size holds one out)")
+        yield from self.image_batches(subset.subset(limit), batch_size)
+
+    def image_batches(self, images: ImageSet, batch_size: int | None = None) -> Iterator[Batch]:
+        """Any images (another dataset's too) as this task's model inputs: resized to the training images' size,
+        their channels matched (grey repeated, colour averaged), normalised as the training images are."""
         batch_size = batch_size or self.cfg.optim.eval_batch_size
-        for i in range(0, len(subset), batch_size):
-            x = normalize(subset.images[i:i + batch_size].to(self.device), self.data.mean, self.data.std)
-            yield Batch((x,), subset.labels[i:i + batch_size].to(self.device))
+        size, chans = self.data.img_size, self.data.in_chans
+        for i in range(0, len(images), batch_size):
+            x = images.images[i:i + batch_size].to(self.device)
+            if x.shape[1] != chans:
+                if chans != 1 and x.shape[1] != 1:
+                    raise ValueError(f"cannot map {x.shape[1]}-channel images to the model's {chans} channels")
+                x = x.float().mean(1, keepdim=True) if chans == 1 else x.float().repeat(1, chans, 1, 1)
+            if x.shape[-2:] != (size, size):
+                x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            yield Batch((normalize(x, self.data.mean, self.data.std),), images.labels[i:i + batch_size].to(self.device))
+
+    def probe(self) -> Batch:
+        """The first ``probe_size`` validation images (test images when there is no validation split)."""
+        return next(self.eval_batches("val" if self.data.val is not None else "test", self.cfg.probe_size))
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output.float(), target, label_smoothing=self.cfg.optim.label_smoothing)
@@ -88,19 +108,22 @@ class ImageClassification(Task):
         metrics = evaluate_classifier(model, ((b.inputs, b.target) for b in self.eval_batches("test")),
                                       self.data.num_classes,
                                       probe=None if probe is None else probe.inputs, autocast=autocast)
-        metrics.update(dataset=self.data.name, classes=self.data.classes)
+        metrics.update(dataset=self.data.name, classes=self.data.classes, **self.quick_eval(model, autocast))
         return metrics
 
     @torch.no_grad()
     def quick_eval(self, model: nn.Module, autocast: Callable[[], Any]) -> dict[str, float]:
+        """Top-1 on the validation split (nothing without one: the test split is read once, at the end)."""
+        if self.data.val is None:
+            return {}
         was = model.training
         model.eval()
         correct = 0
-        for batch in self.eval_batches("test"):
+        for batch in self.eval_batches("val"):
             with autocast():
                 correct += int((model(*batch.inputs).argmax(1) == batch.target).sum())
         model.train(was)
-        return {"test_top1": correct / len(self.data.test)}
+        return {"val_top1": correct / len(self.data.val)}
 
     @staticmethod
     def results_table(metrics: dict[str, Any]) -> str:

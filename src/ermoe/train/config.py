@@ -70,8 +70,11 @@ class DataConfig:
     download: bool = False
     mirror: str | None = None
     img_size: int | None = None  # imagefolder only: the decoded size
-    train_limit: int | None = None  # first N training images (quick runs)
+    train_limit: int | None = None  # first N training images (quick runs), after the validation split is held out
     test_limit: int | None = None
+    # Training images held out as a validation split (0: none), drawn by split_seed: the same for every run.
+    val_size: int = 0
+    split_seed: int = 0
     # Off by default: in the 4-epoch main job augmentation cost accuracy (docs/vision.md has the measurement).
     crop_padding: int = 0
     hflip: bool = False

@@ -36,7 +36,7 @@ RESUMABLE = {
 }
 
 
-def _flatten(tree: dict[str, Any]) -> dict[str, Any]:
+def flatten_config(tree: dict[str, Any]) -> dict[str, Any]:
     """``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}``: the config's sections are one level deep."""
     out = {}
     for key, value in tree.items():
@@ -50,7 +50,7 @@ def _flatten(tree: dict[str, Any]) -> dict[str, Any]:
 def resume_changes(stored: TrainConfig, requested: TrainConfig) -> dict[str, dict[str, Any]]:
     """``{key: {"from": old, "to": new}}`` for every setting ``requested`` changes; a change to a key that cannot be
     applied on resume is a :class:`ConfigError` naming it."""
-    old, new = _flatten(config_to_dict(stored)), _flatten(config_to_dict(requested))
+    old, new = flatten_config(config_to_dict(stored)), flatten_config(config_to_dict(requested))
     changes = {k: {"from": old.get(k), "to": new.get(k)} for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
     refused = [k for k in changes if k not in RESUMABLE]
     if refused:

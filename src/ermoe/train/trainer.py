@@ -21,7 +21,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..analysis.diagnostics import changed_share, probe_load, probe_routing
+from .. import __version__
+from ..analysis.diagnostics import chance_changed_share, changed_share, probe_load, probe_routing
 from ..experts import EigenExperts, MLPExperts
 from ..models import RoutedModel, create_model
 from ..moe import NonFiniteInputError
@@ -189,14 +190,15 @@ class Trainer:
         self.autocast = autocast_ctx(device, dtype)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.probe = task.probe()
-        self.step, self.prev_probe, self.probe_changed = 0, None, {}
+        self.step, self.prev_probe, self.probe_changed = 0, None, {}  # probe_changed: layer -> (changed, chance)
         self.train_time, self.segments = 0.0, []  # over every segment of the run (resumes), up to self.step
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
             _set_rng_state(state["rng"])
-            self.step, self.prev_probe = state["step"], state.get("probe_top1")
-            self.probe_changed = state.get("probe_changed", {})
+            # (older checkpoints kept each token's argmax expert under "probe_top1": not comparable, not read)
+            self.step, self.prev_probe = state["step"], state.get("probe_assignment")
+            self.probe_changed = state.get("probe_changed", {}) if self.prev_probe is not None else {}
             self.train_time, self.segments = state.get("train_time_s", 0.0), state.get("segments", [])
             run.truncate_log(self.step)  # lines after the checkpoint will be redone; before the log is opened
         decay, no_decay = self.optimizer.param_groups
@@ -333,16 +335,19 @@ class Trainer:
                                                                self.optimizer.state_dict()["state"]])):
             raise self._diverged("non-finite weights or optimizer moments")
         probed = probe_routing(self.model, self.probe.inputs, ctx=self.autocast)
-        current = {n: s["probe_top1"] for n, s in probed.items()}
+        current = {n: s["probe_assignment"] for n, s in probed.items()}
         self._log_probe_load({n: s["probe_load"] for n, s in probed.items()})
         if self.prev_probe is not None:
-            self.probe_changed = {n: changed_share(self.prev_probe[n], current[n]) for n in current
-                                  if n in self.prev_probe}
-            self.logger.log({"kind": "stability", "step": self.step, **self.probe_changed})
+            self.probe_changed = {n: (changed_share(self.prev_probe[n], current[n]), chance_changed_share(current[n]))
+                                  for n in current if n in self.prev_probe}
+            record = {"kind": "stability", "step": self.step}
+            for n, (changed, chance) in self.probe_changed.items():
+                record.update({n: changed, f"{n}/chance": chance})
+            self.logger.log(record)
         self.prev_probe = current
         save_checkpoint(self.run.checkpoints, self.step, self.model, {
             "step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-            "rng": _rng_state(), "probe_top1": current, "probe_changed": self.probe_changed,
+            "rng": _rng_state(), "probe_assignment": current, "probe_changed": self.probe_changed,
             "train_time_s": self.train_time, "segments": self.segments_so_far()}, keep=self.cfg.keep_checkpoints)
 
     def close(self) -> None:
@@ -447,17 +452,21 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = Fals
 
 
 def evaluate_run(run: Run, task: Task, model: RoutedModel, cfg: TrainConfig, autocast: Callable[[], Any],
-                 probe_changed: dict[str, float]) -> dict[str, Any]:
-    """The task's metrics on the test split, the routing stability between the last two checkpoints, parameter
-    counts, and the figures."""
+                 probe_changed: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """The task's metrics on the test split, the routing stability between the last two checkpoints (the share of
+    probe tokens whose experts changed, the share a memoryless router with the same loads would change, and their
+    ratio), parameter counts, and the figures."""
     t0 = time.perf_counter()
     metrics = task.evaluate(model, autocast, probe=task.probe())
     metrics["eval_time_s"] = time.perf_counter() - t0
     for name, stats in metrics["layers"].items():
-        stats.pop("probe_top1", None)
+        stats.pop("probe_assignment", None)
         stats.pop("probe_load", None)
-        stats["probe_changed"] = probe_changed.get(name)
-    metrics.update(task=cfg.task, run=str(run.root), params_total=sum(p.numel() for p in model.parameters()),
+        changed, chance = probe_changed.get(name, (None, None))
+        stats.update(probe_changed=changed, probe_changed_chance=chance,
+                     probe_changed_rel=changed / chance if changed is not None and chance else None)
+    metrics.update(task=cfg.task, run=str(run.root), ermoe_version=__version__,
+                   params_total=sum(p.numel() for p in model.parameters()),
                    params_active=model.active_parameters(),
                    params_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
     task.draw_figures(metrics, run.figures)
