@@ -91,3 +91,55 @@ def test_trainer_feeds_the_stem_its_own_normalisation(weights):
     assert task.data.mean.tolist() != [0.5]
     task.prepare(build_model(cfg, task))
     assert task.data.mean.tolist() == [0.5] and task.data.std.tolist() == [0.5]  # pixels to [-1, 1], as trained
+
+
+def stem_config(weights, out_dir="runs", **data):
+    return load_config(None, {"out_dir": str(out_dir), "progress": False, "tensorboard": False, "probe_size": 16,
+                              "data": {"name": "digits", "train_limit": 128, **data},
+                              "model": {"patch_size": 2, "depth": 1, "embed_dim": 16, "num_heads": 2,
+                                        "stem": "efficientnet_lite0", "stem_weights": weights[0],
+                                        "moe": {"router": "ermoe", "num_experts": 2, "blocks": "all"}},
+                              "optim": {"batch_size": 64, "epochs": 1, "warmup_steps": 1}})
+
+
+def test_cached_stem_features_are_the_live_stem_and_a_stale_cache_is_refused(weights, tmp_path, monkeypatch):
+    from ermoe.data.augment import normalize
+    from ermoe.train.trainer import setup
+
+    monkeypatch.setenv("ERMOE_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    task, model, _ = setup(stem_config(weights, stem_cache=True, val_size=100))
+    assert set(task.features) == {"train", "val", "test"} and task.features["train"].shape == (128, 112, 4, 4)
+    images = normalize(task.data.test.images[:16], task.data.mean, task.data.std)
+    cached = next(task.eval_batches("test", 16)).inputs[0]
+    torch.testing.assert_close(cached, model.frozen_stem().frozen_features(images))  # the live stem's output
+    model.eval()
+    torch.testing.assert_close(model(cached), model(images))  # the model takes either
+    files = sorted((tmp_path / "cache" / "stem_features").iterdir())
+    assert len(files) == 3
+    before = {f: f.stat().st_mtime_ns for f in files}
+    task2, _, _ = setup(stem_config(weights, stem_cache=True, val_size=100))  # read back, not recomputed
+    assert {f: f.stat().st_mtime_ns for f in files} == before
+    torch.testing.assert_close(task2.features["test"], task.features["test"])
+    from safetensors.torch import load_file, save_file
+    for f in files:  # a cache that no longer matches what the stem computes
+        save_file({"features": load_file(str(f))["features"] + 1.0}, str(f))
+    with pytest.raises(RuntimeError, match="does not match the live stem"):
+        setup(stem_config(weights, stem_cache=True, val_size=100))
+
+
+def test_training_on_cached_stem_features(weights, tmp_path, monkeypatch):
+    import json
+    from ermoe.train import train
+
+    monkeypatch.setenv("ERMOE_CACHE_DIR", str(tmp_path / "cache"))
+    run = train(stem_config(weights, tmp_path / "runs", stem_cache=True, val_size=100), quiet=True)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test_images"] == 360 and metrics["step"] == 2 and "val_top1" in metrics
+
+
+def test_stem_cache_config_errors(weights):
+    with pytest.raises(ConfigError, match="data.stem_cache .* has none"):
+        load_config(None, {"data": {"name": "digits", "stem_cache": True}, "model": {"patch_size": 2}})
+    with pytest.raises(ConfigError, match="crop_padding and data.hflip do not apply"):
+        stem_config(weights, stem_cache=True, crop_padding=1)

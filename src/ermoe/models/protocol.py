@@ -140,6 +140,12 @@ class RoutedModel(nn.Module):
         pretraining (a rebuilt skeleton cannot tell)."""
         return None
 
+    def frozen_stem(self) -> nn.Module | None:
+        """A frozen first stage whose output is a fixed function of each input (a pretrained stem), with a
+        ``frozen_features(x)`` method; the model then also accepts that output in place of its input, so a task may
+        compute it once per example and cache it. None by default."""
+        return None
+
     def active_parameters(self) -> int:
         """Parameters one token uses: all, less the experts it is not routed to (top_k of num_experts per MoE)."""
         total = sum(p.numel() for p in self.parameters())

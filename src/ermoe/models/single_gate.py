@@ -139,6 +139,9 @@ class SingleGatedViT(RoutedModel):
     def input_normalization(self, pretrained: bool):
         return self.vit.input_normalization(pretrained)
 
+    def frozen_stem(self) -> nn.Module | None:
+        return self.vit.frozen_stem()
+
     def get_classifier(self) -> nn.Module:
         return self.vit.get_classifier()
 

@@ -65,6 +65,10 @@ class PretrainedStem(nn.Module):
     is the ViT's ``grid x grid`` token grid. The stem stays in eval mode (BatchNorm's ImageNet statistics) and gets
     no gradient; only ``proj`` trains. Inputs are expected normalised with :attr:`input_mean` / :attr:`input_std`
     (the stem's own [-1, 1] pixel scaling; the trainer applies it).
+
+    The frozen part is a fixed function of the image, so its output can be computed once per image and cached
+    (``data.stem_cache``): :meth:`frozen_features` computes it, and ``forward`` also takes it directly, as a
+    ``(B, feature_channels, grid, grid)`` tensor instead of images.
     """
 
     input_mean, input_std = 0.5, 0.5
@@ -77,6 +81,7 @@ class PretrainedStem(nn.Module):
             raise ValueError(f"the {name} stem takes 1- or 3-channel images, got {in_chans} channels")
         self.backbone = load_efficientnet_lite0(weights).eval().requires_grad_(False)
         channels = self.backbone.feature_info.channels()[-1]
+        self.feature_channels = channels
         self.proj = nn.Conv2d(channels, embed_dim, kernel_size=1)
         self.grid, self.in_chans = grid, in_chans
         # What timm's VisionTransformer reads from its patch embedding.
@@ -89,7 +94,9 @@ class PretrainedStem(nn.Module):
         self.backbone.eval()  # frozen: keep the pretrained BatchNorm statistics
         return self
 
-    def forward(self, x: Tensor) -> Tensor:
+    @torch.no_grad()
+    def frozen_features(self, x: Tensor) -> Tensor:
+        """The frozen backbone's output for normalised images: ``(B, feature_channels, grid, grid)``."""
         if x.shape[1] != self.in_chans:
             raise ValueError(f"stem built for {self.in_chans}-channel images, got {tuple(x.shape)}")
         if self.in_chans == 1:
@@ -97,8 +104,14 @@ class PretrainedStem(nn.Module):
         size = _STRIDE * self.grid
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        with torch.no_grad():
-            features = self.backbone(x)[-1]
+        return self.backbone(x)[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Images, or their precomputed :meth:`frozen_features` (told apart by the channel count)."""
+        features = x if x.shape[1] == self.feature_channels else self.frozen_features(x)
+        if features.shape[-2:] != self.grid_size:
+            raise ValueError(f"stem features must be ({self.feature_channels}, {self.grid}, {self.grid}) per image, "
+                             f"got {tuple(features.shape[1:])}")
         return self.proj(features).flatten(2).transpose(1, 2)
 
 

@@ -241,6 +241,9 @@ class MoEViT(VisionTransformer, RoutedModel):
     methods only (no state of its own).
     """
 
+    def frozen_stem(self) -> PretrainedStem | None:
+        return self.patch_embed if isinstance(self.patch_embed, PretrainedStem) else None
+
     def input_normalization(self, pretrained: bool):
         if isinstance(self.patch_embed, PretrainedStem):
             stem = self.patch_embed

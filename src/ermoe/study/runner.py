@@ -25,7 +25,7 @@ class StudyConfig:
     """What the study runs. ``train`` holds overrides of the training config shared by every run (the budget)."""
 
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     out_dir: str = "runs/study"
     report: str = "docs/results.md"
     fewshot_shots: list[int] = field(default_factory=lambda: [1, 5, 10])

@@ -16,8 +16,9 @@ from ..analysis.report import draw_figures, layers_table
 from ..data.augment import normalize, train_transform
 from ..data.images import DATASETS, ImageData, load_dataset
 from .base import Batch, Task, register_task
+from .features import cached_stem_features
 
-_LIMITS, _AUGMENT = ("train_limit", "test_limit", "val_size", "split_seed"), ("crop_padding", "hflip")
+_LIMITS, _AUGMENT = ("train_limit", "test_limit", "val_size", "split_seed", "stem_cache"), ("crop_padding", "hflip")
 
 
 @register_task
@@ -33,6 +34,9 @@ class ImageClassification(Task):
     }
     model_data_args = ("num_classes", "img_size", "in_chans")
     data: ImageData
+    # With data.stem_cache: each split's frozen stem features, which then stand in for its images as model input.
+    features: dict[str, Tensor] | None = None
+    stem: nn.Module | None = None
 
     def load(self) -> None:
         d = self.cfg.data
@@ -51,16 +55,28 @@ class ImageClassification(Task):
         return dict(zip(self.model_data_args, (data.num_classes, data.img_size, data.in_chans)))
 
     def prepare(self, model: nn.Module) -> None:
-        """Pretrained weights expect the normalisation they were trained with, not the dataset's own statistics."""
+        """Pretrained weights expect the normalisation they were trained with, not the dataset's own statistics;
+        with ``data.stem_cache`` the frozen stem's features of every split are computed (or read back) here."""
         norm = model.input_normalization(pretrained=bool(self.cfg.model.args.get("pretrained", False)))
-        if norm is None:
-            return
-        mean, std = (torch.as_tensor(v, dtype=torch.float32) for v in norm)
-        if len(mean) != self.data.in_chans:
-            warnings.warn(f"the model's pretrained input normalisation has {len(mean)} channels, the images "
-                          f"{self.data.in_chans}: normalising with the dataset's own statistics instead", stacklevel=2)
-            return
-        self.data.mean, self.data.std = mean, std
+        if norm is not None:
+            mean, std = (torch.as_tensor(v, dtype=torch.float32) for v in norm)
+            if len(mean) == self.data.in_chans:
+                self.data.mean, self.data.std = mean, std
+            else:
+                warnings.warn(f"the model's pretrained input normalisation has {len(mean)} channels, the images "
+                              f"{self.data.in_chans}: normalising with the dataset's own statistics instead",
+                              stacklevel=2)
+        if self.cfg.data.stem_cache:
+            self._cache_stem(model)
+
+    def _cache_stem(self, model: nn.Module) -> None:
+        self.stem = model.frozen_stem()
+        if self.stem is None:
+            raise ValueError(f"data.stem_cache: model {self.cfg.model.name!r} has no frozen stem to cache")
+        splits = {"train": self.data.train, "val": self.data.val, "test": self.data.test}
+        self.features = {name: cached_stem_features(self.stem, split.images, self.data.mean, self.data.std,
+                                                    self.device, self.cfg.optim.eval_batch_size)
+                         for name, split in splits.items() if split is not None}
 
     @property
     def num_train(self) -> int:
@@ -68,6 +84,8 @@ class ImageClassification(Task):
 
     def train_batch(self, indices: Tensor, step: int) -> Batch:
         d, device = self.cfg.data, self.device
+        if self.features is not None:  # no augmentation with cached features (the config refuses it)
+            return Batch((self.features["train"][indices].to(device),), self.data.train.labels[indices].to(device))
         gen = torch.Generator(device=device).manual_seed(self.cfg.seed * 1_000_003 + step)
         x = train_transform(self.data.train.images[indices].to(device), self.data.mean, self.data.std,
                             crop_padding=d.crop_padding, hflip=d.hflip, generator=gen)
@@ -77,6 +95,12 @@ class ImageClassification(Task):
         subset = {"train": self.data.train, "val": self.data.val, "test": self.data.test}[split]
         if subset is None:
             raise ValueError(f"{self.data.name} has no {split} split (data.val_size holds one out)")
+        if self.features is not None:
+            features, labels = self.features[split][:limit], subset.labels[:limit]
+            batch_size = batch_size or self.cfg.optim.eval_batch_size
+            for i in range(0, len(features), batch_size):
+                yield Batch((features[i:i + batch_size].to(self.device),), labels[i:i + batch_size].to(self.device))
+            return
         yield from self.image_batches(subset.subset(limit), batch_size)
 
     def image_batches(self, images: ImageSet, batch_size: int | None = None) -> Iterator[Batch]:
@@ -92,7 +116,10 @@ class ImageClassification(Task):
                 x = x.float().mean(1, keepdim=True) if chans == 1 else x.float().repeat(1, chans, 1, 1)
             if x.shape[-2:] != (size, size):
                 x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            yield Batch((normalize(x, self.data.mean, self.data.std),), images.labels[i:i + batch_size].to(self.device))
+            x = normalize(x, self.data.mean, self.data.std)
+            if self.stem is not None:  # the model takes the stem's features (data.stem_cache): compute them live
+                x = self.stem.frozen_features(x)
+            yield Batch((x,), images.labels[i:i + batch_size].to(self.device))
 
     def probe(self) -> Batch:
         """The first ``probe_size`` validation images (test images when there is no validation split)."""

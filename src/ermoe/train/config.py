@@ -75,6 +75,8 @@ class DataConfig:
     # Training images held out as a validation split (0: none), drawn by split_seed: the same for every run.
     val_size: int = 0
     split_seed: int = 0
+    # Compute a frozen pretrained stem's features once per image and cache them (ermoe.tasks.features).
+    stem_cache: bool = False
     # Off by default: in the 4-epoch main job augmentation cost accuracy (docs/vision.md has the measurement).
     crop_padding: int = 0
     hflip: bool = False
@@ -291,6 +293,13 @@ def _check_data(cfg: TrainConfig) -> type:
             raise ConfigError(f"data.{key} does not apply to dataset {d.name!r} (it reads: {', '.join(applicable)})")
     if d.mirror is not None and not d.download:
         raise ConfigError("data.mirror applies only with data.download: true")
+    if d.stem_cache:
+        if not cfg.model.args.get("stem"):
+            raise ConfigError(f"data.stem_cache caches a frozen stem's features: model {cfg.model.name!r} has none "
+                              "(set model.stem)")
+        if d.crop_padding or d.hflip:
+            raise ConfigError("data.stem_cache precomputes the features of unaugmented images: data.crop_padding "
+                              "and data.hflip do not apply with it")
     return task
 
 
