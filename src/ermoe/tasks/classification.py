@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..analysis.diagnostics import evaluate_classifier
 from ..analysis.report import draw_figures, layers_table
 from ..data.augment import normalize, train_transform
-from ..data.images import DATASETS, ImageData, load_dataset
+from ..data.images import DATASETS, ImageData, ImageSet, load_dataset
 from .base import Batch, Task, register_task
 from .features import cached_stem_features
 
