@@ -93,8 +93,8 @@ def test_trainer_feeds_the_stem_its_own_normalisation(weights):
     assert task.data.mean.tolist() == [0.5] and task.data.std.tolist() == [0.5]  # pixels to [-1, 1], as trained
 
 
-def stem_config(weights, out_dir="runs", **data):
-    return load_config(None, {"out_dir": str(out_dir), "progress": False, "tensorboard": False, "probe_size": 16,
+def stem_config(weights, out_dir="runs", seed=0, **data):
+    return load_config(None, {"seed": seed, "out_dir": str(out_dir), "progress": False, "tensorboard": False, "probe_size": 16,
                               "data": {"name": "digits", "train_limit": 128, **data},
                               "model": {"patch_size": 2, "depth": 1, "embed_dim": 16, "num_heads": 2,
                                         "stem": "efficientnet_lite0", "stem_weights": weights[0],
@@ -118,8 +118,10 @@ def test_cached_stem_features_are_the_live_stem_and_a_stale_cache_is_refused(wei
     files = sorted((tmp_path / "cache" / "stem_features").iterdir())
     assert len(files) == 3
     before = {f: f.stat().st_mtime_ns for f in files}
-    task2, _, _ = setup(stem_config(weights, stem_cache=True, val_size=100))  # read back, not recomputed
+    # another seed (another trainable projection, the same frozen features): read back, not recomputed
+    task2, _, _ = setup(stem_config(weights, seed=1, stem_cache=True, val_size=100))
     assert {f: f.stat().st_mtime_ns for f in files} == before
+    assert sorted((tmp_path / "cache" / "stem_features").iterdir()) == files
     torch.testing.assert_close(task2.features["test"], task.features["test"])
     from safetensors.torch import load_file, save_file
     for f in files:  # a cache that no longer matches what the stem computes

@@ -141,8 +141,8 @@ class RoutedModel(nn.Module):
         return None
 
     def frozen_stem(self) -> nn.Module | None:
-        """A frozen first stage whose output is a fixed function of each input (a pretrained stem), with a
-        ``frozen_features(x)`` method; the model then also accepts that output in place of its input, so a task may
+        """A frozen first stage whose output is a fixed function of each input (a pretrained stem), with
+        ``frozen_features(x)`` and ``frozen_state()`` (the tensors those features depend on) methods; the model then also accepts that output in place of its input, so a task may
         compute it once per example and cache it. None by default."""
         return None
 

@@ -95,6 +95,10 @@ class PretrainedStem(nn.Module):
         return self
 
     @torch.no_grad()
+    def frozen_state(self) -> dict[str, Tensor]:
+        """The state :meth:`frozen_features` depends on (the frozen backbone; not the trainable projection)."""
+        return self.backbone.state_dict()
+
     def frozen_features(self, x: Tensor) -> Tensor:
         """The frozen backbone's output for normalised images: ``(B, feature_channels, grid, grid)``."""
         if x.shape[1] != self.in_chans:

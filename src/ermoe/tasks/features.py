@@ -51,7 +51,8 @@ def cached_stem_features(stem: nn.Module, images: Tensor, mean: Tensor, std: Ten
     """The frozen features of ``images`` (uint8 ``(N, C, H, W)``), from the cache or computed and cached."""
     from safetensors.torch import load_file, save_file
 
-    weights = [t for _, t in sorted(stem.state_dict().items()) if t.is_floating_point()]
+    # Keyed by the frozen part only: the stem's trainable projection differs per seed, its input does not.
+    weights = [t for _, t in sorted(stem.frozen_state().items()) if t.is_floating_point()]
     key = _digest(*weights, str(stem.grid_size), images, mean.float(), std.float())
     path = cache_dir() / f"{key}.safetensors"
     check = _compute(stem, images[:VERIFY_IMAGES], mean, std, device, batch_size)
