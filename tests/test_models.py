@@ -21,6 +21,13 @@ FAMILY_ARGS = {
     "single_gated_vit": dict(**VIT, num_experts=4, blocks="all", kmeans_step=1, kmeans_samples=8),
     "deepmoe_cnn": dict(widths=[8, 8, 8], embed_dim=6),
 }
+# Volumetric models take volumes, not images (5 outputs, so the classification loss of the check applies).
+VOLUME_ARGS = {
+    "sfcn3d": dict(in_chans=2, volume_shape=(16, 16, 16), num_outputs=5, channels=[4, 8, 8],
+                   moe=dict(router="ermoe", num_experts=4)),
+    "vit3d": dict(in_chans=2, volume_shape=(16, 16, 16), num_outputs=5, patch_size=4, embed_dim=16, depth=2,
+                  num_heads=2, moe=dict(router="ermoe", num_experts=4, blocks="all")),
+}
 
 
 def assert_every_param_learns(model, x=None, steps=1):
@@ -51,14 +58,18 @@ def registered():
 @pytest.mark.parametrize("name,family", registered())
 def test_every_registered_model_forward_and_grad(name, family):
     torch.manual_seed(0)
-    model = create_model(name, **DATA, **FAMILY_ARGS[family])
+    if family == "brain":
+        model, x = create_model(name, **VOLUME_ARGS[name]), torch.randn(8, 2, 16, 16, 16)
+    else:
+        model, x = create_model(name, **DATA, **FAMILY_ARGS[family]), None
     assert isinstance(model, RoutedModel) and model.routed_layers()
-    assert_every_param_learns(model, steps=1)  # one step: the single-gated model's experts start after it
+    assert_every_param_learns(model, x, steps=1)  # one step: the single-gated model's experts start after it
 
 
 def test_list_models_lists_every_family():
     assert set(list_models()) >= {"vit_tiny", "vit_small", "vit_base", "single_gated_vit", "deepmoe_cnn"}
-    assert set(model_families()) == {"vit", "single_gated_vit", "deepmoe_cnn"}
+    assert set(model_families()) == {"vit", "single_gated_vit", "deepmoe_cnn", "brain"}
+    assert {"sfcn3d", "vit3d"} <= set(list_models("brain"))
     assert "timm_vit" not in list_models()
 
 

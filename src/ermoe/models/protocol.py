@@ -122,6 +122,12 @@ class RoutedModel(nn.Module):
         return [RoutedLayer(name, m) for name, m in self.named_modules() if isinstance(m, RoutingLayer)]
 
     @property
+    def token_grid(self) -> dict[str, tuple[int, ...]]:
+        """Per routing layer (by qualified name) whose tokens tile the input on a grid (a 3D feature map, volumetric
+        patches), that grid; tokens are in row-major cell order. Expert maps over the input need it. None here."""
+        return {}
+
+    @property
     def experts_active(self) -> bool:
         """Whether the experts take part in training now (False during a base-only warm-up phase)."""
         return True

@@ -77,7 +77,16 @@ class DataConfig:
     split_seed: int = 0
     # Compute a frozen pretrained stem's features once per image and cache them (ermoe.tasks.features).
     stem_cache: bool = False
+    # Brain age (docs/brainage.md): nifti_csv reads `csv`; brain_cohort generates `cohort_size` subjects
+    # (`cohort_seed`) once and caches them. Both resample to the MNI grid at `spacing` mm; `test_size` subjects
+    # are held out for testing (with val_size for validation) unless the CSV has a split column.
+    csv: str | None = None
+    spacing: float = 2.0
+    cohort_size: int = 600
+    cohort_seed: int = 0
+    test_size: int = 0
     # Off by default: in the 4-epoch main job augmentation cost accuracy (docs/vision.md has the measurement).
+    # For volumes: crop_padding = the largest random shift in voxels, hflip = a random left-right flip.
     crop_padding: int = 0
     hflip: bool = False
 

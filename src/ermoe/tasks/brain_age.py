@@ -1,0 +1,287 @@
+"""Brain age from T1 MRI volumes (docs/brainage.md): regression of the age at the scan with an L1 loss in years,
+MAE / RMSE / Pearson r / brain-age gap with and without the usual age-bias correction, and where the experts work
+in the brain (expert maps over the MNI grid, MI(expert; tissue), and on the built-in cohort a score against the
+generator's ground-truth ageing map).
+
+The model predicts standardised age (``(age - mean) / sd`` of the training ages), so its head starts in range;
+the loss and every metric are in years.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..analysis.brain_maps import draw_expert_maps
+from ..analysis.diagnostics import assignments, entropy_bits, mutual_information, probe_routing
+from ..data.cohort import CohortSpec, build_cohort
+from ..data.nifti import VolumeStore, mni_grid, read_csv, split_cohort
+from ..routing.stats import load_summary
+from .base import Batch, Task, register_task
+
+_SPLIT_KEYS = ("spacing", "val_size", "test_size", "split_seed", "train_limit", "test_limit", "crop_padding", "hflip")
+TISSUES = ("background", "csf", "gm", "wm")
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def age_metrics(pred: np.ndarray, age: np.ndarray, prefix: str = "test_") -> dict[str, float]:
+    """MAE, RMSE, Pearson r of prediction and age, the mean brain-age gap (pred - age) and its correlation with
+    age (the age bias)."""
+    gap = pred - age
+    return {f"{prefix}mae": float(np.abs(gap).mean()), f"{prefix}rmse": float(np.sqrt((gap ** 2).mean())),
+            f"{prefix}r": pearson(pred, age), f"{prefix}gap_mean": float(gap.mean()),
+            f"{prefix}gap_age_r": pearson(gap, age)}
+
+
+def fit_age_bias(pred: np.ndarray, age: np.ndarray) -> tuple[float, float]:
+    """The linear fit ``gap = a + b * age`` (Smith et al. 2019), made on held-out (validation) predictions."""
+    b, a = np.polyfit(age, pred - age, 1)
+    return float(a), float(b)
+
+
+def correct_age_bias(pred: np.ndarray, age: np.ndarray, fit: tuple[float, float]) -> np.ndarray:
+    a, b = fit
+    return pred - (a + b * age)
+
+
+def cell_labels(label_map: np.ndarray, grid: tuple[int, int, int], num_labels: int) -> np.ndarray:
+    """The majority label of the voxels each token cell covers (cells tile the volume)."""
+    one_hot = F.one_hot(torch.from_numpy(label_map.astype(np.int64)), num_labels).permute(3, 0, 1, 2).float()
+    shares = F.adaptive_avg_pool3d(one_hot[None], grid)[0]
+    return shares.argmax(0).flatten().numpy()
+
+
+def cell_means(value_map: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
+    return F.adaptive_avg_pool3d(torch.from_numpy(value_map.astype(np.float32))[None, None], grid).flatten().numpy()
+
+
+def expert_anatomy(counts_EN: np.ndarray, tissue_N: np.ndarray, age_map_N: np.ndarray | None) -> dict[str, Any]:
+    """What the experts cover: MI(expert; tissue class of the token's cell) in bits and over H(tissue); with a
+    ground-truth ageing map, MI(expert; age-sensitive cell) where the sensitive cells are the top quarter of brain
+    cells by the map, and the largest enrichment of one expert in them (its share of sensitive tokens over the
+    overall share)."""
+    counts = torch.from_numpy(counts_EN.astype(np.int64))
+    by_tissue = torch.zeros(counts.shape[0], len(TISSUES), dtype=torch.long)
+    by_tissue.index_add_(1, torch.from_numpy(tissue_N.astype(np.int64)), counts)
+    mi = mutual_information(by_tissue)
+    h = entropy_bits(by_tissue.sum(0))
+    out: dict[str, Any] = {"mi_tissue_bits": mi, "mi_tissue_over_entropy": mi / h if h > 0 else float("nan"),
+                           "expert_tissue_counts": by_tissue.tolist()}
+    if age_map_N is not None:
+        brain = tissue_N > 0
+        threshold = np.quantile(age_map_N[brain], 0.75) if brain.any() else np.inf
+        sensitive = torch.from_numpy((brain & (age_map_N >= threshold)).astype(np.int64))
+        joint = torch.zeros(counts.shape[0], 2, dtype=torch.long)
+        joint.index_add_(1, sensitive, counts)
+        share = joint[:, 1].double() / joint.sum(1).clamp_min(1)
+        overall = joint[:, 1].sum().double() / joint.sum().clamp_min(1)
+        h_age = entropy_bits(joint.sum(0))
+        mi_age = mutual_information(joint)
+        out.update(mi_age_bits=mi_age, mi_age_over_entropy=mi_age / h_age if h_age > 0 else float("nan"),
+                   age_expert_enrichment=float((share / overall).max()) if overall > 0 else float("nan"),
+                   expert_age_counts=joint.tolist())
+    return out
+
+
+@register_task
+class BrainAge(Task):
+    name = "brain_age"
+    datasets = ("brain_cohort", "nifti_csv")
+    data_keys = {"nifti_csv": ("csv", *_SPLIT_KEYS),
+                 "brain_cohort": ("cohort_size", "cohort_seed", *_SPLIT_KEYS)}
+    model_data_args = ("in_chans", "volume_shape", "num_outputs")
+
+    def load(self) -> None:
+        d = self.cfg.data
+        self.cohort_info: dict[str, Any] | None = None
+        if d.name == "brain_cohort":
+            spec = CohortSpec(size=d.cohort_size, seed=d.cohort_seed, spacing=d.spacing)
+            csv_path = build_cohort(spec, log=print)
+            self.cohort_info = {"floor_mae": spec.floor_mae(), "bio_sd": spec.bio_sd, "size": spec.size,
+                                "dir": str(csv_path.parent)}
+        else:
+            if d.csv is None:
+                raise ValueError("data.name nifti_csv needs data.csv: a CSV with columns path and age")
+            csv_path = Path(d.csv)
+        self.csv_path = csv_path
+        cohort = split_cohort(read_csv(csv_path), d.val_size, d.test_size, d.split_seed)
+        train = cohort.train[:d.train_limit] if d.train_limit else cohort.train
+        test = cohort.test[:d.test_limit] if d.test_limit else cohort.test
+        if len(train) < self.cfg.optim.batch_size:
+            raise ValueError(f"optim.batch_size {self.cfg.optim.batch_size} exceeds the {len(train)} training scans")
+        self.stores = {name: VolumeStore(scans, d.spacing) for name, scans in
+                       (("train", train), ("val", cohort.val), ("test", test)) if scans}
+        ages = self.stores["train"].ages
+        self.age_mean, self.age_sd = float(ages.mean()), float(ages.std()) or 1.0
+        self.shape, _ = mni_grid(d.spacing)
+
+    def model_args(self) -> dict[str, Any]:
+        return {"in_chans": 1, "volume_shape": tuple(self.shape), "num_outputs": 1}
+
+    @property
+    def num_train(self) -> int:
+        return len(self.stores["train"])
+
+    def _batch(self, split: str, indices: np.ndarray) -> Batch:
+        store = self.stores[split]
+        x = torch.from_numpy(store.get(indices)).to(self.device)
+        return Batch((x,), torch.from_numpy(store.ages[indices]).to(self.device))
+
+    def train_batch(self, indices: Tensor, step: int) -> Batch:
+        d = self.cfg.data
+        batch = self._batch("train", indices.cpu().numpy())
+        if not (d.crop_padding or d.hflip):
+            return batch
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        x = batch.inputs[0]
+        if d.hflip:  # left-right: the first axis of the RAS grid
+            flip = torch.rand(len(x), generator=gen) < 0.5
+            x = torch.where(flip.to(x.device)[:, None, None, None, None], x.flip(2), x)
+        if d.crop_padding:  # a random shift of up to crop_padding voxels per axis, zero filled
+            p = d.crop_padding
+            padded = F.pad(x, (p, p, p, p, p, p))
+            shifts = torch.randint(0, 2 * p + 1, (len(x), 3), generator=gen)
+            x = torch.stack([padded[i, :, s[0]:s[0] + x.shape[2], s[1]:s[1] + x.shape[3], s[2]:s[2] + x.shape[4]]
+                             for i, s in enumerate(shifts.tolist())])
+        return Batch((x,), batch.target)
+
+    def eval_batches(self, split: str, batch_size: int | None = None, limit: int | None = None) -> Iterator[Batch]:
+        if split not in self.stores:
+            key = {"val": "data.val_size", "test": "data.test_size"}.get(split, "data")
+            raise ValueError(f"the brain-age data has no {split} split (set {key}, or a split column in the CSV)")
+        n = len(self.stores[split]) if limit is None else min(limit, len(self.stores[split]))
+        batch_size = batch_size or self.cfg.optim.eval_batch_size
+        for i in range(0, n, batch_size):
+            yield self._batch(split, np.arange(i, min(i + batch_size, n)))
+
+    def probe(self) -> Batch:
+        """The first ``probe_size`` validation volumes (test volumes without a validation split)."""
+        return next(self.eval_batches("val" if "val" in self.stores else "test", self.cfg.probe_size))
+
+    def years(self, output: Tensor) -> Tensor:
+        return self.age_mean + self.age_sd * output[:, 0].float()
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        return F.l1_loss(self.years(output), target.float())
+
+    def batch_stats(self, output: Tensor, batch: Batch) -> dict[str, float]:
+        return {"mae": float((self.years(output) - batch.target).abs().sum())}
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, split: str, autocast: Callable[[], Any],
+                on_batch: Callable[[Batch], None] | None = None) -> np.ndarray:
+        was = model.training
+        model.eval()
+        preds = []
+        for batch in self.eval_batches(split):
+            with autocast():
+                preds.append(self.years(model(*batch.inputs)).cpu())
+            if on_batch is not None:
+                on_batch(batch)
+        model.train(was)
+        return torch.cat(preds).numpy()
+
+    def evaluate(self, model: nn.Module, autocast: Callable[[], Any], probe: Batch | None = None) -> dict[str, Any]:
+        layers = model.routed_layers()
+        grids = model.token_grid
+        counts = {v.name: np.zeros((v.num_experts, int(np.prod(grids[v.name]))), dtype=np.int64)
+                  for v in layers if v.name in grids}
+
+        def count(batch: Batch) -> None:
+            for view in layers:
+                if view.name not in counts:
+                    continue
+                tokens, experts = assignments(view.last_routing)
+                cells = counts[view.name].shape[1]
+                np.add.at(counts[view.name], (experts.cpu().numpy(), (tokens % cells).cpu().numpy()), 1)
+
+        test_age = self.stores["test"].ages if "test" in self.stores else None
+        if test_age is None:
+            raise ValueError("no test split to evaluate: set data.test_size (or a split column in the CSV)")
+        pred = self.predict(model, "test", autocast, on_batch=count)
+        metrics: dict[str, Any] = {"dataset": self.cfg.data.name, "test_scans": len(pred),
+                                   **age_metrics(pred, test_age),
+                                   "test_mae_mean_predictor": float(np.abs(test_age - self.age_mean).mean()),
+                                   "age_mean": self.age_mean, "age_sd": self.age_sd, "spacing": self.cfg.data.spacing,
+                                   "volume_shape": list(self.shape)}
+        if "val" in self.stores:
+            val_pred = self.predict(model, "val", autocast)
+            fit = fit_age_bias(val_pred, self.stores["val"].ages)
+            metrics.update(age_metrics(val_pred, self.stores["val"].ages, "val_"))
+            metrics["age_bias_fit"] = {"intercept": fit[0], "slope": fit[1]}
+            metrics.update(age_metrics(correct_age_bias(pred, test_age, fit), test_age, "test_corrected_"))
+        if self.cohort_info is not None:
+            metrics["cohort"] = self.cohort_info
+        metrics["layers"] = self._layer_metrics(model, counts, grids, probe, autocast)
+        return metrics
+
+    def _layer_metrics(self, model, counts, grids, probe, autocast) -> dict[str, Any]:
+        tissue = age_map = None
+        if counts:
+            import nibabel as nib
+
+            root = Path(self.cohort_info["dir"]) if self.cohort_info else None
+            tissue_img = root / "tissue.nii.gz" if root else None
+            if tissue_img is not None and tissue_img.is_file():
+                tissue = np.asarray(nib.load(tissue_img).dataobj).astype(np.int64)
+                age_map = np.asarray(nib.load(root / "age_map.nii.gz").get_fdata(dtype=np.float32))
+            else:
+                from ..data.cohort import Templates
+
+                tissue = Templates(self.cfg.data.spacing).tissue_labels().astype(np.int64)
+        probe_stats = probe_routing(model, probe.inputs, ctx=autocast) if probe is not None else {}
+        out: dict[str, Any] = {}
+        for name, c in counts.items():
+            grid = tuple(grids[name])
+            per_expert = c.sum(1)
+            stats: dict[str, Any] = {"tokens_per_expert": per_expert.tolist(),
+                                     **load_summary(torch.from_numpy(per_expert)), "token_grid": list(grid),
+                                     "expert_cell_counts": c.tolist()}
+            stats.update(expert_anatomy(c, cell_labels(tissue, grid, len(TISSUES)),
+                                        None if age_map is None else cell_means(age_map, grid)))
+            stats.update(probe_stats.get(name, {}))
+            out[name] = stats
+        return out
+
+    @torch.no_grad()
+    def quick_eval(self, model: nn.Module, autocast: Callable[[], Any]) -> dict[str, float]:
+        """MAE on the validation split (nothing without one: the test split is read once, at the end)."""
+        if "val" not in self.stores:
+            return {}
+        pred = self.predict(model, "val", autocast)
+        return {"val_mae": float(np.abs(pred - self.stores["val"].ages).mean())}
+
+    @staticmethod
+    def results_table(metrics: dict[str, Any]) -> str:
+        lines = [f"test MAE {metrics['test_mae']:.2f} y   RMSE {metrics['test_rmse']:.2f}   r {metrics['test_r']:.3f}   "
+                 f"gap {metrics['test_gap_mean']:+.2f} (r with age {metrics['test_gap_age_r']:+.2f})   "
+                 f"({metrics['test_scans']} test scans; predicting the mean age: MAE "
+                 f"{metrics['test_mae_mean_predictor']:.2f})"]
+        if "test_corrected_mae" in metrics:
+            lines.append(f"age-bias corrected (fit on validation): MAE {metrics['test_corrected_mae']:.2f}   "
+                         f"gap r with age {metrics['test_corrected_gap_age_r']:+.2f}")
+        if "cohort" in metrics:
+            lines.append(f"built-in cohort: floor MAE {metrics['cohort']['floor_mae']:.2f} (biological-age sd "
+                         f"{metrics['cohort']['bio_sd']})")
+        for name, s in metrics.get("layers", {}).items():
+            line = (f"{name}: load CV {s['load_cv']:.3f}   max/mean {s['max_over_mean']:.2f}   MI(expert; tissue) "
+                    f"{s['mi_tissue_bits']:.3f} bits")
+            if "mi_age_bits" in s:
+                line += f"   MI(expert; age-sensitive) {s['mi_age_bits']:.3f} bits, enrichment " \
+                        f"{s['age_expert_enrichment']:.2f}"
+            lines.append(line)
+        return "\n".join(lines)
+
+    @staticmethod
+    def draw_figures(metrics: dict[str, Any], fig_dir: Path) -> list[Path]:
+        return draw_expert_maps(metrics, fig_dir)

@@ -1,0 +1,288 @@
+"""Brain age: the NIfTI pipeline (grid, reorientation, z-scoring, cache, named errors on bad input), the built-in
+cohort's ageing model, the 3D models, the metrics against hand-worked values, and a tiny run end to end."""
+
+import csv
+import gzip
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+nib = pytest.importorskip("nibabel")
+pytest.importorskip("nilearn")
+
+from ermoe import create_model  # noqa: E402
+from ermoe.data import cohort as cohort_mod  # noqa: E402
+from ermoe.data import nifti  # noqa: E402
+from ermoe.data.nifti import BrainDataError, mni_grid, preprocess, read_csv, split_cohort  # noqa: E402
+from ermoe.tasks.brain_age import (age_metrics, cell_labels, correct_age_bias, expert_anatomy,  # noqa: E402
+                                   fit_age_bias)
+
+SPACING = 8.0  # a 24 x 28 x 24 grid keeps every test fast
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ERMOE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def blob_image(centre_mm=(30.0, 0.0, 0.0), spacing=2.0, flip_x=False) -> "nib.Nifti1Image":
+    """A 'brain' of value 1 with a bright cube (value 5) at ``centre_mm``, on the 2 mm MNI grid (RAS or LAS)."""
+    shape, affine = mni_grid(spacing)
+    world = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1) @ affine[:3, :3].T + affine[:3, 3]
+    data = (np.linalg.norm(world, axis=-1) < 60).astype(np.float32)
+    data[np.abs(world - np.asarray(centre_mm)).max(-1) <= 6] = 5.0
+    if flip_x:
+        las = affine.copy()
+        las[0, 0], las[0, 3] = -affine[0, 0], affine[0, 3] + affine[0, 0] * (shape[0] - 1)
+        return nib.Nifti1Image(data[::-1].copy(), las)
+    return nib.Nifti1Image(data, affine)
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_mni_grid_is_fsl_2mm_template_grid():
+    shape, affine = mni_grid(2.0)
+    assert shape == (91, 109, 91)
+    np.testing.assert_array_equal(affine[:3, 3], [-90, -126, -72])
+    np.testing.assert_array_equal(np.diag(affine)[:3], [2, 2, 2])
+    assert mni_grid(4.0)[0] == (46, 55, 46)
+    with pytest.raises(BrainDataError, match="spacing"):
+        mni_grid(0)
+
+
+def test_preprocess_reorients_and_zscores_inside_the_brain(tmp_path):
+    nib.save(blob_image(), tmp_path / "ras.nii.gz")
+    nib.save(blob_image(flip_x=True), tmp_path / "las.nii.gz")
+    ras, las = preprocess(tmp_path / "ras.nii.gz", 4.0), preprocess(tmp_path / "las.nii.gz", 4.0)
+    np.testing.assert_allclose(las, ras, atol=1e-5)  # the stored orientation does not matter
+    brain = ras != 0
+    assert abs(ras[brain].mean()) < 1e-5 and abs(ras[brain].std() - 1) < 1e-4
+    _, affine = mni_grid(4.0)
+    peak = np.unravel_index(np.argmax(ras), ras.shape)
+    world = affine[:3, :3] @ np.asarray(peak) + affine[:3, 3]
+    assert np.abs(world - [30, 0, 0]).max() <= 6  # the cube is where its MNI coordinates say (right hemisphere)
+
+
+def test_cache_means_the_second_read_opens_no_nifti(tmp_path, monkeypatch):
+    nib.save(blob_image(), tmp_path / "a.nii.gz")
+    expected = preprocess(tmp_path / "a.nii.gz", 4.0)
+    first = nifti.cached_volume(tmp_path / "a.nii.gz", 4.0)
+    np.testing.assert_allclose(np.load(first), expected, rtol=1e-3, atol=1e-3)  # float16 on disk
+    monkeypatch.setattr(nifti, "preprocess", lambda *a: pytest.fail("preprocessed twice"))
+    assert nifti.cached_volume(tmp_path / "a.nii.gz", 4.0) == first
+    store = nifti.VolumeStore(read_csv(write_csv(tmp_path / "c.csv", [{"path": "a.nii.gz", "age": "50"}])), 4.0)
+    assert store.get([0]).shape == (1, 1, 46, 55, 46)
+
+
+@pytest.mark.parametrize("problem, match", [
+    ("missing_column", "missing column"), ("bad_age", "is not a number"), ("negative_age", "finite number >= 0"),
+    ("missing_file", "does not exist"), ("bad_split", "split"),
+])
+def test_csv_errors_name_the_problem(tmp_path, problem, match):
+    nib.save(blob_image(), tmp_path / "a.nii.gz")
+    row = {"path": "a.nii.gz", "age": "50"}
+    if problem == "missing_column":
+        row = {"file": "a.nii.gz", "age": "50"}
+    elif problem == "bad_age":
+        row["age"] = "fifty"
+    elif problem == "negative_age":
+        row["age"] = "-3"
+    elif problem == "missing_file":
+        row["path"] = "gone.nii.gz"
+    elif problem == "bad_split":
+        row["split"] = "holdout"
+    with pytest.raises((BrainDataError, FileNotFoundError), match=match):
+        read_csv(write_csv(tmp_path / "c.csv", [row]))
+
+
+def test_bad_images_are_named_errors(tmp_path):
+    (tmp_path / "corrupt.nii.gz").write_bytes(gzip.compress(b"not a nifti header" * 10))
+    with pytest.raises(BrainDataError, match="corrupt.nii.gz: not a readable NIfTI"):
+        preprocess(tmp_path / "corrupt.nii.gz", 4.0)
+    _, affine = mni_grid(2.0)
+    nib.save(nib.Nifti1Image(np.ones((10, 10, 10, 3), np.float32), affine), tmp_path / "4d.nii.gz")
+    with pytest.raises(BrainDataError, match="4D image"):
+        preprocess(tmp_path / "4d.nii.gz", 4.0)
+    nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.float32), affine), tmp_path / "empty.nii.gz")
+    with pytest.raises(BrainDataError, match="every voxel is zero"):
+        preprocess(tmp_path / "empty.nii.gz", 4.0)
+    nan = np.ones((10, 10, 10), np.float32)
+    nan[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(nan, affine), tmp_path / "nan.nii.gz")
+    with pytest.raises(BrainDataError, match="NaN"):
+        preprocess(tmp_path / "nan.nii.gz", 4.0)
+    far = affine.copy()
+    far[:3, 3] += 1000  # millimetres far outside MNI space
+    nib.save(nib.Nifti1Image(np.ones((10, 10, 10), np.float32), far), tmp_path / "far.nii.gz")
+    with pytest.raises(BrainDataError, match="registered to MNI"):
+        preprocess(tmp_path / "far.nii.gz", 4.0)
+
+
+def test_split_by_subject_and_leakage_is_refused(tmp_path):
+    nib.save(blob_image(), tmp_path / "a.nii.gz")
+    rows = [{"path": "a.nii.gz", "age": str(40 + i), "subject": f"s{i // 2}"} for i in range(20)]  # 2 scans each
+    scans = read_csv(write_csv(tmp_path / "c.csv", rows))
+    cohort = split_cohort(scans, val_size=2, test_size=3, seed=0)
+    subjects = [{s.subject for s in cohort.split(n)} for n in ("train", "val", "test")]
+    assert [len(s) for s in subjects] == [5, 2, 3] and not (subjects[0] & subjects[1] | subjects[0] & subjects[2])
+    assert split_cohort(scans, 2, 3, 0).val == cohort.val  # fixed by the seed
+    leaky = [{**r, "split": "train" if i != 1 else "test"} for i, r in enumerate(rows)]
+    with pytest.raises(BrainDataError, match="subject 's0' appears in splits"):
+        split_cohort(read_csv(write_csv(tmp_path / "l.csv", leaky)))
+    with pytest.raises(BrainDataError, match="split column"):
+        split_cohort(read_csv(write_csv(tmp_path / "s.csv", [{**r, "split": "train"} for r in rows])), val_size=1)
+
+
+def test_ageing_model_rates():
+    # a constant 0.85 %/yr for 30 years: exp(-0.255)
+    assert cohort_mod.retained(50, cohort_mod.hippocampus_rate) == pytest.approx(math.exp(-0.255), rel=1e-6)
+    assert cohort_mod.retained(20, cohort_mod.gm_rate) == 1.0
+    assert cohort_mod.gm_rate(np.array([35.0, 70.0])) == pytest.approx([0.32, 0.55])
+    assert cohort_mod.wm_rate(np.array([35.0, 70.0])) == pytest.approx([0.02, 0.47])
+    assert cohort_mod.CohortSpec(bio_sd=2.0).floor_mae() == pytest.approx(2.0 * math.sqrt(2 / math.pi))
+    t = cohort_mod.Templates(6.0)
+    world = t.world_mm()
+    young, _ = cohort_mod.aged_tissue(t, 30, world)
+    old, displacement = cohort_mod.aged_tissue(t, 80, world)
+    gm_young, gm_old = young[0].sum(), old[0].sum()
+    expected = (t.gm * (1 - t.hippocampus)).sum() * cohort_mod.retained(80, cohort_mod.gm_rate) + \
+        (t.gm * t.hippocampus).sum() * cohort_mod.retained(80, cohort_mod.hippocampus_rate)
+    assert gm_old == pytest.approx(expected, rel=1e-4) and gm_old < gm_young
+    assert old[2].sum() > young[2].sum()  # lost tissue becomes CSF
+    assert np.abs(displacement).max() > 1.0  # the ventricles expand
+
+
+def test_built_in_cohort_reads_through_the_nifti_pipeline():
+    spec = cohort_mod.CohortSpec(size=6, seed=3, spacing=SPACING)
+    path = cohort_mod.build_cohort(spec)
+    scans = read_csv(path)
+    assert len(scans) == 6 and all(20 <= s.age <= 85 for s in scans)
+    assert cohort_mod.build_cohort(spec) == path  # cached
+    info = json.loads((path.parent / "cohort.json").read_text())
+    assert info["floor_mae"] == pytest.approx(spec.floor_mae())
+    vol = preprocess(scans[0].path, SPACING)
+    assert vol.shape == mni_grid(SPACING)[0] and (vol != 0).sum() > 1000
+    assert (path.parent / "age_map.nii.gz").is_file() and (path.parent / "tissue.nii.gz").is_file()
+
+
+def test_age_metrics_and_bias_correction_by_hand():
+    age = np.array([20.0, 40.0, 60.0, 80.0])
+    pred = np.array([22.0, 41.0, 57.0, 80.0])
+    m = age_metrics(pred, age)
+    assert m["test_mae"] == pytest.approx(1.5) and m["test_rmse"] == pytest.approx(math.sqrt(14 / 4))
+    assert m["test_gap_mean"] == pytest.approx(0.0)
+    # regression to the mean: pred = 0.8 * age + 10, gap = 10 - 0.2 age, which the fit recovers and removes
+    biased = 0.8 * age + 10
+    a, b = fit_age_bias(biased, age)
+    assert (a, b) == pytest.approx((10.0, -0.2))
+    np.testing.assert_allclose(correct_age_bias(biased, age, (a, b)), age, atol=1e-9)
+
+
+def test_expert_anatomy_mutual_information_by_hand():
+    # 4 cells: csf, gm, wm, wm; expert 0 takes the gm cell only, expert 1 the others
+    tissue = np.array([1, 2, 3, 3])
+    counts = np.array([[0, 10, 0, 0], [10, 0, 10, 10]])
+    out = expert_anatomy(counts, tissue, age_map_N=np.array([0.0, 1.0, 0.0, 0.0]))
+    p_gm = 0.25  # H(tissue) = H(.25,.25,.5) = 1.5; H(tissue | expert) = .75 * H(1/3, 2/3) = .75 * 0.9183
+    assert out["mi_tissue_bits"] == pytest.approx(1.5 - 0.75 * 0.918296, abs=1e-5)
+    assert out["expert_tissue_counts"] == [[0, 0, 10, 0], [0, 10, 0, 20]]
+    # the sensitive cell (top quarter) is the gm one: expert 0 holds all of it, enrichment 1 / p_gm
+    assert out["age_expert_enrichment"] == pytest.approx(1 / p_gm)
+    labels = cell_labels(np.array([[[0, 2], [2, 2]], [[3, 3], [3, 1]]]), (2, 1, 1), 4)
+    np.testing.assert_array_equal(labels, [2, 3])
+
+
+def test_sfcn_moe_routes_cells_in_x_major_order_and_the_dense_ffn_matches_in_size():
+    torch.manual_seed(0)
+    model = create_model("sfcn3d", volume_shape=(16, 16, 16), channels=[4, 8, 8],
+                         moe={"router": "ermoe", "num_experts": 2}, moe_stages=[1]).eval()
+    assert model.token_grid == {"cells.1": (4, 4, 4)}
+    seen = {}
+    layer = model.cells["1"]
+    layer.moe.register_forward_pre_hook(lambda m, a: seen.setdefault("tokens", a[0]))
+    x = torch.randn(2, 1, 16, 16, 16)
+    model(x)
+    fmap = model.stages[1](model.stages[0](x))
+    tokens = layer.norm(fmap.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(seen["tokens"], tokens)
+    torch.testing.assert_close(tokens[1, 1 * 16 + 2 * 4 + 3], layer.norm(fmap[1, :, 1, 2, 3]))  # cell (1, 2, 3)
+    dense = create_model("sfcn3d", volume_shape=(16, 16, 16), channels=[4, 8, 8], dense_ffn=True, moe_stages=[1])
+    assert dense.routed_layers() == [] and sum(p.numel() for p in dense.parameters()) < \
+        sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="dense_ffn is the dense counterpart"):
+        create_model("sfcn3d", dense_ffn=True, moe={"router": "ermoe"})
+    with pytest.raises(ValueError, match="moe_stages places"):
+        create_model("sfcn3d", moe_stages=[1])
+    with pytest.raises(ValueError, match="placement and moe.blocks apply to transformer"):
+        create_model("sfcn3d", moe={"router": "ermoe", "placement": "parallel"})
+    with pytest.raises(ValueError, match="placement and moe.blocks apply to transformer"):
+        create_model("sfcn3d", moe={"router": "ermoe", "blocks": "all"})
+
+
+def test_vit3d_patch_tokens_and_reference_grid():
+    torch.manual_seed(0)
+    model = create_model("vit3d", volume_shape=(15, 16, 17), patch_size=4, embed_dim=16, depth=2, num_heads=2,
+                         moe={"router": "ermoe", "num_experts": 2})
+    assert model.patch_embed.grid_size == (3, 4, 4) and model.pos_embed.shape[1] == 48 + 1
+    x = torch.randn(2, 1, 15, 16, 17)
+    tokens = model.patch_embed(x)
+    crop = x[:, :, 1:13, 0:16, 0:16]  # centred crop to whole patches: (15 - 12) // 2 = 1 on the first axis
+    expected = torch.nn.functional.conv3d(crop, model.patch_embed.proj.weight, model.patch_embed.proj.bias, stride=4)
+    torch.testing.assert_close(tokens, expected.flatten(2).transpose(1, 2))
+    assert model(x).shape == (2, 1) and set(model.token_grid) == {v.name for v in model.routed_layers()}
+    with pytest.raises(ValueError, match="expected volumes of shape"):
+        model.patch_embed(torch.randn(1, 1, 8, 8, 8))
+    assert create_model("vit3d", depth=1, embed_dim=8, num_heads=1).patch_embed.grid_size == (13, 15, 13)
+
+
+def test_tiny_brain_age_run_end_to_end(tmp_path):
+    from ermoe.train import load_config, train
+
+    cfg = load_config(None, {
+        "task": "brain_age", "out_dir": str(tmp_path / "runs"), "progress": False, "tensorboard": False,
+        "probe_size": 4, "probe_every": 2,
+        "data": {"name": "brain_cohort", "cohort_size": 24, "spacing": SPACING, "val_size": 4, "test_size": 4},
+        "model": {"name": "sfcn3d", "channels": [4, 8, 8], "moe": {"router": "ermoe", "num_experts": 2}},
+        "optim": {"epochs": 2, "batch_size": 8, "eval_batch_size": 8, "warmup_steps": 1}})
+    run = train(cfg, quiet=True)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test_scans"] == 4 and metrics["step"] == 4
+    for key in ("test_mae", "test_rmse", "test_r", "test_corrected_mae", "val_mae", "test_mae_mean_predictor"):
+        assert math.isfinite(metrics[key]), key
+    layer = metrics["layers"]["cells.0"]
+    assert sum(layer["tokens_per_expert"]) == 4 * int(np.prod(layer["token_grid"]))
+    assert "mi_age_bits" in layer and "probe_changed" in layer
+    assert (run / "figures" / "expert_maps_cells_0.png").is_file()
+
+
+def test_nifti_csv_by_someone_else_trains(tmp_path):
+    from ermoe.train import load_config, train
+
+    rows = []
+    for i in range(12):
+        image = blob_image(centre_mm=(30.0 - 4 * i, 0.0, 0.0), spacing=4.0, flip_x=i % 2 == 1)
+        nib.save(image, tmp_path / f"scan{i}.nii.gz")
+        rows.append({"path": f"scan{i}.nii.gz", "age": str(30 + 4 * i), "subject": f"p{i}", "site": "A",
+                     "split": "test" if i in (3, 8) else "val" if i in (5, 10) else "train"})
+    path = write_csv(tmp_path / "mine.csv", rows)
+    cfg = load_config(None, {
+        "task": "brain_age", "out_dir": str(tmp_path / "runs"), "progress": False, "tensorboard": False,
+        "probe_size": 2, "data": {"name": "nifti_csv", "csv": str(path), "spacing": SPACING},
+        "model": {"name": "sfcn3d", "channels": [4, 8, 8]},
+        "optim": {"epochs": 1, "batch_size": 4, "eval_batch_size": 4, "warmup_steps": 1}})
+    metrics = json.loads((train(cfg, quiet=True) / "metrics.json").read_text())
+    assert metrics["test_scans"] == 2 and metrics["layers"] == {}
+    from ermoe.train import ConfigError
+    with pytest.raises(ConfigError, match="data.cohort_size does not apply"):
+        load_config(None, {"task": "brain_age", "data": {"name": "nifti_csv", "csv": str(path), "cohort_size": 5},
+                           "model": {"name": "sfcn3d"}})
