@@ -159,7 +159,12 @@ def test_ageing_model_rates():
         (t.gm * t.hippocampus).sum() * cohort_mod.retained(80, cohort_mod.hippocampus_rate)
     assert gm_old == pytest.approx(expected, rel=1e-4) and gm_old < gm_young
     assert old[2].sum() > young[2].sum()  # lost tissue becomes CSF
-    assert np.abs(displacement).max() > 1.0  # the ventricles expand
+    # the ventricles expand: near their centre each point samples from closer to it (outward growth)
+    offset = world - t.ventricle_centre
+    near = (offset ** 2).sum(-1) < t.ventricle_radius ** 2
+    assert near.any() and ((displacement * offset).sum(-1)[near] < 0).all() and np.abs(displacement).max() > 1.0
+    warped = cohort_mod._warp(old[2:3], displacement, 6.0)[0]
+    assert warped[near].sum() > old[2][near].sum()  # more CSF around the ventricle centre than without expansion
 
 
 def test_built_in_cohort_reads_through_the_nifti_pipeline():

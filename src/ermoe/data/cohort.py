@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .nifti import mni_grid
 
-COHORT_VERSION = "1"
+COHORT_VERSION = "2"  # bumped whenever the generator changes: cached cohorts are keyed by it
 HIPPOCAMPUS_MM = [(-26.0, -22.0, -14.0), (26.0, -22.0, -14.0)]
 HIPPOCAMPUS_AXES_MM = (7.0, 18.0, 8.0)
 # (intensity scale, contrast exponent, noise sd, bias-field strength) per site
@@ -178,8 +178,9 @@ def aged_tissue(t: Templates, bio_age: float, world: np.ndarray, gm_scale: float
     wm = np.clip(t.wm * retained(bio_age, wm_rate) * wm_scale, 0, 1)
     csf = np.clip(t.mask - gm - wm, 0, 1)
     tissue = np.stack([gm, wm, csf]).astype(np.float32)
-    # Ventricular expansion: sample from a point pulled towards the ventricle centre (radial, smooth, local).
-    k = (1 / retained(bio_age, ventricle_growth)) ** (1 / 3)
+    # Ventricular expansion by k (linear; k^3 in volume): each point samples from a point pulled towards the
+    # ventricle centre, so what lies there appears k times further out (radial, smooth, local).
+    k = retained(bio_age, ventricle_growth) ** (1 / 3)
     offset = world - t.ventricle_centre
     dist2 = (offset ** 2).sum(-1, keepdims=True)
     shrink = 1 - (1 - 1 / k) * np.exp(-dist2 / (2 * (1.5 * t.ventricle_radius) ** 2))
