@@ -291,3 +291,35 @@ def test_nifti_csv_by_someone_else_trains(tmp_path):
     with pytest.raises(ConfigError, match="data.cohort_size does not apply"):
         load_config(None, {"task": "brain_age", "data": {"name": "nifti_csv", "csv": str(path), "cohort_size": 5},
                            "model": {"name": "sfcn3d"}})
+
+
+def test_soft_label_bins_by_hand():
+    from ermoe.tasks.brain_age import age_bins, soft_labels
+
+    centres = age_bins(np.array([42.3, 81.6]), 1.0, 3.0)
+    assert centres[0] == 39.0 and centres[-1] == 85.0 and len(centres) == 47  # SFCN-style 1-year bins
+    c = torch.from_numpy(centres)
+    labels = soft_labels(torch.tensor([60.0, 60.5]), c, 1.0)
+    assert torch.allclose(labels.sum(1), torch.ones(2)) and int(labels[0].argmax()) == 21  # the 60-year bin
+    assert float(labels[0] @ c) == pytest.approx(60.0, abs=1e-4) and float(labels[1] @ c) == pytest.approx(60.5,
+                                                                                                           abs=1e-4)
+    np.testing.assert_allclose(labels[0, 20] / labels[0, 21], math.exp(-0.5), rtol=1e-5)
+
+
+def test_soft_bins_run_and_task_option_errors(tmp_path):
+    from ermoe.train import ConfigError, load_config, train
+
+    base = {"task": "brain_age", "out_dir": str(tmp_path / "runs"), "progress": False, "tensorboard": False,
+            "probe_size": 4, "data": {"name": "brain_cohort", "cohort_size": 16, "spacing": SPACING, "val_size": 4,
+                                      "test_size": 4},
+            "model": {"name": "sfcn3d", "channels": [4, 8, 8]},
+            "optim": {"epochs": 1, "batch_size": 4, "eval_batch_size": 8, "warmup_steps": 1}}
+    run = train(load_config(None, {**base, "task_options": {"loss": "soft_bins", "bin_width": 2.0}}), quiet=True)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert math.isfinite(metrics["test_mae"])
+    with pytest.raises(ConfigError, match="bin_width and bin_sigma apply to loss soft_bins only"):
+        load_config(None, {**base, "task_options": {"bin_width": 2.0}})
+    with pytest.raises(ConfigError, match="unknown config key 'task_options.bins'"):
+        load_config(None, {**base, "task_options": {"bins": 2}})
+    with pytest.raises(ConfigError, match="task_options do not apply to task 'classification'"):
+        load_config(None, {"data": {"name": "digits"}, "task_options": {"loss": "l1"}})

@@ -123,6 +123,21 @@ def test_verdicts_follow_the_statistics():
     assert one["variants"] == ["ermoe_standardize"]
 
 
+def test_the_preset_check_uses_validation_only():
+    from ermoe.study.report import preset_check
+
+    table = _table(switch=0.4, ermoe_standardize=0.2, emoe_standardize=0.2, ermoe_pca=0.9)
+    for name in table:
+        table[name]["val_top1"] = _seeds(0.85)
+    table["ermoe_standardize"]["val_top1"] = _seeds(0.75)  # balanced but 10 points less accurate on validation
+    table["emoe_standardize"]["test_top1"] = _seeds(0.10)  # a test split the check must not read
+    checks = {c["method"]: c for c in preset_check(table)}
+    assert checks["emoe_standardize"]["passes"] and checks["emoe_standardize"]["outcomes"] == ["supported"] * 2
+    assert checks["ermoe_standardize"]["outcomes"] == ["supported", "contradicted"]
+    assert checks["ermoe_pca"]["outcomes"][0] == "contradicted" and not checks["ermoe_pca"]["passes"]
+    assert "switch" not in checks
+
+
 def test_a_collapsed_router_never_passes_the_stability_claim():
     table = _table(ermoe=2.3, emoe_parallel=0.35, softmax_noloss=0.5, switch=0.4, vmoe=0.4)
     table["ermoe"]["probe_changed_rel"] = _seeds(0.05)  # barely changes: it sends almost every token to one expert

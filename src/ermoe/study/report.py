@@ -177,6 +177,7 @@ def _outcome(table, claim: str, row: dict[str, Any], family: int) -> tuple[str, 
         half = 0.0 if w.se == 0 else float(sps.t.ppf(0.5 + level / 2, w.dof)) * w.se
         low, high = w.diff - half, w.diff + half
         low, high = (low, high) if sign > 0 else (-high, -low)
+        row["interval"], row["margin"] = (low, high), margin
         note = (f"margin {margin:.3g} (twice the baseline's seed std); {100 * level:.1f}% interval of the difference "
                 f"in the claim's direction [{low:.3g}, {high:.3g}]")
         if low > -margin:
@@ -227,6 +228,44 @@ def verdicts(table: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
         out.append({"claim": number, "text": text, "verdict": verdict, "per_method": per_method,
                     "evidence": evidence, "variants": passing})
     return out
+
+
+# "Ship what holds up" (issue 12): a loss-free eigen configuration becomes a named preset only if, on the
+# validation split, it balances better than Switch and is at least as accurate (the same rules as claims 1-3).
+PRESET_TESTS = [Test("load_cv", "switch", "lower"), Test("val_top1", "switch", "higher", parity=True)]
+
+
+def preset_check(table: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
+    """For every eigen variant in the table: load CV on the validation probe below Switch's (Welch, Holm over the
+    two tests) and validation top-1 non-inferior to Switch's (margin twice Switch's seed std); test data unused."""
+    out = []
+    for method, (role, _, _) in METHODS.items():
+        if role != "variant" or method not in table or "switch" not in table:
+            continue
+        rows = _comparisons(table, [method], "preset", PRESET_TESTS)
+        if len(rows) == len(PRESET_TESTS):
+            out.append({"method": method, "outcomes": [r["outcome"] for r in rows],
+                        "passes": all(r["outcome"] == "supported" for r in rows), "rows": rows})
+    return out
+
+
+def _preset_lines(table) -> list[str]:
+    checks = preset_check(table)
+    if not checks:
+        return []
+    lines = ["## Which loss-free eigen configuration holds up (validation only)", "",
+             "A variant passes when its load CV on the validation probe is below Switch's (Welch, Holm over the two "
+             "tests, level 0.05) and its validation top-1 is at least Switch's within twice Switch's seed std "
+             "(simultaneous interval); the test split plays no part. docs/study.md says how a passing variant "
+             "becomes a named configuration.", "",
+             "| variant | load CV vs Switch | val top-1 vs Switch (interval, margin) | passes |", "|---|---|---|---|"]
+    for c in checks:
+        cv, acc = c["rows"]
+        lines.append(
+            f"| `{c['method']}` | {cv['welch'].diff:+.3f} (Holm p {_fmt_p(cv['p_holm'])}): {cv['outcome']} | "
+            f"{acc['welch'].diff:+.4f} ([{acc['interval'][0]:.4f}, {acc['interval'][1]:.4f}], margin "
+            f"{acc['margin']:.4f}): {acc['outcome']} | {'yes' if c['passes'] else 'no'} |")
+    return lines + [""]
 
 
 def accuracy_vs_cv_figure(table, path: Path) -> Path:
@@ -419,6 +458,7 @@ def write_report(cfg, results, path: str | Path, command: str, wall_s: float,
         lines.extend(f"- {e}" for e in v["evidence"])
         lines.append(f"- Variants that pass: {', '.join(f'`{m}`' for m in v['variants']) or 'none'}")
         lines.append("")
+    lines.extend(_preset_lines(table))
     if len(cfg.seeds) < 3:
         lines.append(f"With {len(cfg.seeds)} seed(s) no significance test is possible; treat every verdict as "
                      "provisional.")

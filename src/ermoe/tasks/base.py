@@ -55,9 +55,13 @@ class Task(ABC):
     datasets: ClassVar[tuple[str, ...]]
     data_keys: ClassVar[dict[str, tuple[str, ...]]] = {}
     model_data_args: ClassVar[tuple[str, ...]] = ()
+    # A dataclass of the task's own settings (``TrainConfig.task_options``, checked by the config against its
+    # fields and their types); None: the task takes none.
+    Options: ClassVar[type | None] = None
 
     def __init__(self, cfg: "TrainConfig", device: torch.device) -> None:
         self.cfg, self.device = cfg, device
+        self.options = self.Options(**cfg.task_options) if self.Options is not None else None
 
     # data -------------------------------------------------------------------------------------------------------
     @abstractmethod

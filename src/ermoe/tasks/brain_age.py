@@ -3,14 +3,19 @@ MAE / RMSE / Pearson r / brain-age gap with and without the usual age-bias corre
 in the brain (expert maps over the MNI grid, MI(expert; tissue), and on the built-in cohort a score against the
 generator's ground-truth ageing map).
 
-The model predicts standardised age (``(age - mean) / sd`` of the training ages), so its head starts in range;
-the loss and every metric are in years.
+Two losses (``task_options.loss``): ``l1`` (default; the model predicts standardised age, ``(age - mean) / sd`` of
+the training ages, so its head starts in range) and ``soft_bins`` (SFCN, Peng et al. 2021: the model predicts a
+distribution over age bins of ``bin_width`` years covering the training ages with a margin, trained by KL divergence
+to a Gaussian soft label of sd ``bin_sigma`` around the true age; the prediction is the distribution's mean). Every
+metric is in years.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -93,9 +98,38 @@ def expert_anatomy(counts_EN: np.ndarray, tissue_N: np.ndarray, age_map_N: np.nd
     return out
 
 
+@dataclass
+class BrainAgeOptions:
+    loss: Literal["l1", "soft_bins"] = "l1"
+    bin_width: float = 1.0  # years (SFCN: 1)
+    bin_sigma: float = 1.0  # sd of the Gaussian soft label, years (SFCN: 1)
+
+    def __post_init__(self) -> None:
+        if self.loss == "l1" and (self.bin_width, self.bin_sigma) != (1.0, 1.0):
+            raise ValueError("task_options.bin_width and bin_sigma apply to loss soft_bins only")
+        if not (self.bin_width > 0 and self.bin_sigma > 0):
+            raise ValueError(f"task_options.bin_width and bin_sigma must be > 0, got {self.bin_width}, "
+                             f"{self.bin_sigma}")
+
+
+def age_bins(ages: np.ndarray, width: float, margin: float) -> np.ndarray:
+    """Bin centres every ``width`` years from below the youngest to above the oldest age, ``margin`` years out."""
+    low = math.floor((float(ages.min()) - margin) / width) * width
+    high = math.ceil((float(ages.max()) + margin) / width) * width
+    return np.arange(low, high + width / 2, width, dtype=np.float32)
+
+
+def soft_labels(age: Tensor, centres: Tensor, sigma: float) -> Tensor:
+    """``(B, bins)``: a Gaussian of sd ``sigma`` around each age, evaluated at the bin centres and normalised."""
+    logits = -0.5 * ((centres[None, :] - age[:, None].float()) / sigma) ** 2
+    return torch.softmax(logits, dim=1)
+
+
 @register_task
 class BrainAge(Task):
     name = "brain_age"
+    Options = BrainAgeOptions
+    options: BrainAgeOptions
     datasets = ("brain_cohort", "nifti_csv")
     data_keys = {"nifti_csv": ("csv", *_SPLIT_KEYS),
                  "brain_cohort": ("cohort_size", "cohort_seed", *_SPLIT_KEYS)}
@@ -124,9 +158,14 @@ class BrainAge(Task):
         ages = self.stores["train"].ages
         self.age_mean, self.age_sd = float(ages.mean()), float(ages.std()) or 1.0
         self.shape, _ = mni_grid(d.spacing)
+        self.centres = None
+        if self.options.loss == "soft_bins":  # a margin of 3 sd: the labels of the oldest and youngest fit
+            bins = age_bins(ages, self.options.bin_width, 3 * self.options.bin_sigma)
+            self.centres = torch.from_numpy(bins).to(self.device)
 
     def model_args(self) -> dict[str, Any]:
-        return {"in_chans": 1, "volume_shape": tuple(self.shape), "num_outputs": 1}
+        outputs = 1 if self.centres is None else len(self.centres)
+        return {"in_chans": 1, "volume_shape": tuple(self.shape), "num_outputs": outputs}
 
     @property
     def num_train(self) -> int:
@@ -169,9 +208,14 @@ class BrainAge(Task):
         return next(self.eval_batches("val" if "val" in self.stores else "test", self.cfg.probe_size))
 
     def years(self, output: Tensor) -> Tensor:
+        if self.centres is not None:
+            return torch.softmax(output.float(), dim=1) @ self.centres
         return self.age_mean + self.age_sd * output[:, 0].float()
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        if self.centres is not None:
+            labels = soft_labels(target, self.centres, self.options.bin_sigma)
+            return F.kl_div(torch.log_softmax(output.float(), dim=1), labels, reduction="batchmean")
         return F.l1_loss(self.years(output), target.float())
 
     def batch_stats(self, output: Tensor, batch: Batch) -> dict[str, float]:

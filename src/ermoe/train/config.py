@@ -125,6 +125,8 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # The task's own settings (its Options dataclass, e.g. brain age's loss); none for classification.
+    task_options: dict[str, Any] = field(default_factory=dict)
 
 
 def _type_name(tp: Any) -> str:
@@ -292,6 +294,14 @@ def _check_data(cfg: TrainConfig) -> type:
         task = task_class(cfg.task)
     except ValueError as err:
         raise ConfigError(f"task: {err}") from None
+    if task.Options is None:
+        if cfg.task_options:
+            raise ConfigError(f"task_options do not apply to task {cfg.task!r} (it takes none)")
+    else:
+        try:
+            _build(task.Options, cfg.task_options, "task_options")
+        except ValueError as err:  # the options' own checks (__post_init__)
+            raise ConfigError(err if isinstance(err, ConfigError) else f"task_options: {err}") from None
     d = cfg.data
     if d.name not in task.datasets:
         raise ConfigError(f"data.name must be one of {list(task.datasets)} for task {cfg.task!r}, got {d.name!r}")
