@@ -123,6 +123,16 @@ def test_verdicts_follow_the_statistics():
     assert one["variants"] == ["ermoe_standardize"]
 
 
+def test_each_report_names_its_condition_and_the_other_command():
+    from ermoe.study.report import STEM_STUDY, condition_line
+
+    assert condition_line({"model": {"name": "vit_tiny"}}).startswith("from scratch") and STEM_STUDY in \
+        condition_line({"model": {}})
+    assert condition_line({"model": {"stem": "efficientnet_lite0"}}).startswith("frozen pretrained tokens")
+    from pathlib import Path
+    assert Path(__file__).parents[1].joinpath(STEM_STUDY.split("--config ")[1]).is_file()
+
+
 def test_the_preset_check_uses_validation_only():
     from ermoe.study.report import preset_check
 
