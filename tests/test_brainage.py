@@ -250,24 +250,28 @@ def test_vit3d_patch_tokens_and_reference_grid():
     assert create_model("vit3d", depth=1, embed_dim=8, num_heads=1).patch_embed.grid_size == (13, 15, 13)
 
 
-def test_tiny_brain_age_run_end_to_end(tmp_path):
+@pytest.mark.parametrize("model, layer_name", [
+    ({"name": "sfcn3d", "channels": [4, 8, 8], "moe": {"router": "ermoe", "num_experts": 2}}, "cells.0"),
+    ({"name": "vit3d", "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2,
+      "moe": {"router": "emoe", "num_experts": 2, "blocks": [1]}}, "blocks.1.mlp.branch"),
+])
+def test_tiny_brain_age_run_end_to_end(tmp_path, model, layer_name):
     from ermoe.train import load_config, train
 
     cfg = load_config(None, {
         "task": "brain_age", "out_dir": str(tmp_path / "runs"), "progress": False, "tensorboard": False,
         "probe_size": 4, "probe_every": 2,
         "data": {"name": "brain_cohort", "cohort_size": 24, "spacing": SPACING, "val_size": 4, "test_size": 4},
-        "model": {"name": "sfcn3d", "channels": [4, 8, 8], "moe": {"router": "ermoe", "num_experts": 2}},
-        "optim": {"epochs": 2, "batch_size": 8, "eval_batch_size": 8, "warmup_steps": 1}})
+        "model": model, "optim": {"epochs": 2, "batch_size": 8, "eval_batch_size": 8, "warmup_steps": 1}})
     run = train(cfg, quiet=True)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test_scans"] == 4 and metrics["step"] == 4
     for key in ("test_mae", "test_rmse", "test_r", "test_corrected_mae", "val_mae", "test_mae_mean_predictor"):
         assert math.isfinite(metrics[key]), key
-    layer = metrics["layers"]["cells.0"]
+    layer = metrics["layers"][layer_name]
     assert sum(layer["tokens_per_expert"]) == 4 * int(np.prod(layer["token_grid"]))
     assert "mi_age_bits" in layer and "probe_changed" in layer
-    assert (run / "figures" / "expert_maps_cells_0.png").is_file()
+    assert (run / "figures" / f"expert_maps_{layer_name.replace('.', '_')}.png").is_file()
 
 
 def test_nifti_csv_by_someone_else_trains(tmp_path):
