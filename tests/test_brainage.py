@@ -327,3 +327,14 @@ def test_soft_bins_run_and_task_option_errors(tmp_path):
         load_config(None, {**base, "task_options": {"bins": 2}})
     with pytest.raises(ConfigError, match="task_options do not apply to task 'classification'"):
         load_config(None, {"data": {"name": "digits"}, "task_options": {"loss": "l1"}})
+
+
+def test_missing_brain_extra_is_a_clear_error(monkeypatch):
+    import sys
+    from ermoe.tasks.brain_age import BrainAge
+    from ermoe.train import load_config
+
+    cfg = load_config(None, {"task": "brain_age", "data": {"name": "brain_cohort"}, "model": {"name": "sfcn3d"}})
+    monkeypatch.setitem(sys.modules, "nilearn", None)
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[brain\]'"):
+        BrainAge(cfg, torch.device("cpu")).load()

@@ -136,6 +136,12 @@ class BrainAge(Task):
     model_data_args = ("in_chans", "volume_shape", "num_outputs")
 
     def load(self) -> None:
+        try:
+            import nibabel  # noqa: F401
+            import nilearn  # noqa: F401
+        except ImportError as err:
+            raise ImportError(f"brain age reads NIfTI with nibabel and nilearn ({err}): pip install -e '.[brain]'") \
+                from None
         d = self.cfg.data
         self.cohort_info: dict[str, Any] | None = None
         if d.name == "brain_cohort":
