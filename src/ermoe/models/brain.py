@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from timm.models.vision_transformer import VisionTransformer
 
 from ..moe import MoE
-from .protocol import RoutedModel, RoutingLayer
+from .protocol import RoutedModel, TokenMoELayer
 from .registry import register_model
 from .vit import GlobalPool, MoESpec, MoEViT, _check_choice, vit_model
 
@@ -33,23 +33,12 @@ def _over_cells(x: Tensor, norm: nn.Module, fn: nn.Module) -> Tensor:
     return x + y.transpose(1, 2).reshape(x.shape)
 
 
-class CellMoE(RoutingLayer):
+class CellMoE(TokenMoELayer):
     """An MoE over the cells of a 3D feature map: ``x + MoE(LayerNorm(cells))``, reshaped back."""
 
     def __init__(self, channels: int, moe: MoE) -> None:
         super().__init__()
         self.norm, self.moe = nn.LayerNorm(channels), moe
-
-    @property
-    def num_experts(self) -> int:
-        return self.moe.num_experts
-
-    @property
-    def last_routing(self):
-        return self.moe.last_routing
-
-    def token_moe(self) -> MoE:
-        return self.moe
 
     def forward(self, x: Tensor) -> Tensor:
         return _over_cells(x, self.norm, self.moe)

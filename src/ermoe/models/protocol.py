@@ -55,6 +55,24 @@ class RoutingLayer(nn.Module):
         return None
 
 
+class TokenMoELayer(RoutingLayer):
+    """A routing layer that applies one token :class:`~ermoe.MoE` (``self.moe``) to the tokens of its input (a ViT
+    block's patch tokens, a 3D feature map's cells); its expert count and routing are the MoE's."""
+
+    moe: MoE
+
+    @property
+    def num_experts(self) -> int:
+        return self.moe.num_experts
+
+    @property
+    def last_routing(self) -> RoutingInfo | None:
+        return self.moe.last_routing
+
+    def token_moe(self) -> MoE:
+        return self.moe
+
+
 @dataclass(frozen=True)
 class RoutedLayer:
     """A read-only view of one routing layer of a model: its qualified name, expert count and last routing."""

@@ -28,7 +28,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..moe import MoE
 from ..routing import check_router_kwargs, list_routers
-from .protocol import RoutedModel, RoutingLayer
+from .protocol import RoutedModel, TokenMoELayer
 from .registry import TIMM_VIT, register_model
 from .stems import STEMS, PretrainedStem, install_stem
 
@@ -125,7 +125,7 @@ def select_blocks(blocks: str | Sequence[int], depth: int) -> list[int]:
     return sorted(out)
 
 
-class PatchMoE(RoutingLayer):
+class PatchMoE(TokenMoELayer):
     """Applies an :class:`ermoe.MoE` to the patch tokens of ``(B, N, D)`` input; prefix tokens get zeros.
 
     For routers that score against a context (ERMoE ``score='context'``), the context is the attention output of
@@ -137,17 +137,6 @@ class PatchMoE(RoutingLayer):
         self.moe = moe
         self.num_prefix_tokens = num_prefix_tokens
         self._context: Tensor | None = None
-
-    @property
-    def num_experts(self) -> int:
-        return self.moe.num_experts
-
-    @property
-    def last_routing(self):
-        return self.moe.last_routing
-
-    def token_moe(self) -> MoE:
-        return self.moe
 
     @property
     def uses_context(self) -> bool:

@@ -251,6 +251,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
             [(f"optim.betas[{i}]", b) for i, b in enumerate(o.betas)] + [("optim.clip_grad", o.clip_grad or 1.0)]:
         require(math.isfinite(value), key, "a finite number", value)
     require(d.crop_padding >= 0, "data.crop_padding", ">= 0", d.crop_padding)
+    require(d.val_size >= 0 and d.test_size >= 0, "data.val_size and data.test_size", ">= 0",
+            (d.val_size, d.test_size))
     require(o.lr > 0, "optim.lr", "> 0", o.lr)
     require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]", o.min_lr_ratio)
     require(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
