@@ -341,3 +341,90 @@ def test_missing_brain_extra_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "nilearn", None)
     with pytest.raises(ImportError, match=r"pip install -e '\.\[brain\]'"):
         BrainAge(cfg, torch.device("cpu")).load()
+
+
+def test_precise_bn_matches_a_float64_reference():
+    """recalibrate_batchnorm: each BatchNorm's statistics become the equal-weight average of its batch statistics
+    (mean; unbiased variance) under the current weights, everything else stays in eval mode and untouched."""
+    from ermoe.train.precise_bn import recalibrate_batchnorm, trainable_batchnorms
+
+    torch.manual_seed(0)
+    model = create_model("sfcn3d", volume_shape=(16, 16, 16), channels=[4, 8, 8],
+                         moe={"router": "ermoe", "num_experts": 2, "router_kwargs": {"standardize": True}})
+    model.head_drop = torch.nn.Dropout(0.5)
+    batches = [(torch.randn(3, 1, 16, 16, 16),) for _ in range(3)]
+    router_stats = {k: v.clone() for k, v in model.named_buffers() if "standardizer" in k}
+    conv, bn = model.stages[0][0], model.stages[0][1]
+    with torch.no_grad():
+        acts = [conv.double()(b[0].double()) for b in batches]
+    conv.float()
+    want_mean = torch.stack([a.mean(dim=(0, 2, 3, 4)) for a in acts]).mean(0)
+    want_var = torch.stack([a.transpose(0, 1).reshape(4, -1).var(dim=1) for a in acts]).mean(0)
+    assert not torch.allclose(bn.running_mean.double(), want_mean, atol=1e-3)  # the check can fail
+    model.train()
+    assert recalibrate_batchnorm(model, batches) == 3
+    torch.testing.assert_close(bn.running_mean.double(), want_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var.double(), want_var, rtol=1e-5, atol=1e-6)
+    assert all(m.momentum == 0.1 for m in trainable_batchnorms(model)) and model.training and model.head_drop.training
+    for k, v in model.named_buffers():  # routing state did not move
+        if k in router_stats:
+            torch.testing.assert_close(v, router_stats[k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="at least one batch"):
+        recalibrate_batchnorm(model, [])
+
+
+def test_checkpoints_hold_recalibrated_bn_statistics(tmp_path):
+    from ermoe.train import ConfigError, load_config, train
+    from ermoe.train.precise_bn import recalibrate_batchnorm
+    from ermoe.train.trainer import load_run
+
+    values = {"task": "brain_age", "out_dir": str(tmp_path / "runs"), "progress": False, "tensorboard": False,
+              "probe_size": 4, "bn_recalibration": 2,
+              "data": {"name": "brain_cohort", "cohort_size": 24, "spacing": SPACING, "val_size": 4, "test_size": 4},
+              "model": {"name": "sfcn3d", "channels": [4, 8, 8]},
+              "optim": {"epochs": 2, "batch_size": 4, "eval_batch_size": 4, "warmup_steps": 1}}
+    run = train(load_config(None, values), quiet=True)
+    cfg, task, model, _, _ = load_run(run)
+    stored = {k: v.clone() for k, v in model.named_buffers() if "running" in k}
+    model.train()
+    recalibrate_batchnorm(model, [b.inputs for b in task.eval_batches("train", 4, limit=8)])
+    for k, v in model.named_buffers():  # recomputing from the same two batches changes nothing
+        if k in stored:
+            torch.testing.assert_close(v, stored[k], rtol=1e-5, atol=1e-6)
+    values["out_dir"] = str(tmp_path / "no_recal")
+    values["bn_recalibration"] = 0
+    ema = json.loads((train(load_config(None, values), quiet=True) / "metrics.json").read_text())
+    assert ema["test_mae"] != json.loads((run / "metrics.json").read_text())["test_mae"]
+    vit = {**values, "bn_recalibration": 2, "model": {"name": "vit3d", "patch_size": 4, "embed_dim": 16, "depth": 1,
+                                                      "num_heads": 2}}
+    with pytest.raises(ConfigError, match="bn_recalibration.*no trainable BatchNorm"):
+        train(load_config(None, vit), quiet=True)
+
+
+def test_brain_study_quick_end_to_end(tmp_path, capsys):
+    """`ermoe study --config configs/study_brainage.yaml --quick`: every brain method, the claim-7 report, no
+    few-shot probes (a few-shot key is an error), finished runs reused."""
+    from ermoe.cli import main
+    from ermoe.study.brain import BRAIN_DEFAULT_METHODS
+
+    config = str(Path(__file__).parents[1] / "configs" / "study_brainage.yaml")
+    assert main(["study", "--config", config, "--list-methods"]) == 0
+    assert capsys.readouterr().out.split() == BRAIN_DEFAULT_METHODS
+    assert main(["study", "--config", config, "--fewshot_draws=3", "--list-methods"]) == 1
+    assert "few-shot probes are part of the image-classification study" in capsys.readouterr().err
+    assert main(["study", "--config", config, "--methods=[plain,vit]", "--list-methods"]) == 1
+    assert "unknown brain_age study method 'vit'" in capsys.readouterr().err
+    args = ["study", "--config", config, "--quick", "--methods=[plain,dense_ffn,ermoe,switch]",
+            f"--out_dir={tmp_path / 'runs'}", f"--report={tmp_path / 'results_brainage.md'}"]
+    assert main(args) == 0
+    report = (tmp_path / "results_brainage.md").read_text()
+    assert "do not edit by hand" in report and "ermoe study --config" in report
+    for method in ("plain", "dense_ffn", "ermoe", "switch"):
+        assert f"| `{method}` |" in report
+    assert "Claim 7:" in report and "0.93 x `plain`" in report and "Is it the routing?" in report
+    assert (tmp_path / "figures" / "results_brainage_mae_vs_cv.png").stat().st_size > 1000
+    metrics = json.loads((tmp_path / "runs" / "ermoe" / "seed0" / "metrics.json").read_text())
+    assert "fewshot" not in metrics and metrics["task"] == "brain_age"
+    capsys.readouterr()
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("done before, skipped") == 8

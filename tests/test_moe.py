@@ -172,8 +172,10 @@ def test_bad_input_raises_clear_errors():
         ermoe.MoE(D, H, E, router="ermoe", router_kwargs={"standardize": "false"})
     with pytest.raises(ValueError, match="tau must be float, got bool True"):
         ermoe.MoE(D, H, E, router="emoe", router_kwargs={"tau": True})
-    with pytest.raises(ValueError, match="rank must be an int"):
+    with pytest.raises(ValueError, match=r"rank must be in \[1, dim\)"):
         ermoe.MoE(D, H, E, router="ermoe", router_kwargs={"rank": D + 1})
+    with pytest.raises(ValueError, match="same score"):  # a full basis: every Eigenbasis Score is 1, a tie
+        ermoe.MoE(D, H, E, router="ermoe", router_kwargs={"rank": D})
     with pytest.raises(ValueError, match="learn_tau=True needs gate='prob'"):
         ermoe.MoE(D, H, E, router="ermoe", router_kwargs={"learn_tau": True})
 
@@ -329,3 +331,11 @@ def test_torch_compile_traces_quietly_and_keeps_grouped_mm(caplog):
     assert not [w for w in caught if "ermoe" in w.filename]
     assert not [r for r in caplog.records if r.levelname == "ERROR"]  # no failed meta call of grouped_mm logged
     assert not experts_mod._grouped_unsupported  # eager keeps grouped_mm
+
+
+def test_default_eigen_rank_never_spans_the_token_space():
+    from ermoe.routing.eigenbasis import default_eigen_rank
+
+    # min(32, D // E) down to a multiple of 4, at least 4; below D (small D: D // E)
+    assert [default_eigen_rank(d, e) for d, e in [(96, 8), (32, 4), (8, 4), (256, 4), (4, 4), (4, 2), (3, 1)]] == \
+        [12, 8, 4, 32, 1, 2, 2]

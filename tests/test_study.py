@@ -240,3 +240,39 @@ def test_a_stale_run_is_never_reused(tmp_path, capsys):
     (aside,) = [p for p in run.parent.iterdir() if p.name.startswith("seed0.stale-")]
     assert json.loads((aside / "metrics.json").read_text()) == first  # kept, not lost
     assert json.loads((run / "metrics.json").read_text())["step"] == first["step"] // 2
+
+
+def test_claim7_compares_with_093_times_the_plain_cnn_by_hand():
+    """Claim 7 ("MAE more than 7% lower"): the method's MAE against 0.93 x the plain CNN's, Welch + Holm."""
+    from ermoe.study.brain import BRAIN_CLAIMS, BRAIN_METHODS, BRAIN_PAPER_METHODS
+    from ermoe.study.stats import welch
+
+    plain = [4.0, 4.02, 3.98]  # 0.93 x: mean 3.72
+    table = {"plain": {"test_mae": plain}, "ermoe": {"test_mae": [3.50, 3.52, 3.48]},
+             "emoe": {"test_mae": [3.90, 3.92, 3.88]}, "ermoe_standardize": {"test_mae": [3.80, 3.70, 3.72]}}
+    (claim,) = [v for v in verdicts(table, BRAIN_CLAIMS, BRAIN_PAPER_METHODS, BRAIN_METHODS) if v["claim"] == "7"]
+    # ERMoE 12.5% below: significantly under 0.93 x; EMoE 2.5% below: significantly above 0.93 x (gain < 7%)
+    assert claim["per_method"] == {"ermoe": "supported", "emoe": "contradicted"}
+    assert "vs 0.93 x `plain` 3.72: difference -0.22" in claim["evidence"][0]
+    w = welch(table["ermoe"]["test_mae"], [0.93 * v for v in plain])  # the test is on the scaled values
+    assert f"95% CI [{w.low:.3g}, {w.high:.3g}]" in claim["evidence"][0]
+    assert claim["variants"] == []  # 3.74 vs 3.72: within noise, inconclusive
+
+
+def test_brain_methods_differ_in_routing_only():
+    from ermoe.study.brain import BRAIN_METHODS, BRAIN_TRAIN, brain_method_model
+
+    base = BRAIN_TRAIN["model"]
+    plain, dense = brain_method_model("plain", base), brain_method_model("dense_ffn", base)
+    assert plain["moe"] is None and "dense_ffn" not in plain and dense["dense_ffn"] is True and dense["moe"] is None
+    ermoe = brain_method_model("ermoe_standardize", base)
+    assert ermoe["moe"] == {"num_experts": 4, "top_k": 1, "router": "ermoe", "router_kwargs": {"standardize": True}}
+    assert brain_method_model("switch", base)["channels"] == base["channels"]
+    for name in BRAIN_METHODS:  # every row builds; the MoE rows and the dense FFN have the same active size
+        model = create_model("sfcn3d", volume_shape=(46, 55, 46), **{k: v for k, v in brain_method_model(
+            name, base).items() if k != "name"})
+        if name not in ("plain", "ermoe", "emoe", "ermoe_standardize", "emoe_standardize"):
+            assert model.active_parameters() >= create_model("sfcn3d", volume_shape=(46, 55, 46),
+                                                             channels=base["channels"]).active_parameters()
+    with pytest.raises(ValueError, match="unknown brain-age study method"):
+        brain_method_model("dense", base)

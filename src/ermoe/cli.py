@@ -70,7 +70,7 @@ def study(args, rest: list[str], argv: list[str] | None) -> None:
     import time
     from pathlib import Path
 
-    from .study import load_study_config, run_study, write_report
+    from .study import kind_of, load_study_config, run_study, write_report
     from .train.checkpoint import atomic_write_text
     from .train.config import parse_overrides
 
@@ -81,7 +81,7 @@ def study(args, rest: list[str], argv: list[str] | None) -> None:
     t0 = time.perf_counter()
     results = run_study(cfg)
     command = "ermoe " + " ".join(argv if argv is not None else sys.argv[1:])
-    path = write_report(cfg, results, cfg.report, command, time.perf_counter() - t0,
+    path = (kind_of(cfg).write_report or write_report)(cfg, results, cfg.report, command, time.perf_counter() - t0,
                         lambda p, text: atomic_write_text(Path(p), text))
     print(f"report: {path}")
 

@@ -31,12 +31,15 @@ from .common import ScoreStandardizer, Temperature
 
 
 def default_eigen_rank(dim: int, num_experts: int) -> int:
-    """``min(32, dim // E)`` rounded down to a multiple of 4 (aligned for grouped matmul), at least 4, at most dim.
+    """``min(32, dim // E)`` rounded down to a multiple of 4 (aligned for grouped matmul), at least 4, below dim
+    (for ``dim <= 4``: ``max(1, dim // E)``).
 
     ``dim // E`` lets the E bases be mutually orthogonal; the cap of 32 bounds the router's projection (a D x E*R
-    matmul that every token pays for), which keeps ERMoE's cost near a dense FFN's (docs/performance.md).
+    matmul that every token pays for), which keeps ERMoE's cost near a dense FFN's (docs/performance.md). A basis
+    of the full dimension would give every token the same score for every expert (see EigenbasisRouter).
     """
-    return min(dim, max(4, min(32, dim // num_experts) // 4 * 4))
+    rank = max(4, min(32, dim // num_experts) // 4 * 4)
+    return rank if rank < dim else max(1, min(dim - 1, dim // num_experts))
 
 
 class EigenbasisRouter(Router):
@@ -63,6 +66,11 @@ class EigenbasisRouter(Router):
     ) -> None:
         super().__init__(dim, num_experts, top_k)
         rank = default_eigen_rank(dim, num_experts) if rank is None else rank
+        if not 1 <= rank < dim:
+            # An orthonormal basis of all D directions keeps every token's norm (and every inner product): each
+            # expert's Eigenbasis Score would be 1 (or the same cosine), and routing a tie.
+            raise ValueError(f"ermoe rank must be in [1, dim) = [1, {dim}), got {rank}: a basis spanning the whole "
+                             "token space gives every expert the same score")
         if score not in ("projection", "context"):
             raise ValueError(f"ermoe score must be 'projection' or 'context', got {score!r}")
         if gate not in ("renormalized", "score", "prob"):

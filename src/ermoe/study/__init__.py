@@ -2,7 +2,8 @@
 
 from .methods import DEFAULT_METHODS, METHODS, method_model
 from .report import aggregate, verdicts, write_report
-from .runner import StudyConfig, load_study_config, run_study
+from .kinds import KINDS, StudyKind, study_kind
+from .runner import StudyConfig, kind_of, load_study_config, run_study
 
-__all__ = ["DEFAULT_METHODS", "METHODS", "StudyConfig", "aggregate", "load_study_config", "method_model", "run_study", "verdicts",
-           "write_report"]
+__all__ = ["DEFAULT_METHODS", "KINDS", "METHODS", "StudyConfig", "StudyKind", "aggregate", "kind_of", "load_study_config",
+           "method_model", "run_study", "study_kind", "verdicts", "write_report"]

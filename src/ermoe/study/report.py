@@ -6,14 +6,13 @@ from __future__ import annotations
 import math
 import os
 import platform
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from .methods import EXPLORATORY, METHODS
-from .stats import holm, welch
+from .stats import Test, holm, welch
 
 PAPER_METHODS = ("ermoe", "emoe_parallel")
 # (key, label, format, lower is better)
@@ -57,11 +56,13 @@ def model_metrics_lines(table: dict[str, dict[str, list[float]]]) -> list[str]:
     return lines
 
 
-def aggregate(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[str, list[float]]]:
-    """method -> measure -> the values over seeds."""
+def aggregate(results: dict[str, dict[int, dict[str, Any]]],
+              measures: Callable[[dict[str, Any]], dict[str, float]] | None = None) -> dict[str, dict[str, list[float]]]:
+    """method -> measure -> the values over seeds (``measures``: one run's numbers, default :func:`run_measures`)."""
+    measures = measures or run_measures
     table: dict[str, dict[str, list[float]]] = {}
     for method, runs in results.items():
-        per_seed = [run_measures(m) for _, m in sorted(runs.items())]
+        per_seed = [measures(m) for _, m in sorted(runs.items())]
         table[method] = {k: [r.get(k, float("nan")) for r in per_seed] for k in per_seed[0]}
     return table
 
@@ -82,32 +83,22 @@ def _cell(values: list[float] | None, spec: str) -> str:
     return format(m, spec) if len(values) < 2 or spec.endswith(",.0f") else f"{format(m, spec)} ± {format(s, spec)}"
 
 
-def results_table(table: dict[str, dict[str, list[float]]]) -> str:
-    header = "| method | role | " + " | ".join(label for _, label, _ in COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
+def results_table(table: dict[str, dict[str, list[float]]], columns=None, methods=None,
+                  exploratory: frozenset[str] | None = None) -> str:
+    """Mean ± std over seeds per method (row) and measure (``columns``: key, label, format)."""
+    columns, methods = columns or COLUMNS, methods or METHODS
+    exploratory = EXPLORATORY if exploratory is None else exploratory
+    header = "| method | role | " + " | ".join(label for _, label, _ in columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 2)]
     for method, measures in table.items():
-        role = METHODS[method][0] if method in METHODS else "-"
-        role += " (exploratory)" if method in EXPLORATORY else ""
-        cells = [_cell(measures.get(key), spec) for key, _, spec in COLUMNS]
+        role = methods[method][0] if method in methods else "-"
+        role += " (exploratory)" if method in exploratory else ""
+        cells = [_cell(measures.get(key), spec) for key, _, spec in columns]
         lines.append(f"| `{method}` | {role} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 ALPHA = 0.05
-
-
-@dataclass(frozen=True)
-class Test:
-    """One comparison of a claim: ``measure`` of the method against ``baseline`` (a method, or ``best_balanced``:
-    the better of Switch and V-MoE on that measure), ``better`` = which way the claim says the method differs.
-    ``parity``: the claim is "at least as good" (non-inferiority) with a margin of two standard deviations of the
-    baseline's own seed-to-seed spread (a smaller difference is within what reruns of the baseline itself vary
-    by); otherwise it is "better" (superiority)."""
-
-    measure: str
-    baseline: str
-    better: str
-    parity: bool = False
 
 
 CLAIMS: list[tuple[str, str, list[Test]]] = [
@@ -149,10 +140,11 @@ def _comparisons(table, methods: list[str], claim: str, tests: list[Test]) -> li
             base = _baseline(table, test.baseline, test.measure)
             if base is None or test.measure not in table.get(method, {}):
                 continue
-            result = welch(table[method][test.measure], base[1])
+            base_values = [test.scale * v for v in base[1]]
+            result = welch(table[method][test.measure], base_values)
             if result is not None:
                 rows.append({"method": method, "test": test, "baseline": base[0], "welch": result,
-                             "values": table[method][test.measure], "base_values": base[1]})
+                             "values": table[method][test.measure], "base_values": base_values})
     for row, adjusted in zip(rows, holm([r["welch"].p for r in rows])):
         row["p_holm"] = adjusted
         row["outcome"], row["note"] = _outcome(table, claim, row, len(rows))
@@ -203,22 +195,26 @@ def _fmt_p(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def verdicts(table: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
+def verdicts(table: dict[str, dict[str, list[float]]], claims=None, paper_methods=None,
+             methods=None) -> list[dict[str, Any]]:
     """For each claim: per paper method (read as written) supported / contradicted / inconclusive from Welch's
     tests over seeds with Holm's correction across the claim's comparisons (docs/study.md, "Verdicts"); the
-    evidence; and the variants that would pass under the same rule (their own family)."""
+    evidence; and the variants that would pass under the same rule (their own family). Defaults: the image
+    study's claims, paper methods and method table."""
+    claims, methods = claims or CLAIMS, methods or METHODS
     out = []
-    papers = [m for m in PAPER_METHODS if m in table]
-    variants = [m for m, (role, _, _) in METHODS.items() if role == "variant" and m in table]
-    for number, text, tests in CLAIMS:
+    papers = [m for m in (paper_methods or PAPER_METHODS) if m in table]
+    variants = [m for m, (role, _, _) in methods.items() if role == "variant" and m in table]
+    for number, text, tests in claims:
         rows = _comparisons(table, papers, number, tests)
         per_method = {m: _method_verdict([r["outcome"] for r in rows if r["method"] == m]) for m in papers}
         evidence = []
         for r in rows:
             w, test = r["welch"], r["test"]
             mm, bm = mean_std(r["values"])[0], mean_std(r["base_values"])[0]
+            scaled = f"{test.scale:g} x " if test.scale != 1.0 else ""
             evidence.append(
-                f"`{r['method']}` {test.measure} {mm:.4g} vs `{r['baseline']}` {bm:.4g}: difference {w.diff:+.3g} "
+                f"`{r['method']}` {test.measure} {mm:.4g} vs {scaled}`{r['baseline']}` {bm:.4g}: difference {w.diff:+.3g} "
                 f"(95% CI [{w.low:.3g}, {w.high:.3g}]), Welch p {_fmt_p(w.p)}, Holm {_fmt_p(r['p_holm'])}"
                 + (f"; {r['note']}" if r["note"] else "") + f": **{r['outcome']}**")
         variant_rows = _comparisons(table, variants, number, tests)
@@ -268,7 +264,10 @@ def _preset_lines(table) -> list[str]:
     return lines + [""]
 
 
-def accuracy_vs_cv_figure(table, path: Path) -> Path:
+def accuracy_vs_cv_figure(table, path: Path, measure: str = "test_top1", label: str = "test top-1",
+                          methods=None) -> Path:
+    """``measure`` against load CV, one point per MoE method (mean ± std over seeds)."""
+    methods = methods or METHODS
     import matplotlib
 
     matplotlib.use("Agg")
@@ -276,17 +275,17 @@ def accuracy_vs_cv_figure(table, path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, measures in table.items():
-        if method == "dense":
-            continue
         cv, cv_s = mean_std(measures["load_cv"])
-        acc, acc_s = mean_std(measures["test_top1"])
-        role = METHODS.get(method, ("-",))[0]
+        if math.isnan(cv):  # no MoE layer
+            continue
+        acc, acc_s = mean_std(measures[measure])
+        role = methods.get(method, ("-",))[0]
         marker = {"paper": "o", "variant": "^", "baseline": "s"}.get(role, "x")
         ax.errorbar(cv, acc, xerr=cv_s, yerr=acc_s, fmt=marker, capsize=2)
         ax.annotate(method, (cv, acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("load CV (mean over MoE layers; lower = flatter)")
-    ax.set_ylabel("test top-1")
-    ax.set_title("accuracy against load balance (mean ± std over seeds)", fontsize=9)
+    ax.set_ylabel(label)
+    ax.set_title(f"{label} against load balance (mean ± std over seeds)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -323,7 +322,8 @@ def load_over_training(results, stat: str = "load_cv") -> dict[str, tuple[list[i
     return curves
 
 
-def load_over_training_figure(results, path: Path) -> Path | None:
+def load_over_training_figure(results, path: Path, methods=None) -> Path | None:
+    methods = methods or METHODS
     panels = [(label, load_over_training(results, stat)) for stat, label in LOAD_STATS]
     panels = [(label, curves) for label, curves in panels if curves]
     if not panels:
@@ -336,7 +336,7 @@ def load_over_training_figure(results, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
     for ax, (label, curves) in zip(axes[0], panels):
         for i, (method, (steps, values)) in enumerate(curves.items()):
-            role = METHODS.get(method, ("-",))[0]
+            role = methods.get(method, ("-",))[0]
             ax.plot(steps, values, marker="o", markersize=2, label=method, color=plt.cm.tab20(i % 20),
                     linestyle={"paper": "-", "variant": "--", "baseline": ":"}.get(role, "-"))
         ax.set_xlabel("training step")

@@ -17,7 +17,8 @@ from ..train.checkpoint import list_checkpoints
 from ..train.lock import RunLock
 from ..train.run import METRICS_FILE, Run
 from ..train.trainer import load_run, train
-from .methods import DEFAULT_METHODS, METHODS, method_model
+from .kinds import StudyKind, study_kind
+from .methods import DEFAULT_METHODS
 
 
 @dataclass
@@ -68,19 +69,27 @@ def load_study_config(path: str | Path | None = None, quick: bool = False,
         if not path.exists():
             raise ConfigError(f"study config {path} not found")
         values = yaml.safe_load(path.read_text()) or {}
-    base = StudyConfig()
-    merged = _merge({"train": base.train}, values)
+    overrides = overrides or {}
+    task = ((overrides.get("train") or {}).get("task") or (values.get("train") or {}).get("task")
+            or "classification")
+    kind = study_kind(task)
+    if not kind.fewshot:
+        given = sorted(k for k in (*values, *overrides) if k.startswith("fewshot"))
+        if given:
+            raise ConfigError(f"{', '.join(given)}: few-shot probes are part of the image-classification study; the "
+                              f"{task} study has none")
+    merged = kind.defaults if kind.defaults is not None else {"train": StudyConfig().train}
+    merged = _merge(merged, values)
     if quick:
-        merged = _merge(merged, QUICK)
-    if overrides:
-        merged = _merge(merged, overrides)
+        merged = _merge(merged, kind.quick if kind.quick is not None else QUICK)
+    merged = _merge(merged, overrides)
     cfg = _build(StudyConfig, merged)
     for name in cfg.methods:
-        if name not in METHODS:
-            raise ConfigError(f"study.methods: unknown method {name!r}; choose from {list(METHODS)}")
+        if name not in kind.methods:
+            raise ConfigError(f"study.methods: unknown {task} study method {name!r}; choose from {list(kind.methods)}")
     if not cfg.seeds:
         raise ConfigError("study.seeds must name at least one seed")
-    if cfg.fewshot_transfer != "in_domain":
+    if kind.fewshot and cfg.fewshot_transfer != "in_domain":
         from ..data.images import DATASETS
         if cfg.fewshot_transfer not in DATASETS:
             raise ConfigError(f"study.fewshot_transfer must be 'in_domain' or one of {DATASETS}, got "
@@ -92,9 +101,14 @@ def load_study_config(path: str | Path | None = None, quick: bool = False,
     return cfg
 
 
+def kind_of(cfg: StudyConfig) -> StudyKind:
+    """The study a config asks for, by its training task."""
+    return study_kind(cfg.train.get("task", "classification"))
+
+
 def run_config(cfg: StudyConfig, method: str, seed: int):
     """The training config of one run: the shared budget, the method's whole model section, the seed."""
-    values = {**cfg.train, "model": method_model(method, cfg.train.get("model", {}))}
+    values = {**cfg.train, "model": kind_of(cfg).method_model(method, cfg.train.get("model", {}))}
     values = _merge(values, {"seed": seed, "out_dir": str(Path(cfg.out_dir) / method), "run_name": f"seed{seed}"})
     return config_from_dict(values)
 
@@ -103,12 +117,13 @@ def run_dir(cfg: StudyConfig, method: str, seed: int) -> Path:
     return Path(cfg.out_dir) / method / f"seed{seed}"
 
 
-def _finished(path: Path) -> dict[str, Any] | None:
+def _finished(path: Path, kind: StudyKind) -> dict[str, Any] | None:
+    """A finished run's metrics (with its few-shot probes where the study has them), else None."""
     metrics_path = path / METRICS_FILE
     if not metrics_path.exists():
         return None
     metrics = json.loads(metrics_path.read_text())
-    return metrics if "fewshot" in metrics else None
+    return metrics if "fewshot" in metrics or not kind.fewshot else None
 
 
 def add_fewshot(path: Path, cfg: StudyConfig) -> dict[str, Any]:
@@ -167,6 +182,7 @@ def stale_reason(path: Path, train_cfg) -> str | None:
 
 def run_study(cfg: StudyConfig, log=print) -> dict[str, dict[int, dict[str, Any]]]:
     """Train every (method, seed) not finished yet (resuming interrupted ones), add few-shot probes, return metrics."""
+    kind = kind_of(cfg)
     results: dict[str, dict[int, dict[str, Any]]] = {}
     total = len(cfg.methods) * len(cfg.seeds)
     done = 0
@@ -183,7 +199,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict[str, dict[int, dict[str, Any]
                 aside = path.with_name(f"{path.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
                 path.rename(aside)
                 log(f"{path}: {reason}; moved to {aside}, running it again")
-            metrics = _finished(path)
+            metrics = _finished(path, kind)
             t0 = time.perf_counter()
             if metrics is None:
                 if (path / METRICS_FILE).exists():
@@ -196,7 +212,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict[str, dict[int, dict[str, Any]
                             pass
                         shutil.rmtree(path)
                     train(train_cfg, quiet=True)
-                metrics = add_fewshot(path, cfg)
+                metrics = add_fewshot(path, cfg) if kind.fewshot else Run(path).read_metrics()
                 # Time of this run as it ran, kept for the report: a run re-evaluated by `ermoe eval` keeps its
                 # training time and adds the probes'; one resumed from a checkpoint counts its last part only.
                 metrics["run_wall_s"] = metrics.get("run_wall_s", 0.0) + time.perf_counter() - t0
@@ -204,6 +220,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict[str, dict[int, dict[str, Any]
                 status = f"{metrics['run_wall_s']:.0f} s"
             else:
                 status = "done before, skipped"
-            log(f"[{done}/{total}] {method} seed {seed}: top-1 {metrics['test_top1']:.4f} ({status})")
+            key, form = kind.headline
+            log(f"[{done}/{total}] {method} seed {seed}: {form.format(metrics[key])} ({status})")
             results.setdefault(method, {})[seed] = metrics
     return results

@@ -54,3 +54,19 @@ def holm(pvalues: Sequence[float | None]) -> list[float | None]:
         running = max(running, min(1.0, (m - rank) * p))
         adjusted[i] = running
     return adjusted
+
+
+@dataclass(frozen=True)
+class Test:
+    """One comparison of a claim: ``measure`` of the method against ``baseline`` (a method, or ``best_balanced``:
+    the better of Switch and V-MoE on that measure), ``better`` = which way the claim says the method differs.
+    ``parity``: the claim is "at least as good" (non-inferiority) with a margin of two standard deviations of the
+    baseline's own seed-to-seed spread (a smaller difference is within what reruns of the baseline itself vary
+    by); otherwise it is "better" (superiority). ``scale``: the baseline's values are multiplied by it first (claim
+    7, "MAE more than 7% lower": the method's MAE against 0.93 x the baseline's)."""
+
+    measure: str
+    baseline: str
+    better: str
+    parity: bool = False
+    scale: float = 1.0

@@ -120,6 +120,9 @@ class TrainConfig:
     probe_size: int = 256  # test examples whose routing is tracked across checkpoints (stability)
     probe_every: int = 0  # steps; also log the probe's load (CV, max/mean, Gini) between checkpoints
     threads: int | None = None
+    # Training batches over which BatchNorm statistics are recomputed before every checkpoint (precise BN,
+    # ermoe.train.precise_bn); 0 keeps the running averages. Only for models with BatchNorm layers.
+    bn_recalibration: int = 0
     tensorboard: bool = True
     progress: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -235,6 +238,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
         require(value >= 1, key, "a positive integer", value)
     require(cfg.checkpoint_every >= 0, "checkpoint_every", ">= 0", cfg.checkpoint_every)
     require(cfg.probe_every >= 0, "probe_every", ">= 0", cfg.probe_every)
+    require(cfg.bn_recalibration >= 0, "bn_recalibration", ">= 0", cfg.bn_recalibration)
     if m.moe_init == "pca" and not (m.moe is not None and router_has_data_init(m.moe.router)):
         router = "no MoE layers" if m.moe is None else f"router {m.moe.router!r}"
         raise ConfigError(f"model.moe_init: pca sets the bases of eigen routers (emoe, ermoe) from the data; model "

@@ -31,8 +31,9 @@ from ..routing.stats import load_summary
 from ..tasks import Batch, Task, create_task, task_class
 from .checkpoint import (CheckpointError, clean_temporaries, find_checkpoint, list_checkpoints, load_weights,
                          read_checkpoint, resolve_checkpoint, save_checkpoint, step_of)
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .lock import RunLock
+from .precise_bn import recalibrate_batchnorm, trainable_batchnorms
 from .run import LOG_FILE, METRICS_FILE, Run, resume_changes
 
 
@@ -334,6 +335,11 @@ class Trainer:
         if not all(torch.isfinite(t).all() for t in _tensors([self.model.state_dict(),
                                                                self.optimizer.state_dict()["state"]])):
             raise self._diverged("non-finite weights or optimizer moments")
+        if self.cfg.bn_recalibration:
+            size = self.cfg.optim.batch_size
+            with self.autocast():
+                recalibrate_batchnorm(self.model, (b.inputs for b in self.task.eval_batches(
+                    "train", size, limit=self.cfg.bn_recalibration * size)))
         probed = probe_routing(self.model, self.probe.inputs, ctx=self.autocast)
         current = {n: s["probe_assignment"] for n, s in probed.items()}
         self._log_probe_load({n: s["probe_load"] for n, s in probed.items()})
@@ -377,6 +383,9 @@ def setup(cfg: TrainConfig, load_pretrained: bool = True) -> tuple[Task, RoutedM
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, task, load_pretrained).to(device)
     task.prepare(model)
+    if cfg.bn_recalibration and not trainable_batchnorms(model.train()):
+        raise ConfigError(f"bn_recalibration recomputes BatchNorm statistics: model {cfg.model.name!r} has no "
+                          "trainable BatchNorm layer (set it to 0)")
     return task, model, device
 
 

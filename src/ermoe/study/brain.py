@@ -1,0 +1,194 @@
+"""The brain-age study (claim 7, docs/brainage.md): the plain SFCN-style 3D CNN against the same CNN with an MoE over
+its feature-map cells (ERMoE-ba, EMoE 3D, the balancing-loss baselines) at one budget, several seeds.
+
+Every MoE method puts the same layer at the same place (a residual MoE over the cells after the third stage from
+the end, 4 experts of width 4C, top-1), so the MoE rows differ in routing only. ``dense_ffn`` puts a dense FFN of the
+same active size there: whether an MoE gain is the routing or merely one more token-wise layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .stats import Test
+
+# name -> (role, description, overrides of model.moe; "_no_moe": the plain CNN; "_dense_ffn": the dense reference)
+BRAIN_METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "plain": ("reference", "SFCN-style 3D CNN, no MoE (the claim's baseline)", {"_no_moe": True}),
+    "dense_ffn": ("reference", "the CNN + a dense FFN over the cells where the MoE goes (same active size)",
+                  {"_dense_ffn": True}),
+    "ermoe": ("paper", "ERMoE-ba: ERMoE over the feature-map cells (papers' reading)", {"router": "ermoe"}),
+    "emoe": ("paper", "EMoE 3D: EMoE over the feature-map cells", {"router": "emoe"}),
+    "ermoe_standardize": ("variant", "ERMoE + per-expert score standardisation",
+                          {"router": "ermoe", "router_kwargs": {"standardize": True}}),
+    "emoe_standardize": ("variant", "EMoE + per-expert score standardisation",
+                         {"router": "emoe", "router_kwargs": {"standardize": True}}),
+    "softmax_noloss": ("baseline", "softmax top-1, no balancing loss",
+                       {"router": "softmax_topk", "router_kwargs": {"balance_weight": 0.0}}),
+    "switch": ("baseline", "Switch/GShard: softmax top-1 + balancing loss 0.01",
+               {"router": "softmax_topk", "router_kwargs": {"balance_weight": 0.01}}),
+    "vmoe": ("baseline", "V-MoE: noisy top-1, importance + load losses, capacity 1.05, BPR", {"router": "vmoe"}),
+    "loss_free_bias": ("baseline", "auxiliary-loss-free bias balancing", {"router": "loss_free_bias"}),
+    "expert_choice": ("baseline", "expert choice", {"router": "expert_choice"}),
+}
+BRAIN_DEFAULT_METHODS = ["plain", "dense_ffn", "ermoe", "emoe", "ermoe_standardize", "emoe_standardize",
+                         "softmax_noloss", "switch"]
+
+# The budget (docs/brainage.md, "The claim-7 study"): the main job's cohort and CNN (the cohort is generated once and
+# shared), 5 epochs of 800 training volumes at 4 mm: about 2 minutes a run on a 2-core CPU.
+BRAIN_TRAIN: dict[str, Any] = {
+    "task": "brain_age",
+    "model": {"name": "sfcn3d", "channels": [8, 16, 32, 64, 64], "moe": {"num_experts": 4, "top_k": 1}},
+    "data": {"name": "brain_cohort", "cohort_size": 1000, "spacing": 4.0, "val_size": 100, "test_size": 100},
+    "optim": {"epochs": 5, "batch_size": 16, "eval_batch_size": 25, "lr": 1.0e-3, "weight_decay": 1.0e-4,
+              "warmup_steps": 50},
+    "bn_recalibration": 10, "probe_size": 16, "probe_every": 25, "tensorboard": False, "progress": False,
+    "keep_checkpoints": 1,
+}
+BRAIN_STUDY: dict[str, Any] = {"methods": BRAIN_DEFAULT_METHODS, "out_dir": "runs/study-brain",
+                               "report": "docs/results_brainage.md", "train": BRAIN_TRAIN}
+BRAIN_QUICK: dict[str, Any] = {
+    "seeds": [0, 1],
+    "out_dir": "runs/study-brain-quick",
+    "report": "runs/study-brain-quick/results_brainage.md",
+    "train": {"model": {"channels": [4, 8, 8]}, "data": {"cohort_size": 48, "spacing": 8.0, "val_size": 8,
+                                                          "test_size": 8},
+              "optim": {"epochs": 2, "batch_size": 8, "eval_batch_size": 8, "warmup_steps": 2},
+              "bn_recalibration": 2, "probe_size": 8, "probe_every": 2},
+}
+
+BRAIN_PAPER_METHODS = ("ermoe", "emoe")
+# (key, label, format)
+BRAIN_COLUMNS = [
+    ("val_mae", "val MAE", ".2f"), ("test_mae", "test MAE", ".2f"), ("test_rmse", "RMSE", ".2f"),
+    ("test_r", "r", ".3f"), ("test_corrected_mae", "MAE corr.", ".2f"), ("load_cv", "load CV", ".3f"),
+    ("max_over_mean", "max/mean", ".2f"), ("mi_tissue_bits", "MI tissue", ".3f"),
+    ("age_expert_enrichment", "age enrich.", ".2f"), ("homogeneity", "homog.", ".3f"),
+    ("probe_changed_rel", "/chance", ".3f"), ("train_img_per_s", "vol/s", ".1f"), ("params_total", "params", ",.0f"),
+    ("params_active", "active", ",.0f"),
+]
+BRAIN_MEASURES = ("val_mae", "test_mae", "test_rmse", "test_r", "test_corrected_mae", "test_mae_mean_predictor",
+                  "train_img_per_s", "params_total", "params_active")
+BRAIN_LAYER_MEASURES = ("load_cv", "max_over_mean", "gini", "mi_tissue_bits", "age_expert_enrichment",
+                        "homogeneity", "probe_changed_rel")
+
+CLAIM7_RATIO = 0.93  # "more than 7%" lower MAE than the plain 3D CNN (ERMoE abstract)
+BRAIN_CLAIMS: list[tuple[str, str, list[Test]]] = [
+    ("7", "brain-age MAE at least 7% below the plain 3D CNN's (ERMoE abstract: 'improves brain age prediction "
+          "accuracy by more than 7%'; tested as MAE against 0.93 x the plain CNN's MAE)",
+     [Test("test_mae", "plain", "lower", scale=CLAIM7_RATIO)]),
+    ("7a", "anatomically interpretable experts: more tied to tissue (MI(expert; tissue)) and to the generator's "
+           "age-sensitive regions (age enrichment) than Switch's",
+     [Test("mi_tissue_bits", "switch", "higher"), Test("age_expert_enrichment", "switch", "higher")]),
+    ("1", "flatter expert loads than a learned softmax gate without a balancing loss",
+     [Test("load_cv", "softmax_noloss", "lower")]),
+    ("2", "load balance comparable to a balancing loss (load CV no higher than Switch's, within twice Switch's "
+          "seed-to-seed spread)", [Test("load_cv", "switch", "lower", parity=True)]),
+]
+
+
+def brain_method_model(name: str, base_model: dict[str, Any]) -> dict[str, Any]:
+    """The whole model section of brain method ``name`` on the study's base (``sfcn3d``) model section."""
+    if name not in BRAIN_METHODS:
+        raise ValueError(f"unknown brain-age study method {name!r}; choose from {list(BRAIN_METHODS)}")
+    spec = dict(BRAIN_METHODS[name][2])
+    base_moe = base_model.get("moe") or {}
+    cnn = {k: v for k, v in base_model.items() if k != "moe"}
+    if spec.pop("_no_moe", False):
+        return {**cnn, "moe": None}
+    if spec.pop("_dense_ffn", False):
+        if base_moe.get("hidden_dim"):
+            raise ValueError("the brain study's dense_ffn row takes the CNN's default FFN width: leave "
+                             "model.moe.hidden_dim unset")
+        return {**cnn, "moe": None, "dense_ffn": True}
+    return {**cnn, "moe": {**base_moe, "router_kwargs": {}, **spec}}
+
+
+def brain_run_measures(metrics: dict[str, Any]) -> dict[str, float]:
+    """One brain-age run's numbers: the task's metrics, and per-layer statistics averaged over the MoE layers."""
+    from .report import _layer_mean
+
+    out = {k: float(metrics[k]) if metrics.get(k) is not None else float("nan") for k in BRAIN_MEASURES}
+    for key in BRAIN_LAYER_MEASURES:
+        out[key] = _layer_mean(metrics, key)
+    return out
+
+
+def _condition(results) -> str:
+    first = next(iter(next(iter(results.values())).values()))
+    cohort = first.get("cohort")
+    where = (f"the built-in ageing cohort ({cohort['size']} synthetic T1 volumes from the MNI152 template, aged by "
+             f"published atrophy rates, docs/brainage.md; biological-age sd {cohort['bio_sd']:g} years, so no model "
+             f"can beat a test MAE of about {cohort['floor_mae']:.2f})" if cohort else
+             f"`{first.get('dataset', 'nifti_csv')}`")
+    return (f"{where}, {first.get('test_scans', '?')} test volumes at {first.get('spacing', '?')} mm; predicting the "
+            f"training mean age gives a test MAE of {first.get('test_mae_mean_predictor', float('nan')):.2f}")
+
+
+ROUTING_OUTCOME = {"supported": "the MoE is more accurate", "contradicted": "the dense FFN is more accurate",
+                   "inconclusive": "no significant difference"}
+
+
+def write_brain_report(cfg, results, path, command: str, wall_s: float, atomic_write) -> Path:
+    """docs/results_brainage.md: the per-method table, claim 7 and the balance claims with the study's verdict
+    rules, and whether an MoE gain is the routing (against the dense FFN of the same active size)."""
+
+    from .report import (ALPHA, _comparisons, _fmt_p, accuracy_vs_cv_figure, aggregate, load_over_training_figure,
+                         machine_description, mean_std, results_table, verdicts)
+
+    path = Path(path)
+    table = aggregate(results, brain_run_measures)
+    fig_dir = path.parent / "figures"
+    figures = [accuracy_vs_cv_figure(table, fig_dir / f"{path.stem}_mae_vs_cv.png", "test_mae", "test MAE (years)",
+                                     BRAIN_METHODS),
+               load_over_training_figure(results, fig_dir / f"{path.stem}_load_over_training.png", BRAIN_METHODS)]
+    walls = [m.get("run_wall_s") for runs in results.values() for m in runs.values() if m.get("run_wall_s")]
+    lines = [
+        "# Brain-age study results (claim 7)", "",
+        f"Generated by `{command}` — do not edit by hand.", "",
+        f"- Data: {_condition(results)}",
+        f"- Machine: {machine_description()}",
+        f"- Seeds: {cfg.seeds} (mean ± sample std over seeds; the seed sets the weights and the batch order, the "
+        "cohort and its split are the same for every run)",
+        f"- Wall time: {sum(walls) / 60:.1f} min summed over the {len(walls)} runs; this invocation "
+        f"{wall_s / 60:.1f} min (finished runs are reused)",
+        f"- Budget, the same for every method: `{cfg.train}`",
+        "", "## Results", "", results_table(table, BRAIN_COLUMNS, BRAIN_METHODS, frozenset()), "",
+        "MAE, RMSE and r on the test volumes (read once, at the end of each run); MAE corr.: after the age-bias "
+        "correction fitted on the validation volumes (docs/brainage.md, \"Metrics\"). Routing columns are means over "
+        "the MoE layers: load CV and max/mean of the test tokens, MI tissue = MI(expert; tissue class of the cell) "
+        "in bits, age enrich. = how much more often than average the generator's age-sensitive cells go to the "
+        "expert that takes most of them (1 = no preference), homog. = mean pairwise cosine of expert outputs, "
+        "/chance = probe tokens whose experts changed between the last two checkpoints over what a memoryless "
+        "router with the same loads would change. vol/s: training volumes per second.", "",
+        *[f"![{f.stem}]({f.relative_to(path.parent).as_posix()})\n" for f in figures if f is not None],
+        "## The papers' claims", "",
+        f"The papers' methods read as written ({', '.join(f'`{m}`' for m in BRAIN_PAPER_METHODS)}) against the "
+        f"baselines over seeds, with the rules of docs/study.md (Welch's test, Holm's correction across a claim's "
+        f"comparisons, level {ALPHA}; claim 2 as non-inferiority with a margin of twice Switch's seed std). Claim 7 "
+        f"compares the method's test MAE with {CLAIM7_RATIO:g} x the plain CNN's: supported when significantly "
+        "below it, contradicted when significantly above it (the gain is then significantly less than 7%).", "",
+    ]
+    for v in verdicts(table, BRAIN_CLAIMS, BRAIN_PAPER_METHODS, BRAIN_METHODS):
+        lines.append(f"**Claim {v['claim']}: {v['text']}. Verdict: {v['verdict']}.**")
+        lines.extend(f"- {e}" for e in v["evidence"])
+        lines.append(f"- Variants that pass: {', '.join(f'`{m}`' for m in v['variants']) or 'none'}")
+        lines.append("")
+    moe = [m for m in table if m in BRAIN_METHODS and BRAIN_METHODS[m][0] != "reference"]
+    rows = _comparisons(table, moe, "routing", [Test("test_mae", "dense_ffn", "lower")])
+    if rows:
+        lines += ["## Is it the routing? (against the dense FFN of the same active size)", "",
+                  "Each MoE row's test MAE against `dense_ffn` (the same CNN with a dense token-wise FFN where the "
+                  "MoE goes): Welch's test, Holm's correction over these rows. Not a claim of the papers; it says "
+                  "whether a difference from the plain CNN comes from routing or from the extra layer.", ""]
+        for r in rows:
+            w = r["welch"]
+            lines.append(f"- `{r['method']}` {mean_std(r['values'])[0]:.3f} vs {mean_std(r['base_values'])[0]:.3f}: "
+                         f"difference {w.diff:+.3f} years (95% CI [{w.low:.3f}, {w.high:.3f}]), Holm p "
+                         f"{_fmt_p(r['p_holm'])}: {ROUTING_OUTCOME[r['outcome']]}")
+        lines.append("")
+    if len(cfg.seeds) < 3:
+        lines.append(f"With {len(cfg.seeds)} seed(s) the tests have little power; treat every verdict as provisional.")
+    atomic_write(path, "\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,43 @@
+"""Which study a config asks for, by its training task: what it compares (the method table and the default budget)
+and how its report is written. ``ermoe study`` runs the image-classification study; a study config whose
+``train.task`` is ``brain_age`` runs the brain-age study (configs/study_brainage.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import brain
+from .methods import METHODS, method_model
+
+
+@dataclass(frozen=True)
+class StudyKind:
+    """A study of one task: its methods (name -> role, description, model overrides), how a method turns the base
+    model section into its own, its defaults (StudyConfig keys, ``train`` replacing the image study's budget
+    whole; ``None``: StudyConfig's own), the quick version's overrides (``None``: the image study's), whether runs
+    get few-shot probes, the measure logged per run, and the report writer (``None``: the image study's)."""
+
+    task: str
+    methods: dict[str, tuple[str, str, dict[str, Any]]]
+    method_model: Callable[[str, dict[str, Any]], dict[str, Any]]
+    defaults: dict[str, Any] | None = None
+    quick: dict[str, Any] | None = None
+    fewshot: bool = True
+    headline: tuple[str, str] = ("test_top1", "top-1 {:.4f}")
+    write_report: Callable[..., Any] | None = None
+
+
+KINDS = {
+    "classification": StudyKind("classification", METHODS, method_model),
+    "brain_age": StudyKind("brain_age", brain.BRAIN_METHODS, brain.brain_method_model, defaults=brain.BRAIN_STUDY,
+                           quick=brain.BRAIN_QUICK, fewshot=False,
+                           headline=("test_mae", "MAE {:.3f} years"), write_report=brain.write_brain_report),
+}
+
+
+def study_kind(task: str) -> StudyKind:
+    if task not in KINDS:
+        from ..train.config import ConfigError
+        raise ConfigError(f"train.task: no study is defined for task {task!r}; studies exist for {list(KINDS)}")
+    return KINDS[task]
