@@ -26,3 +26,22 @@ def test_moe_layer_benchmark_json(capsys):
     for r in rows:
         assert {"router", "num_experts", "fwd_bwd_ratio", "fwd_ratio"} <= set(r)
         assert r["num_experts"] == 4 and r["fwd_bwd_ratio"] > 0 and r["fwd_ratio"] > 0
+
+
+def test_brain_models_benchmark_both_families(capsys):
+    """benchmarks/brain_models.py at a tiny size: every model of each family, ratios against the dense model."""
+    import pytest
+
+    pytest.importorskip("nilearn")
+    spec = importlib.util.spec_from_file_location("brain_bench", BENCH.parent / "brain_models.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cnn = bench.main(["--spacing", "8", "--batch", "2", "--channels", "4", "8", "8", "--repeats", "1",
+                      "--routers", "ermoe", "--json"])
+    assert [r["model"] for r in cnn] == ["dense_ffn", "plain", "ermoe", "regional"]
+    assert cnn[0]["ratio"] == 1.0 and all(r["ratio"] > 0 and r["active_params"] > 0 for r in cnn)
+    assert cnn[3]["active_params"] > cnn[1]["active_params"]  # the gate CNN and two trunks
+    vit = bench.main(["--family", "vit3d", "--spacing", "8", "--batch", "1", "--repeats", "1", "--routers", "ermoe",
+                      "--json"])
+    assert [r["model"] for r in vit] == ["dense_ffn", "ermoe"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == vit

@@ -428,3 +428,67 @@ def test_brain_study_quick_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(args) == 0
     assert capsys.readouterr().out.count("done before, skipped") == 8
+
+
+def _regional(router="ermoe", top_k=2, **kwargs):
+    from ermoe.models.regional import RegionalSFCN
+
+    torch.manual_seed(0)
+    tissue = torch.rand(3, 12, 12, 12) * (torch.rand(3, 12, 12, 12) > 0.5)
+    return RegionalSFCN(1, (12, 12, 12), 1, [4, 8], tissue, 1, router, top_k, kwargs or None, [4, 8], 0.0)
+
+
+def test_regional_expert_inputs_are_masked_and_zscored_in_their_tissue():
+    model = _regional()
+    x = torch.randn(2, 1, 12, 12, 12, dtype=torch.float64) * 3 + 5
+    p = model.tissue[1].double()
+    w = p / p.sum()
+    mu = (x * w).sum(dim=(2, 3, 4), keepdim=True)
+    sd = (((x - mu) ** 2) * w).sum(dim=(2, 3, 4), keepdim=True).sqrt()
+    torch.testing.assert_close(model.expert_input(x.float(), 1).double(), p * (x - mu) / sd, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.expert_input(x.float(), 3), x.float())  # the free expert reads the volume
+    y = model.expert_input(x.float(), 1).double()
+    torch.testing.assert_close((y / p.clamp_min(1e-12) * w).sum(dim=(2, 3, 4)), torch.zeros(2, 1, dtype=torch.float64),
+                               atol=1e-4, rtol=0)  # mean 0 inside the tissue
+
+
+def test_regional_model_runs_only_the_chosen_experts_and_matches_a_dense_reference():
+    model = _regional().eval()
+    x = torch.randn(5, 1, 12, 12, 12)
+    seen = {}
+    for e, expert in enumerate(model.experts):
+        expert.stages[0].register_forward_hook(lambda m, args, out, e=e: seen.__setitem__(e, args[0].shape[0]))
+    with torch.no_grad():
+        out = model(x)
+    idx, gates = model.routing.last_routing.expert_idx, model.routing.last_routing.gates
+    assert {e: int((idx == e).sum()) for e in range(4) if (idx == e).any()} == seen  # no expert ran for nothing
+    with torch.no_grad():  # every expert on every volume, then the chosen ones weighted
+        feats = torch.stack([exp.forward_features(model.expert_input(x, e)).mean(dim=(2, 3, 4))
+                             for e, exp in enumerate(model.experts)], 1)
+        want = sum(gates[:, k:k + 1] * feats[torch.arange(5), idx[:, k]] for k in range(2))
+    torch.testing.assert_close(out, model.head(want), rtol=1e-5, atol=1e-6)
+    dropped = _regional(threshold=0.99).eval()  # ERMoE's cosine threshold drops weak second choices
+    with torch.no_grad():
+        dropped(x)
+    assert (dropped.routing.last_routing.expert_idx[:, 1] == -1).all()
+    assert dropped.routing.last_routing.expert_idx[:, 0].ge(0).all()
+    with pytest.raises(ValueError, match="sets a capacity"):
+        _regional(router="vmoe", top_k=1)
+    assert _regional().active_parameters() < sum(p.numel() for p in _regional().parameters())
+
+
+def test_tiny_regional_run_reports_volume_routing(tmp_path):
+    from ermoe.train import ConfigError, load_config, train
+
+    values = {"task": "brain_age", "out_dir": str(tmp_path / "runs"), "progress": False, "tensorboard": False,
+              "probe_size": 4, "bn_recalibration": 1,
+              "data": {"name": "brain_cohort", "cohort_size": 24, "spacing": SPACING, "val_size": 4, "test_size": 4},
+              "model": {"name": "regional_sfcn3d", "channels": [4, 8], "gate_channels": [4],
+                        "router": "softmax_topk"},
+              "optim": {"epochs": 1, "batch_size": 8, "eval_batch_size": 8, "warmup_steps": 1}}
+    metrics = json.loads((train(load_config(None, values), quiet=True) / "metrics.json").read_text())
+    layer = metrics["layers"]["routing"]
+    assert sum(layer["tokens_per_expert"]) == 4 * 2 and len(layer["expert_age_tertile_counts"]) == 4
+    assert "mi_age_tertile_bits" in layer and "probe_changed" in layer and math.isfinite(metrics["test_mae"])
+    with pytest.raises(ConfigError, match="model.spacing is set from the data"):
+        load_config(None, {**values, "model": {**values["model"], "spacing": 2.0}})

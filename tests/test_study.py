@@ -269,10 +269,11 @@ def test_brain_methods_differ_in_routing_only():
     assert ermoe["moe"] == {"num_experts": 4, "top_k": 1, "router": "ermoe", "router_kwargs": {"standardize": True}}
     assert brain_method_model("switch", base)["channels"] == base["channels"]
     for name in BRAIN_METHODS:  # every row builds; the MoE rows and the dense FFN have the same active size
-        model = create_model("sfcn3d", volume_shape=(46, 55, 46), **{k: v for k, v in brain_method_model(
-            name, base).items() if k != "name"})
-        if name not in ("plain", "ermoe", "emoe", "ermoe_standardize", "emoe_standardize"):
+        section = brain_method_model(name, base)
+        model = create_model(section.pop("name"), volume_shape=(46, 55, 46), **section)
+        if name not in ("plain", "ermoe", "emoe", "ermoe_standardize", "emoe_standardize", "regional"):
             assert model.active_parameters() >= create_model("sfcn3d", volume_shape=(46, 55, 46),
                                                              channels=base["channels"]).active_parameters()
+    assert brain_method_model("regional", base)["channels"] == base["channels"]
     with pytest.raises(ValueError, match="unknown brain-age study method"):
         brain_method_model("dense", base)

@@ -31,6 +31,9 @@ BRAIN_METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "vmoe": ("baseline", "V-MoE: noisy top-1, importance + load losses, capacity 1.05, BPR", {"router": "vmoe"}),
     "loss_free_bias": ("baseline", "auxiliary-loss-free bias balancing", {"router": "loss_free_bias"}),
     "expert_choice": ("baseline", "expert choice", {"router": "expert_choice"}),
+    "regional": ("paper", "ERMoE-ba's reference design as read here: GM, WM, CSF and one free SFCN expert, ERMoE "
+                 "top-2 per volume with threshold 0.5 (regional_sfcn3d)",
+                 {"_model": "regional_sfcn3d", "router": "ermoe", "top_k": 2, "router_kwargs": {"threshold": 0.5}}),
 }
 BRAIN_DEFAULT_METHODS = ["plain", "dense_ffn", "ermoe", "emoe", "ermoe_standardize", "emoe_standardize",
                          "softmax_noloss", "switch"]
@@ -58,12 +61,12 @@ BRAIN_QUICK: dict[str, Any] = {
               "bn_recalibration": 2, "probe_size": 8, "probe_every": 2},
 }
 
-BRAIN_PAPER_METHODS = ("ermoe", "emoe")
+BRAIN_PAPER_METHODS = ("ermoe", "emoe", "regional")
 # (key, label, format)
 BRAIN_COLUMNS = [
     ("val_mae", "val MAE", ".2f"), ("test_mae", "test MAE", ".2f"), ("test_rmse", "RMSE", ".2f"),
     ("test_r", "r", ".3f"), ("test_corrected_mae", "MAE corr.", ".2f"), ("load_cv", "load CV", ".3f"),
-    ("max_over_mean", "max/mean", ".2f"), ("mi_tissue_bits", "MI tissue", ".3f"),
+    ("max_over_mean", "max/mean", ".2f"), ("volume_load_cv", "vol. CV", ".3f"), ("mi_tissue_bits", "MI tissue", ".3f"),
     ("age_expert_enrichment", "age enrich.", ".2f"), ("homogeneity", "homog.", ".3f"),
     ("probe_changed_rel", "/chance", ".3f"), ("train_img_per_s", "vol/s", ".1f"), ("params_total", "params", ",.0f"),
     ("params_active", "active", ",.0f"),
@@ -95,6 +98,9 @@ def brain_method_model(name: str, base_model: dict[str, Any]) -> dict[str, Any]:
     spec = dict(BRAIN_METHODS[name][2])
     base_moe = base_model.get("moe") or {}
     cnn = {k: v for k, v in base_model.items() if k != "moe"}
+    whole = spec.pop("_model", None)
+    if whole is not None:  # a whole model (regional experts): the CNN's widths, its own routing
+        return {"name": whole, "channels": cnn.get("channels", [8, 16, 32, 64, 64]), **spec}
     if spec.pop("_no_moe", False):
         return {**cnn, "moe": None}
     if spec.pop("_dense_ffn", False):
@@ -110,8 +116,14 @@ def brain_run_measures(metrics: dict[str, Any]) -> dict[str, float]:
     from .report import _layer_mean
 
     out = {k: float(metrics[k]) if metrics.get(k) is not None else float("nan") for k in BRAIN_MEASURES}
-    for key in BRAIN_LAYER_MEASURES:
-        out[key] = _layer_mean(metrics, key)
+    layers = metrics.get("layers", {})
+    cells = {n: s for n, s in layers.items() if "expert_age_tertile_counts" not in s}
+    volumes = {n: s for n, s in layers.items() if n not in cells}
+    for key in BRAIN_LAYER_MEASURES:  # over the layers that route cells
+        out[key] = _layer_mean({"layers": cells}, key)
+    # Routing whole volumes (regional experts) is a load over a batch of volumes, not over cells: its own column,
+    # never compared with the cell routers' load CV.
+    out["volume_load_cv"] = _layer_mean({"layers": volumes}, "load_cv")
     return out
 
 

@@ -26,6 +26,7 @@ from ..analysis.brain_maps import draw_expert_maps
 from ..analysis.diagnostics import assignments, entropy_bits, mutual_information, probe_routing
 from ..data.cohort import CohortSpec, build_cohort
 from ..data.nifti import VolumeStore, mni_grid, read_csv, split_cohort
+from ..models.registry import model_parameters
 from ..routing.stats import load_summary
 from .base import Batch, Task, register_task
 
@@ -46,6 +47,22 @@ def age_metrics(pred: np.ndarray, age: np.ndarray, prefix: str = "test_") -> dic
     return {f"{prefix}mae": float(np.abs(gap).mean()), f"{prefix}rmse": float(np.sqrt((gap ** 2).mean())),
             f"{prefix}r": pearson(pred, age), f"{prefix}gap_mean": float(gap.mean()),
             f"{prefix}gap_age_r": pearson(gap, age)}
+
+
+def volume_routing_stats(idx_NK: Tensor, age: np.ndarray, num_experts: int) -> dict[str, Any]:
+    """Routing of whole volumes (one token each, ``-1`` = a dropped choice): volumes per expert with the load
+    statistics, each expert's mean age, and MI(expert; age tertile) in bits (do experts split the lifespan?)."""
+    rows = torch.arange(idx_NK.shape[0]).unsqueeze(1).expand_as(idx_NK)
+    keep = idx_NK >= 0
+    experts, volumes = idx_NK[keep], rows[keep]
+    per_expert = torch.bincount(experts, minlength=num_experts)
+    tertile = torch.from_numpy(np.searchsorted(np.quantile(age, [1 / 3, 2 / 3]), age, side="right"))
+    joint = torch.zeros(num_experts, 3, dtype=torch.long)
+    joint.index_put_((experts, tertile[volumes]), torch.ones_like(experts), accumulate=True)
+    ages = torch.from_numpy(age).double()
+    mean_age = [float(ages[volumes[experts == e]].mean()) if per_expert[e] else None for e in range(num_experts)]
+    return {"tokens_per_expert": per_expert.tolist(), **load_summary(per_expert), "expert_mean_age": mean_age,
+            "expert_age_tertile_counts": joint.tolist(), "mi_age_tertile_bits": mutual_information(joint)}
 
 
 def fit_age_bias(pred: np.ndarray, age: np.ndarray) -> tuple[float, float]:
@@ -133,7 +150,7 @@ class BrainAge(Task):
     datasets = ("brain_cohort", "nifti_csv")
     data_keys = {"nifti_csv": ("csv", *_SPLIT_KEYS),
                  "brain_cohort": ("cohort_size", "cohort_seed", *_SPLIT_KEYS)}
-    model_data_args = ("in_chans", "volume_shape", "num_outputs")
+    model_data_args = ("in_chans", "volume_shape", "num_outputs", "spacing")
 
     def load(self) -> None:
         try:
@@ -171,7 +188,10 @@ class BrainAge(Task):
 
     def model_args(self) -> dict[str, Any]:
         outputs = 1 if self.centres is None else len(self.centres)
-        return {"in_chans": 1, "volume_shape": tuple(self.shape), "num_outputs": outputs}
+        args = {"in_chans": 1, "volume_shape": tuple(self.shape), "num_outputs": outputs}
+        if "spacing" in model_parameters(self.cfg.model.name):  # a model that places MNI maps on the grid
+            args["spacing"] = self.cfg.data.spacing
+        return args
 
     @property
     def num_train(self) -> int:
@@ -246,10 +266,12 @@ class BrainAge(Task):
         grids = model.token_grid
         counts = {v.name: np.zeros((v.num_experts, int(np.prod(grids[v.name]))), dtype=np.int64)
                   for v in layers if v.name in grids}
+        per_volume: dict[str, list[Tensor]] = {v.name: [] for v in layers if v.name not in grids}
 
         def count(batch: Batch) -> None:
             for view in layers:
-                if view.name not in counts:
+                if view.name in per_volume:  # one token per volume (regional experts): its experts
+                    per_volume[view.name].append(view.last_routing.expert_idx.cpu())
                     continue
                 tokens, experts = assignments(view.last_routing)
                 cells = counts[view.name].shape[1]
@@ -273,6 +295,11 @@ class BrainAge(Task):
         if self.cohort_info is not None:
             metrics["cohort"] = self.cohort_info
         metrics["layers"] = self._layer_metrics(model, counts, grids, probe, autocast)
+        experts = {v.name: v.num_experts for v in layers}
+        for name, idx in per_volume.items():
+            if idx:
+                metrics["layers"][name] = {**volume_routing_stats(torch.cat(idx), test_age, experts[name]),
+                                           **metrics["layers"].get(name, {})}
         return metrics
 
     def _layer_metrics(self, model, counts, grids, probe, autocast) -> dict[str, Any]:
@@ -301,6 +328,8 @@ class BrainAge(Task):
                                         None if age_map is None else cell_means(age_map, grid)))
             stats.update(probe_stats.get(name, {}))
             out[name] = stats
+        for name, stats in probe_stats.items():  # layers without a grid (volume routing): the probe's measures
+            out.setdefault(name, stats)
         return out
 
     @torch.no_grad()
