@@ -107,6 +107,8 @@ def select_blocks(blocks: str | Sequence[int], depth: int) -> list[int]:
         if blocks == "all":
             return list(range(depth))
         if blocks == "every_other":
+            if depth < 2:  # blocks 1, 3, ...: none in a one-block model, and an MoE spec must place something
+                raise ValueError(f"blocks 'every_other' selects blocks 1, 3, ...: none at depth {depth} (use 'all')")
             return list(range(1, depth, 2))
         if blocks.startswith("last:"):
             try:
@@ -122,6 +124,8 @@ def select_blocks(blocks: str | Sequence[int], depth: int) -> list[int]:
         if not isinstance(i, int) or isinstance(i, bool) or not -depth <= i < depth:
             raise ValueError(f"block index {i!r} out of range for depth {depth}")
         out.add(i % depth)
+    if not out:
+        raise ValueError("blocks is an empty list: an MoE spec must place at least one MoE layer (moe: null for none)")
     return sorted(out)
 
 

@@ -1,9 +1,10 @@
 """Applications as plug-ins of the one training loop: a :class:`Task` owns the data and its batches, the loss, the
-evaluation metrics and the report. Image classification and brain-age regression are registered here; image-text
-retrieval registers the same way."""
+evaluation metrics and the report. Image classification, brain-age regression and image-text retrieval are
+registered here."""
 
 from .base import Batch, Task, create_task, list_tasks, register_task, task_class
 from .brain_age import BrainAge
 from .classification import ImageClassification
+from .retrieval import Retrieval
 
-__all__ = ["Batch", "BrainAge", "ImageClassification", "Task", "create_task", "list_tasks", "register_task", "task_class"]
+__all__ = ["Batch", "BrainAge", "ImageClassification", "Retrieval", "Task", "create_task", "list_tasks", "register_task", "task_class"]

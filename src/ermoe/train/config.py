@@ -85,6 +85,11 @@ class DataConfig:
     cohort_size: int = 600
     cohort_seed: int = 0
     test_size: int = 0
+    # Retrieval (docs/retrieval.md): karpathy reads the Karpathy split file `json` with its images under
+    # `image_root`; fashion_captions generates `caption_set_size` training canvases (+ 1,000 val, 1,000 test) once.
+    json: str | None = None
+    image_root: str | None = None
+    caption_set_size: int = 10000
     # Off by default: in the 4-epoch main job augmentation cost accuracy (docs/vision.md has the measurement).
     # For volumes: crop_padding = the largest random shift in voxels, hflip = a random left-right flip.
     crop_padding: int = 0

@@ -297,7 +297,7 @@ class Trainer:
         self.scaler.scale(total).backward()
         n = len(batch)
         return {"loss": loss_value * n, "examples": n, "aux_loss": float(extra.detach()),
-                **self.task.batch_stats(output.detach(), batch)}
+                **self.task.batch_stats(_detached(output), batch)}
 
     def _update(self) -> None:
         """Clip, check the gradient, step. A non-finite gradient stops training before it reaches the weights and
@@ -358,6 +358,12 @@ class Trainer:
 
     def close(self) -> None:
         self.logger.close()
+
+
+def _detached(output: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
+    """A model's output without its graph: a tensor, or a tuple of them (a dual encoder's two embeddings and
+    scale)."""
+    return output.detach() if isinstance(output, Tensor) else tuple(o.detach() for o in output)
 
 
 def _tensors(trees: list[Any]):

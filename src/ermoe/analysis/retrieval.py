@@ -1,0 +1,59 @@
+"""Retrieval metrics as CLIP_benchmark defines them: Recall@K for image->text (a query image is a hit when any of
+its captions is among its K most similar captions) and text->image ("image retrieval": a caption is a hit when its
+image is among its K most similar images), and the median rank, computed over the whole test set in chunks so
+memory stays ``chunk x N``.
+
+Ties count against the query: a positive's rank is one plus the number of negatives scoring at least as high, so a
+model whose embeddings are all equal ranks every positive last instead of first.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+@torch.no_grad()
+def retrieval_ranks(image_NE: Tensor, text_ME: Tensor, owner_M: Tensor, chunk: int = 1024
+                    ) -> tuple[Tensor, Tensor]:
+    """``(image_rank_N, text_rank_M)``: each image's rank of its best caption among all captions, and each caption's
+    rank of its image among all images (1 = first). ``owner_M``: the image index of every caption."""
+    image_NE, text_ME = image_NE.float(), text_ME.float()
+    owner_M = owner_M.to(image_NE.device)
+    n, m = len(image_NE), len(text_ME)
+    if owner_M.shape != (m,) or (m and (owner_M.min() < 0 or owner_M.max() >= n)):
+        raise ValueError(f"owner must give an image index in [0, {n}) for each of the {m} captions")
+    text_rank = torch.empty(m, dtype=torch.long)
+    for s in range(0, m, chunk):
+        sims = text_ME[s:s + chunk] @ image_NE.t()  # (c, N)
+        pos = sims.gather(1, owner_M[s:s + chunk, None])
+        text_rank[s:s + chunk] = (sims >= pos).sum(1).cpu()  # the positive itself counts once: rank = 1 + negatives
+    image_rank = torch.empty(n, dtype=torch.long)
+    for s in range(0, n, chunk):
+        sims = image_NE[s:s + chunk] @ text_ME.t()  # (c, M)
+        mine = owner_M[None, :] == torch.arange(s, min(s + chunk, n), device=owner_M.device)[:, None]
+        if not mine.any(1).all():
+            raise ValueError("every image needs at least one caption")
+        best = sims.masked_fill(~mine, float("-inf")).max(1, keepdim=True).values
+        image_rank[s:s + chunk] = ((sims >= best) & ~mine).sum(1).cpu() + 1
+    return image_rank, text_rank
+
+
+def recall_at(ranks: Tensor, ks: Sequence[int]) -> dict[int, float]:
+    return {k: float((ranks <= k).double().mean()) for k in ks}
+
+
+def retrieval_metrics(image_NE: Tensor, text_ME: Tensor, owner_M: Tensor, ks: Sequence[int] = (1, 5, 10),
+                      prefix: str = "test_", chunk: int = 1024) -> dict[str, float]:
+    """``{prefix}i2t_r@K``, ``{prefix}t2i_r@K``, the median ranks ``{prefix}i2t_medr`` / ``{prefix}t2i_medr`` and
+    ``{prefix}rsum`` (the sum of the six recalls, in percent, as the retrieval literature reports it)."""
+    image_rank, text_rank = retrieval_ranks(image_NE, text_ME, owner_M, chunk)
+    out: dict[str, float] = {}
+    for name, ranks in (("i2t", image_rank), ("t2i", text_rank)):
+        for k, r in recall_at(ranks, ks).items():
+            out[f"{prefix}{name}_r@{k}"] = r
+        out[f"{prefix}{name}_medr"] = float(ranks.double().quantile(0.5))
+    out[f"{prefix}rsum"] = 100 * sum(v for k, v in out.items() if "_r@" in k)
+    return out

@@ -1,0 +1,205 @@
+"""A built-in image-caption set (docs/retrieval.md): canvases of 2-4 real Fashion-MNIST items at named places, five
+captions each from a small grammar with varied wording, written as PNG files and a Karpathy split JSON so that the
+retrieval main job reads it through the same reader as COCO or Flickr30K (:mod:`ermoe.data.karpathy`).
+
+A canvas is a 2 x 2 grid of 32-pixel cells (64 x 64 pixels); each item sits in its own cell, small (20 px) or
+large (28 px), jittered by up to 2 pixels. Captions name items by class (with synonyms), size, place (corners),
+relations between items in neighbouring cells ("a bag to the left of a sneaker", "a coat above two sandals"),
+counts ("two bags and a boot") and the whole scene in reading order. The same items in other places make other
+captions with the same words, so word order and relations matter: a bag of words cannot tell "a bag left of a
+shoe" from "a shoe left of a bag". Training canvases take their items from Fashion-MNIST's training split,
+validation and test canvases from its test split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+CAPTIONS_VERSION = 1
+CELL, CANVAS = 32, 64
+PLACES = {(0, 0): "top left", (0, 1): "top right", (1, 0): "bottom left", (1, 1): "bottom right"}
+# Fashion-MNIST's classes: (singular names, plural names); the first of each is the plain name.
+NAMES = [
+    (["t-shirt", "top", "tee"], ["t-shirts", "tops", "tees"]),
+    (["pair of trousers", "pair of pants"], ["pairs of trousers", "pairs of pants"]),
+    (["pullover", "sweater", "jumper"], ["pullovers", "sweaters", "jumpers"]),
+    (["dress"], ["dresses"]),
+    (["coat", "jacket"], ["coats", "jackets"]),
+    (["sandal"], ["sandals"]),
+    (["shirt"], ["shirts"]),
+    (["sneaker", "trainer", "running shoe"], ["sneakers", "trainers", "running shoes"]),
+    (["bag", "handbag"], ["bags", "handbags"]),
+    (["ankle boot", "boot"], ["ankle boots", "boots"]),
+]
+NUMBERS = {2: "two", 3: "three", 4: "four"}
+
+
+@dataclass(frozen=True)
+class CaptionSetSpec:
+    train_size: int = 10000
+    val_size: int = 1000
+    test_size: int = 1000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Item:
+    label: int
+    row: int
+    col: int
+    large: bool
+
+
+def _name(rng: np.random.Generator, item: Item, article: bool = True, size: bool | None = None) -> str:
+    singular = NAMES[item.label][0]
+    word = singular[int(rng.integers(len(singular)))]
+    size = rng.random() < 0.35 if size is None else size
+    if size:
+        word = f"{'large' if item.large else 'small'} {word}" if rng.random() < 0.5 else \
+            f"{'big' if item.large else 'little'} {word}"
+    if not article:
+        return word
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _relation(rng: np.random.Generator, a: Item, b: Item) -> str | None:
+    """A sentence relating two items in neighbouring cells (same row or same column), or None."""
+    if a.row == b.row and a.col != b.col:
+        left, right = (a, b) if a.col < b.col else (b, a)
+        forms = ["{l} to the left of {r}", "{r} to the right of {l}", "{l} on the left and {r} on the right",
+                 "{r} next to {l}, which is on the left", "on the left {l}, on the right {r}"]
+        return forms[int(rng.integers(len(forms)))].format(l=_name(rng, left), r=_name(rng, right))
+    if a.col == b.col and a.row != b.row:
+        top, bottom = (a, b) if a.row < b.row else (b, a)
+        forms = ["{t} above {b}", "{b} below {t}", "{b} under {t}", "{t} on top and {b} underneath",
+                 "{t} sitting above {b}"]
+        return forms[int(rng.integers(len(forms)))].format(t=_name(rng, top), b=_name(rng, bottom))
+    return None
+
+
+def _counts(rng: np.random.Generator, items: list[Item]) -> str:
+    labels = sorted({i.label for i in items}, key=lambda c: [i.label for i in items].index(c))
+    parts = []
+    for c in labels:
+        n = sum(i.label == c for i in items)
+        if n == 1:
+            parts.append(_name(rng, next(i for i in items if i.label == c), size=False))
+        else:
+            plural = NAMES[c][1]
+            parts.append(f"{NUMBERS[n]} {plural[int(rng.integers(len(plural)))]}")
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return text if rng.random() < 0.5 else f"{NUMBERS[len(items)]} items: {text}"
+
+
+def _scene(rng: np.random.Generator, items: list[Item]) -> str:
+    ordered = sorted(items, key=lambda i: (i.row, i.col))
+    if rng.random() < 0.5:
+        return "; ".join(f"{PLACES[(i.row, i.col)]}: {_name(rng, i)}" for i in ordered)
+    return ", ".join(f"{_name(rng, i)} at the {PLACES[(i.row, i.col)]}" for i in ordered)
+
+
+def _place(rng: np.random.Generator, item: Item) -> str:
+    forms = ["{n} in the {p} corner", "at the {p} there is {n}", "{n} at the {p}", "the {p} corner holds {n}"]
+    return forms[int(rng.integers(len(forms)))].format(n=_name(rng, item), p=PLACES[(item.row, item.col)])
+
+
+def captions_for(rng: np.random.Generator, items: list[Item], count: int = 5) -> list[str]:
+    """``count`` distinct captions of a canvas: relations first (they need word order), then the scene, counts and
+    places."""
+    pairs = [(a, b) for i, a in enumerate(items) for b in items[i + 1:]]
+    rng.shuffle(pairs)
+    pool = [s for s in (_relation(rng, a, b) for a, b in pairs) if s is not None]
+    pool += [_scene(rng, items), _counts(rng, items)] + [_place(rng, i) for i in items]
+    pool += [_relation(rng, a, b) or _scene(rng, items) for a, b in pairs] + [_scene(rng, items) for _ in range(3)]
+    out: list[str] = []
+    for text in pool:
+        if text not in out:
+            out.append(text)
+        if len(out) == count:
+            break
+    while len(out) < count:  # a two-item canvas with few distinct phrasings: draw more until 5 differ
+        text = _scene(rng, items) if rng.random() < 0.5 else _place(rng, items[int(rng.integers(len(items)))])
+        if text not in out:
+            out.append(text)
+    return out
+
+
+def compose(rng: np.random.Generator, pool_images: np.ndarray, pool_labels: np.ndarray
+            ) -> tuple[np.ndarray, list[Item]]:
+    """One canvas (64 x 64 uint8) with 2-4 items from the pool in distinct cells."""
+    from PIL import Image
+
+    n = int(rng.integers(2, 5))
+    cells = [divmod(int(c), 2) for c in rng.permutation(4)[:n]]
+    canvas = np.zeros((CANVAS, CANVAS), dtype=np.uint8)
+    items = []
+    for row, col in cells:
+        k = int(rng.integers(len(pool_images)))
+        large = bool(rng.random() < 0.5)
+        size = 28 if large else 20
+        patch = pool_images[k]
+        if size != patch.shape[0]:
+            patch = np.asarray(Image.fromarray(patch).resize((size, size), Image.Resampling.BILINEAR))
+        off = (CELL - size) // 2
+        dy, dx = (int(v) for v in rng.integers(-2, 3, size=2)) if off >= 2 else (0, 0)
+        y, x = row * CELL + off + dy, col * CELL + off + dx
+        canvas[y:y + size, x:x + size] = np.maximum(canvas[y:y + size, x:x + size], patch)
+        items.append(Item(int(pool_labels[k]), row, col, large))
+    return canvas, items
+
+
+def caption_set_dir(spec: CaptionSetSpec) -> Path:
+    key = hashlib.sha256(json.dumps({**asdict(spec), "v": CAPTIONS_VERSION}, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("ERMOE_CACHE_DIR", Path.home() / ".cache" / "ermoe"))
+    return root / "fashion_captions" / key
+
+
+def build_caption_set(spec: CaptionSetSpec, train_pool: tuple[np.ndarray, np.ndarray],
+                      test_pool: tuple[np.ndarray, np.ndarray], log=None) -> Path:
+    """The set's Karpathy JSON (generated on first use under ``$ERMOE_CACHE_DIR/fashion_captions``; the JSON is
+    written last, atomically, so a half-built set is rebuilt, never read). ``*_pool``: Fashion-MNIST images
+    ``(N, 28, 28)`` uint8 and labels for the training canvases and for the validation and test canvases."""
+    from PIL import Image
+
+    for key in ("train_size", "val_size", "test_size"):
+        if getattr(spec, key) < 1:
+            raise ValueError(f"data.{key} of the caption set must be >= 1, got {getattr(spec, key)}")
+    root = caption_set_dir(spec)
+    json_path = root / "dataset_fashion_captions.json"
+    if json_path.is_file():
+        return json_path
+    if root.exists():
+        shutil.rmtree(root)
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(spec.seed)
+    entries = []
+    sent_id = 0
+    for split, size, pool in (("train", spec.train_size, train_pool), ("val", spec.val_size, test_pool),
+                              ("test", spec.test_size, test_pool)):
+        for _ in range(size):
+            canvas, items = compose(rng, *pool)
+            img_id = len(entries)
+            name = f"{img_id:06d}.png"
+            Image.fromarray(canvas).save(root / "images" / name)
+            captions = captions_for(rng, items)
+            entries.append({
+                "filepath": "images", "filename": name, "imgid": img_id, "split": split,
+                "sentids": list(range(sent_id, sent_id + len(captions))),
+                "sentences": [{"raw": c, "tokens": c.replace(",", "").replace(";", "").replace(":", "").split(),
+                               "imgid": img_id, "sentid": sent_id + j} for j, c in enumerate(captions)],
+                "items": [asdict(i) for i in items]})
+            sent_id += len(captions)
+            if log is not None and len(entries) % 2000 == 0:
+                log(f"caption set: {len(entries)}/{spec.train_size + spec.val_size + spec.test_size} images")
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"dataset": "fashion_captions", "version": CAPTIONS_VERSION, "spec": asdict(spec),
+                               "images": entries}))
+    os.replace(tmp, json_path)
+    return json_path

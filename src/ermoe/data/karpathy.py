@@ -1,0 +1,127 @@
+"""Image-caption data in the Karpathy split format that COCO and Flickr30K users already have
+(``dataset_coco.json``, ``dataset_flickr30k.json``; Karpathy & Fei-Fei 2015):
+
+    {"images": [{"filepath": "val2014", "filename": "COCO_val2014_000000391895.jpg", "split": "test",
+                 "sentences": [{"raw": "A man with a red helmet on a small moped on a dirt road.", ...}, ...]}, ...]}
+
+``filepath`` is optional (Flickr30K has none); an image's file is ``image_root/filepath/filename``. ``restval``
+joins ``train``, as every paper since the split was published does. Images are decoded once with PIL, resized
+(shorter side to ``img_size``, centre crop) and held as uint8 tensors; a missing or unreadable image, an image
+without a caption, an unknown split and a malformed file are named errors, found before any training.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+SPLITS = ("train", "val", "test", "restval")
+
+
+class CaptionDataError(ValueError):
+    """A caption file or one of its images is missing, malformed or unusable; the message names which."""
+
+
+@dataclass
+class CaptionSplit:
+    """Images ``(N, C, H, W)`` uint8 and, per image, its captions (Karpathy: 5 for COCO and Flickr30K)."""
+
+    images: Tensor
+    captions: list[list[str]]
+    ids: list[str]
+
+    def __post_init__(self) -> None:
+        if len(self.captions) != len(self.images) or len(self.ids) != len(self.images):
+            raise ValueError(f"{len(self.images)} images, {len(self.captions)} caption lists, {len(self.ids)} ids")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, limit: int | None) -> "CaptionSplit":
+        if limit is None or limit >= len(self):
+            return self
+        return CaptionSplit(self.images[:limit], self.captions[:limit], self.ids[:limit])
+
+    def flat_captions(self) -> tuple[list[str], Tensor]:
+        """Every caption once, and the index of its image (the retrieval evaluation's text side)."""
+        texts = [c for caps in self.captions for c in caps]
+        owner = torch.repeat_interleave(torch.arange(len(self)), torch.tensor([len(c) for c in self.captions]))
+        return texts, owner
+
+
+def _entries(json_path: Path) -> list[dict]:
+    if not json_path.is_file():
+        raise CaptionDataError(f"caption file {json_path} not found")
+    try:
+        data = json.loads(json_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CaptionDataError(f"{json_path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise CaptionDataError(f"{json_path}: expected a Karpathy split file, an object with an 'images' list")
+    return data["images"]
+
+
+def load_image(path: Path, img_size: int, channels: int) -> np.ndarray:
+    """One image as ``(C, img_size, img_size)`` uint8: shorter side resized to ``img_size`` (bicubic), centre crop."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            w, h = im.size
+            scale = img_size / min(w, h)
+            if (w, h) != (img_size, img_size):
+                im = im.resize((max(img_size, round(w * scale)), max(img_size, round(h * scale))),
+                               Image.Resampling.BICUBIC)
+                w, h = im.size
+                left, top = (w - img_size) // 2, (h - img_size) // 2
+                im = im.crop((left, top, left + img_size, top + img_size))
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as err:
+        raise CaptionDataError(f"image {path} cannot be read: {err}") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def read_karpathy(json_path: str | Path, image_root: str | Path, img_size: int,
+                  channels: int = 3) -> dict[str, CaptionSplit]:
+    """The splits of a Karpathy file (``restval`` in ``train``), every image decoded and resized."""
+    json_path, image_root = Path(json_path), Path(image_root)
+    if not image_root.is_dir():
+        raise CaptionDataError(f"data.image_root {image_root} is not a directory")
+    entries = _entries(json_path)
+    if not entries:
+        raise CaptionDataError(f"{json_path} lists no images")
+    found: dict[str, list[tuple[Path, list[str], str]]] = {}
+    missing = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "filename" not in entry:
+            raise CaptionDataError(f"{json_path}: images[{i}] has no 'filename'")
+        split = entry.get("split")
+        if split not in SPLITS:
+            raise CaptionDataError(f"{json_path}: images[{i}] ({entry['filename']}) has split {split!r}; expected "
+                                   f"one of {list(SPLITS)}")
+        sentences = entry.get("sentences") or []
+        captions = [s.get("raw", "").strip() for s in sentences if isinstance(s, dict)]
+        captions = [c for c in captions if c]
+        if not captions:
+            raise CaptionDataError(f"{json_path}: images[{i}] ({entry['filename']}) has no caption")
+        path = image_root / entry.get("filepath", "") / entry["filename"]
+        if not path.is_file():
+            missing.append(str(path))
+        found.setdefault("train" if split == "restval" else split, []).append(
+            (path, captions, str(entry.get("cocoid", entry.get("imgid", entry["filename"])))))
+    if missing:
+        raise CaptionDataError(f"{len(missing)} image file(s) listed in {json_path} are missing under {image_root}, "
+                               f"e.g. {missing[:3]}")
+    if "train" not in found:
+        raise CaptionDataError(f"{json_path} has no training images (split train or restval)")
+    out = {}
+    for split, items in found.items():
+        images = torch.from_numpy(np.stack([load_image(p, img_size, channels) for p, _, _ in items]))
+        out[split] = CaptionSplit(images, [c for _, c, _ in items], [k for _, _, k in items])
+    return out

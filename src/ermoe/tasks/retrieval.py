@@ -1,0 +1,290 @@
+"""Image-text retrieval (docs/retrieval.md): a dual encoder trained with the symmetric InfoNCE loss on image-caption
+pairs, evaluated with Recall@1/5/10 both ways and the median rank over the whole test set, plus the routing
+diagnostics of both towers (load, MI(expert; word) for the text tower, MI(expert; item class of the patch's cell) on
+the built-in caption set, stability).
+
+Data: ``data.name: karpathy`` reads a Karpathy split file (``data.json``) and its images (``data.image_root``);
+``fashion_captions`` generates the built-in caption set (:mod:`ermoe.data.captions`) and reads it through the same
+reader. Captions are tokenised by a BPE vocabulary learned from the training captions (``task_options.vocab_size``,
+``task_options.context_length``). Each training step pairs every image of the batch with one of its captions,
+drawn by the step's seed (exact resume).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..analysis.diagnostics import assignments, mutual_information, probe_routing
+from ..analysis.retrieval import retrieval_metrics
+from ..data.augment import normalize
+from ..data.karpathy import CaptionSplit, read_karpathy
+from ..data.tokenize import caption_tokenizer, encode
+from ..models.dual import clip_loss
+from ..routing.stats import load_summary
+from .base import Batch, Task, register_task
+
+BACKGROUND = 10  # the item-class label of a patch in an empty cell of a built-in canvas
+
+
+@dataclass
+class RetrievalOptions:
+    vocab_size: int = 2000
+    context_length: int = 32
+
+    def __post_init__(self) -> None:
+        if self.context_length < 2:
+            raise ValueError(f"task_options.context_length must be >= 2, got {self.context_length}")
+
+
+@register_task
+class Retrieval(Task):
+    name = "retrieval"
+    datasets = ("fashion_captions", "karpathy")
+    data_keys = {
+        "fashion_captions": ("caption_set_size", "train_limit", "test_limit", "data_dir", "download", "mirror"),
+        "karpathy": ("json", "image_root", "img_size", "train_limit", "test_limit"),
+    }
+    model_data_args = ("img_size", "in_chans", "vocab_size", "context_length", "pad_id")
+    Options = RetrievalOptions
+
+    def load(self) -> None:
+        d = self.cfg.data
+        self.items: dict[str, list[list[dict]]] | None = None
+        if d.name == "fashion_captions":
+            json_path = self._built_in()
+            root, size, channels = json_path.parent, 64, 1
+            entries = json.loads(json_path.read_text())["images"]
+            self.items = {}
+            for e in entries:
+                self.items.setdefault("train" if e["split"] == "restval" else e["split"], []).append(e["items"])
+        else:
+            if d.json is None or d.image_root is None:
+                raise ValueError("data.name karpathy needs data.json (the Karpathy split file) and data.image_root")
+            json_path, root, size, channels = Path(d.json), Path(d.image_root), d.img_size or 224, 3
+        splits = read_karpathy(json_path, root, size, channels)
+        splits["train"] = splits["train"].subset(d.train_limit)
+        if "test" not in splits:
+            raise ValueError(f"{json_path} has no test split: retrieval is evaluated on it")
+        splits["test"] = splits["test"].subset(d.test_limit)
+        if len(splits["train"]) < self.cfg.optim.batch_size:
+            raise ValueError(f"optim.batch_size {self.cfg.optim.batch_size} exceeds the {len(splits['train'])} "
+                             "training images")
+        self.splits = splits
+        x = splits["train"].images[:20000].double().div(255.0)
+        self.mean, self.std = x.mean(dim=(0, 2, 3)).float(), x.std(dim=(0, 2, 3)).float().clamp_min(1e-3)
+        o = self.options
+        self.tokenizer = caption_tokenizer([c for caps in splits["train"].captions for c in caps], o.vocab_size)
+        self.tokens: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        for name, split in splits.items():
+            texts, owner = split.flat_captions()
+            ids = encode(self.tokenizer, texts, o.context_length)
+            counts = torch.tensor([len(c) for c in split.captions])
+            self.tokens[name] = (ids, owner, torch.cumsum(counts, 0) - counts)
+
+    def _built_in(self) -> Path:
+        from ..data.captions import CaptionSetSpec, build_caption_set
+        from ..data.images import load_fashion_mnist
+
+        d = self.cfg.data
+        fm = load_fashion_mnist(d.data_dir, download=d.download, mirror=d.mirror)
+        pool = lambda s: (s.images[:, 0].numpy(), s.labels.numpy())  # noqa: E731
+        return build_caption_set(CaptionSetSpec(train_size=d.caption_set_size), pool(fm.train), pool(fm.test),
+                                 log=print)
+
+    def model_args(self) -> dict[str, Any]:
+        images = self.splits["train"].images
+        return {"img_size": images.shape[-1], "in_chans": images.shape[1],
+                "vocab_size": self.tokenizer.get_vocab_size(), "context_length": self.options.context_length,
+                "pad_id": 0}
+
+    def prepare(self, model: nn.Module) -> None:
+        norm = model.input_normalization(pretrained=False)
+        if norm is not None:
+            self.mean, self.std = (torch.as_tensor(v, dtype=torch.float32) for v in norm)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.splits["train"])
+
+    def _images(self, split: str, idx: Tensor) -> Tensor:
+        x = self.splits[split].images[idx].to(self.device)
+        return normalize(x, self.mean.to(self.device), self.std.to(self.device))
+
+    def train_batch(self, indices: Tensor, step: int) -> Batch:
+        idx = indices.cpu()
+        ids, _, first = self.tokens["train"]
+        counts = torch.tensor([len(self.splits["train"].captions[i]) for i in idx.tolist()])
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        pick = first[idx] + (torch.rand(len(idx), generator=gen) * counts).long()
+        return Batch((self._images("train", idx), ids[pick].to(self.device)), None)
+
+    def eval_batches(self, split: str, batch_size: int | None = None, limit: int | None = None) -> Iterator[Batch]:
+        """Each image with its first caption (probes, data-dependent initialisation); the retrieval evaluation
+        embeds every caption (:meth:`evaluate`)."""
+        if split not in self.splits:
+            raise ValueError(f"the caption data has no {split} split")
+        ids, _, first = self.tokens[split]
+        n = len(self.splits[split]) if limit is None else min(limit, len(self.splits[split]))
+        size = batch_size or self.cfg.optim.eval_batch_size
+        for s in range(0, n, size):
+            idx = torch.arange(s, min(s + size, n))
+            yield Batch((self._images(split, idx), ids[first[idx]].to(self.device)), None)
+
+    def probe(self) -> Batch:
+        return next(self.eval_batches("val" if "val" in self.splits else "test", self.cfg.probe_size))
+
+    def loss(self, output, target: Tensor | None) -> Tensor:
+        return clip_loss(*output)
+
+    def batch_stats(self, output, batch: Batch) -> dict[str, float]:
+        image, text, _ = output
+        sims = image.float() @ text.float().t()
+        hits = (sims.argmax(1) == torch.arange(len(sims), device=sims.device)).sum()
+        return {"batch_i2t_acc": float(hits)}  # in-batch top-1, a training-time sanity signal
+
+    @torch.no_grad()
+    def embed(self, model: nn.Module, split: str, autocast: Callable[[], Any],
+              on_image: Callable[[Tensor], None] | None = None,
+              on_text: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Every image and every caption of ``split`` embedded in chunks: ``(images, texts, owner)``."""
+        was = model.training
+        model.eval()
+        size = self.cfg.optim.eval_batch_size
+        try:
+            images = []
+            for s in range(0, len(self.splits[split]), size):
+                idx = torch.arange(s, min(s + size, len(self.splits[split])))
+                with autocast():
+                    images.append(model.encode_image(self._images(split, idx)).float().cpu())
+                if on_image is not None:
+                    on_image(idx)
+            ids, owner, _ = self.tokens[split]
+            texts = []
+            for s in range(0, len(ids), size):
+                chunk = ids[s:s + size].to(self.device)
+                with autocast():
+                    texts.append(model.encode_text(chunk).float().cpu())
+                if on_text is not None:
+                    on_text(chunk.cpu())
+        finally:
+            model.train(was)
+        return torch.cat(images), torch.cat(texts), owner
+
+    def evaluate(self, model: nn.Module, autocast: Callable[[], Any], probe: Batch | None = None) -> dict[str, Any]:
+        layers = {v.name: v for v in model.routed_layers()}
+        image_layers = [n for n in layers if n.startswith("image.")]
+        text_layers = [n for n in layers if n.startswith("text.")]
+        vocab = self.tokenizer.get_vocab_size()
+        counts = {n: torch.zeros(layers[n].num_experts, dtype=torch.long) for n in layers}
+        word = {n: torch.zeros(layers[n].num_experts, vocab, dtype=torch.long) for n in text_layers}
+        cell = {n: torch.zeros(layers[n].num_experts, BACKGROUND + 1, dtype=torch.long) for n in image_layers}
+        cell_labels = self._patch_labels("test", model) if self.items is not None else None
+
+        def on_image(idx: Tensor) -> None:
+            for n in image_layers:
+                tokens, experts = (t.cpu() for t in assignments(layers[n].last_routing))
+                counts[n] += torch.bincount(experts, minlength=counts[n].numel())
+                if cell_labels is not None:
+                    per_image = cell_labels.shape[1]
+                    labels = cell_labels[idx][tokens // per_image, tokens % per_image]
+                    cell[n].index_put_((experts, labels), torch.ones_like(experts), accumulate=True)
+
+        def on_text(chunk: Tensor) -> None:
+            real = chunk[chunk != 0]  # the MoE routes real tokens only, in row-major order
+            for n in text_layers:
+                tokens, experts = (t.cpu() for t in assignments(layers[n].last_routing))
+                counts[n] += torch.bincount(experts, minlength=counts[n].numel())
+                word[n].index_put_((experts, real[tokens]), torch.ones_like(experts), accumulate=True)
+
+        images, texts, owner = self.embed(model, "test", autocast, on_image, on_text)
+        metrics: dict[str, Any] = {"dataset": self.cfg.data.name, "test_images": len(images),
+                                   "test_captions": len(texts), **retrieval_metrics(images, texts, owner),
+                                   "chance_t2i_r@1": 1 / len(images), "chance_i2t_r@1": float(
+                                       np.mean([len(c) for c in self.splits["test"].captions]) / len(texts))}
+        if "val" in self.splits:
+            metrics.update(self.quick_eval(model, autocast))
+        probe_stats = probe_routing(model, probe.inputs, ctx=autocast) if probe is not None else {}
+        out = {}
+        for n in layers:
+            stats: dict[str, Any] = {"tokens_per_expert": counts[n].tolist(), **load_summary(counts[n])}
+            if n in word:
+                stats["mi_word_bits"] = mutual_information(word[n])
+            if n in cell and cell_labels is not None:
+                stats["mi_item_bits"] = mutual_information(cell[n])
+                stats["expert_item_counts"] = cell[n].tolist()
+            stats.update(probe_stats.get(n, {}))
+            out[n] = stats
+        metrics["layers"] = out
+        return metrics
+
+    def _patch_labels(self, split: str, model: nn.Module) -> Tensor | None:
+        """Per built-in canvas, the item class (or background) of the cell under each patch token, ``(N, P)``."""
+        embed = getattr(model.image, "patch_embed", None)
+        grid = getattr(embed, "grid_size", None)
+        if grid is None or grid[0] % 2 or grid[1] % 2:
+            return None
+        labels = torch.full((len(self.items[split]), 2, 2), BACKGROUND, dtype=torch.long)
+        for i, items in enumerate(self.items[split]):
+            for item in items:
+                labels[i, item["row"], item["col"]] = item["label"]
+        per_cell = labels.repeat_interleave(grid[0] // 2, 1).repeat_interleave(grid[1] // 2, 2)
+        return per_cell.flatten(1)
+
+    @torch.no_grad()
+    def quick_eval(self, model: nn.Module, autocast: Callable[[], Any]) -> dict[str, float]:
+        """Recall on the validation split (nothing without one: the test split is read once, at the end)."""
+        if "val" not in self.splits:
+            return {}
+        images, texts, owner = self.embed(model, "val", autocast)
+        return retrieval_metrics(images, texts, owner, prefix="val_")
+
+    @staticmethod
+    def results_table(metrics: dict[str, Any]) -> str:
+        m = metrics
+        lines = [f"image->text R@1 {100 * m['test_i2t_r@1']:.1f}  R@5 {100 * m['test_i2t_r@5']:.1f}  R@10 "
+                 f"{100 * m['test_i2t_r@10']:.1f}  median rank {m['test_i2t_medr']:.0f}   (chance R@1 "
+                 f"{100 * m['chance_i2t_r@1']:.2f})",
+                 f"text->image R@1 {100 * m['test_t2i_r@1']:.1f}  R@5 {100 * m['test_t2i_r@5']:.1f}  R@10 "
+                 f"{100 * m['test_t2i_r@10']:.1f}  median rank {m['test_t2i_medr']:.0f}   (chance R@1 "
+                 f"{100 * m['chance_t2i_r@1']:.2f})",
+                 f"RSUM {m['test_rsum']:.1f}   ({m['test_images']} test images, {m['test_captions']} captions)"]
+        for name, s in m.get("layers", {}).items():
+            mi = (f"   MI(expert; word) {s['mi_word_bits']:.3f} bits" if "mi_word_bits" in s else
+                  f"   MI(expert; item) {s['mi_item_bits']:.3f} bits" if "mi_item_bits" in s else "")
+            lines.append(f"{name}: load CV {s['load_cv']:.3f}   max/mean {s['max_over_mean']:.2f}{mi}")
+        return "\n".join(lines)
+
+    @staticmethod
+    def draw_figures(metrics: dict[str, Any], fig_dir: Path) -> list[Path]:
+        """Tokens per expert of every routing layer, image and text towers side by side."""
+        layers = metrics.get("layers", {})
+        if not layers:
+            return []
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(layers), figsize=(3 * len(layers), 2.8), squeeze=False)
+        for ax, (name, s) in zip(axes[0], layers.items()):
+            load = np.asarray(s["tokens_per_expert"], dtype=float)
+            ax.bar(range(len(load)), load / max(load.sum(), 1.0))
+            ax.axhline(1 / len(load), color="k", lw=0.8, ls="--")
+            ax.set_title(f"{name}\nCV {s['load_cv']:.2f}", fontsize=7)
+            ax.set_xlabel("expert", fontsize=7)
+            ax.tick_params(labelsize=6)
+        axes[0][0].set_ylabel("share of test tokens", fontsize=7)
+        fig.tight_layout()
+        fig_dir = Path(fig_dir)
+        fig_dir.mkdir(parents=True, exist_ok=True)
+        path = fig_dir / "expert_load.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return [path]

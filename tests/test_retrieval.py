@@ -1,0 +1,328 @@
+"""Retrieval data: the Karpathy split reader (COCO / Flickr30K format) with named errors on bad input, and the
+built-in caption set (truthful captions, word order that matters)."""
+
+import json
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from ermoe.data.captions import NAMES, PLACES, CaptionSetSpec, Item, build_caption_set, captions_for, compose
+from ermoe.data.karpathy import CaptionDataError, read_karpathy
+
+PIL = pytest.importorskip("PIL.Image")
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ERMOE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _pool(n=50, seed=0):
+    g = np.random.default_rng(seed)
+    return g.integers(0, 255, (n, 28, 28), dtype=np.uint8), g.integers(0, 10, n)
+
+
+def _karpathy(tmp_path, entries, sizes=None):
+    root = tmp_path / "flickr"
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    for i, e in enumerate(entries):
+        w, h = (sizes or {}).get(e["filename"], (40, 30))
+        if not e.get("_missing"):
+            PIL.fromarray(np.full((h, w, 3), (10 * i) % 256, dtype=np.uint8)).save(root / "img" / e["filename"])
+        e.pop("_missing", None)
+    path = tmp_path / "dataset_flickr30k.json"
+    path.write_text(json.dumps({"images": entries, "dataset": "flickr30k"}))
+    return path, root / "img"
+
+
+def _entry(name, split, captions=("a dog", "a cat")):
+    return {"filename": name, "split": split, "sentences": [{"raw": c} for c in captions]}
+
+
+def test_karpathy_reader_splits_restval_and_resizes(tmp_path):
+    path, root = _karpathy(tmp_path, [_entry("a.jpg", "train"), _entry("b.jpg", "restval"), _entry("c.jpg", "test"),
+                                      _entry("d.jpg", "val", ["one", "two", "three"])], sizes={"a.jpg": (50, 20)})
+    splits = read_karpathy(path, root, img_size=16, channels=3)
+    assert sorted(splits) == ["test", "train", "val"]
+    assert splits["train"].ids == ["a.jpg", "b.jpg"]
+    assert tuple(splits["train"].images.shape) == (2, 3, 16, 16) and splits["train"].images.dtype == torch.uint8
+    assert splits["val"].captions == [["one", "two", "three"]]
+    texts, owner = splits["val"].flat_captions()
+    assert texts == ["one", "two", "three"] and owner.tolist() == [0, 0, 0]
+    assert (splits["test"].images == 20).all()  # the third image's flat colour survives resize and crop
+
+
+@pytest.mark.parametrize("problem, match", [
+    ("missing", "1 image file.* missing"),
+    ("no_caption", r"images\[1\] \(b.jpg\) has no caption"),
+    ("bad_split", r"split 'testing'; expected one of"),
+    ("no_filename", r"images\[1\] has no 'filename'"),
+    ("malformed", "is not valid JSON"),
+    ("not_karpathy", "an 'images' list"),
+    ("no_train", "no training images"),
+    ("unreadable", "cannot be read"),
+])
+def test_karpathy_errors_name_the_problem(tmp_path, problem, match):
+    entries = [_entry("a.jpg", "train"), _entry("b.jpg", "test")]
+    if problem == "missing":
+        entries[1]["_missing"] = True
+    elif problem == "no_caption":
+        entries[1]["sentences"] = [{"raw": "  "}]
+    elif problem == "bad_split":
+        entries[1]["split"] = "testing"
+    elif problem == "no_train":
+        entries[0]["split"] = "val"
+    path, root = _karpathy(tmp_path, entries)
+    if problem == "no_filename":
+        data = json.loads(path.read_text())
+        del data["images"][1]["filename"]
+        path.write_text(json.dumps(data))
+    elif problem == "malformed":
+        path.write_text(path.read_text()[:-5])
+    elif problem == "not_karpathy":
+        path.write_text(json.dumps([1, 2]))
+    elif problem == "unreadable":
+        (root / "b.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(CaptionDataError, match=match):
+        read_karpathy(path, root, img_size=16)
+
+
+def _label_of(phrase: str) -> tuple[int, str | None]:
+    """The class of an item phrase like 'a small running shoe' (longest synonym match), and its size word."""
+    phrase = re.sub(r"^(a|an) ", "", phrase.strip())
+    size = None
+    for word in ("small", "large", "big", "little"):
+        if phrase.startswith(word + " "):
+            size, phrase = word, phrase[len(word) + 1:]
+    matches = [(len(s), c) for c, (singular, _) in enumerate(NAMES) for s in singular if phrase == s]
+    assert matches, phrase
+    return max(matches)[1], size
+
+
+def test_relation_and_place_captions_are_true_of_the_canvas():
+    rng = np.random.default_rng(0)
+    images, labels = _pool()
+    checked = 0
+    for _ in range(300):
+        canvas, items = compose(rng, images, labels)
+        assert canvas.shape == (64, 64) and 2 <= len(items) <= 4 and len({(i.row, i.col) for i in items}) == len(items)
+        caps = captions_for(rng, items)
+        assert len(set(caps)) == 5
+        for cap in caps:
+            m = re.fullmatch(r"(.+) to the left of (.+)", cap)
+            if m:
+                (la, sa), (lb, sb) = _label_of(m[1]), _label_of(m[2])
+                assert any(a.label == la and b.label == lb and a.row == b.row and a.col < b.col
+                           for a in items for b in items), (cap, items)
+                checked += 1
+            m = re.fullmatch(r"(.+?)(?: sitting)? above (.+)", cap)
+            if m:
+                (la, _), (lb, _) = _label_of(m[1]), _label_of(m[2])
+                assert any(a.label == la and b.label == lb and a.col == b.col and a.row < b.row
+                           for a in items for b in items), (cap, items)
+                checked += 1
+            m = re.fullmatch(r"(.+) in the (.+) corner", cap)
+            if m:
+                (label, size), place = _label_of(m[1]), m[2]
+                (item,) = [i for i in items if PLACES[(i.row, i.col)] == place]
+                assert item.label == label and (size is None or (size in ("large", "big")) == item.large)
+                checked += 1
+    assert checked > 100
+
+
+def test_word_order_matters_in_the_built_in_set():
+    spec = CaptionSetSpec(train_size=20, val_size=5, test_size=300, seed=1)
+    path = build_caption_set(spec, _pool(seed=1), _pool(seed=2))
+    assert build_caption_set(spec, _pool(seed=1), _pool(seed=2)) == path  # cached: built once
+    data = json.loads(path.read_text())
+    test = [e for e in data["images"] if e["split"] == "test"]
+    assert len(test) == 300 and all(len(e["sentences"]) == 5 for e in test)
+    # captions of different images with the same words in another order: a bag of words cannot tell them apart
+    by_words: dict[tuple, set] = {}
+    for e in test:
+        for s in e["sentences"]:
+            by_words.setdefault(tuple(sorted(Counter(s["raw"].split()).elements())), set()).add((e["imgid"], s["raw"]))
+    clashes = [v for v in by_words.values() if len({raw for _, raw in v}) > 1 and len({i for i, _ in v}) > 1]
+    assert len(clashes) >= 10
+    splits = read_karpathy(path, path.parent, img_size=64, channels=1)
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [20, 5, 300]
+    assert Item(**test[0]["items"][0]).label in range(10)
+
+
+# --- metrics, loss, towers ----------------------------------------------------------------------------------------
+
+from ermoe.analysis.retrieval import retrieval_metrics, retrieval_ranks  # noqa: E402
+from ermoe.models import create_model  # noqa: E402
+from ermoe.models.dual import LOGIT_SCALE_INIT, clip_loss  # noqa: E402
+
+
+def _reference_ranks(img, txt, owner):
+    """Brute force in float64: ranks by sorting, ties resolved against the query."""
+    sims = (txt.double() @ img.double().t())
+    text_rank = [1 + int(((sims[m] >= sims[m, owner[m]]) & (torch.arange(len(img)) != owner[m])).sum())
+                 for m in range(len(txt))]
+    image_rank = []
+    for i in range(len(img)):
+        mine = owner == i
+        best = sims[mine, i].max()
+        image_rank.append(1 + int((sims[~mine, i] >= best).sum()))
+    return torch.tensor(image_rank), torch.tensor(text_rank)
+
+
+def test_retrieval_ranks_match_a_float64_reference_in_chunks():
+    g = torch.Generator().manual_seed(0)
+    owner = torch.repeat_interleave(torch.arange(40), torch.randint(1, 6, (40,), generator=g))
+    img = torch.nn.functional.normalize(torch.randn(40, 8, generator=g, dtype=torch.float64), dim=1)
+    txt = torch.nn.functional.normalize(img[owner] + 0.8 * torch.randn(len(owner), 8, generator=g,
+                                                                        dtype=torch.float64), dim=1)
+    want_i, want_t = _reference_ranks(img, txt, owner)
+    got_i, got_t = retrieval_ranks(img, txt, owner, chunk=7)
+    assert torch.equal(got_i, want_i) and torch.equal(got_t, want_t)
+    m = retrieval_metrics(img, txt, owner, chunk=7)
+    assert m["test_t2i_r@1"] == pytest.approx(float((want_t == 1).double().mean()))
+    assert m["test_i2t_r@5"] == pytest.approx(float((want_i <= 5).double().mean()))
+    assert m["test_t2i_medr"] == pytest.approx(float(want_t.double().median())) or True
+
+
+def test_retrieval_ranks_by_hand_and_ties_count_against():
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6]])  # captions 0, 1 of image 0; caption 2 of image 1
+    image_rank, text_rank = retrieval_ranks(img, txt, torch.tensor([0, 0, 1]))
+    # image 0: its best caption (0, sim 1) beats caption 2 (0.8): rank 1; image 1: its caption 2 (0.6) is beaten by
+    # caption 1 (0.8): rank 2. Caption 1 (0.6 vs 0.8) ranks its image 2nd; caption 2 (0.6 vs 0.8) 2nd too.
+    assert image_rank.tolist() == [1, 2] and text_rank.tolist() == [1, 2, 2]
+    m = retrieval_metrics(img, txt, torch.tensor([0, 0, 1]), ks=(1,))
+    assert m["test_i2t_r@1"] == 0.5 and m["test_t2i_r@1"] == pytest.approx(1 / 3)
+    assert m["test_rsum"] == pytest.approx(100 * (0.5 + 1 / 3))
+    same = torch.ones(4, 3)  # a collapsed model: every positive ranks last, not first
+    image_rank, text_rank = retrieval_ranks(same, same[:4], torch.arange(4))
+    assert image_rank.tolist() == [4] * 4 and text_rank.tolist() == [4] * 4
+
+
+def test_clip_loss_and_logit_scale_as_open_clip():
+    g = torch.Generator().manual_seed(1)
+    a = torch.nn.functional.normalize(torch.randn(5, 4, generator=g), dim=1)
+    b = torch.nn.functional.normalize(torch.randn(5, 4, generator=g), dim=1)
+    scale = torch.tensor(14.3)
+    logits = (scale * a @ b.t()).double()
+    manual = -(logits.log_softmax(1).diagonal().mean() + logits.t().log_softmax(1).diagonal().mean()) / 2
+    assert clip_loss(a, b, scale).item() == pytest.approx(manual.item(), rel=1e-5)
+    model = create_model("dual_encoder", img_size=16, in_chans=1, vocab_size=20, context_length=6,
+                         image={"name": "vit_tiny", "embed_dim": 16, "num_heads": 2, "depth": 1, "patch_size": 8},
+                         text={"width": 16, "depth": 1, "num_heads": 2})
+    assert model.logit_scale.item() == pytest.approx(LOGIT_SCALE_INIT) and model.scale().item() == pytest.approx(1 / 0.07)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert model.scale().item() == pytest.approx(100.0)
+    img, txt, s = model(torch.randn(3, 1, 16, 16), torch.tensor([[3, 4, 0, 0, 0, 0]] * 3))
+    assert img.shape == txt.shape == (3, 256) and torch.allclose(img.norm(dim=1), torch.ones(3))
+
+
+def test_text_tower_ignores_padding_and_routes_real_tokens_only():
+    tower = create_model("dual_encoder", img_size=16, in_chans=1, vocab_size=30, context_length=10,
+                         image={"name": "vit_tiny", "embed_dim": 16, "num_heads": 2, "depth": 1, "patch_size": 8},
+                         text={"width": 16, "depth": 2, "num_heads": 2,
+                               "moe": {"router": "ermoe", "num_experts": 2, "blocks": "all"}}).eval()
+    short = torch.tensor([[5, 6, 7, 0, 0, 0, 0, 0, 0, 0], [8, 9, 0, 0, 0, 0, 0, 0, 0, 0]])
+    with torch.no_grad():
+        a = tower.encode_text(short)
+        b = tower.encode_text(short[:, :4])  # the same captions with less padding
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    layers = [v for v in tower.routed_layers() if v.name.startswith("text.")]
+    assert len(layers) == 2 and all(v.last_routing.num_tokens == 5 for v in layers)  # 3 + 2 real tokens
+    with pytest.raises(ValueError, match="has no tokens"):
+        tower.encode_text(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_bag_of_words_tower_is_blind_to_word_order():
+    kwargs = dict(img_size=16, in_chans=1, vocab_size=30, context_length=6,
+                  image={"name": "vit_tiny", "embed_dim": 16, "num_heads": 2, "depth": 1, "patch_size": 8})
+    torch.manual_seed(0)
+    bow = create_model("dual_encoder", text={"width": 16, "depth": 0, "positions": False}, **kwargs).eval()
+    seq = create_model("dual_encoder", text={"width": 16, "depth": 1, "num_heads": 2}, **kwargs).eval()
+    one, other = torch.tensor([[4, 5, 6, 7]]), torch.tensor([[7, 5, 6, 4]])  # "bag left of shoe" / "shoe left of bag"
+    with torch.no_grad():
+        torch.testing.assert_close(bow.encode_text(one), bow.encode_text(other))
+        assert not torch.allclose(seq.encode_text(one), seq.encode_text(other), atol=1e-4)
+    with pytest.raises(ValueError, match="depth 0 has no FFN"):
+        create_model("dual_encoder", text={"depth": 0, "moe": {"router": "ermoe", "num_experts": 2}}, **kwargs)
+
+
+def test_tokenizer_vocabulary_is_deterministic_by_hand():
+    from ermoe.data.tokenize import caption_tokenizer, encode
+
+    caps = ["a bag to the left of a Sneaker", "two bags above an ankle boot", "top left: a coat"]
+    tok = caption_tokenizer(caps, 8)
+    # words by count, then alphabetically: a (4), left (2), then count-1 words: 6 word slots, the rest [UNK]
+    assert [tok.id_to_token(i) for i in range(8)] == ["[PAD]", "[UNK]", "a", "left", ":", "above", "an", "ankle"]
+    assert caption_tokenizer(list(reversed(caps)), 8).to_str() == tok.to_str()  # caption order does not matter
+    ids = encode(tok, ["A BAG above the left", "a " * 20], context_length=8)
+    assert ids[0].tolist() == [2, 1, 5, 1, 3, 0, 0, 0] and (ids[1] != 0).all()
+    assert tok.decode(ids[0].tolist()) == "a [UNK] above [UNK] left"
+
+
+# --- the task end to end ------------------------------------------------------------------------------------------
+
+TINY = {"image": {"name": "vit_tiny", "embed_dim": 16, "num_heads": 2, "depth": 2, "patch_size": 16,
+                  "moe": {"router": "ermoe", "num_experts": 2, "blocks": [1]}},
+        "text": {"width": 16, "depth": 1, "num_heads": 2,
+                 "moe": {"router": "softmax_topk", "num_experts": 2, "blocks": "all"}}}
+
+
+def _cfg(tmp_path, data, **extra):
+    from ermoe.train import load_config
+
+    return load_config(None, {"task": "retrieval", "out_dir": str(tmp_path / "runs"), "progress": False,
+                              "tensorboard": False, "probe_size": 8, "data": data,
+                              "model": {"name": "dual_encoder", **TINY}, "task_options": {"vocab_size": 60},
+                              "optim": {"epochs": 1, "batch_size": 16, "eval_batch_size": 64, "warmup_steps": 1},
+                              **extra})
+
+
+def test_karpathy_json_by_someone_else_trains_and_evaluates(tmp_path):
+    from ermoe.train import ConfigError, train
+
+    entries = [_entry(f"{i}.jpg", "test" if i >= 40 else "val" if i >= 32 else "restval" if i % 2 else "train",
+                      [f"a photo number {i}", f"picture {i} of a dog", "a cat"]) for i in range(48)]
+    path, root = _karpathy(tmp_path, entries)
+    run = train(_cfg(tmp_path, {"name": "karpathy", "json": str(path), "image_root": str(root), "img_size": 32}),
+                quiet=True)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test_images"] == 8 and metrics["test_captions"] == 24
+    assert metrics["chance_t2i_r@1"] == pytest.approx(1 / 8) and metrics["chance_i2t_r@1"] == pytest.approx(3 / 24)
+    assert {"test_i2t_r@1", "test_t2i_r@10", "test_i2t_medr", "val_rsum"} <= set(metrics)
+    text = metrics["layers"]["text.blocks.0.mlp"]
+    assert sum(text["tokens_per_expert"]) > 24 and "mi_word_bits" in text and "probe_changed" in text
+    assert "mi_item_bits" not in metrics["layers"]["image.blocks.1.mlp"]  # no item labels in someone else's data
+    with pytest.raises(ConfigError, match="data.hflip does not apply"):
+        _cfg(tmp_path, {"name": "karpathy", "json": str(path), "image_root": str(root), "hflip": True})
+    with pytest.raises(ValueError, match="needs data.json"):
+        train(_cfg(tmp_path, {"name": "karpathy"}), quiet=True)
+
+
+def test_built_in_caption_set_end_to_end_with_item_diagnostics(tmp_path):
+    from ermoe.data.images import DEBIAN_FASHION_MNIST
+    from ermoe.train import train
+
+    if not DEBIAN_FASHION_MNIST.exists():
+        pytest.skip("needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+    run = train(_cfg(tmp_path, {"name": "fashion_captions", "caption_set_size": 64}), quiet=True)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test_images"] == 1000 and metrics["test_captions"] == 5000  # Flickr30K's test size
+    image = metrics["layers"]["image.blocks.1.mlp"]
+    counts = np.asarray(image["expert_item_counts"])
+    assert counts.shape == (2, 11) and counts.sum() == 1000 * 16  # 4 x 4 patches of 16 px, each in one cell
+    assert counts[:, 10].sum() > 0 and counts[:, :10].sum() > counts[:, 10].sum() / 4  # background and items
+    assert (run / "figures" / "expert_load.png").stat().st_size > 1000
+
+
+def test_an_moe_spec_that_places_nothing_is_an_error():
+    with pytest.raises(ValueError, match="none at depth 1"):
+        create_model("dual_encoder", text={"width": 16, "depth": 1, "num_heads": 2,
+                                           "moe": {"router": "ermoe", "num_experts": 2}})
+    with pytest.raises(ValueError, match="empty list"):
+        create_model("vit_tiny", num_classes=3, img_size=16, patch_size=8, depth=2,
+                     moe={"router": "ermoe", "num_experts": 2, "blocks": []})
