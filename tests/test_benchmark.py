@@ -45,3 +45,14 @@ def test_brain_models_benchmark_both_families(capsys):
                       "--json"])
     assert [r["model"] for r in vit] == ["dense_ffn", "ermoe"]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == vit
+
+
+def test_retrieval_towers_benchmark(capsys):
+    spec = importlib.util.spec_from_file_location("retrieval_bench", BENCH.parent / "retrieval_towers.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--batch", "8", "--repeats", "1", "--routers", "ermoe", "expert_choice", "--json"])
+    assert [(r["tower"], r["router"]) for r in rows] == [(t, r) for t in ("image", "text")
+                                                          for r in ("dense", "ermoe", "expert_choice")]
+    assert all(r["ratio"] > 0 and r["per_s"] > 0 for r in rows)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == rows

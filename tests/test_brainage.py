@@ -422,7 +422,7 @@ def test_brain_study_quick_end_to_end(tmp_path, capsys):
     for method in ("plain", "dense_ffn", "ermoe", "switch"):
         assert f"| `{method}` |" in report
     assert "Claim 7:" in report and "0.93 x `plain`" in report and "Is it the routing?" in report
-    assert (tmp_path / "figures" / "results_brainage_mae_vs_cv.png").stat().st_size > 1000
+    assert (tmp_path / "figures" / "results_brainage_test_mae_vs_cv.png").stat().st_size > 1000
     metrics = json.loads((tmp_path / "runs" / "ermoe" / "seed0" / "metrics.json").read_text())
     assert "fewshot" not in metrics and metrics["task"] == "brain_age"
     capsys.readouterr()

@@ -27,6 +27,9 @@ VOLUME_ARGS = {
                    moe=dict(router="ermoe", num_experts=4)),
     "vit3d": dict(in_chans=2, volume_shape=(16, 16, 16), num_outputs=5, patch_size=4, embed_dim=16, depth=2,
                   num_heads=2, moe=dict(router="ermoe", num_experts=4, blocks="all")),
+    # the MNI grid at 8 mm; every expert chosen (top_k 4), so that each gets a gradient from 8 volumes
+    "regional_sfcn3d": dict(in_chans=2, volume_shape=(23, 28, 23), spacing=8.0, num_outputs=5, channels=[4, 8],
+                            gate_channels=[4], top_k=4),
 }
 
 
@@ -58,8 +61,11 @@ def registered():
 @pytest.mark.parametrize("name,family", registered())
 def test_every_registered_model_forward_and_grad(name, family):
     torch.manual_seed(0)
+    if family == "retrieval":
+        pytest.skip("the dual encoder returns two embeddings: tests/test_retrieval.py checks its gradients")
     if family == "brain":
-        model, x = create_model(name, **VOLUME_ARGS[name]), torch.randn(8, 2, 16, 16, 16)
+        args = VOLUME_ARGS[name]
+        model, x = create_model(name, **args), torch.randn(8, 2, *args["volume_shape"])
     else:
         model, x = create_model(name, **DATA, **FAMILY_ARGS[family]), None
     assert isinstance(model, RoutedModel) and model.routed_layers()
@@ -68,8 +74,9 @@ def test_every_registered_model_forward_and_grad(name, family):
 
 def test_list_models_lists_every_family():
     assert set(list_models()) >= {"vit_tiny", "vit_small", "vit_base", "single_gated_vit", "deepmoe_cnn"}
-    assert set(model_families()) == {"vit", "single_gated_vit", "deepmoe_cnn", "brain"}
-    assert {"sfcn3d", "vit3d"} <= set(list_models("brain"))
+    assert set(model_families()) == {"vit", "single_gated_vit", "deepmoe_cnn", "brain", "retrieval"}
+    assert {"sfcn3d", "vit3d", "regional_sfcn3d"} <= set(list_models("brain"))
+    assert list_models("retrieval") == ["dual_encoder"]
     assert "timm_vit" not in list_models()
 
 

@@ -326,3 +326,47 @@ def test_an_moe_spec_that_places_nothing_is_an_error():
     with pytest.raises(ValueError, match="empty list"):
         create_model("vit_tiny", num_classes=3, img_size=16, patch_size=8, depth=2,
                      moe={"router": "ermoe", "num_experts": 2, "blocks": []})
+
+
+def test_retrieval_study_quick_end_to_end(tmp_path, capsys):
+    """`ermoe study --config configs/study_retrieval.yaml --quick`: the claim-8 report from dual encoders whose
+    towers differ in routing only."""
+    from pathlib import Path
+
+    from ermoe.cli import main
+    from ermoe.data.images import DEBIAN_FASHION_MNIST
+    from ermoe.study.retrieval import RETRIEVAL_DEFAULT_METHODS, RETRIEVAL_TRAIN, retrieval_method_model
+
+    base = RETRIEVAL_TRAIN["model"]
+    bow, ermoe_ = retrieval_method_model("bow", base), retrieval_method_model("ermoe_standardize", base)
+    assert bow["text"]["depth"] == 0 and bow["text"]["positions"] is False and bow["image"]["moe"] is None
+    assert ermoe_["image"]["moe"]["router_kwargs"] == ermoe_["text"]["moe"]["router_kwargs"] == {"standardize": True}
+    assert ermoe_["image"]["patch_size"] == base["image"]["patch_size"]
+    config = str(Path(__file__).parents[1] / "configs" / "study_retrieval.yaml")
+    assert main(["study", "--config", config, "--list-methods"]) == 0
+    assert capsys.readouterr().out.split() == RETRIEVAL_DEFAULT_METHODS
+    if not DEBIAN_FASHION_MNIST.exists():
+        pytest.skip("needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+    args = ["study", "--config", config, "--quick", "--methods=[dense,bow,ermoe,switch]",
+            f"--out_dir={tmp_path / 'runs'}", f"--report={tmp_path / 'results_retrieval.md'}"]
+    assert main(args) == 0
+    report = (tmp_path / "results_retrieval.md").read_text()
+    assert "Claim 8:" in report and "| `bow` |" in report and "| `switch` |" in report
+    assert "1000 test images" not in report and "100 test images x 500 captions" in report
+
+
+def test_every_dual_encoder_parameter_learns_from_the_contrastive_loss():
+    torch.manual_seed(0)
+    model = create_model("dual_encoder", img_size=16, in_chans=1, vocab_size=30, context_length=8,
+                         image={"name": "vit_tiny", "embed_dim": 16, "num_heads": 2, "depth": 2, "patch_size": 8,
+                                "moe": {"router": "ermoe", "num_experts": 2, "blocks": "all"}},
+                         text={"width": 16, "depth": 2, "num_heads": 2,
+                               "moe": {"router": "emoe", "num_experts": 2, "blocks": "all"}})
+    ids = torch.randint(2, 30, (6, 8))
+    ids[:, 5:] = 0
+    loss = clip_loss(*model(torch.randn(6, 1, 16, 16), ids)) + model.aux_loss()
+    loss.backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    # the embedding rows of words absent from the batch get no gradient, by design
+    assert dead == [] or all(n == "text.token_embed.weight" for n in dead)
+    assert model.text.token_embed.weight.grad[ids.unique()[ids.unique() > 0]].abs().sum(1).gt(0).all()

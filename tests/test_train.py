@@ -201,9 +201,13 @@ def test_cli_train_eval_report(tmp_path, capsys):
     args = [f"--out_dir={tmp_path}", "--run_name=cli", "--progress=false", "--tensorboard=false",
             "--data.name=digits", "--data.train_limit=256", "--model.depth=1", "--model.embed_dim=16",
             "--model.num_heads=2", "--model.patch_size=4", "--optim.epochs=1", "--optim.batch_size=64"]
+    # one block: the default every_other selects none, which is an error, not a silently dense model
+    assert main(["train", *args]) == 1
+    assert "none at depth 1" in capsys.readouterr().err
+    args.append("--model.moe=null")
     assert main(["train", *args]) == 0
     out = capsys.readouterr().out
-    assert "test top-1" in out and "blocks.0.mlp" not in out  # one block, every_other selects none
+    assert "test top-1" in out and "blocks.0.mlp" not in out
     assert main(["eval", str(tmp_path / "cli")]) == 0
     assert main(["report", str(tmp_path / "cli")]) == 0
 

@@ -1,13 +1,14 @@
 """Which study a config asks for, by its training task: what it compares (the method table and the default budget)
 and how its report is written. ``ermoe study`` runs the image-classification study; a study config whose
-``train.task`` is ``brain_age`` runs the brain-age study (configs/study_brainage.yaml)."""
+``train.task`` is ``brain_age`` runs the brain-age study (configs/study_brainage.yaml), ``retrieval`` the retrieval
+study (configs/study_retrieval.yaml)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import brain
+from . import brain, retrieval
 from .methods import METHODS, method_model
 
 
@@ -33,6 +34,9 @@ KINDS = {
     "brain_age": StudyKind("brain_age", brain.BRAIN_METHODS, brain.brain_method_model, defaults=brain.BRAIN_STUDY,
                            quick=brain.BRAIN_QUICK, fewshot=False,
                            headline=("test_mae", "MAE {:.3f} years"), write_report=brain.write_brain_report),
+    "retrieval": StudyKind("retrieval", retrieval.RETRIEVAL_METHODS, retrieval.retrieval_method_model,
+                           defaults=retrieval.RETRIEVAL_STUDY, quick=retrieval.RETRIEVAL_QUICK, fewshot=False,
+                           headline=("test_rsum", "RSUM {:.1f}"), write_report=retrieval.write_retrieval_report),
 }
 
 

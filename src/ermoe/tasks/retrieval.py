@@ -55,6 +55,12 @@ class Retrieval(Task):
     Options = RetrievalOptions
 
     def load(self) -> None:
+        try:
+            import PIL  # noqa: F401
+            import tokenizers  # noqa: F401
+        except ImportError as err:
+            raise ImportError(f"retrieval decodes images with Pillow and tokenises captions with Hugging Face "
+                              f"tokenizers ({err}): pip install -e '.[retrieval]'") from None
         d = self.cfg.data
         self.items: dict[str, list[list[dict]]] | None = None
         if d.name == "fashion_captions":
