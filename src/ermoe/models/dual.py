@@ -43,6 +43,12 @@ class DualEncoder(RoutedModel):
         self.text_proj = nn.Sequential(nn.Linear(text.width, embed_dim), nn.LayerNorm(embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
 
+    @property
+    def image_grid(self) -> tuple[int, int]:
+        """The image tower's token grid (rows, columns) in row-major order: for diagnostics over image locations."""
+        rows, cols = self.image.patch_embed.grid_size  # timm's PatchEmbed and the pretrained stem both have it
+        return int(rows), int(cols)
+
     def encode_image(self, images: Tensor) -> Tensor:
         feats = self.image.forward_head(self.image.forward_features(images), pre_logits=True)
         return F.normalize(self.image_proj(feats), dim=-1)

@@ -232,9 +232,12 @@ class Retrieval(Task):
 
     def _patch_labels(self, split: str, model: nn.Module) -> Tensor | None:
         """Per built-in canvas, the item class (or background) of the cell under each patch token, ``(N, P)``."""
-        embed = getattr(model.image, "patch_embed", None)
-        grid = getattr(embed, "grid_size", None)
-        if grid is None or grid[0] % 2 or grid[1] % 2:
+        grid = model.image_grid
+        if grid[0] % 2 or grid[1] % 2:  # a patch would straddle two cells of the 2 x 2 canvas
+            import warnings
+
+            warnings.warn(f"the image tower's {grid[0]} x {grid[1]} token grid does not split the canvas's 2 x 2 "
+                          "cells: MI(expert; item) is not computed (use a patch size that divides 32)", stacklevel=2)
             return None
         labels = torch.full((len(self.items[split]), 2, 2), BACKGROUND, dtype=torch.long)
         for i, items in enumerate(self.items[split]):
