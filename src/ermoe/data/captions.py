@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .cache import cache_root
+
 CAPTIONS_VERSION = 1
 CELL, CANVAS = 32, 64
 PLACES = {(0, 0): "top left", (0, 1): "top right", (1, 0): "bottom left", (1, 1): "bottom right"}
@@ -157,7 +159,7 @@ def compose(rng: np.random.Generator, pool_images: np.ndarray, pool_labels: np.n
 
 def caption_set_dir(spec: CaptionSetSpec) -> Path:
     key = hashlib.sha256(json.dumps({**asdict(spec), "v": CAPTIONS_VERSION}, sort_keys=True).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("ERMOE_CACHE_DIR", Path.home() / ".cache" / "ermoe"))
+    root = cache_root()
     return root / "fashion_captions" / key
 
 

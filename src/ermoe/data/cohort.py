@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cache import cache_root
 from .nifti import mni_grid
 
 COHORT_VERSION = "2"  # bumped whenever the generator changes: cached cohorts are keyed by it
@@ -227,7 +228,7 @@ def age_sensitivity_map(t: Templates, world: np.ndarray, spec: CohortSpec) -> np
 
 def cohort_dir(spec: CohortSpec) -> Path:
     key = hashlib.sha256(json.dumps({**asdict(spec), "v": COHORT_VERSION}, sort_keys=True).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("ERMOE_CACHE_DIR", Path.home() / ".cache" / "ermoe"))
+    root = cache_root()
     return root / "brain_cohort" / key
 
 

@@ -34,6 +34,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .cache import cache_root
+
 PREPROCESS_VERSION = "1"
 # The MNI152 field of view in RAS millimetres (FSL's 2 mm template: 91 x 109 x 91 voxels).
 MNI_ORIGIN = (-90.0, -126.0, -72.0)
@@ -197,7 +199,7 @@ def preprocess(path: Path, spacing: float) -> np.ndarray:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("ERMOE_CACHE_DIR", Path.home() / ".cache" / "ermoe")) / "brain"
+    return cache_root() / "brain"
 
 
 def cached_volume(path: Path, spacing: float) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .methods import METHODS
 from .stats import Test
 
 # name -> (role, description, overrides of model.moe; "_no_moe": the plain CNN; "_dense_ffn": the dense reference)
@@ -24,13 +25,8 @@ BRAIN_METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
                           {"router": "ermoe", "router_kwargs": {"standardize": True}}),
     "emoe_standardize": ("variant", "EMoE + per-expert score standardisation",
                          {"router": "emoe", "router_kwargs": {"standardize": True}}),
-    "softmax_noloss": ("baseline", "softmax top-1, no balancing loss",
-                       {"router": "softmax_topk", "router_kwargs": {"balance_weight": 0.0}}),
-    "switch": ("baseline", "Switch/GShard: softmax top-1 + balancing loss 0.01",
-               {"router": "softmax_topk", "router_kwargs": {"balance_weight": 0.01}}),
-    "vmoe": ("baseline", "V-MoE: noisy top-1, importance + load losses, capacity 1.05, BPR", {"router": "vmoe"}),
-    "loss_free_bias": ("baseline", "auxiliary-loss-free bias balancing", {"router": "loss_free_bias"}),
-    "expert_choice": ("baseline", "expert choice", {"router": "expert_choice"}),
+    # the baselines route as in the image study (the same rows)
+    **{name: METHODS[name] for name in ("softmax_noloss", "switch", "vmoe", "loss_free_bias", "expert_choice")},
     "regional": ("paper", "ERMoE-ba's reference design as read here: GM, WM, CSF and one free SFCN expert, ERMoE "
                  "top-2 per volume with threshold 0.5 (regional_sfcn3d)",
                  {"_model": "regional_sfcn3d", "router": "ermoe", "top_k": 2, "router_kwargs": {"threshold": 0.5}}),

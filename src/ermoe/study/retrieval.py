@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .methods import METHODS
 from .stats import Test
 
 # name -> (role, description, overrides of both towers' moe; "_dense": no MoE; "_bow": dense, bag-of-words text)
@@ -21,12 +22,9 @@ RETRIEVAL_METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "ermoe": ("paper", "ERMoE in both towers (papers' reading)", {"router": "ermoe"}),
     "ermoe_standardize": ("variant", "ERMoE + per-expert score standardisation in both towers",
                           {"router": "ermoe", "router_kwargs": {"standardize": True}}),
-    "softmax_noloss": ("baseline", "softmax top-1, no balancing loss",
-                       {"router": "softmax_topk", "router_kwargs": {"balance_weight": 0.0}}),
-    "switch": ("baseline", "Switch/GShard: softmax top-1 + balancing loss 0.01",
-               {"router": "softmax_topk", "router_kwargs": {"balance_weight": 0.01}}),
+    **{name: METHODS[name] for name in ("softmax_noloss", "switch")},  # as in the image study
     "emoe": ("paper", "EMoE in both towers (a branch beside the FFN)", {"router": "emoe"}),
-    "vmoe": ("baseline", "V-MoE: noisy top-1, importance + load losses, capacity 1.05, BPR", {"router": "vmoe"}),
+    "vmoe": METHODS["vmoe"],
 }
 RETRIEVAL_DEFAULT_METHODS = ["dense", "bow", "ermoe", "ermoe_standardize", "softmax_noloss", "switch"]
 RETRIEVAL_PAPER_METHODS = ("ermoe", "emoe")

@@ -18,12 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from ..data.augment import normalize
+from ..data.cache import cache_root
 
 VERIFY_IMAGES = 32
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("ERMOE_CACHE_DIR", Path.home() / ".cache" / "ermoe")) / "stem_features"
+    return cache_root() / "stem_features"
 
 
 def _digest(*parts: Tensor | str) -> str:
