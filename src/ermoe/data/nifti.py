@@ -198,7 +198,7 @@ def preprocess(path: Path, spacing: float) -> np.ndarray:
     return vol
 
 
-def cache_root() -> Path:
+def volume_cache_dir() -> Path:
     return cache_root() / "brain"
 
 
@@ -207,7 +207,7 @@ def cached_volume(path: Path, spacing: float) -> Path:
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{spacing}|{PREPROCESS_VERSION}"
                          .encode()).hexdigest()[:32]
-    target = cache_root() / f"{key}.npy"
+    target = volume_cache_dir() / f"{key}.npy"
     if target.is_file():
         return target
     vol = preprocess(path, spacing).astype(np.float16)
