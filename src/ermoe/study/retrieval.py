@@ -38,7 +38,7 @@ RETRIEVAL_TRAIN: dict[str, Any] = {
               "text": {"width": 96, "depth": 2, "num_heads": 3, "moe": _TOWER_MOE}},
     "data": {"name": "fashion_captions", "caption_set_size": 10000},
     "task_options": {"context_length": 40},
-    "optim": {"epochs": 4, "batch_size": 128, "eval_batch_size": 500, "lr": 1.0e-3, "weight_decay": 0.05,
+    "optim": {"epochs": 5, "batch_size": 128, "eval_batch_size": 500, "lr": 1.0e-3, "weight_decay": 0.05,
               "warmup_steps": 50},
     "probe_size": 64, "probe_every": 39, "tensorboard": False, "progress": False, "keep_checkpoints": 1,
 }
