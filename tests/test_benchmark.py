@@ -56,3 +56,18 @@ def test_retrieval_towers_benchmark(capsys):
                                                           for r in ("dense", "ermoe", "expert_choice")]
     assert all(r["ratio"] > 0 and r["per_s"] > 0 for r in rows)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == rows
+
+
+def test_distributed_scaling_benchmark():
+    """benchmarks/distributed_scaling.py at a tiny size on 1 and 2 gloo processes (as a script: spawned ranks import
+    their function from the script run as __main__)."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, str(BENCH.parent / "distributed_scaling.py"), "--worlds", "1", "2",
+                           "--dim", "16", "--hidden", "32", "--experts", "4", "--tokens", "64", "--steps", "1",
+                           "--warmup", "0", "--repeats", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout)["rows"]
+    assert [r["world"] for r in rows] == [1, 2]
+    assert rows[0]["exchange_share"] == 0.0 and rows[1]["exchange_share"] > 0.0  # one process exchanges nothing
+    assert all(r["tokens_per_s"] > 0 and r["moe_over_dense"] > 0 for r in rows)

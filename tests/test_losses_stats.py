@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ermoe.routing.losses import importance_loss, router_z_loss, switch_balancing_loss, vmoe_load_loss
-from ermoe.routing.stats import gini, load_cv, load_summary, max_over_mean, normalized_entropy
+from ermoe.routing.stats import (ep_rank_loads, ep_straggler, gini, load_cv, load_summary, max_over_mean,
+                                 normalized_entropy)
 
 PROBS = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]], dtype=torch.float64)
 
@@ -90,3 +91,19 @@ def test_load_statistics_reject_bad_counts():
         load_cv(torch.tensor([1, -1]))
     with pytest.raises(ValueError, match="at least one expert"):
         gini(torch.tensor([]))
+
+
+def test_expert_parallel_straggler_by_hand():
+    counts = torch.tensor([6, 2, 0, 4])
+    # 2 ranks, experts [0, 1] and [2, 3]: loads 8 and 4, mean 6 -> the busiest rank takes 8/6 of the mean
+    assert ep_rank_loads(counts, 2).tolist() == [8.0, 4.0]
+    assert float(ep_straggler(counts, 2)) == pytest.approx(4 / 3)
+    # one expert per rank: max/mean = 6/3
+    assert float(ep_straggler(counts, 4)) == pytest.approx(2.0)
+    # 8 ranks: every expert on 2 ranks that split its tokens: [3, 3, 1, 1, 0, 0, 2, 2], still 3/1.5
+    assert ep_rank_loads(counts, 8).tolist() == [3.0, 3.0, 1.0, 1.0, 0.0, 0.0, 2.0, 2.0]
+    assert float(ep_straggler(counts, 8)) == pytest.approx(2.0)
+    assert float(ep_straggler(counts, 1)) == 1.0
+    assert float(ep_straggler(torch.zeros(4, dtype=torch.long), 4)) == 1.0  # no token: nobody waits
+    with pytest.raises(ValueError, match="divides or is divided by the 4 experts"):
+        ep_rank_loads(counts, 3)

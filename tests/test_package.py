@@ -11,12 +11,13 @@ LAYERS = [
     {"routing", "orthogonal"},
     {"experts", "dispatch"},
     {"moe"},
+    {"distributed"},
     {"models"},
     {"analysis"},
     {"tasks"},
     {"train"},
     {"study"},
-    {"cli", "__init__"},
+    {"cli", "__init__", "__main__"},
 ]
 
 

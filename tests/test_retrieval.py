@@ -114,7 +114,7 @@ def test_relation_and_place_captions_are_true_of_the_canvas():
         for cap in caps:
             m = re.fullmatch(r"(.+) to the left of (.+)", cap)
             if m:
-                (la, sa), (lb, sb) = _label_of(m[1]), _label_of(m[2])
+                (la, _), (lb, _) = _label_of(m[1]), _label_of(m[2])
                 assert any(a.label == la and b.label == lb and a.row == b.row and a.col < b.col
                            for a in items for b in items), (cap, items)
                 checked += 1

@@ -5,7 +5,6 @@ and clean-up of interrupted writes."""
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys

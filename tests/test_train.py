@@ -3,8 +3,6 @@ equivalence, checkpoint integrity, non-finite loss handling, config validation, 
 
 import json
 import math
-import os
-import warnings
 from pathlib import Path
 
 import pytest
@@ -328,3 +326,24 @@ def test_config_round_trips_through_its_yaml(tmp_path):
                 load_config(Path(__file__).parents[1] / "configs" / "fmnist_deepmoe_cnn.yaml")):
         again = config_from_dict(yaml.safe_load(dump_config(cfg)))
         assert config_to_dict(again) == config_to_dict(cfg)
+
+
+def test_training_straggler_factor_is_the_mean_over_steps_of_the_busiest_expert_over_the_mean(tmp_path):
+    from ermoe import MoE
+
+    seen: list[torch.Tensor] = []
+
+    def record(module, args, output):
+        if isinstance(module, MoE) and module.training:
+            seen.append(module.last_routing.tokens_per_expert.double())
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        run = train(tiny(tmp_path, **{"optim.max_steps": 5}), quiet=True)
+    finally:
+        handle.remove()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert len(seen) == 2 * 5  # two MoE layers, five steps
+    for i, name in enumerate(("blocks.0.mlp", "blocks.1.mlp")):
+        per_step = [float(c.max() / c.mean()) for c in seen[i::2]]
+        assert metrics["layers"][name]["train_ep_straggler"] == pytest.approx(sum(per_step) / 5, rel=1e-12)

@@ -14,8 +14,8 @@ assignments are sorted to the end and never computed. Forward and backward of bo
 
 Expert choice (:class:`ExpertChoicePlan`): the router already grouped the rows by expert.
 
-An expert-parallel dispatcher slots in between ``dispatch`` and the experts (an all-to-all of ``x_SD`` by
-``counts_E``) and again before ``combine``; routers and experts do not change.
+The expert-parallel dispatcher (:mod:`ermoe.distributed`) slots in between ``dispatch`` and the experts (an
+all-to-all of ``x_SD`` by ``counts_E``) and again before ``combine``; routers and experts do not change.
 
 Shape suffixes: T tokens, D features, E experts, K selections per token, A = T*K assignments, S kept slots.
 """
@@ -172,7 +172,12 @@ Plan = TokenChoicePlan | ExpertChoicePlan
 
 
 class LocalDispatcher:
-    """Builds the plan for one process (no expert parallelism)."""
+    """Builds the plan and runs the experts in one process (no expert parallelism; see
+    :class:`ermoe.distributed.ExpertParallelDispatcher` for the sharded one)."""
+
+    def run_experts(self, experts, x_SF: Tensor, counts_E: Tensor) -> Tensor:
+        """The experts on the dispatched rows: ``counts_E[e]`` consecutive rows for expert e."""
+        return experts(x_SF, counts_E)
 
     def plan(self, route: RouterOutput, num_tokens: int, capacity_factor: float | None, top_k: int,
              num_experts: int) -> Plan:

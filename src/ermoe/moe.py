@@ -135,17 +135,22 @@ class MoE(nn.Module):
         num_tokens = x_TD.shape[0]
         plan = self.dispatcher.plan(route, num_tokens, self.capacity_factor, self.top_k, self.num_experts)
         if route.expert_choice:
-            y_SD = self.experts(plan.dispatch(x_TD), plan.counts_E)
+            y_SD = self.dispatcher.run_experts(self.experts, plan.dispatch(x_TD), plan.counts_E)
             out_TD = plan.combine(y_SD, route.gates_EC)
         else:
             source = x_TD if route.expert_inputs_TKR is None else route.expert_inputs_TKR.reshape(-1, self.router.expert_input_dim)
-            y_SD = self.experts(plan.dispatch(source), plan.counts_E)
+            y_SD = self.dispatcher.run_experts(self.experts, plan.dispatch(source), plan.counts_E)
             out_TD = plan.combine(y_SD, route.gates_TK)
         if self.alpha is not None:
             out_TD = self.alpha * out_TD
         self._aux_loss = sum(route.aux_losses.values()) if route.aux_losses else None
         self.last_routing = _routing_info(route, plan, num_tokens, self.top_k)
         return out_TD.to(x.dtype).view(x.shape)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether this process holds only some of the experts (expert parallelism, ``ermoe.distributed``)."""
+        return self.experts.num_experts != self.num_experts
 
     def __getstate__(self) -> dict:
         return graph_free_state(self)  # the last forward's auxiliary loss holds its graph: a copy does not take it
@@ -160,6 +165,9 @@ class MoE(nn.Module):
     @torch.no_grad()
     def expert_outputs(self, x: Tensor) -> Tensor:
         """Every expert's output on every token, ``(E, T, D)``, ungated (for homogeneity diagnostics)."""
+        if self.sharded:
+            raise ValueError("expert_outputs needs every expert in this process: the layer's experts are sharded "
+                             "(expert parallelism); load ermoe.distributed.full_state_dict into an unsharded model")
         x_TD = x.reshape(-1, self.dim)
         num_tokens, num_experts = x_TD.shape[0], self.num_experts
         project = getattr(self.router, "project", None)

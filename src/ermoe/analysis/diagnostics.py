@@ -7,6 +7,7 @@ runs a model over a dataset and gathers them per layer.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -237,8 +238,13 @@ def probe_routing(model: RoutedModel, probe: Sequence[Tensor], max_tokens: int =
         moe = view.moe
         if moe is not None:
             x_TD = torch.cat(rec.inputs[view.name])[:max_tokens].float()
-            with ctx():
-                stats["homogeneity"] = homogeneity(moe.expert_outputs(x_TD.to(next(moe.parameters()).dtype)).float())
+            if moe.sharded:  # most experts' outputs are on other ranks
+                warnings.warn(f"{view.name}: homogeneity is not measured with sharded experts (expert parallelism); "
+                              "`ermoe eval` of the run in one process measures it", stacklevel=2)
+            else:
+                with ctx():
+                    stats["homogeneity"] = homogeneity(
+                        moe.expert_outputs(x_TD.to(next(moe.parameters()).dtype)).float())
             geometry = basis_geometry(moe.router, x_TD, top1[: len(x_TD)])
             if geometry is not None:
                 stats.update(geometry)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
 from torch import Tensor, nn
 from timm.models.vision_transformer import VisionTransformer
 

@@ -31,7 +31,6 @@ from functools import partial
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..moe import MoE

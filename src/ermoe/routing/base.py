@@ -12,6 +12,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .sync import SyncGroup
+
 
 @dataclass
 class RouterOutput:
@@ -83,6 +85,8 @@ class Router(nn.Module):
     accepts_context: bool = False
     # Experts operate on the router's per-expert projections instead of the token (ERMoE).
     expert_input_dim: int | None = None
+    # Data-parallel group over which batch statistics and auxiliary losses are summed (ermoe.routing.sync).
+    sync_group: SyncGroup | None = None
 
     def __init__(self, dim: int, num_experts: int, top_k: int = 1) -> None:
         super().__init__()

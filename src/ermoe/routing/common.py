@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .sync import SyncGroup, global_count, global_sum
+
 
 class Temperature(nn.Module):
     """A softmax temperature ``tau``: fixed, or learned through ``log tau`` (so it stays positive)."""
@@ -39,8 +41,11 @@ class ScoreStandardizer(nn.Module):
     """Per-expert score standardisation (docs/method.md, section 7): BatchNorm over the expert axis without affine.
 
     Training with more than one token: batch mean and variance (gradients flow through them, as in BatchNorm), and
-    the running statistics are updated; evaluation, or a single token: the running statistics.
+    the running statistics are updated; evaluation, or a single token: the running statistics. With a ``sync_group``
+    the batch is every rank's tokens, as SyncBatchNorm.
     """
+
+    sync_group: SyncGroup | None = None
 
     def __init__(self, num_experts: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
         super().__init__()
@@ -51,10 +56,25 @@ class ScoreStandardizer(nn.Module):
         self.register_buffer("running_var", torch.ones(num_experts))
 
     def forward(self, scores_TE: Tensor) -> Tensor:
+        if self.sync_group is not None:
+            return self._synced(scores_TE)
         use_batch = self.training and scores_TE.shape[0] > 1
         out = F.batch_norm(scores_TE.to(self.running_mean.dtype), self.running_mean, self.running_var,
                            training=use_batch, momentum=self.momentum, eps=self.eps)
         return out.to(scores_TE.dtype)
+
+    def _synced(self, scores_TE: Tensor) -> Tensor:
+        x_TE = scores_TE.to(self.running_mean.dtype)
+        num = global_count(x_TE.shape[0], self.sync_group, x_TE.device)
+        if not (self.training and num > 1):
+            mean_E, var_E = self.running_mean, self.running_var
+        else:  # two passes (mean, then squared deviations), as numerically safe as F.batch_norm's own
+            mean_E = global_sum(x_TE.sum(dim=0), self.sync_group) / num
+            var_E = global_sum((x_TE - mean_E).pow(2).sum(dim=0), self.sync_group) / num
+            with torch.no_grad():
+                self.running_mean.lerp_(mean_E.detach(), self.momentum)
+                self.running_var.lerp_(var_E.detach() * num / (num - 1), self.momentum)
+        return ((x_TE - mean_E) / (var_E + self.eps).sqrt()).to(scores_TE.dtype)
 
 
 class EnergyWhitener(nn.Module):
@@ -62,7 +82,10 @@ class EnergyWhitener(nn.Module):
 
     Every direction then has the same expected share (1), so no direction wins merely because it carries more of
     the features' variance. Batch means in training (the running mean is updated), running means in evaluation.
+    With a ``sync_group`` the batch is every rank's tokens.
     """
+
+    sync_group: SyncGroup | None = None
 
     def __init__(self, rank: int, momentum: float = 0.1, eps: float = 1e-6) -> None:
         super().__init__()
@@ -70,8 +93,9 @@ class EnergyWhitener(nn.Module):
         self.register_buffer("running_mean", torch.full((rank,), 1.0 / rank))
 
     def forward(self, energy_TR: Tensor) -> Tensor:
-        if self.training and energy_TR.shape[0] > 0:
-            mean_R = energy_TR.mean(dim=0)
+        num = global_count(energy_TR.shape[0], self.sync_group, energy_TR.device)
+        if self.training and num > 0:
+            mean_R = global_sum(energy_TR.sum(dim=0), self.sync_group) / num
             with torch.no_grad():
                 self.running_mean.lerp_(mean_R.detach().to(self.running_mean.dtype), self.momentum)
         else:

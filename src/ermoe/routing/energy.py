@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ..orthogonal import OrthoMode, OrthonormalBasis, pca_basis, top_eigenvectors
 from .base import Router, RouterOutput, overflow_safe_scale, topk_gates, upcast
 from .common import EnergyWhitener, ScoreStandardizer, Temperature
+from .sync import global_count, global_sum
 
 
 class EigenEnergyRouter(Router):
@@ -88,7 +89,7 @@ class EigenEnergyRouter(Router):
         scores_TE = energy_TR @ (upcast(self.gamma).unsqueeze(-1) * pi_RE) + upcast(self.bias)
         probs_TE = self.temperature(self.standardizer(scores_TE)).softmax(dim=-1)
         topk_idx_TK, gates_TK = topk_gates(probs_TE, self.top_k, renormalize=self.gate == "renormalized")
-        if self.reestimate_every and self.training and x_TD.shape[0] > 0:
+        if self.reestimate_every and self.training:
             self._track_second_moment(x_TD)
         aux = {"ortho": self.ortho_weight * self.basis.penalty()} if self.ortho_weight else {}
         return RouterOutput(probs_TE=probs_TE, topk_idx_TK=topk_idx_TK, gates_TK=gates_TK, aux_losses=aux)
@@ -96,7 +97,9 @@ class EigenEnergyRouter(Router):
     @torch.no_grad()
     def _track_second_moment(self, x_TD: Tensor) -> None:
         x = x_TD.detach().to(self.second_moment.dtype)
-        self.second_moment.lerp_(x.T @ x / x.shape[0], self.stats_momentum)
+        num = global_count(x.shape[0], self.sync_group, x.device)
+        if num > 0:
+            self.second_moment.lerp_(global_sum(x.T @ x, self.sync_group) / num, self.stats_momentum)
 
     @torch.no_grad()
     def init_from_features(self, features_ND: Tensor) -> None:

@@ -1,5 +1,8 @@
 """Auxiliary routing losses as pure functions (unweighted; routers apply their weights).
 
+Each is a function of sums over the tokens; ``sync`` (a :class:`~ermoe.routing.sync.SyncGroup`) makes them sums over
+every rank's tokens, so a data-parallel run computes the loss of the global batch (docs/distributed.md).
+
 Shape suffixes: T tokens, E experts, K selections per token.
 """
 
@@ -11,27 +14,31 @@ import torch
 from torch import Tensor
 
 from .base import count_per_expert
+from .sync import SyncGroup, global_count, global_sum
 
 
-def switch_balancing_loss(probs_TE: Tensor, topk_idx_TK: Tensor) -> Tensor:
+def switch_balancing_loss(probs_TE: Tensor, topk_idx_TK: Tensor, sync: SyncGroup | None = None) -> Tensor:
     """Switch/GShard load-balancing loss ``E * sum_i f_i * P_i``.
 
     ``f_i``: selections of expert i per token (summed over the k choices, as Hugging Face's
     ``load_balancing_loss_func``; for top-1 the fraction of tokens sent to i). ``P_i``: mean router probability of
     expert i. Equals 1 under perfectly uniform routing with top-1.
     """
-    num_tokens, num_experts = probs_TE.shape
+    num_experts = probs_TE.shape[1]
+    num_tokens = global_count(probs_TE.shape[0], sync, probs_TE.device)
     if num_tokens == 0:
         return probs_TE.sum() * 0.0
-    counts_E = count_per_expert(topk_idx_TK, num_experts).to(probs_TE.dtype)
-    return num_experts * torch.dot(counts_E / num_tokens, probs_TE.mean(dim=0))
+    counts_E = global_sum(count_per_expert(topk_idx_TK, num_experts), sync).to(probs_TE.dtype)
+    mean_prob_E = global_sum(probs_TE.sum(dim=0), sync) / num_tokens
+    return num_experts * torch.dot(counts_E / num_tokens, mean_prob_E)
 
 
-def router_z_loss(logits_TE: Tensor) -> Tensor:
+def router_z_loss(logits_TE: Tensor, sync: SyncGroup | None = None) -> Tensor:
     """ST-MoE router z-loss: mean over tokens of ``logsumexp(logits)^2``."""
-    if logits_TE.shape[0] == 0:
+    num_tokens = global_count(logits_TE.shape[0], sync, logits_TE.device)
+    if num_tokens == 0:
         return logits_TE.sum() * 0.0
-    return torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
+    return global_sum(torch.logsumexp(logits_TE, dim=-1).pow(2).sum(), sync) / num_tokens
 
 
 def _cv_squared(x_E: Tensor) -> Tensor:
@@ -40,14 +47,15 @@ def _cv_squared(x_E: Tensor) -> Tensor:
     return ((x_E - mean).pow(2).mean() / mean.pow(2).clamp_min(torch.finfo(x_E.dtype).tiny))
 
 
-def importance_loss(probs_TE: Tensor) -> Tensor:
+def importance_loss(probs_TE: Tensor, sync: SyncGroup | None = None) -> Tensor:
     """V-MoE importance loss: squared coefficient of variation of ``sum_t p_{t,i}`` over experts."""
-    if probs_TE.shape[0] == 0:
+    if global_count(probs_TE.shape[0], sync, probs_TE.device) == 0:
         return probs_TE.sum() * 0.0
-    return _cv_squared(probs_TE.sum(dim=0))
+    return _cv_squared(global_sum(probs_TE.sum(dim=0), sync))
 
 
-def vmoe_load_loss(logits_TE: Tensor, noisy_logits_TE: Tensor, noise_std: float, k: int) -> Tensor:
+def vmoe_load_loss(logits_TE: Tensor, noisy_logits_TE: Tensor, noise_std: float, k: int,
+                   sync: SyncGroup | None = None) -> Tensor:
     """V-MoE load loss (Riquelme et al. 2021, appendix A).
 
     For each token the threshold is its k-th largest noisy logit; ``p_{t,i} = P(logit_{t,i} + noise > threshold)``
@@ -55,9 +63,10 @@ def vmoe_load_loss(logits_TE: Tensor, noisy_logits_TE: Tensor, noise_std: float,
     as in V-MoE's code). The loss is the
     squared coefficient of variation of ``sum_t p_{t,i}`` over experts.
     """
-    if logits_TE.shape[0] == 0:
+    num_tokens = global_count(logits_TE.shape[0], sync, logits_TE.device)
+    if num_tokens == 0:
         return logits_TE.sum() * 0.0
     threshold_T = torch.topk(noisy_logits_TE, k, dim=-1).values[:, -1:]
     z = (threshold_T - logits_TE) / noise_std
     prob_TE = 0.5 * torch.erfc(z / math.sqrt(2.0))  # 1 - Phi(z)
-    return _cv_squared(prob_TE.mean(dim=0))
+    return _cv_squared(global_sum(prob_TE.sum(dim=0), sync) / num_tokens)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .base import Router, RouterOutput, tokens_per_expert, topk_gates, upcast
 from .losses import router_z_loss, switch_balancing_loss
+from .sync import global_sum
 
 
 def linear_gate(dim: int, num_experts: int, std: float = 0.02) -> nn.Linear:
@@ -51,9 +52,9 @@ class SoftmaxTopKRouter(Router):
         topk_idx_TK, gates_TK = topk_gates(probs_TE, self.top_k, self.renormalize)
         aux = {}
         if self.balance_weight:
-            aux["balance"] = self.balance_weight * switch_balancing_loss(probs_TE, topk_idx_TK)
+            aux["balance"] = self.balance_weight * switch_balancing_loss(probs_TE, topk_idx_TK, self.sync_group)
         if self.z_loss_weight:
-            aux["z_loss"] = self.z_loss_weight * router_z_loss(logits_TE)
+            aux["z_loss"] = self.z_loss_weight * router_z_loss(logits_TE, self.sync_group)
         return RouterOutput(probs_TE=probs_TE, topk_idx_TK=topk_idx_TK, gates_TK=gates_TK, aux_losses=aux)
 
 
@@ -97,6 +98,8 @@ class LossFreeBiasRouter(Router):
     @torch.no_grad()
     def after_step(self) -> None:
         load = self.load_since_step
+        if self.sync_group is not None:  # every rank moves the bias by the global batch's loads
+            load.copy_(global_sum(load, self.sync_group))
         if load.sum() > 0:
             self.expert_bias += self.update_rate * torch.sign(load.mean() - load)
         load.zero_()

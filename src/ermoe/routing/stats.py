@@ -56,3 +56,28 @@ def load_summary(counts_E: Tensor) -> dict[str, float]:
     """All four statistics in one dict."""
     return {"load_cv": load_cv(counts_E), "max_over_mean": max_over_mean(counts_E),
             "entropy": normalized_entropy(counts_E), "gini": gini(counts_E)}
+
+
+def ep_rank_loads(counts_E: Tensor, ep_size: int) -> Tensor:
+    """The assignments each rank of an expert-parallel deployment of ``ep_size`` ranks computes for these expert
+    loads (float64, one per rank). ``ep_size <= E``: rank p holds experts ``[p E/P, (p+1) E/P)`` (as
+    ``ermoe.distributed`` shards them) and computes their sum; ``ep_size > E``: each expert is replicated on
+    ``P / E`` ranks that split its tokens evenly. Either way ``E`` and ``P`` must divide one another."""
+    counts = torch.as_tensor(counts_E).detach().to(torch.float64).reshape(-1)
+    num_experts = counts.numel()
+    if not isinstance(ep_size, int) or ep_size < 1 or (num_experts % ep_size and ep_size % num_experts):
+        raise ValueError(f"ep_size must be a positive int that divides or is divided by the {num_experts} experts, "
+                         f"got {ep_size!r}")
+    if ep_size <= num_experts:
+        return counts.view(ep_size, num_experts // ep_size).sum(1)
+    replicas = ep_size // num_experts
+    return (counts / replicas).repeat_interleave(replicas)
+
+
+def ep_straggler(counts_E: Tensor, ep_size: int) -> Tensor:
+    """The busiest rank's assignments over the mean rank's (1 = no rank waits; a 0-dim float64 tensor, computed on
+    the counts' device without a host sync): the factor by which load imbalance stretches the expert part of a step
+    of an expert-parallel deployment, each rank waiting in the exchange for the slowest. 1 for an empty batch."""
+    loads = ep_rank_loads(counts_E, ep_size)
+    mean = loads.mean()
+    return torch.where(mean > 0, loads.max() / mean.clamp_min(1e-300), torch.ones_like(mean))

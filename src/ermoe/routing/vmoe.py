@@ -36,13 +36,13 @@ class VMoERouter(Router):
         probs_TE = logits_TE.softmax(dim=-1)
         aux = {}
         if self.importance_weight:
-            aux["importance"] = self.importance_weight * importance_loss(probs_TE)
+            aux["importance"] = self.importance_weight * importance_loss(probs_TE, self.sync_group)
         std = self.noise_std / self.num_experts
         if self.training and std > 0:
             noisy_TE = logits_TE + std * torch.randn_like(logits_TE)
             probs_TE = noisy_TE.softmax(dim=-1)
             if self.load_weight:
-                aux["load"] = self.load_weight * vmoe_load_loss(logits_TE, noisy_TE, std, self.top_k)
+                aux["load"] = self.load_weight * vmoe_load_loss(logits_TE, noisy_TE, std, self.top_k, self.sync_group)
         topk_idx_TK, gates_TK = topk_gates(probs_TE, self.top_k)
         # BPR: priority is the token's largest gate, shared by its k selections.
         priority_TK = gates_TK[:, :1].detach().expand_as(gates_TK) if self.batch_prioritized else None

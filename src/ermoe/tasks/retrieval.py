@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..analysis.diagnostics import assignments, mutual_information, probe_routing
 from ..analysis.retrieval import retrieval_metrics
 from ..data.augment import normalize
-from ..data.karpathy import CaptionSplit, read_karpathy
+from ..data.karpathy import read_karpathy
 from ..data.tokenize import caption_tokenizer, encode
 from ..models.dual import clip_loss
 from ..routing.stats import load_summary

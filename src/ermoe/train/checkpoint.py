@@ -63,13 +63,17 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.unlink(tmp)
 
 
-def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict as contiguous CPU tensors (safetensors refuses shared or non-contiguous storage)."""
-    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+def model_tensors(model: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict (of a model, or given) as contiguous CPU tensors (safetensors refuses shared or
+    non-contiguous storage)."""
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint ``step`` under ``ckpt_dir``, point ``latest`` at it, prune all but the newest ``keep``."""
+def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module | dict[str, torch.Tensor], state: dict[str, Any],
+                    keep: int = 2) -> Path:
+    """Write checkpoint ``step`` under ``ckpt_dir``, point ``latest`` at it, prune all but the newest ``keep``.
+    ``model``: the model, or its (whole, gathered) state dict."""
     from safetensors.torch import save_file
 
     ckpt_dir = Path(ckpt_dir)

@@ -128,6 +128,10 @@ class TrainConfig:
     # Training batches over which BatchNorm statistics are recomputed before every checkpoint (precise BN,
     # ermoe.train.precise_bn); 0 keeps the running averages. Only for models with BatchNorm layers.
     bn_recalibration: int = 0
+    # Distributed runs (torchrun, docs/distributed.md): the expert-parallel size (experts sharded over that many
+    # ranks; the world size is torchrun's) and the timeout of every collective (a failed rank stops its peers).
+    ep_size: int = 1
+    dist_timeout_s: float = 600.0
     tensorboard: bool = True
     progress: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)

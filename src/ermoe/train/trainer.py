@@ -27,12 +27,13 @@ from ..experts import EigenExperts, MLPExperts
 from ..models import RoutedModel, create_model
 from ..moe import NonFiniteInputError
 from ..routing import CosineRouter, EigenEnergyRouter
-from ..routing.stats import load_summary
+from ..routing.stats import ep_straggler, load_summary
 from ..tasks import Batch, Task, create_task, task_class
 from .checkpoint import (CheckpointError, clean_temporaries, find_checkpoint, list_checkpoints, load_weights,
                          read_checkpoint, resolve_checkpoint, save_checkpoint, step_of)
 from .config import ConfigError, TrainConfig
 from .lock import RunLock
+from .parallel import Parallel
 from .precise_bn import recalibrate_batchnorm, trainable_batchnorms
 from .run import LOG_FILE, METRICS_FILE, Run, resume_changes
 
@@ -119,12 +120,13 @@ def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
 
 
 class Logger:
-    """JSONL log plus TensorBoard when it is installed and wanted."""
+    """JSONL log plus TensorBoard when it is installed and wanted; ``root`` None: logs nothing (the ranks of a
+    distributed run other than rank 0)."""
 
-    def __init__(self, root: Path, tensorboard: bool) -> None:
-        self.file = open(root / LOG_FILE, "a")
+    def __init__(self, root: Path | None, tensorboard: bool) -> None:
+        self.file = open(root / LOG_FILE, "a") if root is not None else None
         self.tb = None
-        if tensorboard:
+        if tensorboard and root is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(root / "tensorboard"))
@@ -133,6 +135,8 @@ class Logger:
                               "(pip install tensorboard, or set tensorboard: false)", stacklevel=2)
 
     def log(self, record: dict[str, Any]) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -141,7 +145,8 @@ class Logger:
                     self.tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["step"])
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -180,8 +185,11 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, run: Run, task: Task, model: RoutedModel, device: torch.device,
-                 state: dict[str, Any] | None = None, quiet: bool = False) -> None:
+                 state: dict[str, Any] | None = None, quiet: bool = False, parallel: Parallel | None = None) -> None:
         self.cfg, self.run, self.task, self.model, self.device, self.quiet = cfg, run, task, model, device, quiet
+        # A distributed rank: shard the experts, sync the routing state; the training forward goes through DDP.
+        self.parallel = parallel if parallel is not None else Parallel()
+        self.forward_model = self.parallel.prepare(model)
         o = cfg.optim
         self.steps_per_epoch = task.num_train // o.batch_size
         self.total_steps = self.steps_per_epoch * o.epochs
@@ -193,15 +201,22 @@ class Trainer:
         self.probe = task.probe()
         self.step, self.prev_probe, self.probe_changed = 0, None, {}  # probe_changed: layer -> (changed, chance)
         self.train_time, self.segments = 0.0, []  # over every segment of the run (resumes), up to self.step
+        # Per routing layer, the sum over training steps of the expert-parallel straggler factor (docs/distributed.md)
+        self.straggler: dict[str, Tensor | float] = {}
+        self.straggler_steps = 0
         if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(self.parallel.local_optimizer_state(state["optimizer"], self.optimizer,
+                                                                               model))
             self.scaler.load_state_dict(state["scaler"])
             _set_rng_state(state["rng"])
             # (older checkpoints kept each token's argmax expert under "probe_top1": not comparable, not read)
             self.step, self.prev_probe = state["step"], state.get("probe_assignment")
             self.probe_changed = state.get("probe_changed", {}) if self.prev_probe is not None else {}
             self.train_time, self.segments = state.get("train_time_s", 0.0), state.get("segments", [])
-            run.truncate_log(self.step)  # lines after the checkpoint will be redone; before the log is opened
+            self.straggler = dict(state.get("straggler", {}))
+            self.straggler_steps = state.get("straggler_steps", 0)
+            if self.parallel.main:
+                run.truncate_log(self.step)  # lines after the checkpoint will be redone; before the log is opened
         decay, no_decay = self.optimizer.param_groups
         decay["weight_decay"], no_decay["weight_decay"] = o.weight_decay, 0.0
         for group in self.optimizer.param_groups:
@@ -210,14 +225,14 @@ class Trainer:
             self.optimizer, partial(lr_lambda, warmup=o.warmup_steps, total=self.total_steps, min_ratio=o.min_lr_ratio),
             last_epoch=self.step - 1)
         self.segment_start, self.segment_time = self.step, 0.0
-        self.logger = Logger(run.root, cfg.tensorboard)
+        self.logger = Logger(run.root if self.parallel.main else None, cfg.tensorboard)
 
     def fit(self) -> None:
         """Train from the current step to the last one."""
         cfg, model = self.cfg, self.model
         model.on_train_start(self.total_steps)
         progress = None
-        if cfg.progress and not self.quiet:
+        if cfg.progress and not self.quiet and self.parallel.main:
             from tqdm.auto import tqdm
             progress = tqdm(total=self.last_step, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                             file=sys.stderr)
@@ -232,9 +247,10 @@ class Trainer:
                 if epoch != order_epoch:
                     order, order_epoch = epoch_order(self.task.num_train, cfg.seed, epoch), epoch
                 t0 = time.perf_counter()
-                batch = self.task.train_batch(order[i * cfg.optim.batch_size:(i + 1) * cfg.optim.batch_size],
-                                              self.step)
+                rows = order[i * cfg.optim.batch_size:(i + 1) * cfg.optim.batch_size]
+                batch = self.task.train_batch(self.parallel.local_rows(rows), self.step)
                 stats = self._train_step(batch, epoch)
+                self._track_straggler()
                 if not checked_grads and model.experts_active:
                     warn_gradless_routing(model)
                     checked_grads = True
@@ -271,6 +287,22 @@ class Trainer:
             if progress is not None:
                 progress.close()
 
+    def _track_straggler(self) -> None:
+        """Add this step's straggler factor of every routing layer: the busiest expert's assignments over the mean
+        in the global batch, i.e. what an expert-parallel deployment with one expert per rank (or even replicas of
+        each) would wait for. Accumulated on the device: no host sync per step."""
+        for view in self.model.routed_layers():
+            info = view.last_routing
+            if info is None:
+                continue
+            factor = ep_straggler(self.parallel.sum_tensor(info.tokens_per_expert), view.num_experts)
+            self.straggler[view.name] = self.straggler.get(view.name, 0.0) + factor
+        self.straggler_steps += 1
+
+    def mean_straggler(self) -> dict[str, float]:
+        """Per routing layer, the straggler factor averaged over the training steps so far."""
+        return {n: float(v) / self.straggler_steps for n, v in self.straggler.items()} if self.straggler_steps else {}
+
     def _diverged(self, what: str) -> NonFiniteLossError:
         kept = list_checkpoints(self.run.checkpoints)
         where = f"step {step_of(kept[-1])}" if kept else "none yet"
@@ -284,28 +316,29 @@ class Trainer:
         model = self.model
         try:
             with self.autocast():
-                output = model(*batch.inputs)
+                output = self.forward_model(*batch.inputs)
                 loss = model.training_loss(output, batch.target, self.task.loss)
                 extra = model.aux_loss()
                 total = loss + extra
         except NonFiniteInputError as err:  # activations blew up before the loss: the same divergence
             raise self._diverged(f"non-finite activations ({err})") from None
         loss_value = float(total.detach())
-        if not math.isfinite(loss_value):
-            raise self._diverged(f"the loss is {loss_value}")
+        if not self.parallel.all_finite(math.isfinite(loss_value)):
+            raise self._diverged(f"the loss is {loss_value}" if not math.isfinite(loss_value)
+                                 else "another rank's loss is not finite")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         n = len(batch)
-        return {"loss": loss_value * n, "examples": n, "aux_loss": float(extra.detach()),
-                **self.task.batch_stats(_detached(output), batch)}
+        return self.parallel.sum_stats({"loss": loss_value * n, "examples": n, "aux_loss": float(extra.detach()),
+                                        **self.task.batch_stats(_detached(output), batch)})
 
     def _update(self) -> None:
         """Clip, check the gradient, step. A non-finite gradient stops training before it reaches the weights and
         the optimizer's moments (fp16 is the exception: its grad scaler skips such steps by design)."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        self.parallel.after_backward(self.model)
         if self.cfg.optim.clip_grad or not self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad or float("inf"))
+            norm = self.parallel.clip_grad_norm(self.model, self.cfg.optim.clip_grad or float("inf"))
             if not self.scaler.is_enabled() and not math.isfinite(float(norm)):
                 raise self._diverged(f"the gradient norm is {float(norm)}")
         self.scaler.step(self.optimizer)
@@ -332,8 +365,9 @@ class Trainer:
     def checkpoint(self) -> None:
         """Probe the routing (load, and stability against the previous checkpoint), then save everything; a state
         with non-finite weights or optimizer moments is never saved."""
-        if not all(torch.isfinite(t).all() for t in _tensors([self.model.state_dict(),
-                                                               self.optimizer.state_dict()["state"]])):
+        finite = all(torch.isfinite(t).all() for t in _tensors([self.model.state_dict(),
+                                                                 self.optimizer.state_dict()["state"]]))
+        if not self.parallel.all_finite(bool(finite)):
             raise self._diverged("non-finite weights or optimizer moments")
         if self.cfg.bn_recalibration:
             size = self.cfg.optim.batch_size
@@ -351,10 +385,16 @@ class Trainer:
                 record.update({n: changed, f"{n}/chance": chance})
             self.logger.log(record)
         self.prev_probe = current
-        save_checkpoint(self.run.checkpoints, self.step, self.model, {
-            "step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+        weights = self.parallel.model_state(self.model)  # whole-model states: collectives on every rank
+        optimizer = self.parallel.optimizer_state(self.optimizer, self.model)
+        if not self.parallel.main:
+            return
+        save_checkpoint(self.run.checkpoints, self.step, weights, {
+            "step": self.step, "optimizer": optimizer, "scaler": self.scaler.state_dict(),
             "rng": _rng_state(), "probe_assignment": current, "probe_changed": self.probe_changed,
-            "train_time_s": self.train_time, "segments": self.segments_so_far()}, keep=self.cfg.keep_checkpoints)
+            "train_time_s": self.train_time, "segments": self.segments_so_far(),
+            "straggler": {n: float(v) for n, v in self.straggler.items()}, "straggler_steps": self.straggler_steps},
+            keep=self.cfg.keep_checkpoints)
 
     def close(self) -> None:
         self.logger.close()
@@ -378,12 +418,16 @@ def _tensors(trees: list[Any]):
             yield from _tensors(list(tree))
 
 
-def setup(cfg: TrainConfig, load_pretrained: bool = True) -> tuple[Task, RoutedModel, torch.device]:
+def setup(cfg: TrainConfig, load_pretrained: bool = True, parallel: Parallel | None = None
+          ) -> tuple[Task, RoutedModel, torch.device]:
     """A run's threads and device, its task with the data loaded, and its model (seeded, on the device), with the
-    data pipeline adapted to the model. ``load_pretrained=False``: the skeleton only (a checkpoint fills it)."""
+    data pipeline adapted to the model. ``load_pretrained=False``: the skeleton only (a checkpoint fills it).
+    ``parallel``: a distributed rank's device is its own GPU."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    if parallel is not None:
+        device = parallel.device(device)
     task = create_task(cfg, device)
     task.load()
     torch.manual_seed(cfg.seed)
@@ -417,27 +461,40 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = Fals
     On resume, ``cfg`` is the run's config with the overrides to apply: :data:`ermoe.train.run.RESUMABLE` keys take
     effect from the resumed step (logged, and kept in config.yaml's history); a change to any other key is refused.
     One process at a time writes a run directory (:class:`ermoe.train.lock.RunLock`).
+
+    Launched by torchrun (docs/distributed.md), every rank runs this: the same model and data, its share of each
+    batch; rank 0 alone writes the run directory and prints.
     """
+    parallel = Parallel.from_config(cfg)
+    try:
+        return _train(cfg, parallel, resume, quiet or not parallel.main, from_step)
+    finally:
+        parallel.close()
+
+
+def _train(cfg: TrainConfig, parallel: Parallel, resume: str | Path | None, quiet: bool, from_step: int | None
+           ) -> Path:
     if resume is not None:
         root, from_step = resume_target(resume, from_step)
         run = Run(root)
     elif from_step is not None:
         raise ValueError("from_step applies to a resumed run only")
     else:
-        task, model, device = setup(cfg)  # every build error comes before the run directory exists
-        run = Run.new(cfg)
-    with RunLock(run.root):
+        task, model, device = setup(cfg, parallel=parallel)  # every build error comes before the run directory
+        run = Run(Path(parallel.broadcast(str(Run.new(cfg).root) if parallel.main else None)))
+    with parallel.lock(lambda: RunLock(run.root)):
         state, changes = None, {}
         if resume is not None:
             changes = resume_changes(run.read_config(), cfg)
             ckpt, weights, state = find_checkpoint(run.root, from_step)  # read once, verified
-            clean_temporaries(run.checkpoints)
-            task, model, device = setup(cfg)
-            load_weights(model, weights, ckpt)
+            if parallel.main:
+                clean_temporaries(run.checkpoints)
+            task, model, device = setup(cfg, parallel=parallel)
+            load_weights(model, weights, ckpt)  # the whole model; the trainer shards it
         elif cfg.model.moe_init == "pca":
             batches = [b.inputs for b in task.eval_batches("train", cfg.optim.batch_size)][:cfg.model.moe_init_batches]
             model.init_routers_from_data(batches)
-        trainer = Trainer(cfg, run, task, model, device, state, quiet)
+        trainer = Trainer(cfg, run, task, model, device, state, quiet, parallel)
         try:
             finished = run.read_metrics()
             if state is not None and trainer.step >= trainer.last_step and finished and \
@@ -446,16 +503,19 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = Fals
                     print(f"run {run.root} already finished at step {trainer.step}: nothing to do "
                           "(`ermoe eval` re-evaluates it; resume with more --optim.epochs to continue it)")
                 return run.root
-            run.write_config(cfg, trainer.step, changes)
+            if parallel.main:
+                run.write_config(cfg, trainer.step, changes)
             if changes:
                 trainer.logger.log({"kind": "config_change", "step": trainer.step, "changes": changes})
             trainer.fit()
-            metrics = evaluate_run(run, task, model, cfg, trainer.autocast, trainer.probe_changed)
+            metrics = evaluate_run(run, task, model, cfg, trainer.autocast, trainer.probe_changed, parallel,
+                                   trainer.mean_straggler())
             trained = trainer.step * cfg.optim.batch_size
             metrics.update(step=trainer.step, train_time_s=trainer.train_time,
                            train_img_per_s=trained / trainer.train_time if trainer.train_time else None,
-                           segments=trainer.segments_so_far())
-            run.write_metrics(metrics)
+                           segments=trainer.segments_so_far(), world_size=parallel.world_size, ep_size=cfg.ep_size)
+            if parallel.main:
+                run.write_metrics(metrics)
             trainer.logger.log({"kind": "eval", "step": trainer.step,
                                 **{k: v for k, v in metrics.items() if k.startswith("test_") and isinstance(v, float)}})
         finally:
@@ -467,10 +527,13 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = Fals
 
 
 def evaluate_run(run: Run, task: Task, model: RoutedModel, cfg: TrainConfig, autocast: Callable[[], Any],
-                 probe_changed: dict[str, tuple[float, float]]) -> dict[str, Any]:
+                 probe_changed: dict[str, tuple[float, float]], parallel: Parallel | None = None,
+                 straggler: dict[str, float] | None = None) -> dict[str, Any]:
     """The task's metrics on the test split, the routing stability between the last two checkpoints (the share of
     probe tokens whose experts changed, the share a memoryless router with the same loads would change, and their
-    ratio), parameter counts, and the figures."""
+    ratio), parameter counts, and the figures. A distributed rank evaluates like every other (the same forwards);
+    rank 0 alone draws."""
+    parallel = parallel if parallel is not None else Parallel()
     t0 = time.perf_counter()
     metrics = task.evaluate(model, autocast, probe=task.probe())
     metrics["eval_time_s"] = time.perf_counter() - t0
@@ -479,12 +542,15 @@ def evaluate_run(run: Run, task: Task, model: RoutedModel, cfg: TrainConfig, aut
         stats.pop("probe_load", None)
         changed, chance = probe_changed.get(name, (None, None))
         stats.update(probe_changed=changed, probe_changed_chance=chance,
-                     probe_changed_rel=changed / chance if changed is not None and chance else None)
-    metrics.update(task=cfg.task, run=str(run.root), ermoe_version=__version__,
-                   params_total=sum(p.numel() for p in model.parameters()),
-                   params_active=model.active_parameters(),
-                   params_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
-    task.draw_figures(metrics, run.figures)
+                     probe_changed_rel=changed / chance if changed is not None and chance else None,
+                     train_ep_straggler=(straggler or {}).get(name))
+    counts = parallel.param_counts or {"total": sum(p.numel() for p in model.parameters()),
+                                       "active": model.active_parameters(),
+                                       "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    metrics.update(task=cfg.task, run=str(run.root), ermoe_version=__version__, params_total=counts["total"],
+                   params_active=counts["active"], params_trainable=counts["trainable"])
+    if parallel.main:
+        task.draw_figures(metrics, run.figures)
     return metrics
 
 
@@ -511,7 +577,9 @@ def evaluate(run_dir: str | Path, checkpoint: str | Path | None = None, quiet: b
     with RunLock(run.root):
         cfg, task, model, state, device = load_run(run_dir, checkpoint)
         autocast = autocast_ctx(device, amp_dtype(cfg, device))
-        metrics = evaluate_run(run, task, model, cfg, autocast, state.get("probe_changed", {}))
+        steps = state.get("straggler_steps", 0)
+        metrics = evaluate_run(run, task, model, cfg, autocast, state.get("probe_changed", {}),
+                               straggler={n: v / steps for n, v in state.get("straggler", {}).items()} if steps else None)
         metrics["step"] = state["step"]
         previous = run.read_metrics()
         for key in ("train_time_s", "train_img_per_s", "run_wall_s", "segments"):  # what only training knows

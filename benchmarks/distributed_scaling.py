@@ -1,0 +1,115 @@
+"""Expert-parallel scaling of one MoE layer on torch.distributed: training tokens/s (forward + backward + gradient
+reduction) at each world size (experts sharded over all ranks, each rank routing its own fixed number of tokens:
+weak scaling), the share of the step spent in the token exchange (the two all-to-alls each way and the count
+exchange), and the same rank's dense FFN of the same active size timed alone, as a ratio.
+
+    python benchmarks/distributed_scaling.py                      # gloo on this CPU, 1 and 2 processes
+    python benchmarks/distributed_scaling.py --worlds 1 2 4 --router softmax_topk --json
+
+Each process runs with one thread: on a 2-core machine two processes are the most that do not share a core, and
+gloo over loopback TCP is what the exchange costs here (NCCL over NVLink is another matter: run it on GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+import ermoe.distributed as ed
+from ermoe import MoE
+
+
+def _job(rank: int, world: int, args: argparse.Namespace) -> dict:
+    groups = ed.init_parallel(world)
+    torch.manual_seed(0)
+    layer = MoE(args.dim, args.hidden, args.experts, router=args.router)
+    ed.shard_experts(layer, groups)
+    ed.sync_routing(layer, groups)
+    model = ed.wrap_data_parallel(layer, groups)
+    torch.manual_seed(1 + rank)
+    x = torch.randn(args.tokens, args.dim)
+    dense = torch.nn.Sequential(torch.nn.Linear(args.dim, args.hidden, bias=False), torch.nn.GELU(),
+                                torch.nn.Linear(args.hidden, args.dim, bias=False))
+    spent = {"exchange": 0.0}
+    exchange, counts = ed._exchange, dist.all_to_all_single
+
+    def timed(fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent["exchange"] += time.perf_counter() - t0
+        return wrapper
+
+    ed._exchange, dist.all_to_all_single = timed(exchange), timed(counts)  # this process only
+    moe_times, dense_times, shares = [], [], []
+    try:
+        for rep in range(args.warmup + args.repeats):
+            spent["exchange"] = 0.0
+            dist.barrier() if world > 1 else None
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                model(x).square().mean().backward()
+                ed.reduce_expert_grads(layer, groups)
+            t_moe = time.perf_counter() - t0
+            share = spent["exchange"] / t_moe
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                dense(x).square().mean().backward()
+            t_dense = time.perf_counter() - t0
+            if rep >= args.warmup:
+                moe_times.append(t_moe)
+                dense_times.append(t_dense)
+                shares.append(share)
+    finally:
+        ed._exchange, dist.all_to_all_single = exchange, counts
+    return {"moe_s": statistics.median(moe_times), "dense_s": statistics.median(dense_times),
+            "exchange_share": statistics.median(shares)}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--router", default="ermoe")
+    parser.add_argument("--dim", type=int, default=192)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank per step")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    rows = []
+    for world in args.worlds:
+        if args.experts % world:
+            raise SystemExit(f"--experts {args.experts} cannot be sharded over {world} ranks")
+        ranks = ed.run_local(_job, world, args, timeout_s=600)
+        slowest = max(r["moe_s"] for r in ranks)  # a step ends when the slowest rank's does
+        tokens = world * args.tokens * args.steps
+        rows.append({"world": world, "router": args.router, "tokens_per_s": tokens / slowest,
+                     "per_rank_tokens_per_s": args.tokens * args.steps / slowest,
+                     "moe_over_dense": statistics.median(r["moe_s"] / r["dense_s"] for r in ranks),
+                     "exchange_share": statistics.median(r["exchange_share"] for r in ranks)})
+    if args.json:
+        print(json.dumps({"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+                          "args": vars(args), "rows": rows}, indent=1))
+    else:
+        print(f"router {args.router}, D={args.dim}, H={args.hidden}, E={args.experts}, {args.tokens} tokens per rank, "
+              f"gloo, 1 thread per process ({platform.machine()}, torch {torch.__version__})")
+        print(f"{'ranks':>5}  {'tokens/s':>10}  {'per rank':>10}  {'MoE/dense':>9}  {'exchange share':>14}")
+        for r in rows:
+            print(f"{r['world']:>5}  {r['tokens_per_s']:>10.0f}  {r['per_rank_tokens_per_s']:>10.0f}  "
+                  f"{r['moe_over_dense']:>9.2f}  {r['exchange_share']:>14.1%}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

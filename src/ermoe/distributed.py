@@ -1,0 +1,334 @@
+"""Expert and data parallelism on ``torch.distributed`` (docs/distributed.md).
+
+    groups = init_parallel(ep_size=2)           # after torchrun started the processes (or init_process_group)
+    model = build_model(...)                   # the same seed on every rank: the same full model everywhere
+    shard_experts(model, groups)               # each rank keeps E / ep_size experts of every MoE layer
+    sync_routing(model, groups)                # routing statistics and auxiliary losses of the global batch
+    ddp = wrap_data_parallel(model, groups)    # DDP over everything but the experts
+    loss = task_loss(ddp(x)) + aux_loss(model); loss.backward()
+    reduce_expert_grads(model, groups)         # expert gradients over the ranks that hold the same shard
+    optimizer.step(); after_step(model)
+
+Layout: ``world = dp_replicas x ep_size``; rank ``r`` is expert-parallel rank ``r % ep_size`` of the token-exchange
+group ``r // ep_size`` (consecutive ranks exchange tokens, as on one node). Every rank reads its own data. Routers,
+and every parameter outside the experts, are replicated on all ranks and averaged by DDP; experts are sharded over
+the ``ep_size`` ranks of a group and averaged over the ``dp_replicas`` ranks holding the same shard.
+
+Token exchange: each rank routes its own tokens, sorts them by expert (``ermoe.dispatch``), sends every other rank
+the rows for that rank's experts with ``all_to_all_single`` (uneven splits, the counts exchanged first), runs its
+local experts on what it received (the same sorted grouped matmul as one process) and sends the outputs back.
+The exchange is differentiable (its backward is the reverse exchange), so expert gradients arrive where the
+experts live. Per-batch decisions (capacity, expert choice's top-C, V-MoE's noise) are taken on each rank's tokens, as
+GShard's groups; everything else equals one process on the whole batch.
+
+Shape suffixes: S rows, F features, E experts, L local experts, P ranks of the expert-parallel group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.autograd import Function
+
+from .dispatch import LocalDispatcher
+from .moe import MoE, moe_layers
+from .routing.sync import SyncGroup
+
+DEFAULT_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """The process groups of a data x expert parallel job (one per role, so their collectives never interleave).
+
+    ``dp``: every rank (dense gradients, routing statistics); ``ep``: this rank's token-exchange group; ``expert_dp``:
+    the ranks holding the same expert shard. Groups of one rank are None.
+    """
+
+    world_size: int
+    rank: int
+    ep_size: int
+    dp: Any
+    stats: Any
+    ep: Any
+    expert_dp: Any
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.ep_size
+
+    @property
+    def replicas(self) -> int:
+        """How many ranks hold each expert shard."""
+        return self.world_size // self.ep_size
+
+
+def init_parallel(ep_size: int = 1, backend: str | None = None,
+                  timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelGroups:
+    """Join the job (``torch.distributed.init_process_group`` from torchrun's environment, unless already joined)
+    and make its groups. ``backend``: None picks NCCL with CUDA, else gloo. ``timeout_s`` bounds every collective:
+    a rank that fails or stops brings its peers down with a timeout error instead of a hang."""
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if not isinstance(ep_size, int) or ep_size < 1 or world % ep_size:
+        raise ValueError(f"ep_size must be a positive divisor of the world size {world}, got {ep_size!r}")
+    # new_group is collective: every rank creates every group, in the same order, and keeps its own.
+    dp = dist.new_group(list(range(world))) if world > 1 else None
+    stats = dist.new_group(list(range(world))) if world > 1 else None
+    ep = expert_dp = None
+    for start in range(0, world, ep_size):
+        ranks = list(range(start, start + ep_size))
+        group = dist.new_group(ranks) if ep_size > 1 else None
+        if rank in ranks:
+            ep = group
+    for shard in range(ep_size):
+        ranks = list(range(shard, world, ep_size))
+        group = dist.new_group(ranks) if len(ranks) > 1 else None
+        if rank in ranks:
+            expert_dp = group
+    return ParallelGroups(world, rank, ep_size, dp, stats, ep, expert_dp)
+
+
+class _Exchange(Function):
+    """``all_to_all_single`` with uneven splits; its backward sends the gradients back the way the rows came."""
+
+    @staticmethod
+    def forward(ctx, x_SF: Tensor, out_sizes: list[int], in_sizes: list[int], group) -> Tensor:
+        ctx.sizes, ctx.group = (out_sizes, in_sizes), group
+        out = x_SF.new_empty((sum(out_sizes), *x_SF.shape[1:]))
+        dist.all_to_all_single(out, x_SF.contiguous(), out_sizes, in_sizes, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        out_sizes, in_sizes = ctx.sizes
+        return _Exchange.apply(grad.contiguous(), in_sizes, out_sizes, ctx.group), None, None, None
+
+
+def _exchange(x_SF: Tensor, out_sizes: list[int], in_sizes: list[int], group) -> Tensor:
+    """Differentiable token exchange: ``in_sizes[p]`` rows of ``x`` go to rank p, ``out_sizes[p]`` come from it."""
+    return _Exchange.apply(x_SF, out_sizes, in_sizes, group)
+
+
+class ExpertParallelDispatcher(LocalDispatcher):
+    """Runs a layer's experts sharded over an expert-parallel group: rank p of P holds experts
+    ``[p * L, (p + 1) * L)``, ``L = E / P`` (see the module docstring)."""
+
+    def __init__(self, group, size: int, rank: int, num_experts: int) -> None:
+        if num_experts % size:
+            raise ValueError(f"{num_experts} experts cannot be sharded over {size} expert-parallel ranks "
+                             "(num_experts must be divisible by ep_size)")
+        self.sync, self.size, self.rank = SyncGroup(group), size, rank
+        self.num_experts, self.local_experts = num_experts, num_experts // size
+
+    def run_experts(self, experts, x_SF: Tensor, counts_E: Tensor) -> Tensor:
+        size, local = self.size, self.local_experts
+        group = self.sync.group
+        send_PL = counts_E.view(size, local).contiguous()  # rows this rank sends to (rank p, its local expert l)
+        recv_PL = torch.empty_like(send_PL)
+        dist.all_to_all_single(recv_PL, send_PL, group=group)  # rows it receives from (rank p, for expert l)
+        sizes = torch.stack([send_PL.sum(1), recv_PL.sum(1)]).tolist()  # the splits live on the host: one sync
+        send_sizes, recv_sizes = sizes
+        x_recv = _exchange(x_SF, recv_sizes, send_sizes, group)
+        # Received rows are ordered by source rank, then local expert: regroup them by local expert (stable, so
+        # within an expert by source rank) for the grouped matmul, and undo that order before sending back.
+        expert_R = torch.arange(local, device=x_SF.device).repeat(size).repeat_interleave(
+            recv_PL.reshape(-1), output_size=x_recv.shape[0])
+        order = torch.argsort(expert_R, stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        y = experts(x_recv.index_select(0, order), recv_PL.sum(0))
+        return _exchange(y.index_select(0, inverse), send_sizes, recv_sizes, group)
+
+
+def _shardable(layer: MoE, name: str, ep_size: int) -> None:
+    if layer.num_experts % ep_size:
+        raise ValueError(f"MoE layer {name or 'moe'} has {layer.num_experts} experts, which cannot be sharded over "
+                         f"ep_size={ep_size} ranks (num_experts must be divisible by ep_size)")
+    if isinstance(layer.dispatcher, ExpertParallelDispatcher):
+        raise ValueError(f"MoE layer {name or 'moe'} is already sharded")
+
+
+def shard_experts(model: nn.Module, groups: ParallelGroups) -> nn.Module:
+    """Keep this rank's ``E / ep_size`` experts of every MoE layer (in place; call before building the optimizer,
+    on a model built identically on every rank). With ``ep_size`` 1 the model is left as it is."""
+    layers = moe_layers(model)
+    if groups.ep_size == 1:
+        return model
+    if not layers:
+        raise ValueError(f"ep_size={groups.ep_size}: the model has no ermoe.MoE layer whose experts could be "
+                         "sharded (expert parallelism applies to MoE layers only)")
+    for name, layer in layers:
+        _shardable(layer, name, groups.ep_size)
+    for _, layer in layers:
+        local = layer.num_experts // groups.ep_size
+        lo = groups.ep_rank * local
+        experts = layer.experts
+        for pname, param in list(experts.named_parameters(recurse=False)):
+            setattr(experts, pname, nn.Parameter(param.detach()[lo:lo + local].clone(),
+                                                 requires_grad=param.requires_grad))
+        experts.num_experts = local
+        layer.dispatcher = ExpertParallelDispatcher(groups.ep, groups.ep_size, groups.ep_rank, layer.num_experts)
+    return model
+
+
+def sync_routing(model: nn.Module, groups: ParallelGroups) -> nn.Module:
+    """Make every router's batch statistics (standardisation, whitening, second moments), loss-free bias loads and
+    auxiliary losses those of the global batch, summed over all ranks (``ermoe.routing.sync``)."""
+    if groups.world_size > 1:
+        sync = SyncGroup(groups.stats)
+        for module in model.modules():
+            if hasattr(type(module), "sync_group"):
+                module.sync_group = sync
+    return model
+
+
+def expert_parameter_names(model: nn.Module) -> list[str]:
+    """Qualified names of the experts' parameters (sharded under expert parallelism)."""
+    names = []
+    for layer_name, layer in moe_layers(model):
+        prefix = f"{layer_name}.experts." if layer_name else "experts."
+        names += [prefix + n for n, _ in layer.experts.named_parameters(recurse=False)]
+    return names
+
+
+def wrap_data_parallel(model: nn.Module, groups: ParallelGroups, **ddp_kwargs: Any) -> nn.Module:
+    """``DistributedDataParallel`` over every parameter but the experts (those are reduced by
+    :func:`reduce_expert_grads`); buffers are synced once, at wrapping, not before every forward (the routing
+    statistics are kept identical by :func:`sync_routing`). A single process gets the model back unwrapped."""
+    if groups.world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
+    ddp_kwargs.setdefault("forward_sync_buffers", False)
+    return DistributedDataParallel(model, process_group=groups.dp, **ddp_kwargs)
+
+
+def reduce_expert_grads(model: nn.Module, groups: ParallelGroups) -> None:
+    """After backward: each expert gradient summed over the ranks holding the same shard and divided by the world
+    size, as DDP averages the others (a rank's local expert gradient already holds its whole exchange group's
+    share). An expert that got no token has a zero gradient, never a missing one, so every rank reduces the same
+    buffer and an optimizer step treats the shard alike everywhere."""
+    if groups.world_size == 1:
+        return
+    params = [p for n, p in model.named_parameters() if n in set(expert_parameter_names(model)) and p.requires_grad]
+    if not params:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    if groups.expert_dp is not None:
+        dist.all_reduce(flat, group=groups.expert_dp)
+    flat /= groups.world_size
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
+
+
+def full_state_dict(model: nn.Module, groups: ParallelGroups) -> dict[str, Tensor]:
+    """The state dict of the whole model on every rank: sharded expert tensors gathered over the expert-parallel
+    group, in expert order (what one process would hold; any world size can load it)."""
+    state = model.state_dict()
+    if groups.ep_size == 1:
+        return state
+    out = {}
+    expert_names = set(expert_parameter_names(model))
+    for name, tensor in state.items():
+        if name in expert_names:
+            parts = [torch.empty_like(tensor) for _ in range(groups.ep_size)]
+            dist.all_gather(parts, tensor.contiguous(), group=groups.ep)
+            tensor = torch.cat(parts)
+        out[name] = tensor
+    return out
+
+
+def load_full_state_dict(model: nn.Module, state: dict[str, Tensor], groups: ParallelGroups) -> None:
+    """Load a whole-model state dict (from :func:`full_state_dict` or one process) into a sharded model: each
+    rank takes its experts' rows."""
+    local = {}
+    expert_names = set(expert_parameter_names(model))
+    own = model.state_dict()
+    for name, tensor in state.items():
+        if name in expert_names and name in own:
+            rows = own[name].shape[0]
+            if tensor.shape[0] != rows * groups.ep_size:
+                raise ValueError(f"{name}: the state holds {tensor.shape[0]} experts, the model "
+                                 f"{rows} x ep_size {groups.ep_size}")
+            tensor = tensor[groups.ep_rank * rows:(groups.ep_rank + 1) * rows]
+        local[name] = tensor
+    model.load_state_dict(local)
+
+
+# -- running a function on N local processes (tests, benchmarks) --------------------------------------------------
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _local_worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, timeout_s: float,
+                  result_dir: str, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, Path(result_dir) / f"rank{rank}.pt")
+    except BaseException:
+        import traceback
+        (Path(result_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_local(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120.0) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes joined with gloo on 127.0.0.1 and
+    return what each returned (tensors and plain data). ``fn`` must be importable (a module-level function). A rank
+    that raises brings the others down and the error is raised here; a job still running after ``timeout_s``
+    (collectives time out after it too) is killed and reported as a hang."""
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
+
+    import time
+
+    name = getattr(fn, "__name__", fn)
+    with tempfile.TemporaryDirectory() as result_dir:
+        ctx = mp.start_processes(_local_worker, args=(fn, world_size, free_port(), timeout_s, result_dir, args),
+                                 nprocs=world_size, join=False, start_method="spawn")
+        deadline = timeout_s + 60.0  # the collectives' own timeout first, then this
+        start = time.monotonic()
+        try:
+            while not ctx.join(timeout=1.0):
+                if time.monotonic() - start > deadline:
+                    raise TimeoutError(f"{name} on {world_size} ranks did not finish within {deadline:.0f} s (a hang)")
+        except ProcessException as err:
+            # A failing rank takes its peers down with connection errors of their own; which one the spawn reports
+            # first is a race. Report every rank's error, the root cause among them.
+            failed = sorted((p.stat().st_mtime, int(p.stem[4:]), p) for p in Path(result_dir).glob("rank*.err"))
+            errors = [f"rank {r}: {p.read_text().strip().splitlines()[-1]}" for _, r, p in failed]  # first first
+            raise RuntimeError(f"{name} failed on {world_size} ranks: " + ("; ".join(errors) or str(err))) from err
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+        return [torch.load(Path(result_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

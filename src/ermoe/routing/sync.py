@@ -1,0 +1,62 @@
+"""Batch statistics of a router over a data-parallel group: every rank computes what one process would on the
+whole global batch (docs/distributed.md, "Routing state").
+
+A router, or a statistic module inside one, holds a :class:`SyncGroup` in ``sync_group`` (None: one process, the
+sums are local). ``ermoe.distributed.sync_routing(model, group)`` sets it. A sum that carries a gradient is an
+all-reduce whose backward is again an all-reduce of the gradients: with the data-parallel average of the gradients
+that follows, a loss of global statistics gets exactly its gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+
+class SyncGroup:
+    """A process group held by a module. A deep copy of the module (an EMA or best-model snapshot) shares it: a
+    process group cannot be copied, and the copy runs on the same ranks."""
+
+    def __init__(self, group) -> None:
+        self.group = group
+
+    def __deepcopy__(self, memo) -> "SyncGroup":
+        return self
+
+    def __reduce__(self):
+        raise TypeError("a SyncGroup (a torch.distributed process group) cannot be pickled: save the state dict")
+
+
+class _AllReduceSum(Function):
+    """Sum over the ranks; the gradient of every rank's input is the sum of every rank's output gradient (each rank's
+    input reaches every rank's output)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group) -> Tensor:
+        ctx.group = group
+        out = t.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _AllReduceSum.apply(grad.contiguous(), ctx.group), None
+
+
+def global_sum(t: Tensor, sync: SyncGroup | None) -> Tensor:
+    """``t`` summed over the group's ranks (autograd-aware); ``t`` itself when ``sync`` is None."""
+    if sync is None:
+        return t
+    if t.requires_grad:
+        return _AllReduceSum.apply(t, sync.group)
+    out = t.detach().clone(memory_format=torch.contiguous_format)
+    torch.distributed.all_reduce(out, group=sync.group)
+    return out
+
+
+def global_count(num: int, sync: SyncGroup | None, device: torch.device | None = None) -> int:
+    """How many rows (tokens) the whole group holds: ``num`` summed over the ranks."""
+    if sync is None:
+        return num
+    return int(global_sum(torch.tensor(num, dtype=torch.long, device=device), sync))

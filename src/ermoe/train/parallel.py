@@ -1,0 +1,211 @@
+"""The training loop's view of a distributed job (``torchrun --nproc_per_node=N -m ermoe train ...``):
+which rows of each global batch this rank reads, how gradients, clipping, logs and checkpoints see every rank, and
+what a single process does instead (nothing). docs/distributed.md.
+
+Every rank builds the same model from the same seed and the same config, reads the same data and walks the same
+epoch order; rank r trains on its ``B / W`` consecutive rows of each global batch of B. Rank 0 alone writes the run
+directory (config, log, checkpoints, metrics); checkpoints hold the whole model and the whole optimizer (sharded
+expert tensors gathered), so a run resumes on any world size and expert-parallel size. Evaluation runs the same
+forwards on every rank (expert parallelism needs every rank in every exchange) and rank 0 writes what it measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..distributed import (ParallelGroups, expert_parameter_names, full_state_dict, init_parallel,
+                           reduce_expert_grads, shard_experts, sync_routing, wrap_data_parallel)
+from .config import ConfigError, TrainConfig
+
+
+def launched_world_size() -> int:
+    """The world size torchrun gave this process (1 when not launched by it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class Parallel:
+    """One process (``groups`` None) or one rank of a data x expert parallel job."""
+
+    def __init__(self, groups: ParallelGroups | None = None, owns_process_group: bool = False) -> None:
+        self.groups, self.owns_process_group = groups, owns_process_group
+        self.world_size = groups.world_size if groups else 1
+        self.rank = groups.rank if groups else 0
+        self.main = self.rank == 0
+        self.sharded = bool(groups and groups.ep_size > 1)
+        self.param_counts: dict[str, int] | None = None  # the whole model's, counted before sharding
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "Parallel":
+        """Join torchrun's job when launched by it (or when ``ep_size`` > 1 asks for one)."""
+        world = launched_world_size()
+        if cfg.ep_size < 1:
+            raise ConfigError(f"ep_size must be >= 1, got {cfg.ep_size}")
+        if world == 1 and not dist.is_initialized():
+            if cfg.ep_size > 1:
+                raise ConfigError(f"ep_size={cfg.ep_size} shards experts over that many processes: launch with "
+                                  f"torchrun --nproc_per_node={cfg.ep_size} -m ermoe train ... (docs/distributed.md)")
+            return cls()
+        world = dist.get_world_size() if dist.is_initialized() else world
+        if world % cfg.ep_size:
+            raise ConfigError(f"ep_size={cfg.ep_size} must divide the world size {world}")
+        if cfg.optim.batch_size % world:
+            raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} must be divisible by the world size {world}: "
+                              "each rank trains on an equal share of every global batch")
+        owns = not dist.is_initialized()
+        return cls(init_parallel(cfg.ep_size, timeout_s=cfg.dist_timeout_s), owns_process_group=owns)
+
+    def close(self) -> None:
+        """Leave the job if this object joined it (a caller's own process group is the caller's to end)."""
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_process_group = False
+
+    # setup --------------------------------------------------------------------------------------------------------
+    def device(self, device: torch.device) -> torch.device:
+        """This rank's GPU when the job runs on CUDA (LOCAL_RANK), else ``device``."""
+        if self.groups and device.type == "cuda" and device.index is None:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            return torch.device("cuda", local)
+        return device
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Shard the experts and sync the routing statistics of ``model`` (in place, before its optimizer is built);
+        returns the module the training forward goes through (DDP over all but the experts, or the model)."""
+        self.param_counts = {"total": sum(p.numel() for p in model.parameters()),
+                             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                             "active": model.active_parameters()}
+        if self.groups is None:
+            return model
+        shard_experts(model, self.groups)
+        sync_routing(model, self.groups)
+        return wrap_data_parallel(model, self.groups)
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if self.groups is None:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def lock(self, lock_factory) -> contextlib.AbstractContextManager:
+        return lock_factory() if self.main else contextlib.nullcontext()
+
+    # training -----------------------------------------------------------------------------------------------------
+    def local_rows(self, indices: Tensor) -> Tensor:
+        """This rank's rows of a global batch."""
+        if self.groups is None:
+            return indices
+        share = len(indices) // self.world_size
+        return indices[self.rank * share:(self.rank + 1) * share]
+
+    def sum_stats(self, stats: dict[str, float]) -> dict[str, float]:
+        """Per-batch sums (loss x examples, correct predictions, ...) over every rank; means (the auxiliary loss,
+        already the global batch's) are left as they are."""
+        if self.groups is None:
+            return stats
+        keys = sorted(k for k in stats if k != "aux_loss")
+        values = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(values, group=self.groups.stats)
+        return {**stats, **dict(zip(keys, values.tolist()))}
+
+    def sum_tensor(self, t: Tensor) -> Tensor:
+        """``t`` summed over every rank (a copy); ``t`` itself in one process."""
+        if self.groups is None:
+            return t
+        out = t.detach().clone()
+        dist.all_reduce(out, group=self.groups.stats)
+        return out
+
+    def after_backward(self, model: nn.Module) -> None:
+        if self.groups is not None:
+            reduce_expert_grads(model, self.groups)
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> Tensor:
+        """``clip_grad_norm_`` with the norm of the whole model's gradient: dense gradients are the same on every
+        rank, the experts' norm is summed over their shards."""
+        params = [p for p in model.parameters() if p.grad is not None]
+        if not self.sharded:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        expert_names = set(expert_parameter_names(model))
+        named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+        dense = [p.grad for n, p in named if n not in expert_names]
+        experts = [p.grad for n, p in named if n in expert_names]
+        sq = lambda grads: sum((g.detach().double().pow(2).sum() for g in grads), torch.zeros((), dtype=torch.float64,
+                                                                                           device=params[0].device))
+        expert_sq = sq(experts)
+        dist.all_reduce(expert_sq, group=self.groups.ep)
+        norm = (sq(dense) + expert_sq).sqrt()
+        if math.isfinite(max_norm):
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm.to(params[0].dtype))
+        return norm
+
+    def all_finite(self, finite: bool) -> bool:
+        """Whether every rank says so (a divergence stops every rank at the same step)."""
+        if self.groups is None:
+            return finite
+        flag = torch.tensor(0.0 if finite else 1.0)
+        dist.all_reduce(flag, group=self.groups.stats)
+        return float(flag) == 0.0
+
+    # checkpoints --------------------------------------------------------------------------------------------------
+    def model_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """The whole model's state dict (gathered on every rank; rank 0 writes it)."""
+        return full_state_dict(model, self.groups) if self.sharded else model.state_dict()
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
+        """The optimizer's state dict as one process holding the whole model would have it: the expert parameters'
+        moments gathered over the expert-parallel group (parameter indices are the same on every world size)."""
+        state = optimizer.state_dict()
+        if not self.sharded:
+            return state
+        for index, _ in self._expert_indices(optimizer, model):
+            per_param = state["state"].get(index)
+            if per_param is None:
+                continue
+            gathered = dict(per_param)  # (state_dict() hands out the optimizer's own per-parameter dicts)
+            for key, value in per_param.items():
+                if isinstance(value, Tensor) and value.dim() > 0:
+                    parts = [torch.empty_like(value) for _ in range(self.groups.ep_size)]
+                    dist.all_gather(parts, value.contiguous(), group=self.groups.ep)
+                    gathered[key] = torch.cat(parts)
+            state["state"][index] = gathered
+        return state
+
+    def local_optimizer_state(self, state: dict[str, Any], optimizer: torch.optim.Optimizer,
+                              model: nn.Module) -> dict[str, Any]:
+        """A whole-model optimizer state (from any world size) cut to this rank's experts."""
+        if not self.sharded:
+            return state
+        params = {id(p): p for p in model.parameters()}
+        for index, _ in self._expert_indices(optimizer, model):
+            per_param = state["state"].get(index)
+            if per_param is None:
+                continue
+            rows = params[id(self._param_at(optimizer, index))].shape[0]
+            lo = self.groups.ep_rank * rows
+            state["state"][index] = {k: v[lo:lo + rows].clone() if isinstance(v, Tensor) and v.dim() > 0 else v
+                                     for k, v in per_param.items()}
+        return state
+
+    @staticmethod
+    def _param_at(optimizer: torch.optim.Optimizer, index: int) -> Tensor:
+        return [p for group in optimizer.param_groups for p in group["params"]][index]
+
+    def _expert_indices(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> list[tuple[int, str]]:
+        names = {id(p): n for n, p in model.named_parameters()}
+        experts = set(expert_parameter_names(model))
+        flat = [p for group in optimizer.param_groups for p in group["params"]]
+        return [(i, names[id(p)]) for i, p in enumerate(flat) if names.get(id(p)) in experts]
+
+    def barrier(self) -> None:
+        if self.groups is not None:
+            dist.barrier(group=self.groups.stats)
