@@ -131,12 +131,12 @@ def failing_job(rank: int, world: int) -> None:
 # -- the training loop on several ranks ----------------------------------------------------------------------------
 
 def tiny_digits(out_dir: str, **extra: Any) -> dict[str, Any]:
-    """A seconds-long digits run (no augmentation: a random crop would differ between a rank's share of a batch and
+    """A seconds-long digits run, with random crops (drawn for the global batch, so a rank's share is augmented as
     the same rows in one process)."""
     overrides: dict[str, Any] = {
         "out_dir": out_dir, "run_name": "run", "progress": False, "tensorboard": False, "log_every": 1,
         "probe_size": 32,
-        "data": {"name": "digits", "train_limit": 512, "hflip": False, "crop_padding": 0},
+        "data": {"name": "digits", "train_limit": 512, "hflip": True, "crop_padding": 1},
         "model": {"patch_size": 2, "depth": 2, "embed_dim": 32, "num_heads": 2,
                   "moe": {"router": "ermoe", "num_experts": 4, "blocks": "all",
                           "router_kwargs": {"standardize": True}}},

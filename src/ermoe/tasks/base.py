@@ -42,6 +42,11 @@ class Batch:
     def __len__(self) -> int:
         return self.inputs[0].shape[0]
 
+    def rows(self, start: int, stop: int) -> "Batch":
+        """Examples ``[start, stop)`` of the batch (a distributed rank's share)."""
+        return Batch(tuple(x[start:stop] for x in self.inputs),
+                     None if self.target is None else self.target[start:stop])
+
 
 class Task(ABC):
     """One application: its data, loss, metrics and report. Subclasses register with :func:`register_task`.
@@ -58,6 +63,9 @@ class Task(ABC):
     # A dataclass of the task's own settings (``TrainConfig.task_options``, checked by the config against its
     # fields and their types); None: the task takes none.
     Options: ClassVar[type | None] = None
+    # Whether the loss couples a batch's examples (a contrastive loss whose negatives are the batch): a distributed
+    # run then computes it on every rank over the global batch's outputs (ermoe.train.parallel), not per rank.
+    batch_coupled: ClassVar[bool] = False
 
     def __init__(self, cfg: "TrainConfig", device: torch.device) -> None:
         self.cfg, self.device = cfg, device

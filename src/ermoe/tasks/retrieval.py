@@ -46,6 +46,7 @@ class RetrievalOptions:
 @register_task
 class Retrieval(Task):
     name = "retrieval"
+    batch_coupled = True  # InfoNCE: every other pair of the (global) batch is a negative
     datasets = ("fashion_captions", "karpathy")
     data_keys = {
         "fashion_captions": ("caption_set_size", "train_limit", "test_limit", "data_dir", "download", "mirror"),

@@ -19,15 +19,35 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.autograd import Function
 
 from ..distributed import (ParallelGroups, expert_parameter_names, full_state_dict, init_parallel,
                            reduce_expert_grads, shard_experts, sync_routing, wrap_data_parallel)
+from ..tasks.base import Batch
 from .config import ConfigError, TrainConfig
 
 
 def launched_world_size() -> int:
     """The world size torchrun gave this process (1 when not launched by it)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class _GatherRows(Function):
+    """All ranks' equal-sized blocks of rows, concatenated in rank order; backward: the sum over ranks of the
+    gradient of this rank's block (every rank computes the loss from every block)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group, world: int, rank: int) -> Tensor:
+        ctx.group, ctx.rank, ctx.rows = group, rank, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None, None, None
 
 
 class Parallel:
@@ -100,18 +120,33 @@ class Parallel:
         return lock_factory() if self.main else contextlib.nullcontext()
 
     # training -----------------------------------------------------------------------------------------------------
-    def local_rows(self, indices: Tensor) -> Tensor:
-        """This rank's rows of a global batch."""
+    def local_batch(self, batch: Batch) -> Batch:
+        """This rank's rows of a global batch. The task prepared the whole batch (its random crops, flips and
+        caption picks drawn for the global batch as in one process), so a rank's share is the same data one process
+        would train on."""
         if self.groups is None:
-            return indices
-        share = len(indices) // self.world_size
-        return indices[self.rank * share:(self.rank + 1) * share]
+            return batch
+        share = len(batch) // self.world_size
+        return batch.rows(self.rank * share, (self.rank + 1) * share)
 
-    def sum_stats(self, stats: dict[str, float]) -> dict[str, float]:
+    def gather_output(self, output: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
+        """Every rank's batch outputs, in rank order, for a loss that couples the batch's examples (``Task.
+        batch_coupled``): per-example tensors are gathered (this rank's share keeps its gradient, and receives the
+        gradients every rank's copy of the loss sends it), 0-dim ones (a logit scale) are left as they are."""
+        if self.groups is None:
+            return output
+        single = isinstance(output, Tensor)
+        parts = tuple(_GatherRows.apply(o, self.groups.stats, self.world_size, self.rank) if o.dim() > 0 else o
+                      for o in ((output,) if single else output))
+        return parts[0] if single else parts
+
+    def sum_stats(self, stats: dict[str, float], replicated: tuple[str, ...] = ()) -> dict[str, float]:
         """Per-batch sums (loss x examples, correct predictions, ...) over every rank; means (the auxiliary loss,
-        already the global batch's) are left as they are."""
+        already the global batch's) are left as they are; ``replicated``: sums every rank computed over the whole
+        global batch (from gathered outputs), counted once."""
         if self.groups is None:
             return stats
+        stats = {k: v / self.world_size if k in replicated else v for k, v in stats.items()}
         keys = sorted(k for k in stats if k != "aux_loss")
         values = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
         dist.all_reduce(values, group=self.groups.stats)

@@ -248,7 +248,7 @@ class Trainer:
                     order, order_epoch = epoch_order(self.task.num_train, cfg.seed, epoch), epoch
                 t0 = time.perf_counter()
                 rows = order[i * cfg.optim.batch_size:(i + 1) * cfg.optim.batch_size]
-                batch = self.task.train_batch(self.parallel.local_rows(rows), self.step)
+                batch = self.parallel.local_batch(self.task.train_batch(rows, self.step))
                 stats = self._train_step(batch, epoch)
                 self._track_straggler()
                 if not checked_grads and model.experts_active:
@@ -317,7 +317,12 @@ class Trainer:
         try:
             with self.autocast():
                 output = self.forward_model(*batch.inputs)
-                loss = model.training_loss(output, batch.target, self.task.loss)
+                coupled = self.task.batch_coupled and self.parallel.world_size > 1
+                target = batch.target
+                if coupled:  # a contrastive loss over the global batch, the same on every rank
+                    output = self.parallel.gather_output(output)
+                    target = None if target is None else self.parallel.gather_output(target)
+                loss = model.training_loss(output, target, self.task.loss)
                 extra = model.aux_loss()
                 total = loss + extra
         except NonFiniteInputError as err:  # activations blew up before the loss: the same divergence
@@ -329,8 +334,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         n = len(batch)
+        task_stats = self.task.batch_stats(_detached(output), batch)
         return self.parallel.sum_stats({"loss": loss_value * n, "examples": n, "aux_loss": float(extra.detach()),
-                                        **self.task.batch_stats(_detached(output), batch)})
+                                        **task_stats}, replicated=tuple(task_stats) if coupled else ())
 
     def _update(self) -> None:
         """Clip, check the gradient, step. A non-finite gradient stops training before it reaches the weights and
