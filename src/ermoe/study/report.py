@@ -16,11 +16,15 @@ from .methods import EXPLORATORY, METHODS
 from .stats import Test, holm, welch
 
 PAPER_METHODS = ("ermoe", "emoe_parallel")
+# The straggler column's legend, shared by every study's report.
+EP_WAIT_NOTE = ("EP wait = per training step, the busiest expert's assignments over the mean on the global batch (the "
+                "factor by which imbalance stretches the expert part of a step with one expert per rank, "
+                "docs/distributed.md), averaged over the steps")
 # (key, label, format, lower is better)
 COLUMNS = [
     ("val_top1", "val top-1", ".4f"), ("test_top1", "test top-1", ".4f"), ("load_cv", "load CV", ".3f"),
-    ("max_over_mean", "max/mean", ".2f"), ("gini", "Gini", ".3f"), ("mi_bits", "MI bits", ".3f"),
-    ("homogeneity", "homog.", ".3f"), ("probe_changed", "changed", ".3f"),
+    ("max_over_mean", "max/mean", ".2f"), ("train_ep_straggler", "EP wait", ".2f"), ("gini", "Gini", ".3f"),
+    ("mi_bits", "MI bits", ".3f"), ("homogeneity", "homog.", ".3f"), ("probe_changed", "changed", ".3f"),
     ("probe_changed_rel", "/chance", ".3f"), ("fewshot_1", "1-shot", ".3f"), ("fewshot_5", "5-shot", ".3f"),
     ("fewshot_10", "10-shot", ".3f"), ("train_img_per_s", "img/s", ".0f"), ("params_total", "params", ",.0f"),
     ("params_active", "active", ",.0f"),
@@ -37,7 +41,8 @@ def run_measures(metrics: dict[str, Any]) -> dict[str, float]:
     """One run's numbers: task metrics, and per-layer statistics averaged over the MoE layers."""
     out = {k: float(metrics[k]) if metrics.get(k) is not None else float("nan")
            for k in ("val_top1", "test_top1", "train_img_per_s", "params_total", "params_active")}
-    for key in ("load_cv", "max_over_mean", "gini", "mi_bits", "homogeneity", "probe_changed", "probe_changed_rel"):
+    for key in ("load_cv", "max_over_mean", "train_ep_straggler", "gini", "mi_bits", "homogeneity", "probe_changed",
+                "probe_changed_rel"):
         out[key] = _layer_mean(metrics, key)
     for shots, value in metrics.get("fewshot", {}).items():
         out[f"fewshot_{shots}"] = value["mean"]
@@ -440,7 +445,8 @@ def write_report(cfg, results, path: str | Path, command: str, wall_s: float,
         "load CV, max/mean, Gini, MI (expert; class, bits), homogeneity (mean pairwise cosine of expert outputs), "
         "changed (probe tokens whose experts changed between the last two checkpoints, from the assignment each "
         "layer made) and /chance (changed over what a memoryless router with the same loads would change: 0 "
-        "stable, 1 random, undefined when collapsed) are means over the MoE layers of each run; few-shot: "
+        "stable, 1 random, undefined when collapsed) are means over the MoE layers of each run; " + EP_WAIT_NOTE +
+        " (runs trained before it was measured show -); few-shot: "
         "logistic-regression probes on frozen pooled features; active: parameters one token uses (top-1 of the "
         "experts). Rows marked exploratory were added after looking at an earlier study's test results: leads, "
         "not held-out evidence.", "",

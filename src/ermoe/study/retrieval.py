@@ -58,7 +58,8 @@ RETRIEVAL_COLUMNS = [
     ("val_rsum", "val RSUM", ".1f"), ("test_i2t_r@1", "i2t R@1", ".3f"), ("test_i2t_r@5", "i2t R@5", ".3f"),
     ("test_i2t_r@10", "i2t R@10", ".3f"), ("test_t2i_r@1", "t2i R@1", ".3f"), ("test_t2i_r@5", "t2i R@5", ".3f"),
     ("test_t2i_r@10", "t2i R@10", ".3f"), ("test_rsum", "RSUM", ".1f"), ("image_load_cv", "img CV", ".3f"),
-    ("text_load_cv", "text CV", ".3f"), ("load_cv", "load CV", ".3f"), ("mi_item_bits", "MI item", ".3f"),
+    ("text_load_cv", "text CV", ".3f"), ("load_cv", "load CV", ".3f"), ("train_ep_straggler", "EP wait", ".2f"),
+    ("mi_item_bits", "MI item", ".3f"),
     ("mi_word_bits", "MI word", ".3f"), ("probe_changed_rel", "/chance", ".3f"), ("train_img_per_s", "pairs/s", ".0f"),
     ("params_total", "params", ",.0f"), ("params_active", "active", ",.0f"),
 ]
@@ -102,7 +103,7 @@ def retrieval_run_measures(metrics: dict[str, Any]) -> dict[str, float]:
     for tower in ("image", "text"):
         out[f"{tower}_load_cv"] = _layer_mean({"layers": {n: s for n, s in layers.items()
                                                           if n.startswith(tower + ".")}}, "load_cv")
-    for key in ("load_cv", "mi_item_bits", "mi_word_bits", "probe_changed_rel"):
+    for key in ("load_cv", "train_ep_straggler", "mi_item_bits", "mi_word_bits", "probe_changed_rel"):
         out[key] = _layer_mean(metrics, key)
     return out
 
@@ -117,7 +118,7 @@ def _data_line(first: dict[str, Any]) -> str:
 
 def write_retrieval_report(cfg, results, path, command: str, wall_s: float, atomic_write) -> Path:
     """docs/results_retrieval.md: the per-method table and claim 8 with the balance claims."""
-    from .report import ALPHA, ClaimsReport, write_claims_report
+    from .report import ALPHA, EP_WAIT_NOTE, ClaimsReport, write_claims_report
 
     spec = ClaimsReport(
         title="Retrieval study results (claim 8)", data_line=_data_line,
@@ -128,7 +129,7 @@ def write_retrieval_report(cfg, results, path, command: str, wall_s: float, atom
               "in percent, summed (val RSUM: the same on the validation split). Routing columns are means over the "
               "MoE layers of the image tower (img CV), the text tower (text CV) and both (load CV, /chance); MI item "
               "= MI(expert; item class of the patch's cell) in the image tower, MI word = MI(expert; word) in the "
-              "text tower, in bits. pairs/s: training image-caption pairs per second.",
+              "text tower, in bits; " + EP_WAIT_NOTE + ". pairs/s: training image-caption pairs per second.",
         claims=RETRIEVAL_CLAIMS, paper_methods=RETRIEVAL_PAPER_METHODS,
         claims_intro="The papers' methods read as written against the baselines over seeds, with the rules of "
                      f"docs/study.md (Welch's test, Holm's correction across a claim's comparisons, level {ALPHA}; "
