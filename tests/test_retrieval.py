@@ -154,7 +154,7 @@ def test_word_order_matters_in_the_built_in_set():
 
 # --- metrics, loss, towers ----------------------------------------------------------------------------------------
 
-from ermoe.analysis.retrieval import retrieval_metrics, retrieval_ranks  # noqa: E402
+from ermoe.analysis.retrieval import caption_ambiguity, retrieval_metrics, retrieval_ranks  # noqa: E402
 from ermoe.models import create_model  # noqa: E402
 from ermoe.models.dual import LOGIT_SCALE_INIT, clip_loss  # noqa: E402
 
@@ -370,3 +370,16 @@ def test_every_dual_encoder_parameter_learns_from_the_contrastive_loss():
     # the embedding rows of words absent from the batch get no gradient, by design
     assert dead == [] or all(n == "text.token_embed.weight" for n in dead)
     assert model.text.token_embed.weight.grad[ids.unique()[ids.unique() > 0]].abs().sum(1).gt(0).all()
+
+
+def test_caption_ambiguity_by_hand():
+    # image 0 "a b", image 1 "b a": the same words in another order -> order decides both;
+    # images 2 and 3 both "c": identical text -> shared; image 4 "d e" and image 2's second caption "e c d": unique.
+    ids = torch.tensor([[1, 2, 0], [2, 1, 0], [3, 0, 0], [3, 0, 0], [4, 5, 0], [5, 3, 4]])
+    owner = torch.tensor([0, 1, 2, 3, 4, 2])
+    got = caption_ambiguity(ids, owner)
+    assert got == {"text_shared": 2 / 6, "order_decides": 2 / 6, "bag_unique": 2 / 6}
+    # the same caption twice for one image is not ambiguous
+    assert caption_ambiguity(torch.tensor([[1, 2], [1, 2]]), torch.tensor([0, 0]))["bag_unique"] == 1.0
+    with pytest.raises(ValueError, match="M owners"):
+        caption_ambiguity(ids, owner[:3])

@@ -57,3 +57,34 @@ def retrieval_metrics(image_NE: Tensor, text_ME: Tensor, owner_M: Tensor, ks: Se
         out[f"{prefix}{name}_medr"] = float(ranks.double().quantile(0.5))
     out[f"{prefix}rsum"] = 100 * sum(v for k, v in out.items() if "_r@" in k)
     return out
+
+
+def caption_ambiguity(ids_ML: Tensor, owner_M: Tensor, pad_id: int = 0) -> dict[str, float]:
+    """How much of a split's text-to-image retrieval word order can decide, from the captions as the text tower
+    sees them (token ids, padding dropped). Shares of the captions
+
+    - ``text_shared``: whose exact token sequence is also a caption of another image (no text model can rank the
+      right image above that one);
+    - ``order_decides``: otherwise, whose bag of words is also a caption of another image, in another order (only
+      a model that reads word order can tell the two images apart);
+    - ``bag_unique``: the rest, whose words alone single out their image (a bag of words suffices).
+    """
+    if ids_ML.dim() != 2 or len(ids_ML) != len(owner_M) or len(ids_ML) == 0:
+        raise ValueError(f"caption_ambiguity needs (M, L) token ids and M owners, got {tuple(ids_ML.shape)} and "
+                         f"{tuple(owner_M.shape)}")
+    seqs = [tuple(row[row != pad_id].tolist()) for row in ids_ML.cpu()]
+    owners = owner_M.cpu().tolist()
+    by_seq: dict[tuple, set[int]] = {}
+    by_bag: dict[tuple, set[int]] = {}
+    for seq, owner in zip(seqs, owners):
+        by_seq.setdefault(seq, set()).add(owner)
+        by_bag.setdefault(tuple(sorted(seq)), set()).add(owner)
+    shared = order = 0
+    for seq, owner in zip(seqs, owners):
+        if by_seq[seq] - {owner}:
+            shared += 1
+        elif by_bag[tuple(sorted(seq))] - {owner}:
+            order += 1
+    total = len(seqs)
+    return {"text_shared": shared / total, "order_decides": order / total,
+            "bag_unique": (total - shared - order) / total}

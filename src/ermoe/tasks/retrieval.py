@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..analysis.diagnostics import assignments, mutual_information, probe_routing
-from ..analysis.retrieval import retrieval_metrics
+from ..analysis.retrieval import caption_ambiguity, retrieval_metrics
 from ..data.augment import normalize
 from ..data.karpathy import read_karpathy
 from ..data.tokenize import caption_tokenizer, encode
@@ -215,6 +215,8 @@ class Retrieval(Task):
                                    "test_captions": len(texts), **retrieval_metrics(images, texts, owner),
                                    "chance_t2i_r@1": 1 / len(images), "chance_i2t_r@1": float(
                                        np.mean([len(c) for c in self.splits["test"].captions]) / len(texts))}
+        ids, owner, _ = self.tokens["test"]
+        metrics.update({f"test_caption_{k}": v for k, v in caption_ambiguity(ids, owner).items()})
         if "val" in self.splits:
             metrics.update(self.quick_eval(model, autocast))
         probe_stats = probe_routing(model, probe.inputs, ctx=autocast) if probe is not None else {}
@@ -265,6 +267,10 @@ class Retrieval(Task):
                  f"{100 * m['test_t2i_r@10']:.1f}  median rank {m['test_t2i_medr']:.0f}   (chance R@1 "
                  f"{100 * m['chance_t2i_r@1']:.2f})",
                  f"RSUM {m['test_rsum']:.1f}   ({m['test_images']} test images, {m['test_captions']} captions)"]
+        if "test_caption_order_decides" in m:
+            lines.append(f"test captions: {100 * m['test_caption_bag_unique']:.1f}% single out their image by their "
+                         f"words alone, {100 * m['test_caption_order_decides']:.1f}% only by word order, "
+                         f"{100 * m['test_caption_text_shared']:.1f}% share their text with another image's caption")
         for name, s in m.get("layers", {}).items():
             mi = (f"   MI(expert; word) {s['mi_word_bits']:.3f} bits" if "mi_word_bits" in s else
                   f"   MI(expert; item) {s['mi_item_bits']:.3f} bits" if "mi_item_bits" in s else "")
