@@ -132,8 +132,10 @@ def failing_job(rank: int, world: int) -> None:
 
 def tiny_digits(out_dir: str, **extra: Any) -> dict[str, Any]:
     """A seconds-long digits run, with random crops (drawn for the global batch, so a rank's share is augmented as
-    the same rows in one process)."""
-    overrides: dict[str, Any] = {
+    the same rows in one process); ``extra``: config sections to merge in (``optim={"max_steps": 8}``)."""
+    from ermoe.train.config import _merge
+
+    return _merge({
         "out_dir": out_dir, "run_name": "run", "progress": False, "tensorboard": False, "log_every": 1,
         "probe_size": 32,
         "data": {"name": "digits", "train_limit": 512, "hflip": True, "crop_padding": 1},
@@ -141,14 +143,7 @@ def tiny_digits(out_dir: str, **extra: Any) -> dict[str, Any]:
                   "moe": {"router": "ermoe", "num_experts": 4, "blocks": "all",
                           "router_kwargs": {"standardize": True}}},
         "optim": {"epochs": 2, "batch_size": 64, "warmup_steps": 3, "eval_batch_size": 128},
-    }
-    for key, value in extra.items():
-        node = overrides
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return overrides
+    }, extra)
 
 
 def train_job(rank: int, world: int, overrides: dict[str, Any], resume: str | None = None) -> str:

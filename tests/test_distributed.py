@@ -168,7 +168,7 @@ def test_two_rank_expert_parallel_training_follows_the_one_process_curve_and_res
     curve_one, metrics_one = _train_log(one)
     # 2 ranks, experts sharded 2 ways, stopped half-way; then resumed on 1 process and (another copy) on 4 ranks.
     part = run_local(cases.train_job, 2, cases.tiny_digits(str(tmp_path / "two"), ep_size=2,
-                                                          **{"optim.max_steps": 8}))[0]
+                                                          optim={"max_steps": 8}))[0]
     half, _ = _train_log(part)
     _same_curve(half, curve_one[:8], CURVE_RTOL)
     import shutil

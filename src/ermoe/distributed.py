@@ -223,7 +223,8 @@ def reduce_expert_grads(model: nn.Module, groups: ParallelGroups) -> None:
     buffer and an optimizer step treats the shard alike everywhere."""
     if groups.world_size == 1:
         return
-    params = [p for n, p in model.named_parameters() if n in set(expert_parameter_names(model)) and p.requires_grad]
+    names = set(expert_parameter_names(model))
+    params = [p for n, p in model.named_parameters() if n in names and p.requires_grad]
     if not params:
         return
     for p in params:

@@ -174,8 +174,10 @@ class Parallel:
         named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
         dense = [p.grad for n, p in named if n not in expert_names]
         experts = [p.grad for n, p in named if n in expert_names]
-        sq = lambda grads: sum((g.detach().double().pow(2).sum() for g in grads), torch.zeros((), dtype=torch.float64,
-                                                                                           device=params[0].device))
+        def sq(grads: list[Tensor]) -> Tensor:
+            return sum((g.detach().double().pow(2).sum() for g in grads),
+                       torch.zeros((), dtype=torch.float64, device=params[0].device))
+
         expert_sq = sq(experts)
         dist.all_reduce(expert_sq, group=self.groups.ep)
         norm = (sq(dense) + expert_sq).sqrt()

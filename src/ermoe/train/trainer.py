@@ -204,6 +204,7 @@ class Trainer:
         # Per routing layer, the sum over training steps of the expert-parallel straggler factor (docs/distributed.md)
         self.straggler: dict[str, Tensor | float] = {}
         self.straggler_steps = 0
+        self.routed = model.routed_layers()  # (fixed for the run: not re-walked every step)
         if state is not None:
             self.optimizer.load_state_dict(self.parallel.local_optimizer_state(state["optimizer"], self.optimizer,
                                                                                model))
@@ -291,7 +292,7 @@ class Trainer:
         """Add this step's straggler factor of every routing layer: the busiest expert's assignments over the mean
         in the global batch, i.e. what an expert-parallel deployment with one expert per rank (or even replicas of
         each) would wait for. Accumulated on the device: no host sync per step."""
-        for view in self.model.routed_layers():
+        for view in self.routed:
             info = view.last_routing
             if info is None:
                 continue
