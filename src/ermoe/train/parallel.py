@@ -67,6 +67,8 @@ class Parallel:
         world = launched_world_size()
         if cfg.ep_size < 1:
             raise ConfigError(f"ep_size must be >= 1, got {cfg.ep_size}")
+        if not cfg.dist_timeout_s > 0:
+            raise ConfigError(f"dist_timeout_s must be > 0 seconds, got {cfg.dist_timeout_s}")
         if world == 1 and not dist.is_initialized():
             if cfg.ep_size > 1:
                 raise ConfigError(f"ep_size={cfg.ep_size} shards experts over that many processes: launch with "
