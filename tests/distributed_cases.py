@@ -128,6 +128,74 @@ def failing_job(rank: int, world: int) -> None:
     dist.barrier()
 
 
+
+# -- BatchNorm over the global batch --------------------------------------------------------------------------------
+
+def bn_net() -> torch.nn.Module:
+    """A float64 net with a BatchNorm of every rank (1d on a sequence, 2d, 3d) and one without running statistics."""
+    from torch import nn
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+        nn.Unflatten(2, (2, 2)),  # (B, 3, 4, 4) -> (B, 3, 2, 2, 4)
+        nn.Conv3d(3, 4, 1), nn.BatchNorm3d(4, momentum=None), nn.Flatten(2),  # (B, 4, 16)
+        nn.BatchNorm1d(4, affine=False), nn.BatchNorm1d(4, track_running_stats=False), nn.Flatten(1),
+    ).double()
+
+
+def bn_batch(total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = 1.5 + 2.0 * torch.randn(2, total, 2, 4, 4, generator=g, dtype=torch.float64)  # two steps
+    return x, torch.randn(2, total, 64, generator=g, dtype=torch.float64)
+
+
+def bn_steps(net, forward, x, target, scale: float) -> dict[str, Any]:
+    """Two SGD steps on ``scale * <net(x), target>``; the outputs, the first gradients and the state after."""
+    out: dict[str, Any] = {}
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for step in range(2):
+        opt.zero_grad(set_to_none=True)
+        y = forward(x[step])
+        (scale * (y * target[step]).sum()).backward()
+        out[f"y{step}"] = y.detach().clone()
+        if step == 0:
+            out["grads"] = {n: p.grad.detach().clone() for n, p in net.named_parameters()}
+        opt.step()
+    out["state"] = {k: v.clone() for k, v in net.state_dict().items()}
+    return out
+
+
+def bn_evaluate(net, x, out: dict[str, Any]) -> dict[str, Any]:
+    """An eval forward on the whole first batch; then the running statistics recalibrated on the same whole batches
+    (every rank runs them, as the trainer does)."""
+    from ermoe.train.precise_bn import recalibrate_batchnorm
+    out["eval"] = net.eval()(x[0]).detach()
+    recalibrate_batchnorm(net.train(), [(x[0],), (x[1, :5],)])
+    out["recalibrated"] = {k: v.clone() for k, v in net.state_dict().items()}
+    return out
+
+
+def bn_reference(splits: list[int]) -> dict[str, Any]:
+    net = bn_net()
+    x, target = bn_batch(sum(splits))
+    return bn_evaluate(net, x, bn_steps(net, net, x, target, 1.0 / x.shape[1]))
+
+
+def bn_job(rank: int, world: int, splits: list[int]) -> dict[str, Any]:
+    """Data parallelism over a BatchNorm net: rank r trains on its rows of the global batch; then every rank
+    recalibrates on the same whole batches (as the trainer does)."""
+    from ermoe.distributed import GlobalBatchNorm, sync_batchnorm
+    groups = init_parallel(1)
+    net = bn_net()
+    sync_batchnorm(net, groups)
+    converted = sum(isinstance(m, GlobalBatchNorm) for m in net.modules())
+    model = wrap_data_parallel(net, groups)
+    x, target = bn_batch(sum(splits))
+    mine = rows_of(rank, splits)
+    out = bn_evaluate(net, x, bn_steps(net, model, x[:, mine], target[:, mine], world / x.shape[1]))
+    out["converted"] = converted
+    return out
+
 # -- the training loop on several ranks ----------------------------------------------------------------------------
 
 def tiny_digits(out_dir: str, **extra: Any) -> dict[str, Any]:

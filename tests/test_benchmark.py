@@ -4,6 +4,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "moe_layer.py"
@@ -64,10 +65,17 @@ def test_distributed_scaling_benchmark():
     import subprocess
     import sys
     done = subprocess.run([sys.executable, str(BENCH.parent / "distributed_scaling.py"), "--worlds", "1", "2",
-                           "--dim", "16", "--hidden", "32", "--experts", "4", "--tokens", "64", "--steps", "1",
+                           "--dim", "16", "--hidden", "32", "--experts", "4", "--tokens", "64", "32", "--steps", "2",
                            "--warmup", "0", "--repeats", "1", "--json"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(done.stdout)["rows"]
-    assert [r["world"] for r in rows] == [1, 2]
-    assert rows[0]["exchange_share"] == 0.0 and rows[1]["exchange_share"] > 0.0  # one process exchanges nothing
-    assert all(r["tokens_per_s"] > 0 and r["moe_over_dense"] > 0 for r in rows)
+    assert [(r["world"], r["tokens"]) for r in rows] == [(1, 64), (1, 32), (2, 64), (2, 32)]
+    for r in rows:
+        assert len(r["loads"]) == 2  # the global loads of each measured step: every rank's tokens, top-1
+        assert all(sum(step) == r["world"] * r["tokens"] for step in r["loads"])
+        busiest = [max(c[0] + c[1], c[2] + c[3]) / (r["world"] * r["tokens"] / 2) for c in r["loads"]]
+        assert r["straggler"] == pytest.approx(1.0 if r["world"] == 1 else sum(busiest) / 2)
+        assert r["straggler_at_E"] == pytest.approx(sum(max(c) / (r["world"] * r["tokens"] / 4)
+                                                        for c in r["loads"]) / 2)
+        assert (r["exchange_share"] == 0.0) == (r["world"] == 1)  # one process exchanges nothing
+        assert r["tokens_per_s"] > 0 and r["moe_over_dense"] > 0

@@ -139,6 +139,56 @@ def test_bad_expert_parallel_sizes_are_named_errors():
         ExpertParallelDispatcher(None, 3, 0, 4)
 
 
+
+@pytest.mark.parametrize("splits", [[6, 6], [3, 9]], ids=["even", "uneven"])
+def test_batchnorm_normalises_by_the_global_batch_on_every_rank(splits):
+    # nn.BatchNorm1d/2d/3d become GlobalBatchNorm: a data-parallel step equals one process on the whole batch (outputs,
+    # every gradient, running statistics, momentum None and no running stats alike); recalibration, which every
+    # rank runs on the same batches, stays local (synced, its unbiased variance would count the batch twice).
+    ref = cases.bn_reference(splits)
+    results = run_local(cases.bn_job, 2, splits)
+    for rank, got in enumerate(results):
+        assert got["converted"] == 4
+        rows = cases.rows_of(rank, splits)
+        for step in (0, 1):
+            torch.testing.assert_close(got[f"y{step}"], ref[f"y{step}"][rows], **TOL,
+                                       msg=lambda m: f"rank {rank} output {step}: {m}")
+        for key in ("grads", "state", "recalibrated"):
+            assert got[key].keys() == ref[key].keys()
+            for n, t in ref[key].items():
+                torch.testing.assert_close(got[key][n], t, **TOL, msg=lambda m: f"rank {rank} {key} {n}: {m}")
+        torch.testing.assert_close(got["eval"], ref["eval"], **TOL)
+
+
+def test_sync_batchnorm_keeps_tensors_and_warns_about_subclasses():
+    from ermoe.distributed import GlobalBatchNorm, sync_batchnorm
+
+    class FusedBatchNormAct(torch.nn.BatchNorm2d):
+        pass
+
+    net = torch.nn.Sequential(torch.nn.BatchNorm2d(3), FusedBatchNormAct(3))
+    weight, running = net[0].weight, net[0].running_mean
+    groups = ParallelGroups(world_size=2, rank=0, ep_size=1, dp=None, stats=None, ep=None, expert_dp=None)
+    with pytest.warns(UserWarning, match=r"1 \(FusedBatchNormAct\) keep BatchNorm statistics of each rank"):
+        sync_batchnorm(net, groups)
+    assert type(net[0]) is GlobalBatchNorm and type(net[1]) is FusedBatchNormAct
+    assert net[0].weight is weight and net[0].running_mean is running  # the optimizer's tensors, not copies
+    # Without a group it is an ordinary BatchNorm (float64, training and eval).
+    x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    plain, synced = torch.nn.BatchNorm2d(3).double(), GlobalBatchNorm(3, sync_group=None).double()
+    torch.testing.assert_close(synced(x), plain(x), **TOL)
+    torch.testing.assert_close(synced.running_var, plain.running_var, **TOL)
+    torch.testing.assert_close(synced.eval()(x), plain.eval()(x), **TOL)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        synced.train()(x[:1, :, :1, :1])
+    # bfloat16 activations: statistics in float32, the output in bfloat16 (as native BatchNorm on mixed input)
+    half = x.float().bfloat16()
+    plain, synced = torch.nn.BatchNorm2d(3), GlobalBatchNorm(3)
+    got, want = synced(half), plain(half)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(synced.running_var, plain.running_var, rtol=1e-5, atol=1e-6)
+
 # -- the training loop: `torchrun -m ermoe train` -------------------------------------------------------------------
 
 def _train_log(run) -> tuple[list[tuple[int, float]], dict]:
@@ -220,3 +270,34 @@ def test_contrastive_retrieval_on_two_ranks_follows_the_one_process_curve(tmp_pa
     assert len(one) == 6
     _same_curve(two, one, CURVE_RTOL)
     assert metrics_two["test_rsum"] == pytest.approx(metrics_one["test_rsum"], abs=1e-6)
+
+
+
+WHOLE_MODELS = {
+    # one gate per image over MoE layers (sharded 2 ways); k-means on the features of every rank at step 3
+    "single_gate": ({"name": "single_gated_vit", "patch_size": 2, "depth": 2, "embed_dim": 32, "num_heads": 2,
+                     "num_experts": 4, "blocks": "all", "kmeans_step": 3, "kmeans_samples": 128}, 2),
+    # channels gated per image, BatchNorm after every conv: data parallel only (its experts are not MoE layers)
+    "deepmoe": ({"name": "deepmoe_cnn", "widths": [8, 16, 16], "embed_dim": 8}, 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WHOLE_MODELS))
+def test_whole_model_baselines_on_two_ranks_follow_the_one_process_curve(tmp_path, name):
+    pytest.importorskip("sklearn")
+    from ermoe.train import load_config, train
+
+    model, ep_size = WHOLE_MODELS[name]
+
+    def overrides(out: str, **extra):
+        cfg = cases.tiny_digits(str(tmp_path / out), **extra)
+        cfg["model"] = dict(model)
+        return cfg
+
+    one, metrics_one = _train_log(train(load_config(None, overrides("one")), quiet=True))
+    two, metrics_two = _train_log(run_local(cases.train_job, 2, overrides("two", ep_size=ep_size))[0])
+    _same_curve(two, one, CURVE_RTOL)
+    assert metrics_two["test_top1"] == pytest.approx(metrics_one["test_top1"], abs=2 / metrics_one["test_images"])
+    if ep_size == 1:  # DeepMoE's gated channels are no MoE layer: expert parallelism is a named error
+        with pytest.raises(RuntimeError, match="no ermoe.MoE layer whose experts could be sharded"):
+            run_local(cases.train_job, 2, overrides("ep", ep_size=2))

@@ -157,6 +157,32 @@ def test_a_collapsed_router_never_passes_the_stability_claim():
     assert any("not compared: load CV 2.3" in e for e in five["evidence"])
 
 
+
+def test_ep_wait_section_tests_each_router_against_switch_by_hand():
+    from scipy.stats import ttest_ind
+
+    from ermoe.study.report import ep_wait_lines
+
+    nan = float("nan")
+    table = {"switch": {"train_ep_straggler": [1.9, 2.0, 1.8]},
+             "ermoe": {"train_ep_straggler": [3.0, 3.2, 2.9]},        # clearly higher
+             "vmoe": {"train_ep_straggler": [1.85, 2.1, 1.9]},        # the same within the seeds' spread
+             "dense": {"train_ep_straggler": [nan, nan, nan]},        # no MoE layer: not compared
+             "old": {"train_ep_straggler": [2.0, nan, 2.1]}}          # a run trained before it was measured
+    lines = ep_wait_lines(table)
+    rows = {line.split(" | ")[0].strip("| `"): line for line in lines if line.startswith("| `")}
+    assert sorted(rows) == ["ermoe", "vmoe"]
+    p = [ttest_ind(table[m]["train_ep_straggler"], table["switch"]["train_ep_straggler"], equal_var=False).pvalue
+         for m in ("ermoe", "vmoe")]
+    holm_ermoe, holm_vmoe = min(1.0, 2 * min(p)), max(min(1.0, 2 * min(p)), max(p))  # ermoe's p is the smaller
+    assert p[0] < p[1]
+    cells = rows["ermoe"].split(" | ")
+    assert cells[2] == f"{(3.0 + 3.2 + 2.9) / (1.9 + 2.0 + 1.8):.2f}x" and cells[4] == f"{holm_ermoe:.3f}"
+    assert cells[5].rstrip(" |") == ("higher" if holm_ermoe < 0.05 else "inconclusive") == "higher"
+    assert rows["vmoe"].split(" | ")[4] == f"{holm_vmoe:.3f}" and rows["vmoe"].endswith("| inconclusive |")
+    assert ep_wait_lines({"ermoe": table["ermoe"]}) == []  # no reference: no section
+    assert ep_wait_lines({"switch": table["switch"], "dense": table["dense"]}) == []
+
 def test_few_shot_probe_separable_and_chance():
     g = torch.Generator().manual_seed(0)
     y = torch.arange(400) % 4

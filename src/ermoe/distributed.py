@@ -4,6 +4,7 @@
     model = build_model(...)                   # the same seed on every rank: the same full model everywhere
     shard_experts(model, groups)               # each rank keeps E / ep_size experts of every MoE layer
     sync_routing(model, groups)                # routing statistics and auxiliary losses of the global batch
+    sync_batchnorm(model, groups)              # BatchNorm statistics of the global batch (gloo and NCCL alike)
     ddp = wrap_data_parallel(model, groups)    # DDP over everything but the experts
     loss = task_loss(ddp(x)) + aux_loss(model); loss.backward()
     reduce_expert_grads(model, groups)         # expert gradients over the ranks that hold the same shard
@@ -30,6 +31,7 @@ import datetime
 import os
 import socket
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -38,10 +40,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd import Function
+from torch.nn import functional as F
 
 from .dispatch import LocalDispatcher
 from .moe import MoE, moe_layers
-from .routing.sync import SyncGroup
+from .routing.sync import SyncGroup, global_count, global_sum
 
 DEFAULT_TIMEOUT_S = 600
 
@@ -195,6 +198,92 @@ def sync_routing(model: nn.Module, groups: ParallelGroups) -> nn.Module:
     return model
 
 
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch, summed over the ranks of ``sync_group``
+    (as ``torch.nn.SyncBatchNorm``, which runs on GPUs only; this one runs on gloo and NCCL alike): mean, then the
+    variance around it (two passes), gradients through both. Same parameters, buffers and state-dict keys as the
+    ``nn.BatchNorm{1,2,3}d`` it replaces (:func:`sync_batchnorm`); in eval mode, the running statistics, as ever.
+    With ``sync_group`` None it is an ordinary BatchNorm of this process's batch."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, sync_group: SyncGroup | None = None, device=None,
+                 dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.sync_group = sync_group
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected an input of at least 2 dimensions (batch, channels, ...), got {x.dim()}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        if not self.training and self.track_running_stats:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        factor = 0.0 if self.momentum is None else self.momentum  # _BatchNorm.forward's update rule
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = global_count(x.numel() // x.shape[1], self.sync_group, x.device)
+        if count <= 1:
+            raise ValueError(f"expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+        out_dtype = x.dtype
+        if x.dtype in (torch.float16, torch.bfloat16):  # statistics in float32, as cuDNN's BatchNorm keeps them
+            x = x.float()
+        mean = global_sum(x.sum(dims), self.sync_group) / count
+        centered = x - mean.view(shape)
+        var = global_sum(centered.square().sum(dims), self.sync_group) / count
+        y = centered * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.training and self.track_running_stats:
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
+                unbiased = var.detach() * (count / (count - 1))
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        return y.to(out_dtype)
+
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def sync_batchnorm(model: nn.Module, groups: ParallelGroups) -> nn.Module:
+    """Replace every ``nn.BatchNorm{1,2,3}d`` of ``model`` (in place, before the optimizer is built) by a
+    :class:`GlobalBatchNorm` over all ranks, with the same parameter and buffer tensors: training normalises by the
+    global batch's statistics, so a data-parallel step equals one process on the whole batch and every rank keeps
+    the same running statistics. Other BatchNorm subclasses (a fused BatchNorm + activation) keep their per-rank
+    statistics, with a warning. Returns the model (a BatchNorm given as the model itself comes back replaced)."""
+    if groups.world_size == 1:
+        return model
+    sync = SyncGroup(groups.stats)
+    others: list[str] = []
+
+    def convert(module: nn.Module, name: str) -> nn.Module:
+        if type(module) in _BATCHNORMS:
+            new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                  module.track_running_stats, sync)
+            new.training = module.training
+            for key in ("weight", "bias"):
+                if getattr(module, key) is not None:
+                    setattr(new, key, getattr(module, key))
+            for key in ("running_mean", "running_var", "num_batches_tracked"):
+                if getattr(module, key) is not None:
+                    new.register_buffer(key, getattr(module, key))
+            return new
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+            others.append(f"{name or 'model'} ({type(module).__name__})")
+        for child_name, child in module.named_children():
+            setattr(module, child_name, convert(child, f"{name}.{child_name}" if name else child_name))
+        return module
+
+    model = convert(model, "")
+    if others:
+        warnings.warn(f"sync_batchnorm: {', '.join(others)} keep BatchNorm statistics of each rank's share of the "
+                      "batch (only nn.BatchNorm1d/2d/3d are replaced)", stacklevel=2)
+    return model
+
 def expert_parameter_names(model: nn.Module) -> list[str]:
     """Qualified names of the experts' parameters (sharded under expert parallelism)."""
     names = []
@@ -220,11 +309,20 @@ def reduce_expert_grads(model: nn.Module, groups: ParallelGroups) -> None:
     """After backward: each expert gradient summed over the ranks holding the same shard and divided by the world
     size, as DDP averages the others (a rank's local expert gradient already holds its whole exchange group's
     share). An expert that got no token has a zero gradient, never a missing one, so every rank reduces the same
-    buffer and an optimizer step treats the shard alike everywhere."""
+    buffer and an optimizer step treats the shard alike everywhere. A layer that ran on no rank this step (a phase
+    in which a branch is skipped) keeps no gradient, as in one process, so the optimizer skips it (its Adam step
+    count and weight decay do not move)."""
     if groups.world_size == 1:
         return
-    names = set(expert_parameter_names(model))
-    params = [p for n, p in model.named_parameters() if n in names and p.requires_grad]
+    names = expert_parameter_names(model)
+    wanted = set(names)
+    params = [p for n, p in model.named_parameters() if n in wanted and p.requires_grad]
+    if not params:
+        return
+    # Which parameters got a gradient on any rank (one small all-reduce over every rank).
+    ran = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(ran, group=groups.stats)
+    params = [p for p, n in zip(params, ran.tolist()) if n]
     if not params:
         return
     for p in params:

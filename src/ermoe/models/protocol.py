@@ -108,6 +108,10 @@ class RoutedModel(nn.Module):
     :meth:`after_step` and :attr:`experts_active` where their method says so.
     """
 
+    # Whether a training step can leave trainable parameters without a gradient (a phase in which a branch does not
+    # run): data-parallel training then has DDP look for them every step (``find_unused_parameters``).
+    may_skip_parameters: bool = False
+
     def forward_features(self, x: Tensor) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must define forward_features")
 

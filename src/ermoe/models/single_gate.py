@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..moe import MoE
 from ..routing.base import Router, RouterOutput
+from ..routing.sync import SyncGroup, global_cat
 from .protocol import RoutedModel
 from .registry import create_model, register_model
 from .vit import MoEViT, PatchMoE, select_blocks
@@ -92,7 +93,14 @@ class SingleGatedViT(RoutedModel):
         kmeans_samples: pooled trunk features kept (from the latest training images) for k-means.
         base_loss_weight: weight of the base branch's own loss (it stays a good early exit).
         seed: k-means seed.
+
+    Under data parallelism the feature bank keeps every rank's features of each step (in rank order, as one process
+    would: ``sync_group``, set by ``ermoe.distributed.sync_routing``), so every rank clusters the same features and
+    the replicas stay identical; DDP looks for the gate and heads that get no gradient in the base-only phase.
     """
+
+    may_skip_parameters = True  # the gate, the experts and the expert head before the k-means initialisation
+    sync_group: SyncGroup | None = None
 
     def __init__(self, vit: nn.Module, moe_blocks: Sequence[int], num_experts: int, *, kmeans_step: int | float = 1,
                  kmeans_samples: int = 2048, base_loss_weight: float = 1.0, seed: int = 0) -> None:
@@ -221,7 +229,7 @@ class SingleGatedViT(RoutedModel):
             raise RuntimeError("kmeans_step is a fraction of the run: call on_train_start(total_steps) first, or give "
                                "it as a number of steps")
         if self._pooled is not None:
-            self._remember(self._pooled)
+            self._remember(global_cat(self._pooled, self.sync_group))
             self._pooled = None
         if step >= self.kmeans_step:
             self.init_from_clusters()

@@ -60,3 +60,21 @@ def global_count(num: int, sync: SyncGroup | None, device: torch.device | None =
     if sync is None:
         return num
     return int(global_sum(torch.tensor(num, dtype=torch.long, device=device), sync))
+
+
+def global_cat(t: Tensor, sync: SyncGroup | None) -> Tensor:
+    """Every rank's rows of ``t`` (any number per rank, the same trailing shape) concatenated in rank order, without
+    gradient: what one process holding the whole batch has. ``t`` itself when ``sync`` is None."""
+    if sync is None:
+        return t
+    dist = torch.distributed
+    world = dist.get_world_size(sync.group)
+    rows = torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)
+    sizes = [torch.empty_like(rows) for _ in range(world)]
+    dist.all_gather(sizes, rows, group=sync.group)
+    counts = [int(n) for n in sizes]
+    padded = t.detach().new_zeros((max(counts), *t.shape[1:]))
+    padded[:t.shape[0]] = t.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=sync.group)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])

@@ -270,6 +270,39 @@ def _preset_lines(table) -> list[str]:
     return lines + [""]
 
 
+
+def ep_wait_lines(table: dict[str, dict[str, list[float]]], reference: str = "switch") -> list[str]:
+    """What each router's loads would cost an expert-parallel deployment: every method's EP wait against the
+    balancing-loss baseline's (Welch's test, Holm's correction over the methods compared, level ALPHA). No lines when
+    the reference or the measure is missing (runs trained before it was measured)."""
+    key = "train_ep_straggler"
+
+    def measured(method: str) -> bool:
+        values = table.get(method, {}).get(key, [])
+        return len(values) >= 2 and all(math.isfinite(v) for v in values)
+
+    if not measured(reference):
+        return []
+    rows = [(m, welch(table[m][key], table[reference][key])) for m in table if m != reference and measured(m)]
+    if not rows:
+        return []
+    adjusted = holm([w.p if w is not None else None for _, w in rows])
+    ref_mean = mean_std(table[reference][key])[0]
+    lines = ["## What the loads would cost expert parallelism", "",
+             "With one expert per rank, every rank waits in the token exchange for the busiest one, so the expert "
+             "part of each step takes EP wait times as long as with flat loads (docs/distributed.md, \"The "
+             f"straggler factor\"). Each method against `{reference}` (a balancing loss, {mean_std(table[reference][key])[0]:.2f}): "
+             f"Welch's test over seeds, Holm's correction over the {len(rows)} comparisons, level {ALPHA}.", "",
+             f"| method | EP wait | expert part vs `{reference}` | difference (95% CI) | Holm p | EP wait is |",
+             "|---|---|---|---|---|---|"]
+    for (method, w), p in zip(rows, adjusted):
+        mean = mean_std(table[method][key])[0]
+        outcome = ("inconclusive" if p is None or p >= ALPHA else "lower" if w.diff < 0 else "higher")
+        ci = f"{w.diff:+.2f} ([{w.low:+.2f}, {w.high:+.2f}])" if w is not None else "-"
+        lines.append(f"| `{method}` | {_cell(table[method][key], '.2f')} | {mean / ref_mean:.2f}x | {ci} | "
+                     f"{_fmt_p(p) if p is not None else '-'} | {outcome} |")
+    return lines + [""]
+
 def accuracy_vs_cv_figure(table, path: Path, measure: str = "test_top1", label: str = "test top-1",
                           methods=None) -> Path:
     """``measure`` against load CV, one point per MoE method (mean ± std over seeds)."""
@@ -480,6 +513,7 @@ def write_report(cfg, results, path: str | Path, command: str, wall_s: float,
         lines.append(f"- Variants that pass: {', '.join(f'`{m}`' for m in v['variants']) or 'none'}")
         lines.append("")
     lines.extend(_preset_lines(table))
+    lines.extend(ep_wait_lines(table))
     if len(cfg.seeds) < 3:
         lines.append(f"With {len(cfg.seeds)} seed(s) no significance test is possible; treat every verdict as "
                      "provisional.")
@@ -539,6 +573,7 @@ def write_claims_report(cfg, results, path: str | Path, command: str, wall_s: fl
         lines.append(f"- Variants that pass: {', '.join(f'`{m}`' for m in v['variants']) or 'none'}")
         lines.append("")
     lines += extra(table) if extra is not None else []
+    lines += ep_wait_lines(table)
     if len(cfg.seeds) < 3:
         lines.append(f"With {len(cfg.seeds)} seed(s) the tests have little power; treat every verdict as provisional.")
     atomic_write(path, "\n".join(lines) + "\n")

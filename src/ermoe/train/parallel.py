@@ -22,7 +22,9 @@ from torch import Tensor, nn
 from torch.autograd import Function
 
 from ..distributed import (ParallelGroups, expert_parameter_names, full_state_dict, init_parallel,
-                           reduce_expert_grads, shard_experts, sync_routing, wrap_data_parallel)
+                           reduce_expert_grads, shard_experts, sync_batchnorm, sync_routing,
+                           wrap_data_parallel)
+from ..models.protocol import RoutedModel
 from ..tasks.base import Batch
 from .config import ConfigError, TrainConfig
 
@@ -108,7 +110,9 @@ class Parallel:
             return model
         shard_experts(model, self.groups)
         sync_routing(model, self.groups)
-        return wrap_data_parallel(model, self.groups)
+        sync_batchnorm(model, self.groups)
+        return wrap_data_parallel(model, self.groups,
+                                  find_unused_parameters=isinstance(model, RoutedModel) and model.may_skip_parameters)
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""

@@ -16,6 +16,8 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from ..distributed import GlobalBatchNorm
+
 
 def trainable_batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """The BatchNorm layers whose statistics training updates (in training mode and tracking running stats); a
@@ -30,8 +32,10 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[tuple[Tensor, ...]
     """Replace the running mean and variance of ``layers`` (default: :func:`trainable_batchnorms`) by the equal-weight
     average of their batch statistics over ``batches`` (each the model's positional inputs), computed with the
     current weights. Everything else runs in eval mode, so routers, dropout and noise behave as at evaluation and no
-    routing state (loss-free biases, standardisation statistics) moves. Restores each module's mode and momentum;
-    returns the number of batches used."""
+    routing state (loss-free biases, standardisation statistics) moves. The statistics are this process's: a
+    BatchNorm synced over a distributed job (``ermoe.distributed.GlobalBatchNorm``) is not synced here, since every
+    rank recalibrates on the same batches. Restores each module's mode, momentum and sync; returns the number of
+    batches used."""
     layers = trainable_batchnorms(model) if layers is None else layers
     batches = list(batches)
     if not batches:
@@ -40,17 +44,23 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[tuple[Tensor, ...]
         return 0
     modes = {m: m.training for m in model.modules()}
     momenta = [m.momentum for m in layers]
+    synced = [m for m in layers if isinstance(m, GlobalBatchNorm)]
+    syncs = [m.sync_group for m in synced]
     try:
         model.eval()
         for m in layers:
             m.reset_running_stats()
             m.momentum = None  # cumulative average: every batch weighs the same
             m.train()
+        for m in synced:
+            m.sync_group = None
         for inputs in batches:
             model(*inputs)
     finally:
         for m, momentum in zip(layers, momenta):
             m.momentum = momentum
+        for m, sync in zip(synced, syncs):
+            m.sync_group = sync
         for m, mode in modes.items():
             m.training = mode
     return len(batches)
