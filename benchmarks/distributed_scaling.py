@@ -48,23 +48,24 @@ def _measure(model, layer: MoE, dense, x: torch.Tensor, groups, args: argparse.N
     """Median step times of the MoE layer (with its exchange share) and the dense FFN on ``x``, and the global
     expert loads of every measured step."""
     world = groups.world_size
-    spent = {"exchange": 0.0}
-    exchange, all_to_all = ed._exchange, dist.all_to_all_single
+    # Every exchange (the counts, the rows out, the outputs back, and both again in backward) is one
+    # all_to_all_single: timing that function alone counts each once (its time includes waiting for the peer).
+    spent = {"exchange": 0.0, "calls": 0}
+    all_to_all = dist.all_to_all_single
 
-    def timed(fn):
-        def wrapper(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                spent["exchange"] += time.perf_counter() - t0
-        return wrapper
+    def timed(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return all_to_all(*a, **k)
+        finally:
+            spent["exchange"] += time.perf_counter() - t0
+            spent["calls"] += 1
 
-    ed._exchange, dist.all_to_all_single = timed(exchange), timed(all_to_all)  # this process only
-    moe_times, dense_times, shares, counts = [], [], [], []
+    dist.all_to_all_single = timed  # this process only
+    moe_times, dense_times, shares, counts, calls = [], [], [], [], []
     try:
         for rep in range(args.warmup + args.repeats):
-            spent["exchange"] = 0.0
+            spent["exchange"], spent["calls"] = 0.0, 0
             dist.barrier() if world > 1 else None
             t0 = time.perf_counter()
             for _ in range(args.steps):
@@ -82,13 +83,15 @@ def _measure(model, layer: MoE, dense, x: torch.Tensor, groups, args: argparse.N
                 moe_times.append(t_moe)
                 dense_times.append(t_dense)
                 shares.append(share)
+                calls.append(spent["calls"] / args.steps)
     finally:
-        ed._exchange, dist.all_to_all_single = exchange, all_to_all
+        dist.all_to_all_single = all_to_all
     loads = torch.stack(counts)  # (measured steps, E): this rank's tokens' assignments
     if world > 1:
         dist.all_reduce(loads)
     return {"moe_s": statistics.median(moe_times), "dense_s": statistics.median(dense_times),
-            "exchange_share": statistics.median(shares), "loads": loads.tolist()}
+            "exchange_share": statistics.median(shares), "exchanges_per_step": statistics.median(calls),
+            "loads": loads.tolist()}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -119,6 +122,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "per_rank_tokens_per_s": tokens * args.steps / slowest,
                          "moe_over_dense": statistics.median(r["moe_s"] / r["dense_s"] for r in per_rank),
                          "exchange_share": statistics.median(r["exchange_share"] for r in per_rank),
+                         "exchanges_per_step": per_rank[0]["exchanges_per_step"],
                          "straggler": statistics.mean(float(ep_straggler(torch.tensor(c), world)) for c in loads),
                          "straggler_at_E": statistics.mean(float(ep_straggler(torch.tensor(c), args.experts))
                                                            for c in loads),

@@ -78,4 +78,6 @@ def test_distributed_scaling_benchmark():
         assert r["straggler_at_E"] == pytest.approx(sum(max(c) / (r["world"] * r["tokens"] / 4)
                                                         for c in r["loads"]) / 2)
         assert (r["exchange_share"] == 0.0) == (r["world"] == 1)  # one process exchanges nothing
+        # counts, rows out, outputs back; backward: the gradients of both exchanges (each timed once)
+        assert r["exchanges_per_step"] == (0 if r["world"] == 1 else 5)
         assert r["tokens_per_s"] > 0 and r["moe_over_dense"] > 0

@@ -299,5 +299,7 @@ def test_whole_model_baselines_on_two_ranks_follow_the_one_process_curve(tmp_pat
     _same_curve(two, one, CURVE_RTOL)
     assert metrics_two["test_top1"] == pytest.approx(metrics_one["test_top1"], abs=2 / metrics_one["test_images"])
     if ep_size == 1:  # DeepMoE's gated channels are no MoE layer: expert parallelism is a named error
-        with pytest.raises(RuntimeError, match="no ermoe.MoE layer whose experts could be sharded"):
-            run_local(cases.train_job, 2, overrides("ep", ep_size=2))
+        from ermoe.models import create_model
+        groups = ParallelGroups(world_size=2, rank=0, ep_size=2, dp=None, stats=None, ep=None, expert_dp=None)
+        with pytest.raises(ValueError, match="ep_size=2: the model has no ermoe.MoE layer whose experts could be"):
+            shard_experts(create_model(model["name"], **{k: v for k, v in model.items() if k != "name"}), groups)
