@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .data.download import DownloadError
     from .data.images import CorruptDatasetError, DatasetNotFoundError
+    from .data.loader import DataLoaderWorkerError
     from .train import (CheckpointError, ConfigError, NonFiniteLossError, Run, RunLockedError, evaluate, load_config,
                         report, train)
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             report(args.run_dir)
     except (ConfigError, CheckpointError, NonFiniteLossError, RunLockedError, DatasetNotFoundError,
-            CorruptDatasetError, DownloadError, FileNotFoundError, NotADirectoryError, ValueError) as err:
+            CorruptDatasetError, DataLoaderWorkerError, DownloadError, FileNotFoundError, NotADirectoryError, ValueError) as err:
         print(f"ermoe {args.command}: error: {err}", file=sys.stderr)
         return 1
     return 0

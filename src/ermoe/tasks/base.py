@@ -6,7 +6,7 @@ non-finite guard. A task plugs in with a :class:`Task` subclass registered by na
 
     task = create_task(cfg, device); task.load()             # the data, once
     model = create_model(cfg.model.name, **cfg.model.args, **task.model_args())
-    batch = task.train_batch(indices, step)                  # a Batch on the device
+    for batch in task.train_batches(start_step, stop_step, rank, world):   # this rank's rows, step by step
     out = model(*batch.inputs)
     loss = model.training_loss(out, batch.target, task.loss) + model.aux_loss()
     task.batch_stats(out, batch)                             # sums for the training log, e.g. correct predictions
@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import Tensor, nn
+
+from ..data.loader import StepBatchSampler, shard_bounds
 
 if TYPE_CHECKING:  # the config lives in train/, which imports the tasks
     from ..train.config import TrainConfig
@@ -91,6 +93,20 @@ class Task(ABC):
     @abstractmethod
     def train_batch(self, indices: Tensor, step: int) -> Batch:
         """The training examples ``indices`` as a batch; random augmentation is seeded by ``step`` (exact resume)."""
+
+    def train_batches(self, start_step: int, stop_step: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+        """Rank ``rank``'s rows of the global batch of every step from ``start_step`` to ``stop_step - 1``, in the
+        run's seeded epoch order (:class:`ermoe.data.loader.StepBatchSampler`).
+
+        This default prepares each step's whole global batch (:meth:`train_batch`: its random crops, flips and
+        caption picks drawn for the global batch as one process draws them) and keeps the rank's rows: exact for any
+        world size, for data held in memory. A task that streams from disk reads only its rows (classification's
+        ImageFolder)."""
+        size = self.cfg.optim.batch_size
+        lo, hi = shard_bounds(size, rank, world)
+        for keys in StepBatchSampler(self.num_train, size, self.cfg.seed, start_step, stop_step):
+            batch = self.train_batch(torch.tensor([k.index for k in keys]), keys[0].step)
+            yield batch if world == 1 else batch.rows(lo, hi)
 
     @abstractmethod
     def eval_batches(self, split: str, batch_size: int | None = None, limit: int | None = None) -> Iterator[Batch]:

@@ -1,5 +1,6 @@
-"""Image classification: in-memory image datasets, cross-entropy, top-1/top-5 and the routing diagnostics per class
-(load, MI(expert; class), the expert x class heatmap)."""
+"""Image classification: in-memory image datasets and ImageFolder trees streamed from disk (the ImageNet layout),
+cross-entropy (with soft targets under mixup / CutMix), top-1/top-5 and the routing diagnostics per class (load,
+MI(expert; class), the expert x class heatmap)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,15 @@ from torch import Tensor, nn
 from ..analysis.diagnostics import evaluate_classifier
 from ..analysis.report import draw_figures, layers_table
 from ..data.augment import normalize, train_transform
+from ..data.folder import ImageFolderData
 from ..data.images import DATASETS, ImageData, ImageSet, load_dataset
 from .base import Batch, Task, register_task
 from .features import cached_stem_features
 
-_LIMITS, _AUGMENT = ("train_limit", "test_limit", "val_size", "split_seed", "stem_cache"), ("crop_padding", "hflip")
+_LIMITS, _AUGMENT = ("train_limit", "test_limit", "val_size", "split_seed"), ("crop_padding", "hflip")
+_IN_MEMORY = (*_LIMITS, "stem_cache", *_AUGMENT)
+# Streamed from disk: decoded in data.num_workers loader processes, augmented per example (data.augment)
+_STREAMED = (*_LIMITS, "num_workers", "augment", "crop_pct", "skip_corrupt")
 
 
 @register_task
@@ -26,29 +31,39 @@ class ImageClassification(Task):
     name = "classification"
     datasets = DATASETS
     data_keys = {
-        "fashion_mnist": ("data_dir", "download", "mirror", *_LIMITS, *_AUGMENT),
-        "digits": (*_LIMITS, *_AUGMENT),
-        "cifar10": ("data_dir", *_LIMITS, *_AUGMENT),
-        "cifar100": ("data_dir", *_LIMITS, *_AUGMENT),
-        "imagefolder": ("data_dir", "img_size", *_LIMITS, *_AUGMENT),
+        "fashion_mnist": ("data_dir", "download", "mirror", *_IN_MEMORY),
+        "digits": _IN_MEMORY,
+        "cifar10": ("data_dir", *_IN_MEMORY),
+        "cifar100": ("data_dir", *_IN_MEMORY),
+        "imagefolder": ("data_dir", "img_size", *_STREAMED),
     }
     model_data_args = ("num_classes", "img_size", "in_chans")
-    data: ImageData
+    data: ImageData | ImageFolderData
     # With data.stem_cache: each split's frozen stem features, which then stand in for its images as model input.
     features: dict[str, Tensor] | None = None
     stem: nn.Module | None = None
 
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.data, ImageFolderData)
+
     def load(self) -> None:
         d = self.cfg.data
-        data = load_dataset(d.name, d.data_dir, download=d.download, mirror=d.mirror, img_size=d.img_size)
-        if d.val_size:
-            data.carve_validation(d.val_size, d.split_seed)
-        data.train = data.train.subset(d.train_limit)
-        data.test = data.test.subset(d.test_limit)
-        if len(data.train) < self.cfg.optim.batch_size:
-            raise ValueError(f"optim.batch_size {self.cfg.optim.batch_size} exceeds the {len(data.train)} training "
+        if d.name == "imagefolder":  # only the file lists: images are decoded when a step asks for them
+            self.data = ImageFolderData(d.data_dir, d.img_size or 224, crop_pct=d.crop_pct, augment=d.augment,
+                                        val_size=d.val_size, split_seed=d.split_seed, train_limit=d.train_limit,
+                                        test_limit=d.test_limit, num_workers=d.num_workers,
+                                        skip_corrupt=d.skip_corrupt)
+        else:
+            data = load_dataset(d.name, d.data_dir, download=d.download, mirror=d.mirror)
+            if d.val_size:
+                data.carve_validation(d.val_size, d.split_seed)
+            data.train = data.train.subset(d.train_limit)
+            data.test = data.test.subset(d.test_limit)
+            self.data = data
+        if self.num_train < self.cfg.optim.batch_size:
+            raise ValueError(f"optim.batch_size {self.cfg.optim.batch_size} exceeds the {self.num_train} training "
                              "images")
-        self.data = data
 
     def model_args(self) -> dict[str, Any]:
         data = self.data
@@ -80,7 +95,17 @@ class ImageClassification(Task):
 
     @property
     def num_train(self) -> int:
-        return len(self.data.train)
+        return len(self.data) if self.streamed else len(self.data.train)
+
+    def train_batches(self, start_step: int, stop_step: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+        """In-memory sets: as every task (the global batch prepared, this rank's rows kept). Streamed folders: only
+        this rank's rows are read and decoded, in the loader's workers."""
+        if not self.streamed:
+            yield from super().train_batches(start_step, stop_step, rank, world)
+            return
+        for images, target in self.data.train_batches(self.cfg.seed, self.cfg.optim.batch_size, start_step,
+                                                      stop_step, rank, world, self.device):
+            yield Batch((images.to(self.device, non_blocking=True),), target.to(self.device, non_blocking=True))
 
     def train_batch(self, indices: Tensor, step: int) -> Batch:
         d, device = self.cfg.data, self.device
@@ -92,6 +117,11 @@ class ImageClassification(Task):
         return Batch((x,), self.data.train.labels[indices].to(device))
 
     def eval_batches(self, split: str, batch_size: int | None = None, limit: int | None = None) -> Iterator[Batch]:
+        if self.streamed:
+            for images, labels in self.data.eval_batches(split, batch_size or self.cfg.optim.eval_batch_size, limit,
+                                                         self.device):
+                yield Batch((images.to(self.device),), labels.to(self.device))
+            return
         subset = {"train": self.data.train, "val": self.data.val, "test": self.data.test}[split]
         if subset is None:
             raise ValueError(f"{self.data.name} has no {split} split (data.val_size holds one out)")
@@ -129,13 +159,17 @@ class ImageClassification(Task):
         return F.cross_entropy(output.float(), target, label_smoothing=self.cfg.optim.label_smoothing)
 
     def batch_stats(self, output: Tensor, batch: Batch) -> dict[str, float]:
-        return {"acc": float((output.argmax(1) == batch.target).sum())}
+        # under mixup / CutMix the target is soft: its largest share counts as the label
+        labels = batch.target if batch.target.dim() == 1 else batch.target.argmax(1)
+        return {"acc": float((output.argmax(1) == labels).sum())}
 
     def evaluate(self, model: nn.Module, autocast: Callable[[], Any], probe: Batch | None = None) -> dict[str, Any]:
         metrics = evaluate_classifier(model, ((b.inputs, b.target) for b in self.eval_batches("test")),
                                       self.data.num_classes,
                                       probe=None if probe is None else probe.inputs, autocast=autocast)
         metrics.update(dataset=self.data.name, classes=self.data.classes, **self.quick_eval(model, autocast))
+        if self.streamed:  # files left out as undecodable (data.skip_corrupt), by this process
+            metrics.update(data_skipped_files=len(self.data.skipped), data_skipped=sorted(self.data.skipped))
         return metrics
 
     @torch.no_grad()

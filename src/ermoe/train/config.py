@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any, Literal
 
 import yaml
 
+from ..data.folder import ImageAugment
 from ..models import MoESpec, model_parameters, router_has_data_init
 from ..tasks import task_class
 
@@ -69,7 +71,7 @@ class DataConfig:
     data_dir: str | None = None
     download: bool = False
     mirror: str | None = None
-    img_size: int | None = None  # imagefolder only: the decoded size
+    img_size: int | None = None  # imagefolder only: the decoded size (224 when null)
     train_limit: int | None = None  # first N training images (quick runs), after the validation split is held out
     test_limit: int | None = None
     # Training images held out as a validation split (0: none), drawn by split_seed: the same for every run.
@@ -94,6 +96,13 @@ class DataConfig:
     # For volumes: crop_padding = the largest random shift in voxels, hflip = a random left-right flip.
     crop_padding: int = 0
     hflip: bool = False
+    # Streamed datasets (imagefolder; docs/data.md): loader worker processes that decode (0: in the training
+    # process), the training augmentation (null: none; {} DeiT's), the centre crop's share of the resized image
+    # at evaluation, and whether an undecodable file is left out with a warning instead of stopping the run.
+    num_workers: int = 0
+    augment: ImageAugment | None = None
+    crop_pct: float = 0.875
+    skip_corrupt: bool = False
 
 
 @dataclass
@@ -231,7 +240,12 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         if key not in hints:
             raise ConfigError(f"unknown config key {full!r}; valid keys here: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], full)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:  # a section's own checks (__post_init__)
+        raise ConfigError(err if not prefix or str(err).startswith(prefix) else f"{prefix}: {err}") from None
 
 
 def _check_ranges(cfg: TrainConfig) -> None:
@@ -264,6 +278,13 @@ def _check_ranges(cfg: TrainConfig) -> None:
             [(f"optim.betas[{i}]", b) for i, b in enumerate(o.betas)] + [("optim.clip_grad", o.clip_grad or 1.0)]:
         require(math.isfinite(value), key, "a finite number", value)
     require(d.crop_padding >= 0, "data.crop_padding", ">= 0", d.crop_padding)
+    require(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
+    require(0 < d.crop_pct <= 1, "data.crop_pct", "in (0, 1]", d.crop_pct)
+    if d.augment is not None and d.augment.mixes:
+        require(o.batch_size % 2 == 0, "optim.batch_size", "even with data.augment's mixup / CutMix (pairs of rows)",
+                o.batch_size)
+        require(cfg.task == "classification", "data.augment's mixing", "used by image classification only",
+                cfg.task)
     require(d.val_size >= 0 and d.test_size >= 0, "data.val_size and data.test_size", ">= 0",
             (d.val_size, d.test_size))
     require(o.lr > 0, "optim.lr", "> 0", o.lr)
@@ -399,8 +420,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     if overrides:
         extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
-        values = _merge(values, extra)
+        values = _merge(_switch_dataset(values, extra), extra)
     return config_from_dict(values)
+
+
+def _switch_dataset(values: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """An override of ``data.name`` to another dataset than the file's starts the data section from that dataset's
+    defaults: the file's data keys it does not read are dropped, with one printed line naming them (a key given on
+    the command line that does not apply stays an error)."""
+    file_data, new = values.get("data"), (extra.get("data") or {}).get("name") if isinstance(extra.get("data"),
+                                                                                              dict) else None
+    if not isinstance(file_data, dict) or new is None or new == file_data.get("name", DataConfig.name):
+        return values
+    try:
+        applicable = task_class(extra.get("task", values.get("task", TrainConfig.task))).data_keys.get(new)
+    except ValueError:
+        return values  # an unknown task: its own error follows
+    if applicable is None:
+        return values  # a dataset the task does not read: its own error follows
+    dropped = [k for k in file_data if k != "name" and k not in applicable]
+    if dropped:
+        print(f"data.name={new}: the config file's data keys {', '.join(dropped)} do not apply to it and were "
+              "dropped", file=sys.stderr)
+    return {**values, "data": {k: v for k, v in file_data.items() if k not in dropped}}
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:

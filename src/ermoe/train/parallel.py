@@ -3,7 +3,9 @@ which rows of each global batch this rank reads, how gradients, clipping, logs a
 what a single process does instead (nothing). docs/distributed.md.
 
 Every rank builds the same model from the same seed and the same config, reads the same data and walks the same
-epoch order; rank r trains on its ``B / W`` consecutive rows of each global batch of B. Rank 0 alone writes the run
+epoch order; rank r trains on its ``B / W`` consecutive rows of each global batch of B (the task's
+``train_batches``: held in memory, every rank prepares the global batch and keeps its rows; streamed, it reads only
+its own). Rank 0 alone writes the run
 directory (config, log, checkpoints, metrics); checkpoints hold the whole model and the whole optimizer (sharded
 expert tensors gathered), so a run resumes on any world size and expert-parallel size. Evaluation runs the same
 forwards on every rank (expert parallelism needs every rank in every exchange) and rank 0 writes what it measured.
@@ -25,7 +27,6 @@ from ..distributed import (ParallelGroups, expert_parameter_names, full_state_di
                            reduce_expert_grads, shard_experts, sync_batchnorm, sync_routing,
                            wrap_data_parallel)
 from ..models.protocol import RoutedModel
-from ..tasks.base import Batch
 from .config import ConfigError, TrainConfig
 
 
@@ -126,15 +127,6 @@ class Parallel:
         return lock_factory() if self.main else contextlib.nullcontext()
 
     # training -----------------------------------------------------------------------------------------------------
-    def local_batch(self, batch: Batch) -> Batch:
-        """This rank's rows of a global batch. The task prepared the whole batch (its random crops, flips and
-        caption picks drawn for the global batch as in one process), so a rank's share is the same data one process
-        would train on."""
-        if self.groups is None:
-            return batch
-        share = len(batch) // self.world_size
-        return batch.rows(self.rank * share, (self.rank + 1) * share)
-
     def gather_output(self, output: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
         """Every rank's batch outputs, in rank order, for a loss that couples the batch's examples (``Task.
         batch_coupled``): per-example tensors are gathered (this rank's share keeps its gradient, and receives the

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..analysis.diagnostics import chance_changed_share, changed_share, probe_load, probe_routing
+from ..data.loader import worker_death
 from ..experts import EigenExperts, MLPExperts
 from ..models import RoutedModel, create_model
 from ..moe import NonFiniteInputError
@@ -113,10 +114,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     o = cfg.optim
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 class Logger:
@@ -241,15 +238,11 @@ class Trainer:
         model.train()
         window: dict[str, float] = {}
         window_t0 = time.perf_counter()
-        order, order_epoch = None, -1
+        batches = self.task.train_batches(self.step, self.last_step, self.parallel.rank, self.parallel.world_size)
         try:
-            while self.step < self.last_step:
-                epoch, i = divmod(self.step, self.steps_per_epoch)
-                if epoch != order_epoch:
-                    order, order_epoch = epoch_order(self.task.num_train, cfg.seed, epoch), epoch
-                t0 = time.perf_counter()
-                rows = order[i * cfg.optim.batch_size:(i + 1) * cfg.optim.batch_size]
-                batch = self.parallel.local_batch(self.task.train_batch(rows, self.step))
+            t0 = time.perf_counter()
+            for batch in batches:
+                epoch = self.step // self.steps_per_epoch
                 stats = self._train_step(batch, epoch)
                 self._track_straggler()
                 if not checked_grads and model.experts_active:
@@ -284,7 +277,14 @@ class Trainer:
                 if end_of_epoch and step != self.last_step:
                     self.logger.log({"kind": "eval", "step": step, "epoch": epoch,
                                      **self.task.quick_eval(model, self.autocast)})
+                t0 = time.perf_counter()  # the next step's time includes waiting for its batch
+        except RuntimeError as err:  # a loader worker's death surfaces wherever this process is
+            named = worker_death(err)
+            if named is None:
+                raise
+            raise named from None
         finally:
+            batches.close()
             if progress is not None:
                 progress.close()
 
