@@ -492,3 +492,99 @@ def test_tiny_regional_run_reports_volume_routing(tmp_path):
     assert "mi_age_tertile_bits" in layer and "probe_changed" in layer and math.isfinite(metrics["test_mae"])
     with pytest.raises(ConfigError, match="model.spacing is set from the data"):
         load_config(None, {**values, "model": {**values["model"], "spacing": 2.0}})
+
+
+class FixedRng:
+    """A stand-in for numpy's Generator in shift_flip: random() and integers() return the given values."""
+
+    def __init__(self, flip_draw: float, shifts: list[int]) -> None:
+        self.flip_draw, self.shifts = flip_draw, shifts
+
+    def random(self) -> float:
+        return self.flip_draw
+
+    def integers(self, low: int, high: int, size: int) -> np.ndarray:
+        assert (low, high, size) == (0, 5, 3)  # shifts 0..4 of a padding of 2, one per axis
+        return np.asarray(self.shifts)
+
+
+def test_shift_and_flip_move_a_voxel_by_hand():
+    vol = np.zeros((1, 6, 5, 4), dtype=np.float32)
+    vol[0, 1, 2, 3] = 1.0
+    # no flip (draw 0.7 >= 0.5); output i reads padded i + s = input i + s - 2, so shifts (0, 4, 2) move the
+    # content by 2 - s = (+2, -2, 0): voxel (3, 0, 3)
+    out = nifti.shift_flip(vol, 2, True, FixedRng(0.7, [0, 4, 2]))
+    assert out.shape == vol.shape and out[0, 3, 0, 3] == 1.0 and out.sum() == 1.0
+    # flip (draw 0.2): x 1 -> 6 - 1 - 1 = 4, then shifts (2, 2, 2) move nothing
+    out = nifti.shift_flip(vol, 2, True, FixedRng(0.2, [2, 2, 2]))
+    assert out[0, 4, 2, 3] == 1.0
+    # content shifted out of the volume is gone (zero filled): x 1 moved by 2 - 4 = -2
+    assert nifti.shift_flip(vol, 2, False, FixedRng(0.9, [4, 2, 2])).sum() == 0.0
+
+
+def test_parallel_cache_build_writes_the_serial_files(tmp_path, monkeypatch):
+    paths = []
+    for i in range(3):
+        nib.save(blob_image(centre_mm=(20.0 - 10 * i, 0.0, 0.0), spacing=4.0), tmp_path / f"s{i}.nii.gz")
+        paths.append(tmp_path / f"s{i}.nii.gz")
+    files = nifti.build_cache(paths, SPACING, workers=2)
+    parallel = [np.load(f) for f in files]
+    for f in files:
+        f.unlink()
+    serial = [np.load(f) for f in nifti.build_cache(paths, SPACING, workers=0)]
+    assert all(np.array_equal(a, b) for a, b in zip(parallel, serial))
+    (tmp_path / "s1.nii.gz").write_bytes(b"not a nifti")
+    with pytest.raises(BrainDataError, match="s1.nii.gz: not a readable NIfTI"):
+        nifti.build_cache(paths, SPACING, workers=2)
+
+
+def test_volumes_read_from_disk_in_workers_train_as_volumes_held_in_memory(tmp_path):
+    """Augmented brain-age training from the cache files in 2 loader workers follows the in-memory curve exactly,
+    and a distributed rank's share of each batch is the rows one process reads."""
+    from ermoe.data.loader import StepBatchSampler
+    from ermoe.train import load_config, train
+
+    def cfg(name: str, **data) -> object:
+        return load_config(None, {
+            "task": "brain_age", "out_dir": str(tmp_path / "runs"), "run_name": name, "progress": False,
+            "tensorboard": False, "probe_size": 4, "log_every": 1,
+            "data": {"name": "brain_cohort", "cohort_size": 24, "spacing": SPACING, "val_size": 4, "test_size": 4,
+                     "crop_padding": 1, "hflip": True, **data},
+            "model": {"name": "sfcn3d", "channels": [4, 8, 8], "moe": {"router": "ermoe", "num_experts": 2}},
+            "optim": {"epochs": 1, "batch_size": 8, "eval_batch_size": 8, "warmup_steps": 1}})
+
+    def losses(run: Path) -> list[float]:
+        return [r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+                if r["kind"] == "train"]
+
+    memory = train(cfg("memory"), quiet=True)
+    disk = train(cfg("disk", memory_cap_gb=0.0, num_workers=2), quiet=True)
+    assert len(losses(memory)) == 2 and losses(memory) == losses(disk)
+    m, d = (json.loads((r / "metrics.json").read_text()) for r in (memory, disk))
+    assert m["test_mae"] == d["test_mae"]
+
+    from ermoe.tasks import create_task
+    task = create_task(cfg("x", memory_cap_gb=0.0), torch.device("cpu"))
+    task.load()
+    assert not task.stores["train"].in_memory
+    whole = list(task.train_batches(0, 2))
+    halves = [list(task.train_batches(0, 2, rank, 2)) for rank in range(2)]
+    for step in range(2):
+        assert torch.equal(torch.cat([h[step].inputs[0] for h in halves]), whole[step].inputs[0])
+    keys = next(iter(StepBatchSampler(task.num_train, 8, task.cfg.seed, 1, 2)))
+    alone = task.train_batch(torch.tensor([k.index for k in keys]), 1)
+    assert torch.equal(alone.inputs[0], whole[1].inputs[0])  # the batch of step 1 alone: the same draws
+
+
+def test_the_documented_own_data_command_loads(tmp_path, capsys):
+    from ermoe.cli import main
+    from ermoe.train import load_config
+
+    rows = [{"path": f"s{i}.nii.gz", "age": str(20 + i), "subject": f"p{i}"} for i in range(4)]
+    path = write_csv(tmp_path / "ages.csv", rows)
+    # docs/brainage.md, "Your own data", with the CSV's path
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "brainage_ermoe.yaml",
+                      ["data.name=nifti_csv", f"data.csv={path}", "data.spacing=2", "data.val_size=50",
+                       "data.test_size=100"])
+    assert (cfg.data.name, cfg.data.spacing, cfg.data.val_size, cfg.data.test_size) == ("nifti_csv", 2.0, 50, 100)
+    assert "cohort_size" in capsys.readouterr().err

@@ -383,3 +383,53 @@ def test_caption_ambiguity_by_hand():
     assert caption_ambiguity(torch.tensor([[1, 2], [1, 2]]), torch.tensor([0, 0]))["bag_unique"] == 1.0
     with pytest.raises(ValueError, match="M owners"):
         caption_ambiguity(ids, owner[:3])
+
+
+def test_karpathy_images_decoded_per_batch_in_workers_train_as_images_held_in_memory(tmp_path):
+    """Past data.memory_cap_gb the images stay on disk and are decoded per batch in the loader's workers: the
+    training curve and the test recall are those of the in-memory run; a distributed rank reads only its pairs."""
+    from ermoe.tasks import create_task
+    from ermoe.train import train
+
+    entries = [_entry(f"{i}.jpg", "test" if i >= 40 else "train", [f"a photo number {i}", f"picture {i} of a dog",
+                                                                   "a cat"]) for i in range(48)]
+    path, root = _karpathy(tmp_path, entries)
+    data = {"name": "karpathy", "json": str(path), "image_root": str(root), "img_size": 32}
+
+    def losses(run) -> list[float]:
+        return [r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+                if r["kind"] == "train"]
+
+    held = train(_cfg(tmp_path, data, run_name="held", log_every=1), quiet=True)
+    disk = train(_cfg(tmp_path, {**data, "memory_cap_gb": 0.0, "num_workers": 2}, run_name="disk", log_every=1),
+                 quiet=True)
+    assert len(losses(held)) == 2 and losses(held) == losses(disk)
+    a, b = (json.loads((r / "metrics.json").read_text()) for r in (held, disk))
+    assert a["test_rsum"] == b["test_rsum"]
+
+    task = create_task(_cfg(tmp_path, {**data, "memory_cap_gb": 0.0}), torch.device("cpu"))
+    task.load()
+    assert not task.splits["train"].in_memory
+    whole = list(task.train_batches(0, 2))
+    halves = [list(task.train_batches(0, 2, rank, 2)) for rank in range(2)]
+    for step in range(2):
+        for k in range(2):  # images and token ids
+            assert torch.equal(torch.cat([h[step].inputs[k] for h in halves]), whole[step].inputs[k])
+
+    (root / "3.jpg").write_bytes(b"not a jpeg")  # found when it is first decoded, in a worker
+    with pytest.raises(CaptionDataError, match=r"image .*3\.jpg cannot be read") as err:
+        train(_cfg(tmp_path, {**data, "memory_cap_gb": 0.0, "num_workers": 2}, run_name="bad"), quiet=True)
+    assert "DataLoader worker" not in str(err.value)
+
+
+def test_the_documented_karpathy_command_loads(tmp_path, capsys):
+    from pathlib import Path
+
+    from ermoe.train import load_config
+
+    # docs/retrieval.md, "Your own data", with this machine's paths
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "retrieval_ermoe.yaml",
+                      ["data.name=karpathy", f"data.json={tmp_path / 'dataset_flickr30k.json'}",
+                       f"data.image_root={tmp_path}", "data.img_size=224"])
+    assert cfg.data.name == "karpathy" and cfg.data.img_size == 224
+    assert "caption_set_size" in capsys.readouterr().err

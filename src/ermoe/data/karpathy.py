@@ -5,9 +5,11 @@
                  "sentences": [{"raw": "A man with a red helmet on a small moped on a dirt road.", ...}, ...]}, ...]}
 
 ``filepath`` is optional (Flickr30K has none); an image's file is ``image_root/filepath/filename``. ``restval``
-joins ``train``, as every paper since the split was published does. Images are decoded once with PIL, resized
-(shorter side to ``img_size``, centre crop) and held as uint8 tensors; a missing or unreadable image, an image
-without a caption, an unknown split and a malformed file are named errors, found before any training.
+joins ``train``, as every paper since the split was published does. Images are decoded with PIL and resized
+(shorter side to ``img_size``, centre crop) to uint8: once, and held in memory, when a split fits ``memory_limit``
+bytes; else per batch from the files (:class:`ImageFiles`, read in the data loader's workers). A missing image, an
+image without a caption, an unknown split and a malformed file are named errors, found before any training; an
+unreadable image is named when it is first decoded.
 """
 
 from __future__ import annotations
@@ -27,11 +29,35 @@ class CaptionDataError(ValueError):
     """A caption file or one of its images is missing, malformed or unusable; the message names which."""
 
 
+class ImageFiles:
+    """Image files decoded when indexed: ``files[idx]`` is ``(len(idx), C, img_size, img_size)`` uint8, as an
+    in-memory split's ``images[idx]``."""
+
+    def __init__(self, paths: list[Path], img_size: int, channels: int) -> None:
+        self.paths, self.img_size, self.channels = paths, img_size, channels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.paths), self.channels, self.img_size, self.img_size)
+
+    def __getitem__(self, idx: Tensor | slice | int) -> Tensor:
+        if isinstance(idx, slice):
+            idx = torch.arange(len(self.paths))[idx]
+        if isinstance(idx, int) or (isinstance(idx, Tensor) and idx.dim() == 0):
+            return torch.from_numpy(load_image(self.paths[int(idx)], self.img_size, self.channels))
+        return torch.from_numpy(np.stack([load_image(self.paths[i], self.img_size, self.channels)
+                                          for i in idx.tolist()]))
+
+
 @dataclass
 class CaptionSplit:
-    """Images ``(N, C, H, W)`` uint8 and, per image, its captions (Karpathy: 5 for COCO and Flickr30K)."""
+    """Images ``(N, C, H, W)`` uint8 (held, or :class:`ImageFiles` decoded per batch) and, per image, its captions
+    (Karpathy: 5 for COCO and Flickr30K)."""
 
-    images: Tensor
+    images: Tensor | ImageFiles
     captions: list[list[str]]
     ids: list[str]
 
@@ -42,10 +68,16 @@ class CaptionSplit:
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.images, Tensor)
+
     def subset(self, limit: int | None) -> "CaptionSplit":
         if limit is None or limit >= len(self):
             return self
-        return CaptionSplit(self.images[:limit], self.captions[:limit], self.ids[:limit])
+        images = self.images[:limit] if self.in_memory else ImageFiles(self.images.paths[:limit],
+                                                                       self.images.img_size, self.images.channels)
+        return CaptionSplit(images, self.captions[:limit], self.ids[:limit])
 
     def flat_captions(self) -> tuple[list[str], Tensor]:
         """Every caption once, and the index of its image (the retrieval evaluation's text side)."""
@@ -87,9 +119,10 @@ def load_image(path: Path, img_size: int, channels: int) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def read_karpathy(json_path: str | Path, image_root: str | Path, img_size: int,
-                  channels: int = 3) -> dict[str, CaptionSplit]:
-    """The splits of a Karpathy file (``restval`` in ``train``), every image decoded and resized."""
+def read_karpathy(json_path: str | Path, image_root: str | Path, img_size: int, channels: int = 3,
+                  memory_limit: int | None = None) -> dict[str, CaptionSplit]:
+    """The splits of a Karpathy file (``restval`` in ``train``): each split's images decoded and held when their
+    ``img_size`` pixels fit ``memory_limit`` bytes (None: always), else left on disk and decoded per batch."""
     json_path, image_root = Path(json_path), Path(image_root)
     if not image_root.is_dir():
         raise CaptionDataError(f"data.image_root {image_root} is not a directory")
@@ -122,6 +155,7 @@ def read_karpathy(json_path: str | Path, image_root: str | Path, img_size: int,
         raise CaptionDataError(f"{json_path} has no training images (split train or restval)")
     out = {}
     for split, items in found.items():
-        images = torch.from_numpy(np.stack([load_image(p, img_size, channels) for p, _, _ in items]))
-        out[split] = CaptionSplit(images, [c for _, c, _ in items], [k for _, _, k in items])
+        files = ImageFiles([p for p, _, _ in items], img_size, channels)
+        held = memory_limit is None or len(items) * channels * img_size ** 2 <= memory_limit
+        out[split] = CaptionSplit(files[:] if held else files, [c for _, c, _ in items], [k for _, _, k in items])
     return out

@@ -131,17 +131,32 @@ def worker_death(err: BaseException) -> DataLoaderWorkerError | None:
 
 
 def iterate(loader: Iterable[Any]) -> Iterator[Any]:
-    """``loader``'s batches; a worker that died ends it with :class:`DataLoaderWorkerError` (not a bare worker
-    traceback)."""
+    """``loader``'s batches; a worker that died ends it with :class:`DataLoaderWorkerError`, an error raised in a
+    worker arrives with its own message (not a bare worker traceback)."""
     it = iter(loader)
     while True:
         try:
             batch = next(it)
         except StopIteration:
             return
-        except RuntimeError as err:
-            named = worker_death(err)
+        except Exception as err:  # noqa: BLE001 - re-raised as it is, or named
+            named = worker_death(err) or worker_error(err)
             if named is None:
                 raise
             raise named from None
         yield batch
+
+
+def worker_error(err: BaseException) -> BaseException | None:
+    """An error raised in a loader worker arrives as ``Caught X in DataLoader worker process N`` with the worker's
+    traceback as its message: the same type with the original message alone (a named error, e.g. the file that
+    cannot be read), or None for an error that did not come from a worker."""
+    text = str(err)
+    if not text.startswith("Caught ") or "in DataLoader worker process" not in text.splitlines()[0]:
+        return None
+    last = text.rstrip().splitlines()[-1]
+    message = last.split(": ", 1)[1] if ": " in last else last
+    try:
+        return type(err)(message)
+    except Exception:  # noqa: BLE001 - an exception type that takes other arguments: keep the worker's report
+        return None

@@ -18,6 +18,13 @@ Preprocessing, per image (:func:`preprocess`):
 
 The result is cached as float16 ``.npy`` under ``$ERMOE_CACHE_DIR/brain`` (default ``~/.cache/ermoe``), keyed by the
 file's path, size and modification time and the preprocessing settings, so later epochs and runs read no NIfTI.
+Missing cache files are made by ``workers`` processes in parallel (:func:`build_cache`). A split whose volumes fit
+the in-memory cap (``data.memory_cap_gb``) is held in memory; a larger one is read from the cache per example, in
+the data loader's workers (:class:`VolumeDataset`).
+
+Training augmentation (a random shift of up to ``shift`` voxels per axis, a left-right flip) is drawn per volume
+from the random stream of ``(seed, step, volume)`` (:mod:`ermoe.data.loader`): the same for any world size, any
+number of workers and either storage.
 """
 
 from __future__ import annotations
@@ -33,8 +40,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+from torch.utils.data import Dataset
 
 from .cache import cache_root
+from .loader import ExampleKey, example_seed
 
 PREPROCESS_VERSION = "1"
 # The MNI152 field of view in RAS millimetres (FSL's 2 mm template: 91 x 109 x 91 voxels).
@@ -202,12 +212,17 @@ def volume_cache_dir() -> Path:
     return cache_root() / "brain"
 
 
-def cached_volume(path: Path, spacing: float) -> Path:
-    """The preprocessed volume's ``.npy`` file, made on first use (atomically), keyed by the file and settings."""
+def cache_file(path: Path, spacing: float) -> Path:
+    """Where the preprocessed volume of ``path`` at ``spacing`` is cached (keyed by the file and the settings)."""
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{spacing}|{PREPROCESS_VERSION}"
                          .encode()).hexdigest()[:32]
-    target = volume_cache_dir() / f"{key}.npy"
+    return volume_cache_dir() / f"{key}.npy"
+
+
+def cached_volume(path: Path, spacing: float) -> Path:
+    """The preprocessed volume's ``.npy`` file, made on first use (atomically), keyed by the file and settings."""
+    target = cache_file(path, spacing)
     if target.is_file():
         return target
     vol = preprocess(path, spacing).astype(np.float16)
@@ -223,13 +238,45 @@ def cached_volume(path: Path, spacing: float) -> Path:
     return target
 
 
-class VolumeStore:
-    """The preprocessed volumes of a list of scans: cached files, held in memory when they fit ``memory_limit``
-    bytes (else read per batch), served as float32 arrays."""
+def build_cache(paths: Sequence[Path], spacing: float, workers: int = 0) -> list[Path]:
+    """The cache files of ``paths``, the missing ones preprocessed by ``workers`` processes in parallel (0: in this
+    one). A file that cannot be preprocessed stops the build with its error (naming it); what was cached stays."""
+    files = [cache_file(p, spacing) for p in paths]
+    todo = [p for p, f in zip(paths, files) if not f.is_file()]
+    if workers > 0 and len(todo) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-    def __init__(self, scans: Sequence[Scan], spacing: float, memory_limit: int = 2 << 30) -> None:
+        # fork, as torch's data loader workers: the child inherits the imports (nilearn takes seconds to import)
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("fork")) as pool:
+            for done in pool.map(cached_volume, todo, [spacing] * len(todo)):
+                pass
+    else:
+        for p in todo:
+            cached_volume(p, spacing)
+    return files
+
+
+def shift_flip(vol_CXYZ: np.ndarray, shift: int, flip: bool, rng: np.random.Generator) -> np.ndarray:
+    """A random left-right flip (the first axis of the RAS grid) with probability 1/2, then a random shift of up to
+    ``shift`` voxels along each axis (zero filled)."""
+    if flip and rng.random() < 0.5:
+        vol_CXYZ = vol_CXYZ[:, ::-1]
+    if shift:
+        s = rng.integers(0, 2 * shift + 1, 3)
+        padded = np.pad(vol_CXYZ, ((0, 0), (shift, shift), (shift, shift), (shift, shift)))
+        x, y, z = vol_CXYZ.shape[1:]
+        vol_CXYZ = padded[:, s[0]:s[0] + x, s[1]:s[1] + y, s[2]:s[2] + z]
+    return np.ascontiguousarray(vol_CXYZ)
+
+
+class VolumeStore:
+    """The preprocessed volumes of a list of scans: cached files (made by ``workers`` processes), held in memory
+    when they fit ``memory_limit`` bytes (else read per example), served as float32 arrays."""
+
+    def __init__(self, scans: Sequence[Scan], spacing: float, memory_limit: int = 2 << 30, workers: int = 0) -> None:
         self.scans, self.spacing = list(scans), spacing
-        self.files = [cached_volume(s.path, spacing) for s in self.scans]
+        self.files = build_cache([s.path for s in self.scans], spacing, workers)
         self.shape, _ = mni_grid(spacing)
         nbytes = len(self.files) * int(np.prod(self.shape)) * 2
         self.volumes = np.stack([np.load(f) for f in self.files]) if nbytes <= memory_limit else None
@@ -238,6 +285,15 @@ class VolumeStore:
     def __len__(self) -> int:
         return len(self.scans)
 
+    @property
+    def in_memory(self) -> bool:
+        return self.volumes is not None
+
+    def volume(self, i: int) -> np.ndarray:
+        """``(1, X, Y, Z)`` float32."""
+        vol = self.volumes[i] if self.volumes is not None else np.load(self.files[i])
+        return vol.astype(np.float32)[None]
+
     def get(self, indices: Sequence[int]) -> np.ndarray:
         """``(B, 1, X, Y, Z)`` float32 volumes."""
         if self.volumes is not None:
@@ -245,3 +301,26 @@ class VolumeStore:
         else:
             batch = np.stack([np.load(self.files[i]) for i in indices])
         return batch.astype(np.float32)[:, None]
+
+
+class VolumeDataset(Dataset):
+    """``(volume, age)`` of a store's scans; an :class:`~ermoe.data.loader.ExampleKey` draws the volume's shift and
+    flip from its ``(seed, step, index)`` stream, an int reads it as it is."""
+
+    def __init__(self, store: VolumeStore, seed: int = 0, shift: int = 0, flip: bool = False) -> None:
+        self.store, self.seed, self.shift, self.flip = store, seed, shift, flip
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, key: ExampleKey | int) -> tuple[torch.Tensor, float]:
+        index = key.index if isinstance(key, ExampleKey) else key
+        vol = self.store.volume(index)
+        if isinstance(key, ExampleKey) and (self.shift or self.flip):
+            vol = shift_flip(vol, self.shift, self.flip, np.random.default_rng(example_seed(self.seed, key.step,
+                                                                                            index)))
+        return torch.from_numpy(vol), float(self.store.ages[index])
+
+
+def collate_volumes(items: list[tuple[torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([v for v, _ in items]), torch.tensor([a for _, a in items], dtype=torch.float32)

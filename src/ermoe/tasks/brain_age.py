@@ -25,12 +25,14 @@ from torch import Tensor, nn
 from ..analysis.brain_maps import draw_expert_maps
 from ..analysis.diagnostics import assignments, entropy_bits, mutual_information, probe_routing
 from ..data.cohort import CohortSpec, build_cohort
-from ..data.nifti import VolumeStore, mni_grid, read_csv, split_cohort
+from ..data.loader import ExampleKey, StepBatchSampler, iterate, make_loader
+from ..data.nifti import VolumeDataset, VolumeStore, collate_volumes, mni_grid, read_csv, split_cohort
 from ..models.registry import model_parameters
 from ..routing.stats import load_summary
 from .base import Batch, Task, register_task
 
-_SPLIT_KEYS = ("spacing", "val_size", "test_size", "split_seed", "train_limit", "test_limit", "crop_padding", "hflip")
+_SPLIT_KEYS = ("spacing", "val_size", "test_size", "split_seed", "train_limit", "test_limit", "crop_padding", "hflip",
+               "num_workers", "memory_cap_gb")
 TISSUES = ("background", "csf", "gm", "wm")
 
 
@@ -176,7 +178,9 @@ class BrainAge(Task):
         test = cohort.test[:d.test_limit] if d.test_limit else cohort.test
         if len(train) < self.cfg.optim.batch_size:
             raise ValueError(f"optim.batch_size {self.cfg.optim.batch_size} exceeds the {len(train)} training scans")
-        self.stores = {name: VolumeStore(scans, d.spacing) for name, scans in
+        cap = int(d.memory_cap_gb * 2 ** 30)
+        self._eval_loaders: dict[tuple[str, int, int], Any] = {}
+        self.stores = {name: VolumeStore(scans, d.spacing, cap, d.num_workers) for name, scans in
                        (("train", train), ("val", cohort.val), ("test", test)) if scans}
         ages = self.stores["train"].ages
         self.age_mean, self.age_sd = float(ages.mean()), float(ages.std()) or 1.0
@@ -202,32 +206,47 @@ class BrainAge(Task):
         x = torch.from_numpy(store.get(indices)).to(self.device)
         return Batch((x,), torch.from_numpy(store.ages[indices]).to(self.device))
 
+    def _loader(self, dataset: VolumeDataset, batches, persistent: bool = False):
+        return make_loader(dataset, batches, collate_volumes, self.cfg.data.num_workers, self.device,
+                           persistent=persistent and self.cfg.data.num_workers > 0)
+
     def train_batch(self, indices: Tensor, step: int) -> Batch:
+        """The volumes ``indices`` read at step ``step`` (their shifts and flips drawn per volume)."""
         d = self.cfg.data
-        batch = self._batch("train", indices.cpu().numpy())
-        if not (d.crop_padding or d.hflip):
-            return batch
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        x = batch.inputs[0]
-        if d.hflip:  # left-right: the first axis of the RAS grid
-            flip = torch.rand(len(x), generator=gen) < 0.5
-            x = torch.where(flip.to(x.device)[:, None, None, None, None], x.flip(2), x)
-        if d.crop_padding:  # a random shift of up to crop_padding voxels per axis, zero filled
-            p = d.crop_padding
-            padded = F.pad(x, (p, p, p, p, p, p))
-            shifts = torch.randint(0, 2 * p + 1, (len(x), 3), generator=gen)
-            x = torch.stack([padded[i, :, s[0]:s[0] + x.shape[2], s[1]:s[1] + x.shape[3], s[2]:s[2] + x.shape[4]]
-                             for i, s in enumerate(shifts.tolist())])
-        return Batch((x,), batch.target)
+        dataset = VolumeDataset(self.stores["train"], self.cfg.seed, d.crop_padding, d.hflip)
+        vols, ages = collate_volumes([dataset[ExampleKey(int(i), step, r)] for r, i in enumerate(indices.tolist())])
+        return Batch((vols.to(self.device),), ages.to(self.device))
+
+    def train_batches(self, start_step: int, stop_step: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+        """This rank's volumes of every step, read (from memory or the cache files) and augmented in the loader's
+        ``data.num_workers`` workers, each volume's shift and flip drawn from its own ``(seed, step, volume)``
+        stream: exact for any world size and worker count."""
+        d = self.cfg.data
+        sampler = StepBatchSampler(self.num_train, self.cfg.optim.batch_size, self.cfg.seed, start_step, stop_step,
+                                   rank, world)
+        dataset = VolumeDataset(self.stores["train"], self.cfg.seed, d.crop_padding, d.hflip)
+        for vols, ages in iterate(self._loader(dataset, sampler)):
+            yield Batch((vols.to(self.device, non_blocking=True),), ages.to(self.device, non_blocking=True))
 
     def eval_batches(self, split: str, batch_size: int | None = None, limit: int | None = None) -> Iterator[Batch]:
         if split not in self.stores:
             key = {"val": "data.val_size", "test": "data.test_size"}.get(split, "data")
             raise ValueError(f"the brain-age data has no {split} split (set {key}, or a split column in the CSV)")
-        n = len(self.stores[split]) if limit is None else min(limit, len(self.stores[split]))
+        store = self.stores[split]
+        n = len(store) if limit is None else min(limit, len(store))
         batch_size = batch_size or self.cfg.optim.eval_batch_size
-        for i in range(0, n, batch_size):
-            yield self._batch(split, np.arange(i, min(i + batch_size, n)))
+        starts = range(0, n, batch_size)
+        if store.in_memory:
+            for i in starts:
+                yield self._batch(split, np.arange(i, min(i + batch_size, n)))
+            return
+        key = (split, batch_size, n)  # volumes read from the cache in the loader's workers; the loader is kept
+        loaders = self._eval_loaders
+        if key not in loaders:
+            loaders[key] = self._loader(VolumeDataset(store), [list(range(i, min(i + batch_size, n))) for i in starts],
+                                        persistent=True)
+        for vols, ages in iterate(loaders[key]):
+            yield Batch((vols.to(self.device),), ages.to(self.device))
 
     def probe(self) -> Batch:
         """The first ``probe_size`` validation volumes (test volumes without a validation split)."""

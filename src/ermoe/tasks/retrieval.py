@@ -7,7 +7,8 @@ Data: ``data.name: karpathy`` reads a Karpathy split file (``data.json``) and it
 ``fashion_captions`` generates the built-in caption set (:mod:`ermoe.data.captions`) and reads it through the same
 reader. Captions are tokenised by a BPE vocabulary learned from the training captions (``task_options.vocab_size``,
 ``task_options.context_length``). Each training step pairs every image of the batch with one of its captions,
-drawn by the step's seed (exact resume).
+drawn from the ``(seed, step, image)`` random stream (exact resume, the same for any world size). Karpathy images
+beyond ``data.memory_cap_gb`` are decoded per batch, in ``data.num_workers`` loader workers.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from ..analysis.diagnostics import assignments, mutual_information, probe_routing
 from ..analysis.retrieval import caption_ambiguity, retrieval_metrics
 from ..data.augment import normalize
-from ..data.karpathy import read_karpathy
+from ..data.karpathy import CaptionSplit, read_karpathy
+from ..data.loader import ExampleKey, StepBatchSampler, example_seed, iterate, make_loader
 from ..data.tokenize import caption_tokenizer, encode
 from ..models.dual import clip_loss
 from ..routing.stats import load_summary
@@ -50,7 +53,7 @@ class Retrieval(Task):
     datasets = ("fashion_captions", "karpathy")
     data_keys = {
         "fashion_captions": ("caption_set_size", "train_limit", "test_limit", "data_dir", "download", "mirror"),
-        "karpathy": ("json", "image_root", "img_size", "train_limit", "test_limit"),
+        "karpathy": ("json", "image_root", "img_size", "train_limit", "test_limit", "num_workers", "memory_cap_gb"),
     }
     model_data_args = ("img_size", "in_chans", "vocab_size", "context_length", "pad_id")
     Options = RetrievalOptions
@@ -75,7 +78,8 @@ class Retrieval(Task):
             if d.json is None or d.image_root is None:
                 raise ValueError("data.name karpathy needs data.json (the Karpathy split file) and data.image_root")
             json_path, root, size, channels = Path(d.json), Path(d.image_root), d.img_size or 224, 3
-        splits = read_karpathy(json_path, root, size, channels)
+        cap = int(d.memory_cap_gb * 2 ** 30) if d.name == "karpathy" else None
+        splits = read_karpathy(json_path, root, size, channels, cap)
         splits["train"] = splits["train"].subset(d.train_limit)
         if "test" not in splits:
             raise ValueError(f"{json_path} has no test split: retrieval is evaluated on it")
@@ -84,7 +88,8 @@ class Retrieval(Task):
             raise ValueError(f"optim.batch_size {self.cfg.optim.batch_size} exceeds the {len(splits['train'])} "
                              "training images")
         self.splits = splits
-        x = splits["train"].images[:20000].double().div(255.0)
+        # channel statistics: the first 20,000 training images held in memory, the first 1,000 read from disk
+        x = splits["train"].images[:20000 if splits["train"].in_memory else 1000].double().div(255.0)
         self.mean, self.std = x.mean(dim=(0, 2, 3)).float(), x.std(dim=(0, 2, 3)).float().clamp_min(1e-3)
         o = self.options
         self.tokenizer = caption_tokenizer([c for caps in splits["train"].captions for c in caps], o.vocab_size)
@@ -124,13 +129,42 @@ class Retrieval(Task):
         x = self.splits[split].images[idx].to(self.device)
         return normalize(x, self.mean.to(self.device), self.std.to(self.device))
 
-    def train_batch(self, indices: Tensor, step: int) -> Batch:
-        idx = indices.cpu()
+    def _image_chunks(self, split: str, size: int, limit: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(indices, normalised images)`` of a split in chunks of ``size``; images on disk are decoded in the
+        loader's workers."""
+        data = self.splits[split]
+        n = len(data) if limit is None else min(limit, len(data))
+        chunks = [torch.arange(s, min(s + size, n)) for s in range(0, n, size)]
+        if data.in_memory or not self.cfg.data.num_workers:
+            for idx in chunks:
+                yield idx, self._images(split, idx)
+            return
+        loader = make_loader(_Images(data), [c.tolist() for c in chunks], _stack, self.cfg.data.num_workers,
+                             self.device)
+        for idx, x in zip(chunks, iterate(loader)):
+            yield idx, normalize(x.to(self.device), self.mean.to(self.device), self.std.to(self.device))
+
+    def _pairs(self) -> "_Pairs":
         ids, _, first = self.tokens["train"]
-        counts = torch.tensor([len(self.splits["train"].captions[i]) for i in idx.tolist()])
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        pick = first[idx] + (torch.rand(len(idx), generator=gen) * counts).long()
-        return Batch((self._images("train", idx), ids[pick].to(self.device)), None)
+        counts = torch.tensor([len(c) for c in self.splits["train"].captions])
+        return _Pairs(self.splits["train"], ids, first, counts, self.cfg.seed)
+
+    def train_batch(self, indices: Tensor, step: int) -> Batch:
+        pairs = self._pairs()
+        images, ids = _collate_pairs([pairs[ExampleKey(i, step, r)] for r, i in enumerate(indices.tolist())])
+        x = normalize(images.to(self.device), self.mean.to(self.device), self.std.to(self.device))
+        return Batch((x, ids.to(self.device)), None)
+
+    def train_batches(self, start_step: int, stop_step: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+        """This rank's image-caption pairs of every step (images on disk decoded in ``data.num_workers`` loader
+        workers); the InfoNCE loss then sees the global batch (``batch_coupled``)."""
+        sampler = StepBatchSampler(self.num_train, self.cfg.optim.batch_size, self.cfg.seed, start_step, stop_step,
+                                   rank, world)
+        loader = make_loader(self._pairs(), sampler, _collate_pairs, self.cfg.data.num_workers, self.device)
+        mean, std = self.mean.to(self.device), self.std.to(self.device)
+        for images, ids in iterate(loader):
+            x = normalize(images.to(self.device, non_blocking=True), mean, std)
+            yield Batch((x, ids.to(self.device, non_blocking=True)), None)
 
     def eval_batches(self, split: str, batch_size: int | None = None, limit: int | None = None) -> Iterator[Batch]:
         """Each image with its first caption (probes, data-dependent initialisation); the retrieval evaluation
@@ -138,11 +172,8 @@ class Retrieval(Task):
         if split not in self.splits:
             raise ValueError(f"the caption data has no {split} split")
         ids, _, first = self.tokens[split]
-        n = len(self.splits[split]) if limit is None else min(limit, len(self.splits[split]))
-        size = batch_size or self.cfg.optim.eval_batch_size
-        for s in range(0, n, size):
-            idx = torch.arange(s, min(s + size, n))
-            yield Batch((self._images(split, idx), ids[first[idx]].to(self.device)), None)
+        for idx, x in self._image_chunks(split, batch_size or self.cfg.optim.eval_batch_size, limit):
+            yield Batch((x, ids[first[idx]].to(self.device)), None)
 
     def probe(self) -> Batch:
         return next(self.eval_batches("val" if "val" in self.splits else "test", self.cfg.probe_size))
@@ -166,10 +197,9 @@ class Retrieval(Task):
         size = self.cfg.optim.eval_batch_size
         try:
             images = []
-            for s in range(0, len(self.splits[split]), size):
-                idx = torch.arange(s, min(s + size, len(self.splits[split])))
+            for idx, x in self._image_chunks(split, size):
                 with autocast():
-                    images.append(model.encode_image(self._images(split, idx)).float().cpu())
+                    images.append(model.encode_image(x).float().cpu())
                 if on_image is not None:
                     on_image(idx)
             ids, owner, _ = self.tokens[split]
@@ -304,3 +334,38 @@ class Retrieval(Task):
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return [path]
+
+
+class _Pairs(Dataset):
+    """A training image (uint8, from memory or decoded) with one of its captions' token ids, the caption drawn from
+    the example's ``(seed, step, image)`` stream."""
+
+    def __init__(self, split: CaptionSplit, ids: Tensor, first: Tensor, counts: Tensor, seed: int) -> None:
+        self.split, self.ids, self.first, self.counts, self.seed = split, ids, first, counts, seed
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: ExampleKey) -> tuple[Tensor, Tensor]:
+        u = np.random.default_rng(example_seed(self.seed, key.step, key.index)).random()
+        pick = int(self.first[key.index]) + int(u * int(self.counts[key.index]))
+        return self.split.images[key.index], self.ids[pick]
+
+
+class _Images(Dataset):
+    def __init__(self, split: CaptionSplit) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.split.images[i]
+
+
+def _collate_pairs(items: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    return torch.stack([x for x, _ in items]), torch.stack([t for _, t in items])
+
+
+def _stack(items: list[Tensor]) -> Tensor:
+    return torch.stack(items)

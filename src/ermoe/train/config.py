@@ -96,10 +96,13 @@ class DataConfig:
     # For volumes: crop_padding = the largest random shift in voxels, hflip = a random left-right flip.
     crop_padding: int = 0
     hflip: bool = False
-    # Streamed datasets (imagefolder; docs/data.md): loader worker processes that decode (0: in the training
-    # process), the training augmentation (null: none; {} DeiT's), the centre crop's share of the resized image
+    # Streamed datasets (imagefolder, brain age; docs/data.md): loader worker processes that decode (0: in the
+    # training process), the training augmentation (null: none; {} DeiT's), the centre crop's share of the resized image
     # at evaluation, and whether an undecodable file is left out with a warning instead of stopping the run.
     num_workers: int = 0
+    # Brain age: a split's preprocessed volumes are held in memory up to this many GiB, else read per example
+    # from the cache (in the loader's workers); the cache itself is built by num_workers processes.
+    memory_cap_gb: float = 2.0
     augment: ImageAugment | None = None
     crop_pct: float = 0.875
     skip_corrupt: bool = False
@@ -280,6 +283,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
     require(d.crop_padding >= 0, "data.crop_padding", ">= 0", d.crop_padding)
     require(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
     require(0 < d.crop_pct <= 1, "data.crop_pct", "in (0, 1]", d.crop_pct)
+    require(d.memory_cap_gb >= 0 and math.isfinite(d.memory_cap_gb), "data.memory_cap_gb", "a finite number >= 0",
+            d.memory_cap_gb)
     if d.augment is not None and d.augment.mixes:
         require(o.batch_size % 2 == 0, "optim.batch_size", "even with data.augment's mixup / CutMix (pairs of rows)",
                 o.batch_size)
