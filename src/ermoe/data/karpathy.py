@@ -116,7 +116,7 @@ def load_image(path: Path, img_size: int, channels: int) -> np.ndarray:
             arr = np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as err:
         raise CaptionDataError(f"image {path} cannot be read: {err}") from None
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return np.array(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))  # a writable copy (PIL's is not)
 
 
 def read_karpathy(json_path: str | Path, image_root: str | Path, img_size: int, channels: int = 3,
