@@ -292,7 +292,7 @@ def test_nifti_csv_by_someone_else_trains(tmp_path):
     metrics = json.loads((train(cfg, quiet=True) / "metrics.json").read_text())
     assert metrics["test_scans"] == 2 and metrics["layers"] == {}
     from ermoe.train import ConfigError
-    with pytest.raises(ConfigError, match="data.val_size and data.test_size must be >= 0"):
+    with pytest.raises(ConfigError, match="data.test_size must be >= 0, got -1"):
         load_config(None, {"task": "brain_age", "data": {"name": "nifti_csv", "csv": str(path), "test_size": -1},
                            "model": {"name": "sfcn3d"}})
     with pytest.raises(ConfigError, match="data.cohort_size does not apply"):

@@ -247,7 +247,7 @@ def test_expert_parallel_without_torchrun_is_a_named_error(tmp_path):
 def test_contrastive_retrieval_on_two_ranks_follows_the_one_process_curve(tmp_path):
     # InfoNCE's negatives are the whole global batch: each rank gathers every rank's embeddings (its own keep their
     # gradient), so 2 ranks (EP 2 in both towers) train as one process does; and the caption each image is paired
-    # with is drawn for the global batch, as in one process.
+    # with is drawn from the (seed, step, image) stream, as in one process.
     pytest.importorskip("tokenizers")
     pytest.importorskip("PIL")
     from test_retrieval import TINY, _entry, _karpathy
@@ -271,6 +271,32 @@ def test_contrastive_retrieval_on_two_ranks_follows_the_one_process_curve(tmp_pa
     _same_curve(two, one, CURVE_RTOL)
     assert metrics_two["test_rsum"] == pytest.approx(metrics_one["test_rsum"], abs=1e-6)
 
+
+
+def test_a_streamed_imagefolder_on_two_ranks_with_loader_workers_follows_the_one_process_curve(tmp_path):
+    # Each rank decodes only its rows, in a loader worker, with DeiT's augmentation and pair-wise mixup / CutMix
+    # drawn per example: the ranks' halves are one process's batches (no worker), so the curves agree.
+    pytest.importorskip("PIL")
+    from test_streaming import make_folder
+
+    from ermoe.train import load_config, train
+
+    folder = make_folder(tmp_path / "folder")
+
+    def overrides(out: str, workers: int, **extra):
+        return {"out_dir": str(tmp_path / out), "run_name": "run", "progress": False, "tensorboard": False,
+                "probe_size": 8, "log_every": 1,
+                "data": {"name": "imagefolder", "data_dir": str(folder), "img_size": 16, "num_workers": workers,
+                         "augment": {}},
+                "model": {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2,
+                          "moe": {"router": "ermoe", "num_experts": 4, "blocks": "all"}},
+                "optim": {"epochs": 2, "batch_size": 8, "eval_batch_size": 16, "warmup_steps": 1}, **extra}
+
+    one, metrics_one = _train_log(train(load_config(None, overrides("one", 0)), quiet=True))
+    two, metrics_two = _train_log(run_local(cases.train_job, 2, overrides("two", 1, ep_size=2))[0])
+    assert len(one) == 8
+    _same_curve(two, one, CURVE_RTOL)
+    assert metrics_two["test_top1"] == pytest.approx(metrics_one["test_top1"], abs=1e-9)
 
 
 WHOLE_MODELS = {

@@ -161,16 +161,16 @@ def test_bad_input_raises_clear_errors():
         ermoe.MoE(D, H, E, router="softmax_topk")(torch.randn(4, D), context=torch.randn(4, D))
     with pytest.raises(ValueError, match="needs a context"):
         ermoe.MoE(D, H, E, router="ermoe", router_kwargs={"score": "context"})(torch.randn(4, D))
-    with pytest.raises(ValueError, match="ortho must be Literal\\['qr', 'parametrization', 'penalty'\\], got str 'svd'"):
+    with pytest.raises(ValueError, match=r"router 'emoe': ortho: expected one of \['qr', 'parametrization', 'penalty'\], got 'svd'"):
         ermoe.MoE(D, H, E, router="emoe", router_kwargs={"ortho": "svd"})
     with pytest.raises(ValueError, match="temperature"):
         ermoe.MoE(D, H, E, router="ermoe", router_kwargs={"tau": 0.0})
-    with pytest.raises(ValueError, match="rank must be int \\| None, got str '8'"):
+    with pytest.raises(ValueError, match=r"router 'emoe': rank: expected int \| None, got str '8'"):
         ermoe.MoE(D, H, E, router="emoe", router_kwargs={"rank": "8"})
     # a string is not a bool (it would be truthy), a bool is not a number
-    with pytest.raises(ValueError, match="standardize must be bool, got str 'false'"):
+    with pytest.raises(ValueError, match="router 'ermoe': standardize: expected bool, got str 'false'"):
         ermoe.MoE(D, H, E, router="ermoe", router_kwargs={"standardize": "false"})
-    with pytest.raises(ValueError, match="tau must be float, got bool True"):
+    with pytest.raises(ValueError, match="router 'emoe': tau: expected float, got bool True"):
         ermoe.MoE(D, H, E, router="emoe", router_kwargs={"tau": True})
     with pytest.raises(ValueError, match=r"rank must be in \[1, dim\)"):
         ermoe.MoE(D, H, E, router="ermoe", router_kwargs={"rank": D + 1})

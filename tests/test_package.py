@@ -5,8 +5,10 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).parents[1] / "src" / "ermoe"
-# Lower layers first; a module may import from its own layer or below. `data` depends on nothing of ermoe.
+# Lower layers first; a module may import from its own layer or below. `settings` (how a setting is checked)
+# depends on nothing of ermoe, `data` on settings alone.
 LAYERS = [
+    {"settings"},
     {"data"},
     {"routing", "orthogonal"},
     {"experts", "dispatch"},

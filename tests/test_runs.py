@@ -270,7 +270,7 @@ def test_a_torn_last_log_line_is_dropped_and_a_corrupt_one_named(tmp_path):
 
 # 5. strict config values, no raw traceback -----------------------------------------------------------------------
 @pytest.mark.parametrize("args,message", [
-    (["--model.moe.router_kwargs={standardize: 'false'}"], "standardize must be bool, got str 'false'"),
+    (["--model.moe.router_kwargs={standardize: 'false'}"], "standardize: expected bool, got str 'false'"),
     (["--model.depth=0"], "depth must be a positive int, got 0"),
     (["--model.embed_dim=-8"], "embed_dim must be a positive int, got -8"),
     (["--model.mlp_ratio=0"], "mlp_ratio must be > 0"),

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..settings import FORBID_EXTRA
 from .images import CorruptDatasetError, DatasetNotFoundError
 from .loader import (ExampleKey, StepBatchSampler, example_seed, iterate, make_loader, seeded)
 
@@ -36,6 +37,8 @@ class ImageAugment:
     """Training augmentation of streamed images (``data.augment``; ``{}`` is DeiT's ImageNet recipe, Touvron et al.
     2021, section 6). The first six go to ``timm.data.create_transform``; mixing is ermoe's pair-wise version of
     timm's ``Mixup`` (world-size invariant, see the module docstring)."""
+
+    __pydantic_config__ = FORBID_EXTRA
 
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop's area range
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # and aspect-ratio range
@@ -80,6 +83,32 @@ class ImageAugment:
     @property
     def mixes(self) -> bool:
         return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+
+def posterize_any_bits(img: Any, bits_to_keep: int, **_: Any) -> Any:
+    """timm's posterize op for every level: keeping 0 bits is a black image. At RandAugment's top magnitude timm's
+    increasing posterize keeps 0 bits, which Pillow 13 refuses (``bits must be between ... 1 and 8``) and older
+    Pillow computed as a black image."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def allow_zero_bit_posterize(transform: Any) -> Any:
+    """``transform`` (timm's composed training transform) with its RandAugment's posterize ops as
+    :func:`posterize_any_bits`: the same recipe, on any Pillow."""
+    from timm.data.auto_augment import RandAugment, posterize
+
+    for t in getattr(transform, "transforms", []):
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.aug_fn is posterize:
+                    op.aug_fn = posterize_any_bits
+    return transform
 
 
 class Example(NamedTuple):
@@ -296,9 +325,10 @@ class ImageFolderData:
         if not training or self.augment is None:
             return create_transform(self.img_size, is_training=False, crop_pct=self.crop_pct, **common)
         a = self.augment
-        return create_transform(self.img_size, is_training=True, scale=tuple(a.scale), ratio=tuple(a.ratio),
-                                hflip=a.hflip, auto_augment=a.auto_augment, color_jitter=a.color_jitter,
-                                re_prob=a.re_prob, **{**common, "interpolation": a.interpolation})
+        return allow_zero_bit_posterize(create_transform(
+            self.img_size, is_training=True, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
+            auto_augment=a.auto_augment, color_jitter=a.color_jitter, re_prob=a.re_prob,
+            **{**common, "interpolation": a.interpolation}))
 
     def train_batches(self, seed: int, batch_size: int, start_step: int, stop_step: int, rank: int, world: int,
                       device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:

@@ -28,6 +28,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..moe import MoE
 from ..routing import check_router_kwargs, list_routers
+from ..settings import FORBID_EXTRA
 from .protocol import RoutedModel, TokenMoELayer
 from .registry import TIMM_VIT, register_model
 from .stems import STEMS, PretrainedStem, install_stem
@@ -64,6 +65,8 @@ class MoESpec:
         ``"last:N"``, or a list of block indices (negative ones count from the end).
     capacity_factor, learn_alpha, router_kwargs: as :class:`ermoe.MoE` takes them.
     """
+
+    __pydantic_config__ = FORBID_EXTRA  # a key MoESpec has no field for is an error (ermoe.settings)
 
     router: str = "ermoe"
     num_experts: int = 8

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import types
 import typing
 from typing import Any
 
+from ..settings import check
 from .base import Router, RouterOutput, RoutingInfo
 from .cosine import CosineRouter
 from .eigenbasis import EigenbasisRouter, default_eigen_rank
@@ -30,25 +30,6 @@ def list_routers() -> list[str]:
     return list(ROUTERS)
 
 
-def _matches(value: Any, tp: Any) -> bool:
-    """Whether ``value`` has the annotated type, strictly (a string is not a bool, a bool not a number); types richer
-    than scalars, literals and their unions are left to the constructor."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arm) for arm in typing.get_args(tp))
-    if origin is typing.Literal:
-        return value in typing.get_args(tp)
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp in (int, float):
-        return isinstance(value, int if tp is int else (int, float)) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    return True
-
-
 def check_router_kwargs(name: str, kwargs: dict[str, Any]) -> None:
     """Raise ``ValueError`` for a keyword router ``name`` does not take, or a value of the wrong type."""
     if name not in ROUTERS:
@@ -58,10 +39,7 @@ def check_router_kwargs(name: str, kwargs: dict[str, Any]) -> None:
         if key in ("dim", "num_experts", "top_k", "return") or key not in hints:
             raise ValueError(f"router {name!r} takes no keyword {key!r}; it takes: "
                              f"{', '.join(k for k in hints if k not in ('dim', 'num_experts', 'top_k', 'return'))}")
-        if not _matches(value, hints[key]):
-            tp = hints[key]
-            expected = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
-            raise ValueError(f"router {name!r}: {key} must be {expected}, got {type(value).__name__} {value!r}")
+        check(value, hints[key], f"router {name!r}: {key}")  # strictly, as every setting (ermoe.settings)
 
 
 def create_router(name: str, dim: int, num_experts: int, top_k: int = 1, **kwargs: Any) -> Router:

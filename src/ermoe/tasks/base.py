@@ -53,14 +53,13 @@ class Batch:
 class Task(ABC):
     """One application: its data, loss, metrics and report. Subclasses register with :func:`register_task`.
 
-    ``datasets`` names the ``data.name`` values the task reads; ``data_keys`` maps each to the ``data.*`` keys that
-    apply to it (any other data key set away from its default is an error, not ignored); ``model_data_args`` names
-    the model keywords :meth:`model_args` supplies from the data (a config setting one is an error).
+    ``datasets`` names the ``data.name`` values the task reads (each dataset's options: ``ermoe.data.modules``);
+    ``model_data_args`` names the model keywords :meth:`model_args` supplies from the data (a config setting one is
+    an error).
     """
 
     name: ClassVar[str]
     datasets: ClassVar[tuple[str, ...]]
-    data_keys: ClassVar[dict[str, tuple[str, ...]]] = {}
     model_data_args: ClassVar[tuple[str, ...]] = ()
     # A dataclass of the task's own settings (``TrainConfig.task_options``, checked by the config against its
     # fields and their types); None: the task takes none.

@@ -29,10 +29,9 @@ from ..data.loader import ExampleKey, StepBatchSampler, iterate, make_loader
 from ..data.nifti import VolumeDataset, VolumeStore, collate_volumes, mni_grid, read_csv, split_cohort
 from ..models.registry import model_parameters
 from ..routing.stats import load_summary
+from ..settings import FORBID_EXTRA
 from .base import Batch, Task, register_task
 
-_SPLIT_KEYS = ("spacing", "val_size", "test_size", "split_seed", "train_limit", "test_limit", "crop_padding", "hflip",
-               "num_workers", "memory_cap_gb")
 TISSUES = ("background", "csf", "gm", "wm")
 
 
@@ -119,6 +118,7 @@ def expert_anatomy(counts_EN: np.ndarray, tissue_N: np.ndarray, age_map_N: np.nd
 
 @dataclass
 class BrainAgeOptions:
+    __pydantic_config__ = FORBID_EXTRA
     loss: Literal["l1", "soft_bins"] = "l1"
     bin_width: float = 1.0  # years (SFCN: 1)
     bin_sigma: float = 1.0  # sd of the Gaussian soft label, years (SFCN: 1)
@@ -150,8 +150,6 @@ class BrainAge(Task):
     Options = BrainAgeOptions
     options: BrainAgeOptions
     datasets = ("brain_cohort", "nifti_csv")
-    data_keys = {"nifti_csv": ("csv", *_SPLIT_KEYS),
-                 "brain_cohort": ("cohort_size", "cohort_seed", *_SPLIT_KEYS)}
     model_data_args = ("in_chans", "volume_shape", "num_outputs", "spacing")
 
     def load(self) -> None:

@@ -16,27 +16,15 @@ from ..analysis.diagnostics import evaluate_classifier
 from ..analysis.report import draw_figures, layers_table
 from ..data.augment import normalize, train_transform
 from ..data.folder import ImageFolderData
-from ..data.images import DATASETS, ImageData, ImageSet, load_dataset
+from ..data.images import DATASETS, ImageData, ImageSet
+from ..data.modules import ImageFolderOptions, InMemoryImageOptions
 from .base import Batch, Task, register_task
 from .features import cached_stem_features
-
-_LIMITS, _AUGMENT = ("train_limit", "test_limit", "val_size", "split_seed"), ("crop_padding", "hflip")
-_IN_MEMORY = (*_LIMITS, "stem_cache", *_AUGMENT)
-# Streamed from disk: decoded in data.num_workers loader processes, augmented per example (data.augment)
-_STREAMED = (*_LIMITS, "num_workers", "augment", "crop_pct", "skip_corrupt")
-
 
 @register_task
 class ImageClassification(Task):
     name = "classification"
     datasets = DATASETS
-    data_keys = {
-        "fashion_mnist": ("data_dir", "download", "mirror", *_IN_MEMORY),
-        "digits": _IN_MEMORY,
-        "cifar10": ("data_dir", *_IN_MEMORY),
-        "cifar100": ("data_dir", *_IN_MEMORY),
-        "imagefolder": ("data_dir", "img_size", *_STREAMED),
-    }
     model_data_args = ("num_classes", "img_size", "in_chans")
     data: ImageData | ImageFolderData
     # With data.stem_cache: each split's frozen stem features, which then stand in for its images as model input.
@@ -49,18 +37,13 @@ class ImageClassification(Task):
 
     def load(self) -> None:
         d = self.cfg.data
-        if d.name == "imagefolder":  # only the file lists: images are decoded when a step asks for them
+        if isinstance(d, ImageFolderOptions):  # only the file lists: images are decoded when a step asks for them
             self.data = ImageFolderData(d.data_dir, d.img_size or 224, crop_pct=d.crop_pct, augment=d.augment,
                                         val_size=d.val_size, split_seed=d.split_seed, train_limit=d.train_limit,
                                         test_limit=d.test_limit, num_workers=d.num_workers,
                                         skip_corrupt=d.skip_corrupt)
         else:
-            data = load_dataset(d.name, d.data_dir, download=d.download, mirror=d.mirror)
-            if d.val_size:
-                data.carve_validation(d.val_size, d.split_seed)
-            data.train = data.train.subset(d.train_limit)
-            data.test = data.test.subset(d.test_limit)
-            self.data = data
+            self.data = d.load()
         if self.num_train < self.cfg.optim.batch_size:
             raise ValueError(f"optim.batch_size {self.cfg.optim.batch_size} exceeds the {self.num_train} training "
                              "images")
@@ -81,7 +64,7 @@ class ImageClassification(Task):
                 warnings.warn(f"the model's pretrained input normalisation has {len(mean)} channels, the images "
                               f"{self.data.in_chans}: normalising with the dataset's own statistics instead",
                               stacklevel=2)
-        if self.cfg.data.stem_cache:
+        if isinstance(self.cfg.data, InMemoryImageOptions) and self.cfg.data.stem_cache:
             self._cache_stem(model)
 
     def _cache_stem(self, model: nn.Module) -> None:

@@ -28,9 +28,11 @@ from ..analysis.retrieval import caption_ambiguity, retrieval_metrics
 from ..data.augment import normalize
 from ..data.karpathy import CaptionSplit, read_karpathy
 from ..data.loader import ExampleKey, StepBatchSampler, example_seed, iterate, make_loader
+from ..data.modules import KarpathyOptions
 from ..data.tokenize import caption_tokenizer, encode
 from ..models.dual import clip_loss
 from ..routing.stats import load_summary
+from ..settings import FORBID_EXTRA
 from .base import Batch, Task, register_task
 
 BACKGROUND = 10  # the item-class label of a patch in an empty cell of a built-in canvas
@@ -38,6 +40,7 @@ BACKGROUND = 10  # the item-class label of a patch in an empty cell of a built-i
 
 @dataclass
 class RetrievalOptions:
+    __pydantic_config__ = FORBID_EXTRA
     vocab_size: int = 2000
     context_length: int = 32
 
@@ -51,10 +54,6 @@ class Retrieval(Task):
     name = "retrieval"
     batch_coupled = True  # InfoNCE: every other pair of the (global) batch is a negative
     datasets = ("fashion_captions", "karpathy")
-    data_keys = {
-        "fashion_captions": ("caption_set_size", "train_limit", "test_limit", "data_dir", "download", "mirror"),
-        "karpathy": ("json", "image_root", "img_size", "train_limit", "test_limit", "num_workers", "memory_cap_gb"),
-    }
     model_data_args = ("img_size", "in_chans", "vocab_size", "context_length", "pad_id")
     Options = RetrievalOptions
 
@@ -78,7 +77,7 @@ class Retrieval(Task):
             if d.json is None or d.image_root is None:
                 raise ValueError("data.name karpathy needs data.json (the Karpathy split file) and data.image_root")
             json_path, root, size, channels = Path(d.json), Path(d.image_root), d.img_size or 224, 3
-        cap = int(d.memory_cap_gb * 2 ** 30) if d.name == "karpathy" else None
+        cap = int(d.memory_cap_gb * 2 ** 30) if isinstance(d, KarpathyOptions) else None
         splits = read_karpathy(json_path, root, size, channels, cap)
         splits["train"] = splits["train"].subset(d.train_limit)
         if "test" not in splits:
@@ -129,18 +128,23 @@ class Retrieval(Task):
         x = self.splits[split].images[idx].to(self.device)
         return normalize(x, self.mean.to(self.device), self.std.to(self.device))
 
+    @property
+    def _workers(self) -> int:
+        """Loader workers: Karpathy images may be read from disk; the built-in set is held in memory."""
+        return self.cfg.data.num_workers if isinstance(self.cfg.data, KarpathyOptions) else 0
+
     def _image_chunks(self, split: str, size: int, limit: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """``(indices, normalised images)`` of a split in chunks of ``size``; images on disk are decoded in the
         loader's workers."""
         data = self.splits[split]
         n = len(data) if limit is None else min(limit, len(data))
         chunks = [torch.arange(s, min(s + size, n)) for s in range(0, n, size)]
-        if data.in_memory or not self.cfg.data.num_workers:
+        workers = self._workers
+        if data.in_memory or not workers:
             for idx in chunks:
                 yield idx, self._images(split, idx)
             return
-        loader = make_loader(_Images(data), [c.tolist() for c in chunks], _stack, self.cfg.data.num_workers,
-                             self.device)
+        loader = make_loader(_Images(data), [c.tolist() for c in chunks], _stack, workers, self.device)
         for idx, x in zip(chunks, iterate(loader)):
             yield idx, normalize(x.to(self.device), self.mean.to(self.device), self.std.to(self.device))
 
@@ -160,7 +164,7 @@ class Retrieval(Task):
         workers); the InfoNCE loss then sees the global batch (``batch_coupled``)."""
         sampler = StepBatchSampler(self.num_train, self.cfg.optim.batch_size, self.cfg.seed, start_step, stop_step,
                                    rank, world)
-        loader = make_loader(self._pairs(), sampler, _collate_pairs, self.cfg.data.num_workers, self.device)
+        loader = make_loader(self._pairs(), sampler, _collate_pairs, self._workers, self.device)
         mean, std = self.mean.to(self.device), self.std.to(self.device)
         for images, ids in iterate(loader):
             x = normalize(images.to(self.device, non_blocking=True), mean, std)

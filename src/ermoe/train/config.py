@@ -4,14 +4,11 @@
 overrides (values parsed as YAML: ``3``, ``0.1``, ``true``, ``[1, 3]``, ``{standardize: true}``), and checks every
 key and type; an error names the offending key and what was expected.
 
-The model section is the model's builder's keyword arguments (the registry, ``ermoe.models``, types and checks
-them), the data section is checked against what the task's dataset reads (``ermoe.tasks``): nothing here repeats
-their rules.
-
-Why not OmegaConf structured configs (tried with 2.4.0): a ``str | list[int]`` field (``model.moe.blocks``:
-``every_other`` or ``[1, 3]``) rejects the list; strings are coerced silently (``'yes'`` and ``'false'`` to bools,
-``'5'`` to an int), where a wrong type must be an error; and the model section's schema is chosen by
-``model.name`` at load time, which would need a generated dataclass per builder. The checker below is small.
+Every value is checked against its annotation by :mod:`ermoe.settings` (pydantic, strict: no ``'5'`` for an int,
+no ``'false'`` for a bool), the one checker of config sections, model builder arguments and router keywords. The
+model section is the model's builder's keyword arguments (typed by its signature, ``ermoe.models``); the data
+section is the options of the dataset ``data.name`` names (``ermoe.data.modules``); ``task_options`` the task's
+Options. Nothing here repeats their rules.
 """
 
 from __future__ import annotations
@@ -19,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +23,10 @@ from typing import Any, Literal
 
 import yaml
 
-from ..data.folder import ImageAugment
+from ..data.modules import (DataOptions, FashionMNISTOptions, ImageFolderOptions, InMemoryImageOptions, data_options,
+                            dataset_keys)
 from ..models import MoESpec, model_parameters, router_has_data_init
+from ..settings import FORBID_EXTRA, check, yaml_load
 from ..tasks import task_class
 
 
@@ -66,50 +64,8 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    name: str = "fashion_mnist"
-    data_dir: str | None = None
-    download: bool = False
-    mirror: str | None = None
-    img_size: int | None = None  # imagefolder only: the decoded size (224 when null)
-    train_limit: int | None = None  # first N training images (quick runs), after the validation split is held out
-    test_limit: int | None = None
-    # Training images held out as a validation split (0: none), drawn by split_seed: the same for every run.
-    val_size: int = 0
-    split_seed: int = 0
-    # Compute a frozen pretrained stem's features once per image and cache them (ermoe.tasks.features).
-    stem_cache: bool = False
-    # Brain age (docs/brainage.md): nifti_csv reads `csv`; brain_cohort generates `cohort_size` subjects
-    # (`cohort_seed`) once and caches them. Both resample to the MNI grid at `spacing` mm; `test_size` subjects
-    # are held out for testing (with val_size for validation) unless the CSV has a split column.
-    csv: str | None = None
-    spacing: float = 2.0
-    cohort_size: int = 600
-    cohort_seed: int = 0
-    test_size: int = 0
-    # Retrieval (docs/retrieval.md): karpathy reads the Karpathy split file `json` with its images under
-    # `image_root`; fashion_captions generates `caption_set_size` training canvases (+ 1,000 val, 1,000 test) once.
-    json: str | None = None
-    image_root: str | None = None
-    caption_set_size: int = 10000
-    # Off by default: in the 4-epoch main job augmentation cost accuracy (docs/vision.md has the measurement).
-    # For volumes: crop_padding = the largest random shift in voxels, hflip = a random left-right flip.
-    crop_padding: int = 0
-    hflip: bool = False
-    # Streamed datasets (imagefolder, brain age; docs/data.md): loader worker processes that decode (0: in the
-    # training process), the training augmentation (null: none; {} DeiT's), the centre crop's share of the resized image
-    # at evaluation, and whether an undecodable file is left out with a warning instead of stopping the run.
-    num_workers: int = 0
-    # Brain age: a split's preprocessed volumes are held in memory up to this many GiB, else read per example
-    # from the cache (in the loader's workers); the cache itself is built by num_workers processes.
-    memory_cap_gb: float = 2.0
-    augment: ImageAugment | None = None
-    crop_pct: float = 0.875
-    skip_corrupt: bool = False
-
-
-@dataclass
 class OptimConfig:
+    __pydantic_config__ = FORBID_EXTRA
     epochs: int = 5
     max_steps: int | None = None  # stop early after this many steps (the schedule still spans ``epochs``)
     batch_size: int = 128
@@ -147,68 +103,19 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    # The options of the dataset data.name names (ermoe.data.modules): Fashion-MNIST's by default.
+    data: DataOptions = field(default_factory=FashionMNISTOptions)
     optim: OptimConfig = field(default_factory=OptimConfig)
     # The task's own settings (its Options dataclass, e.g. brain age's loss); none for classification.
     task_options: dict[str, Any] = field(default_factory=dict)
 
 
-def _type_name(tp: Any) -> str:
-    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        arms = typing.get_args(tp)
-        if isinstance(value, dict) and any(dataclasses.is_dataclass(a) for a in arms):
-            # A mapping for a dataclass (e.g. model.moe) is checked as that dataclass: its own error, not a plain dict.
-            return _coerce(value, next(a for a in arms if dataclasses.is_dataclass(a)), key)
-        for arm in arms:
-            if arm is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return _coerce(value, arm, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if tp is ModelConfig:
-        return _build_model(value, key)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, key)
-    if origin is list:
-        (item,) = typing.get_args(tp) or (Any,)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise ConfigError(f"{key}: expected one of {list(typing.get_args(tp))}, got {value!r}")
-
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp in (int, float) and isinstance(value, bool):
-        raise ConfigError(f"{key}: expected {tp.__name__}, got bool {value!r}")
-    if not isinstance(value, tp):
-        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
-    return value
+def _check(value: Any, annotation: Any, key: str) -> Any:
+    """:func:`ermoe.settings.check`, its error a :class:`ConfigError`."""
+    try:
+        return check(value, annotation, key)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _build_model(values: Any, key: str) -> ModelConfig:
@@ -216,7 +123,7 @@ def _build_model(values: Any, key: str) -> ModelConfig:
     if not isinstance(values, dict):
         raise ConfigError(f"{key}: expected a mapping of model settings, got {values!r}")
     values = dict(values)
-    name = _coerce(values.pop("name", MAIN_MODEL), str, f"{key}.name")
+    name = _check(values.pop("name", MAIN_MODEL), str, f"{key}.name")
     loop = {k: values.pop(k) for k in ("moe_init", "moe_init_batches") if k in values}
     raw = _merge(MAIN_MODEL_ARGS, values) if name == MAIN_MODEL else values
     try:
@@ -227,28 +134,45 @@ def _build_model(values: Any, key: str) -> ModelConfig:
     for arg, value in raw.items():
         if arg not in accepted:
             raise ConfigError(f"{key}.{arg} does not apply to model {name!r}; it takes: {', '.join(accepted)}")
-        try:
-            args[arg] = _coerce(value, accepted[arg], f"{key}.{arg}")
-        except ValueError as err:  # a MoESpec's own validation
-            raise ConfigError(err if isinstance(err, ConfigError) else f"{key}.{arg}: {err}") from None
-    return _build(ModelConfig, {"name": name, "args": args, **loop}, key)
+        args[arg] = _check(value, accepted[arg], f"{key}.{arg}")
+    hints = typing.get_type_hints(ModelConfig)
+    loop = {k: _check(v, hints[k], f"{key}.{k}") for k, v in loop.items()}
+    return ModelConfig(name=name, args=args, **loop)
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        full = f"{prefix}.{key}" if prefix else key
-        if key not in hints:
-            raise ConfigError(f"unknown config key {full!r}; valid keys here: {', '.join(names)}")
-        kwargs[key] = _coerce(value, hints[key], full)
+def _build_data(values: Any, key: str) -> DataOptions:
+    """The data section: the options of the dataset ``name`` names, checked against their annotations; a key the
+    dataset does not read is an error naming the keys it reads."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{key}: expected a mapping of data settings, got {values!r}")
+    values = dict(values)
+    name = _check(values.pop("name", FashionMNISTOptions.name), str, f"{key}.name")
     try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except ValueError as err:  # a section's own checks (__post_init__)
-        raise ConfigError(err if not prefix or str(err).startswith(prefix) else f"{prefix}: {err}") from None
+        options = data_options(name)
+    except ValueError as err:
+        raise ConfigError(f"{key}.name: {err}") from None
+    keys = dataset_keys(name)
+    for k in values:
+        if k not in keys:
+            raise ConfigError(f"{key}.{k} does not apply to dataset {name!r} (it reads: {', '.join(keys)})")
+    return _check(values, options, key)
+
+
+def _build(cls: type, values: Any, prefix: str = "") -> Any:
+    """A dataclass section from a mapping: unknown keys named with the valid ones, every value checked."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {values!r}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in values:
+        if k not in names:
+            full = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(f"unknown config key {full!r}; valid keys here: {', '.join(names)}")
+    hints = typing.get_type_hints(cls)
+    if cls is not TrainConfig:
+        return _check(values, cls, prefix)
+    sections = {"model": _build_model, "data": _build_data}
+    kwargs = {k: sections[k](v, k) if k in sections else _check(v, hints[k], k) for k, v in values.items()}
+    return cls(**kwargs)
 
 
 def _check_ranges(cfg: TrainConfig) -> None:
@@ -273,25 +197,15 @@ def _check_ranges(cfg: TrainConfig) -> None:
     for key in task.model_data_args:
         if key in m.args:
             raise ConfigError(f"model.{key} is set from the data by task {cfg.task!r}, not in the config")
-    for key, value in [("data.train_limit", d.train_limit), ("data.test_limit", d.test_limit),
-                       ("optim.max_steps", o.max_steps), ("data.img_size", d.img_size), ("threads", cfg.threads)]:
+    for key, value in [("optim.max_steps", o.max_steps), ("threads", cfg.threads)]:
         require(value is None or value >= 1, key, "a positive integer or null", value)
     for key, value in [("optim.lr", o.lr), ("optim.weight_decay", o.weight_decay), ("optim.min_lr_ratio",
                        o.min_lr_ratio), ("optim.label_smoothing", o.label_smoothing)] + \
             [(f"optim.betas[{i}]", b) for i, b in enumerate(o.betas)] + [("optim.clip_grad", o.clip_grad or 1.0)]:
         require(math.isfinite(value), key, "a finite number", value)
-    require(d.crop_padding >= 0, "data.crop_padding", ">= 0", d.crop_padding)
-    require(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
-    require(0 < d.crop_pct <= 1, "data.crop_pct", "in (0, 1]", d.crop_pct)
-    require(d.memory_cap_gb >= 0 and math.isfinite(d.memory_cap_gb), "data.memory_cap_gb", "a finite number >= 0",
-            d.memory_cap_gb)
-    if d.augment is not None and d.augment.mixes:
+    if isinstance(d, ImageFolderOptions) and d.augment is not None and d.augment.mixes:
         require(o.batch_size % 2 == 0, "optim.batch_size", "even with data.augment's mixup / CutMix (pairs of rows)",
                 o.batch_size)
-        require(cfg.task == "classification", "data.augment's mixing", "used by image classification only",
-                cfg.task)
-    require(d.val_size >= 0 and d.test_size >= 0, "data.val_size and data.test_size", ">= 0",
-            (d.val_size, d.test_size))
     require(o.lr > 0, "optim.lr", "> 0", o.lr)
     require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]", o.min_lr_ratio)
     require(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
@@ -329,8 +243,7 @@ def _check_device(name: str) -> None:
 
 
 def _check_data(cfg: TrainConfig) -> type:
-    """The task reads the dataset, and every data key set away from its default applies to that dataset. Returns
-    the task's class."""
+    """The task exists, takes its options, and reads the dataset. Returns the task's class."""
     try:
         task = task_class(cfg.task)
     except ValueError as err:
@@ -339,27 +252,13 @@ def _check_data(cfg: TrainConfig) -> type:
         if cfg.task_options:
             raise ConfigError(f"task_options do not apply to task {cfg.task!r} (it takes none)")
     else:
-        try:
-            _build(task.Options, cfg.task_options, "task_options")
-        except ValueError as err:  # the options' own checks (__post_init__)
-            raise ConfigError(err if isinstance(err, ConfigError) else f"task_options: {err}") from None
+        _build(task.Options, cfg.task_options, "task_options")
     d = cfg.data
     if d.name not in task.datasets:
         raise ConfigError(f"data.name must be one of {list(task.datasets)} for task {cfg.task!r}, got {d.name!r}")
-    applicable = task.data_keys.get(d.name, ())
-    defaults = dataclasses.asdict(DataConfig())
-    for key, value in dataclasses.asdict(d).items():
-        if key != "name" and key not in applicable and value != defaults[key]:
-            raise ConfigError(f"data.{key} does not apply to dataset {d.name!r} (it reads: {', '.join(applicable)})")
-    if d.mirror is not None and not d.download:
-        raise ConfigError("data.mirror applies only with data.download: true")
-    if d.stem_cache:
-        if not cfg.model.args.get("stem"):
-            raise ConfigError(f"data.stem_cache caches a frozen stem's features: model {cfg.model.name!r} has none "
-                              "(set model.stem)")
-        if d.crop_padding or d.hflip:
-            raise ConfigError("data.stem_cache precomputes the features of unaugmented images: data.crop_padding "
-                              "and data.hflip do not apply with it")
+    if isinstance(d, InMemoryImageOptions) and d.stem_cache and not cfg.model.args.get("stem"):
+        raise ConfigError(f"data.stem_cache caches a frozen stem's features: model {cfg.model.name!r} has none "
+                          "(set model.stem)")
     return task
 
 
@@ -388,7 +287,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         else:
             raise ConfigError(f"override {args[i]!r} has no value (use --key=value)")
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = yaml_load(raw) if raw != "" else None
         except yaml.YAMLError as err:
             raise ConfigError(f"override {key}: cannot parse value {raw!r}: {err}") from None
         _set_dotted(tree, key, value)
@@ -418,7 +317,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         if not path.is_file():
             raise ConfigError(f"config file {path} is not a file")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(values, dict):
@@ -435,14 +334,12 @@ def _switch_dataset(values: dict[str, Any], extra: dict[str, Any]) -> dict[str, 
     the command line that does not apply stays an error)."""
     file_data, new = values.get("data"), (extra.get("data") or {}).get("name") if isinstance(extra.get("data"),
                                                                                               dict) else None
-    if not isinstance(file_data, dict) or new is None or new == file_data.get("name", DataConfig.name):
+    if not isinstance(file_data, dict) or new is None or new == file_data.get("name", FashionMNISTOptions.name):
         return values
     try:
-        applicable = task_class(extra.get("task", values.get("task", TrainConfig.task))).data_keys.get(new)
+        applicable = dataset_keys(new)
     except ValueError:
-        return values  # an unknown task: its own error follows
-    if applicable is None:
-        return values  # a dataset the task does not read: its own error follows
+        return values  # an unknown dataset: its own error follows
     dropped = [k for k in file_data if k != "name" and k not in applicable]
     if dropped:
         print(f"data.name={new}: the config file's data keys {', '.join(dropped)} do not apply to it and were "
@@ -451,11 +348,12 @@ def _switch_dataset(values: dict[str, Any], extra: dict[str, Any]) -> dict[str, 
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    """Plain data, the model section flat as in YAML (what ``config_from_dict`` reads back)."""
+    """Plain data, the model and data sections flat as in YAML (what ``config_from_dict`` reads back)."""
     out = dataclasses.asdict(cfg)
     model = out["model"]
     out["model"] = {"name": model["name"], **model["args"], "moe_init": model["moe_init"],
                     "moe_init_batches": model["moe_init_batches"]}
+    out["data"] = cfg.data.to_dict()
     return out
 
 

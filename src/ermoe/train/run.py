@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from ..data.modules import dataset_keys
 from .checkpoint import CheckpointError, atomic_write_text
 from .config import ConfigError, TrainConfig, config_from_dict, config_to_dict, dump_config
 
@@ -34,6 +35,32 @@ RESUMABLE = {
     "optim.clip_grad", "optim.eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "probe_every",
     "progress", "tensorboard", "threads", "device", "ep_size", "dist_timeout_s", "data.num_workers",
 }
+
+
+# Configs written before each dataset had its own options held one flat data section with every dataset's keys;
+# those a dataset does not read held these values (ermoe.train.config's DataConfig until issue 23).
+_LEGACY_DATA_DEFAULTS = {
+    "data_dir": None, "download": False, "mirror": None, "img_size": None, "train_limit": None, "test_limit": None,
+    "val_size": 0, "split_seed": 0, "stem_cache": False, "csv": None, "spacing": 2.0, "cohort_size": 600,
+    "cohort_seed": 0, "test_size": 0, "json": None, "image_root": None, "caption_set_size": 10000,
+    "crop_padding": 0, "hflip": False, "num_workers": 0, "memory_cap_gb": 2.0, "augment": None, "crop_pct": 0.875,
+    "skip_corrupt": False,
+}
+
+
+def _drop_legacy_data_keys(tree: dict[str, Any]) -> dict[str, Any]:
+    """An older run's config with the data keys its dataset does not read dropped where they hold the old flat
+    section's defaults (any other value stays, and is an error naming it)."""
+    data = tree.get("data")
+    if not isinstance(data, dict):
+        return tree
+    try:
+        keys = set(dataset_keys(data.get("name", "fashion_mnist")))
+    except ValueError:
+        return tree
+    kept = {k: v for k, v in data.items() if k == "name" or k in keys or k not in _LEGACY_DATA_DEFAULTS
+            or v != _LEGACY_DATA_DEFAULTS[k]}
+    return {**tree, "data": kept}
 
 
 def flatten_config(tree: dict[str, Any]) -> dict[str, Any]:
@@ -120,7 +147,7 @@ class Run:
         """The config the run is running with (its latest segment's)."""
         tree = self._config_tree()
         tree.pop("history", None)
-        return config_from_dict(tree)
+        return config_from_dict(_drop_legacy_data_keys(tree))
 
     def history(self) -> list[dict[str, Any]]:
         """The segments of the run: the step each started at, when, and what an override changed."""

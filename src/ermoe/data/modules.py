@@ -1,0 +1,266 @@
+"""The datasets a run can read, registered by name, each with its own typed options: the ``data`` section of a run's
+config is the options of the dataset it names (``data.name``), checked by :mod:`ermoe.settings` against their
+annotations and by their own ``__post_init__`` (a key the dataset does not read is an error that names what it
+reads).
+
+    list_datasets()                  # ['fashion_mnist', 'digits', 'cifar10', ..., 'brain_cohort']
+    data_options("imagefolder")      # ImageFolderOptions: data_dir, img_size, ..., augment, num_workers
+    dataset_keys("nifti_csv")        # the keys its section takes
+
+Which task reads a dataset is the task's to say (``ermoe.tasks``, ``Task.datasets``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..settings import FORBID_EXTRA
+from .folder import ImageAugment
+from .images import ImageData, load_cifar, load_digits, load_fashion_mnist
+
+_DATASETS: dict[str, type["DataOptions"]] = {}
+
+
+def register_data(cls: type["DataOptions"]) -> type["DataOptions"]:
+    """Class decorator: register a dataset's options under their ``name``."""
+    if cls.name in _DATASETS:
+        raise ValueError(f"dataset {cls.name!r} is registered twice")
+    _DATASETS[cls.name] = cls
+    return cls
+
+
+def list_datasets() -> list[str]:
+    return list(_DATASETS)
+
+
+def data_options(name: str) -> type["DataOptions"]:
+    if name not in _DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {list_datasets()}")
+    return _DATASETS[name]
+
+
+def dataset_keys(name: str) -> list[str]:
+    """The keys of dataset ``name``'s section besides ``name``."""
+    return [f.name for f in dataclasses.fields(data_options(name))]
+
+
+def _require(ok: bool, key: str, what: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"data.{key} must be {what}, got {value!r}")
+
+
+@dataclass
+class DataOptions:
+    """What every dataset's section has: its name (the registry's key, not a field)."""
+
+    __pydantic_config__ = FORBID_EXTRA
+    name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for key in ("train_limit", "test_limit"):
+            value = getattr(self, key, None)
+            _require(value is None or value >= 1, key, "a positive integer or null", value)
+        for key in ("val_size", "test_size", "crop_padding", "num_workers"):
+            if hasattr(self, key):
+                _require(getattr(self, key) >= 0, key, ">= 0", getattr(self, key))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The section as in YAML: ``name`` first, then the options."""
+        return {"name": self.name, **dataclasses.asdict(self)}
+
+
+@dataclass
+class _Limits(DataOptions):
+    train_limit: int | None = None  # the first N training examples (quick runs), after validation is held out
+    test_limit: int | None = None
+
+
+@dataclass
+class _Splits(_Limits):
+    # Training examples held out as a validation split (0: none), drawn by split_seed: the same for every run.
+    val_size: int = 0
+    split_seed: int = 0
+
+
+@dataclass
+class InMemoryImageOptions(_Splits):
+    # Compute a frozen pretrained stem's features once per image and cache them (ermoe.tasks.features).
+    stem_cache: bool = False
+    # Off by default: in the 4-epoch main job augmentation cost accuracy (docs/vision.md has the measurement).
+    crop_padding: int = 0
+    hflip: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.stem_cache and (self.crop_padding or self.hflip):
+            raise ValueError("data.stem_cache precomputes the features of unaugmented images: data.crop_padding "
+                             "and data.hflip do not apply with it")
+
+    def read(self) -> ImageData:
+        """The dataset's train and test splits in memory (before the validation split and the limits)."""
+        raise NotImplementedError
+
+    def load(self) -> ImageData:
+        """The dataset with its validation split held out (``val_size``, ``split_seed``) and its limits applied."""
+        data = self.read()
+        if self.val_size:
+            data.carve_validation(self.val_size, self.split_seed)
+        data.train = data.train.subset(self.train_limit)
+        data.test = data.test.subset(self.test_limit)
+        return data
+
+
+@dataclass
+class _Downloadable:
+    data_dir: str | None = None
+    download: bool = False
+    mirror: str | None = None
+
+    def _check_mirror(self) -> None:
+        if self.mirror is not None and not self.download:
+            raise ValueError("data.mirror applies only with data.download: true")
+
+
+@register_data
+@dataclass
+class FashionMNISTOptions(InMemoryImageOptions, _Downloadable):
+    """Fashion-MNIST from ``data_dir``, the Debian package, or downloaded (``download``, from ``mirror``)."""
+
+    name: ClassVar[str] = "fashion_mnist"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_mirror()
+
+    def read(self) -> ImageData:
+        return load_fashion_mnist(self.data_dir, self.download, self.mirror)
+
+
+@register_data
+@dataclass
+class DigitsOptions(InMemoryImageOptions):
+    """scikit-learn's 8 x 8 digits."""
+
+    name: ClassVar[str] = "digits"
+
+    def read(self) -> ImageData:
+        return load_digits()
+
+
+@register_data
+@dataclass
+class Cifar10Options(InMemoryImageOptions):
+    """CIFAR-10 from its extracted python-format archive in ``data_dir``."""
+
+    name: ClassVar[str] = "cifar10"
+    data_dir: str | None = None
+
+    def read(self) -> ImageData:
+        return load_cifar(self.data_dir, int(self.name[5:]))
+
+
+@register_data
+@dataclass
+class Cifar100Options(Cifar10Options):
+    name: ClassVar[str] = "cifar100"
+
+
+@register_data
+@dataclass
+class ImageFolderOptions(_Splits):
+    """An ImageFolder tree (the ImageNet layout) streamed from disk (docs/data.md)."""
+
+    name: ClassVar[str] = "imagefolder"
+    data_dir: str | None = None
+    img_size: int | None = None  # the training and evaluation crop (224 when null)
+    # centre crop's share of the resized image at evaluation (0.875: 256 -> 224)
+    crop_pct: float = 0.875
+    # training augmentation: null none, {} DeiT's (ermoe.data.folder.ImageAugment)
+    augment: ImageAugment | None = None
+    num_workers: int = 0  # loader worker processes that decode (0: in the training process)
+    skip_corrupt: bool = False  # leave undecodable files out with a warning instead of stopping the run
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.img_size is None or self.img_size >= 1, "img_size", "a positive integer or null", self.img_size)
+        _require(0 < self.crop_pct <= 1, "crop_pct", "in (0, 1]", self.crop_pct)
+
+
+@dataclass
+class _Cap:
+    # decoded examples are held in memory up to this many GiB, else read per example (in the loader's workers)
+    memory_cap_gb: float = 2.0
+
+    def _check_cap(self) -> None:
+        _require(self.memory_cap_gb >= 0 and math.isfinite(self.memory_cap_gb), "memory_cap_gb",
+                 "a finite number >= 0", self.memory_cap_gb)
+
+
+@register_data
+@dataclass
+class KarpathyOptions(_Limits, _Cap):
+    """A Karpathy split file (COCO, Flickr30K) and its images (docs/retrieval.md)."""
+
+    name: ClassVar[str] = "karpathy"
+    json: str | None = None
+    image_root: str | None = None
+    img_size: int | None = None  # 224 when null
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_cap()
+        _require(self.img_size is None or self.img_size >= 1, "img_size", "a positive integer or null", self.img_size)
+
+
+@register_data
+@dataclass
+class FashionCaptionsOptions(_Limits, _Downloadable):
+    """The built-in caption set, generated once from Fashion-MNIST (docs/retrieval.md)."""
+
+    name: ClassVar[str] = "fashion_captions"
+    caption_set_size: int = 10000  # training canvases (+ 1,000 validation, 1,000 test)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_mirror()
+        _require(self.caption_set_size >= 1, "caption_set_size", "a positive integer", self.caption_set_size)
+
+
+@dataclass
+class _Volumes(_Splits, _Cap):
+    """Brain volumes resampled to the MNI grid at ``spacing`` mm; ``test_size`` subjects held out for testing (with
+    ``val_size`` for validation) unless the CSV has a split column. For volumes ``crop_padding`` is the largest
+    random shift in voxels, ``hflip`` a random left-right flip."""
+
+    spacing: float = 2.0
+    test_size: int = 0
+    crop_padding: int = 0
+    hflip: bool = False
+    num_workers: int = 0  # processes that build the cache, and loader workers that read it
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_cap()
+
+
+@register_data
+@dataclass
+class NiftiCsvOptions(_Volumes):
+    """A CSV of NIfTI files with ages (docs/brainage.md)."""
+
+    name: ClassVar[str] = "nifti_csv"
+    csv: str | None = None
+
+
+@register_data
+@dataclass
+class BrainCohortOptions(_Volumes):
+    """The built-in ageing cohort, generated once (docs/brainage.md)."""
+
+    name: ClassVar[str] = "brain_cohort"
+    cohort_size: int = 600
+    cohort_seed: int = 0
