@@ -67,13 +67,13 @@ def make_karpathy(folder: Path) -> Path:
     return path
 
 
-def make_volumes(root: Path, n: int) -> Path:
-    """``n`` brain-like NIfTI volumes on the 2 mm MNI grid and their CSV."""
+def make_volumes(root: Path, n: int, spacing: float = 2.0) -> Path:
+    """``n`` brain-like NIfTI volumes on the MNI grid at ``spacing`` mm and their CSV."""
     import nibabel as nib
 
     from ermoe.data.nifti import mni_grid
 
-    shape, affine = mni_grid(2.0)
+    shape, affine = mni_grid(spacing)
     world = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1) @ affine[:3, :3].T + affine[:3, 3]
     radius = np.linalg.norm(world / np.array([70.0, 90.0, 70.0]), axis=-1)
     rng = np.random.default_rng(0)
@@ -131,14 +131,14 @@ def loader_rates(work: Path, args: argparse.Namespace) -> list[dict]:
     folder = make_folder(work / "rates", args.images, 16)
     batch, count = args.batch, args.batches
     for w in args.workers:
-        data = ImageFolderData(folder, 224, augment=ImageAugment(), num_workers=w)
+        data = ImageFolderData(folder, args.img_size, augment=ImageAugment(), num_workers=w)
         r = rate((x for x, _ in data.train_batches(0, batch, 0, count + 1, 0, 1, torch.device("cpu"))), count)
-        rows.append({"loader": "imagefolder 224 px, DeiT augmentation", "workers": w, **r})
+        rows.append({"loader": f"imagefolder {args.img_size} px, DeiT augmentation", "workers": w, **r})
         print(rows[-1], flush=True)
-    vit = ermoe.create_model("vit_small", num_classes=1000, moe={"router": "ermoe", "num_experts": 8,
+    vit = ermoe.create_model("vit_small", num_classes=1000, img_size=args.img_size, moe={"router": "ermoe", "num_experts": 8,
                                                                  "blocks": "every_other"})
     labels = torch.randint(0, 1000, (args.model_batch,))
-    step = step_rate(vit, (torch.randn(args.model_batch, 3, 224, 224),),
+    step = step_rate(vit, (torch.randn(args.model_batch, 3, args.img_size, args.img_size),),
                      lambda out: torch.nn.functional.cross_entropy(out, labels))
     rows.append({"loader": "model: ERMoE ViT-S/16 training step", "examples_per_s": step, "batch": args.model_batch})
     print(rows[-1], flush=True)
@@ -146,19 +146,19 @@ def loader_rates(work: Path, args: argparse.Namespace) -> list[dict]:
     karpathy = make_karpathy(folder)
     for w in args.workers:
         task = task_for({"task": "retrieval", "data": {"name": "karpathy", "json": str(karpathy),
-                                                        "image_root": str(folder / "train"), "img_size": 224,
+                                                        "image_root": str(folder / "train"), "img_size": args.img_size,
                                                         "memory_cap_gb": 0.0, "num_workers": w},
                          "model": {"name": "dual_encoder"}, "optim": {"batch_size": batch},
                          "task_options": {"vocab_size": 200}})
         r = rate(task.train_batches(0, count + 1), count)
-        rows.append({"loader": "karpathy pairs, 224 px JPEGs", "workers": w, **r})
+        rows.append({"loader": f"karpathy pairs, {args.img_size} px JPEGs", "workers": w, **r})
         print(rows[-1], flush=True)
-    dual = ermoe.create_model("dual_encoder", img_size=224, in_chans=3, vocab_size=200, context_length=32,
+    dual = ermoe.create_model("dual_encoder", img_size=args.img_size, in_chans=3, vocab_size=200, context_length=32,
                               image={"name": "vit_tiny", "patch_size": 16, "depth": 4,
                                      "moe": {"router": "ermoe", "num_experts": 4, "blocks": "every_other"}},
                               text={"moe": {"router": "ermoe", "num_experts": 4, "blocks": "every_other"}})
     from ermoe.models.dual import clip_loss
-    step = step_rate(dual, (torch.randn(args.model_batch, 3, 224, 224),
+    step = step_rate(dual, (torch.randn(args.model_batch, 3, args.img_size, args.img_size),
                             torch.randint(1, 200, (args.model_batch, 32))), lambda out: clip_loss(*out))
     rows.append({"loader": "model: ERMoE dual encoder (ViT-tiny/16 + text) step", "examples_per_s": step,
                  "batch": args.model_batch})
@@ -166,30 +166,31 @@ def loader_rates(work: Path, args: argparse.Namespace) -> list[dict]:
 
     brain = work / "brain"
     brain.mkdir()
-    csv = make_volumes(brain, args.volumes)
+    csv = make_volumes(brain, args.volumes, args.spacing)
     scans = read_csv(csv)
+    import nilearn.image  # noqa: F401 - imported before the clock starts (seconds, once per process)
     for w in (0, max(args.workers)):
         os.environ["ERMOE_CACHE_DIR"] = str(work / f"cache{w}")
         t0 = time.perf_counter()
-        build_cache([s.path for s in scans], 2.0, w)
-        rows.append({"loader": "brain cache build, 2 mm", "workers": w,
+        build_cache([s.path for s in scans], args.spacing, w)
+        rows.append({"loader": f"brain cache build, {args.spacing:g} mm", "workers": w,
                      "examples_per_s": len(scans) / (time.perf_counter() - t0)})
         print(rows[-1], flush=True)
     for w in args.workers:
-        task = task_for({"task": "brain_age", "data": {"name": "nifti_csv", "csv": str(csv), "spacing": 2.0,
+        task = task_for({"task": "brain_age", "data": {"name": "nifti_csv", "csv": str(csv), "spacing": args.spacing,
                                                         "memory_cap_gb": 0.0, "num_workers": w, "crop_padding": 2,
                                                         "hflip": True},
                          "model": {"name": "sfcn3d"}, "optim": {"batch_size": args.brain_batch}})
         r = rate(task.train_batches(0, count + 1), min(count, args.volumes // args.brain_batch - 1))
-        rows.append({"loader": "brain volumes 2 mm from the cache, shift + flip", "workers": w, **r})
+        rows.append({"loader": f"brain volumes {args.spacing:g} mm from the cache, shift + flip", "workers": w, **r})
         print(rows[-1], flush=True)
     from ermoe.data.nifti import mni_grid
-    shape, _ = mni_grid(2.0)
-    cnn = ermoe.create_model("sfcn3d", volume_shape=shape, channels=[8, 16, 32, 64, 64],
+    shape, _ = mni_grid(args.spacing)
+    cnn = ermoe.create_model("sfcn3d", volume_shape=shape, channels=args.brain_channels,
                              moe={"router": "ermoe", "num_experts": 4})
     ages = torch.rand(args.brain_batch) * 60 + 20
     step = step_rate(cnn, (torch.randn(args.brain_batch, 1, *shape),), lambda out: (out[:, 0] - ages).abs().mean())
-    rows.append({"loader": "model: ERMoE SFCN step at 2 mm", "examples_per_s": step, "batch": args.brain_batch})
+    rows.append({"loader": f"model: ERMoE SFCN step at {args.spacing:g} mm", "examples_per_s": step, "batch": args.brain_batch})
     print(rows[-1], flush=True)
     return rows
 
@@ -238,7 +239,7 @@ def scaling(work: Path, args: argparse.Namespace) -> list[dict]:
         n = args.images * factor
         folder = make_folder(work / f"scale{factor}", n, 64, seed=factor)
         cmd = [sys.executable, "-m", "ermoe", "train", "--data.name=imagefolder", f"--data.data_dir={folder}",
-               "--data.img_size=224", f"--data.num_workers={max(args.workers)}", "--data.augment={}",
+               f"--data.img_size={args.img_size}", f"--data.num_workers={max(args.workers)}", "--data.augment={}",
                "--model.patch_size=16", "--model.depth=2", f"--optim.batch_size={args.batch}",
                f"--optim.max_steps={args.steps}", "--optim.eval_batch_size=64", "--probe_size=32",
                f"--out_dir={work / 'runs'}", f"--run_name=scale{factor}", "--progress=false", "--tensorboard=false",
@@ -264,6 +265,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model-batch", type=int, default=16)
     parser.add_argument("--volumes", type=int, default=32)
     parser.add_argument("--brain-batch", type=int, default=4)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--brain-channels", type=int, nargs="+", default=[8, 16, 32, 64, 64],
+                        help="the SFCN's stage widths (configs/brainage_ermoe.yaml's by default)")
+    parser.add_argument("--spacing", type=float, default=2.0, help="brain volumes' grid (mm)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=str, default=None)
     args = parser.parse_args(argv)
@@ -271,13 +276,20 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
                          f"{torch.__version__}", "threads": torch.get_num_threads(), "args": vars(args)}
+    cache = os.environ.get("ERMOE_CACHE_DIR")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        os.environ.setdefault("ERMOE_CACHE_DIR", str(work / "cache"))
-        if "rates" in args.parts:
-            result["rates"] = loader_rates(work, args)
-        if "scaling" in args.parts:
-            result["scaling"] = scaling(work, args)
+        os.environ["ERMOE_CACHE_DIR"] = str(work / "cache")  # generated data only: nothing cached outside
+        try:
+            if "rates" in args.parts:
+                result["rates"] = loader_rates(work, args)
+            if "scaling" in args.parts:
+                result["scaling"] = scaling(work, args)
+        finally:
+            if cache is None:
+                os.environ.pop("ERMOE_CACHE_DIR", None)
+            else:
+                os.environ["ERMOE_CACHE_DIR"] = cache
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return result

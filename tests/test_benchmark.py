@@ -81,3 +81,33 @@ def test_distributed_scaling_benchmark():
         # counts, rows out, outputs back; backward: the gradients of both exchanges (each timed once)
         assert r["exchanges_per_step"] == (0 if r["world"] == 1 else 5)
         assert r["tokens_per_s"] > 0 and r["moe_over_dense"] > 0
+
+
+def test_data_loader_benchmark_at_a_tiny_size(tmp_path):
+    """benchmarks/data_loader.py end to end at a tiny size: every loader at each worker count beside its model's
+    step rate, and the scaling ratios recomputed from its own rows."""
+    pytest.importorskip("nilearn")
+    pytest.importorskip("PIL")
+    spec = importlib.util.spec_from_file_location("data_bench", BENCH.parent / "data_loader.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    try:
+        result = bench.main(["--images", "48", "--batch", "8", "--batches", "2", "--steps", "2", "--model-batch", "2",
+                             "--volumes", "8", "--brain-batch", "2", "--img-size", "32", "--spacing", "8",
+                             "--brain-channels", "4", "8", "8", "--workers", "0", "1", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    loaders = [(r["loader"], r.get("workers")) for r in result["rates"]]
+    for name in ("imagefolder 32 px, DeiT augmentation", "karpathy pairs, 32 px JPEGs",
+                 "brain volumes 8 mm from the cache, shift + flip"):
+        assert (name, 0) in loaders and (name, 1) in loaders, name
+    assert ("brain cache build, 8 mm", 1) in loaders
+    assert sum(r["loader"].startswith("model: ") for r in result["rates"]) == 3
+    small, large, ratios = result["scaling"]
+    assert (small["train_images"], large["train_images"]) == (48, 768)
+    assert ratios["memory_ratio"] == pytest.approx(large["peak_pss_mb"] / small["peak_pss_mb"])
+    assert ratios["time_ratio"] == pytest.approx(large["wall_s"] / small["wall_s"])
+    assert small["peak_pss_mb"] > 100  # the process tree's memory was read (a trainer holds torch: > 100 MB)
