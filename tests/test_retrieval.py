@@ -416,8 +416,8 @@ def test_karpathy_images_decoded_per_batch_in_workers_train_as_images_held_in_me
         for k in range(2):  # images and token ids
             assert torch.equal(torch.cat([h[step].inputs[k] for h in halves]), whole[step].inputs[k])
 
-    (root / "3.jpg").write_bytes(b"not a jpeg")  # found when it is first decoded, in a worker
-    with pytest.raises(CaptionDataError, match=r"image .*3\.jpg cannot be read") as err:
+    (root / "41.jpg").write_bytes(b"not a jpeg")  # a test image: found when it is first decoded, in a worker
+    with pytest.raises(CaptionDataError, match=r"image .*41\.jpg cannot be read") as err:
         train(_cfg(tmp_path, {**data, "memory_cap_gb": 0.0, "num_workers": 2}, run_name="bad"), quiet=True)
     assert "DataLoader worker" not in str(err.value)
 

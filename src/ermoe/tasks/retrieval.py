@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from ..analysis.diagnostics import assignments, mutual_information, probe_routing
 from ..analysis.retrieval import caption_ambiguity, retrieval_metrics
 from ..data.augment import normalize
+from ..data.folder import IMAGENET_MEAN, IMAGENET_STD
 from ..data.karpathy import CaptionSplit, read_karpathy
 from ..data.loader import ExampleKey, StepBatchSampler, example_seed, iterate, make_loader
 from ..data.modules import KarpathyOptions
@@ -87,9 +88,11 @@ class Retrieval(Task):
             raise ValueError(f"optim.batch_size {self.cfg.optim.batch_size} exceeds the {len(splits['train'])} "
                              "training images")
         self.splits = splits
-        # channel statistics: the first 20,000 training images held in memory, the first 1,000 read from disk
-        x = splits["train"].images[:20000 if splits["train"].in_memory else 1000].double().div(255.0)
-        self.mean, self.std = x.mean(dim=(0, 2, 3)).float(), x.std(dim=(0, 2, 3)).float().clamp_min(1e-3)
+        if isinstance(d, KarpathyOptions):  # photographs: ImageNet's channel statistics (nothing decoded up front)
+            self.mean, self.std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        else:  # the built-in grey canvases: their own
+            x = splits["train"].images[:20000].double().div(255.0)
+            self.mean, self.std = x.mean(dim=(0, 2, 3)).float(), x.std(dim=(0, 2, 3)).float().clamp_min(1e-3)
         o = self.options
         self.tokenizer = caption_tokenizer([c for caps in splits["train"].captions for c in caps], o.vocab_size)
         self.tokens: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
