@@ -100,7 +100,7 @@ def rate(batches, count: int) -> dict[str, float]:
 
 
 def task_for(overrides: dict) -> object:
-    from ermoe.tasks import create_task
+    from ermoe.train import create_task
     from ermoe.train import load_config
 
     task = create_task(load_config(None, overrides), torch.device("cpu"))

@@ -334,13 +334,12 @@ def test_soft_bins_run_and_task_option_errors(tmp_path):
 
 def test_missing_brain_extra_is_a_clear_error(monkeypatch):
     import sys
-    from ermoe.tasks.brain_age import BrainAge
-    from ermoe.train import load_config
+    from ermoe.train import create_task, load_config
 
     cfg = load_config(None, {"task": "brain_age", "data": {"name": "brain_cohort"}, "model": {"name": "sfcn3d"}})
     monkeypatch.setitem(sys.modules, "nilearn", None)
     with pytest.raises(ImportError, match=r"pip install -e '\.\[brain\]'"):
-        BrainAge(cfg, torch.device("cpu")).load()
+        create_task(cfg, torch.device("cpu")).load()
 
 
 def test_precise_bn_matches_a_float64_reference():
@@ -563,7 +562,7 @@ def test_volumes_read_from_disk_in_workers_train_as_volumes_held_in_memory(tmp_p
     m, d = (json.loads((r / "metrics.json").read_text()) for r in (memory, disk))
     assert m["test_mae"] == d["test_mae"]
 
-    from ermoe.tasks import create_task
+    from ermoe.train import create_task
     task = create_task(cfg("x", memory_cap_gb=0.0), torch.device("cpu"))
     task.load()
     assert not task.stores["train"].in_memory
@@ -571,7 +570,7 @@ def test_volumes_read_from_disk_in_workers_train_as_volumes_held_in_memory(tmp_p
     halves = [list(task.train_batches(0, 2, rank, 2)) for rank in range(2)]
     for step in range(2):
         assert torch.equal(torch.cat([h[step].inputs[0] for h in halves]), whole[step].inputs[0])
-    keys = next(iter(StepBatchSampler(task.num_train, 8, task.cfg.seed, 1, 2)))
+    keys = next(iter(StepBatchSampler(task.num_train, 8, task.setup.seed, 1, 2)))
     alone = task.train_batch(torch.tensor([k.index for k in keys]), 1)
     assert torch.equal(alone.inputs[0], whole[1].inputs[0])  # the batch of step 1 alone: the same draws
 

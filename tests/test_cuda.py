@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ermoe.study import METHODS, method_model
-from ermoe.tasks import create_task
+from ermoe.train import create_task
 from ermoe.train import load_config, train
 from ermoe.train.trainer import build_model
 

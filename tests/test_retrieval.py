@@ -388,7 +388,7 @@ def test_caption_ambiguity_by_hand():
 def test_karpathy_images_decoded_per_batch_in_workers_train_as_images_held_in_memory(tmp_path):
     """Past data.memory_cap_gb the images stay on disk and are decoded per batch in the loader's workers: the
     training curve and the test recall are those of the in-memory run; a distributed rank reads only its pairs."""
-    from ermoe.tasks import create_task
+    from ermoe.train import create_task
     from ermoe.train import train
 
     entries = [_entry(f"{i}.jpg", "test" if i >= 40 else "train", [f"a photo number {i}", f"picture {i} of a dog",

@@ -80,7 +80,7 @@ def test_stem_tokens_frozen_statistics_and_gradients(weights):
 
 
 def test_trainer_feeds_the_stem_its_own_normalisation(weights):
-    from ermoe.tasks import create_task
+    from ermoe.train import create_task
     from ermoe.train.trainer import build_model
 
     cfg = load_config(None, {"data": {"name": "digits"}, "model": {

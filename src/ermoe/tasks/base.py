@@ -2,10 +2,11 @@
 loss, the evaluation metrics, and what the report shows.
 
 The loop (``ermoe.train``) is written once, for every task: resume, checkpoints, AMP, logging, routing probes and the
-non-finite guard. A task plugs in with a :class:`Task` subclass registered by name (``TrainConfig.task``):
+non-finite guard. A task plugs in with a :class:`Task` subclass registered by name (the config's ``task``); it sees
+what it needs of the run's config as a :class:`TaskSetup`, not the config itself:
 
-    task = create_task(cfg, device); task.load()             # the data, once
-    model = create_model(cfg.model.name, **cfg.model.args, **task.model_args())
+    task = build_task(name, setup, device); task.load()     # the data, once
+    model = create_model(model_name, **model_args, **task.model_args())
     for batch in task.train_batches(start_step, stop_step, rank, world):   # this rank's rows, step by step
     out = model(*batch.inputs)
     loss = model.training_loss(out, batch.target, task.loss) + model.aux_loss()
@@ -21,17 +22,15 @@ ages, or None for a contrastive loss whose positives are the batch's pairs).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from ..data.loader import StepBatchSampler, shard_bounds
-
-if TYPE_CHECKING:  # the config lives in train/, which imports the tasks
-    from ..train.config import TrainConfig
+from ..data.modules import DataOptions
 
 
 @dataclass
@@ -50,6 +49,24 @@ class Batch:
                      None if self.target is None else self.target[start:stop])
 
 
+@dataclass(frozen=True)
+class TaskSetup:
+    """What a task reads of a run's config (``ermoe.train`` makes it from one): the dataset's options and the task's
+    own, the seed its batches and augmentation are drawn from, the batch sizes, the probe size, the criterion's
+    label smoothing, and the model it feeds (a pretrained model's input normalisation; a builder that places maps on
+    the brain grid)."""
+
+    data: DataOptions
+    options: Any = None  # the task's Options instance; None for a task that takes none
+    seed: int = 0
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    probe_size: int = 256
+    label_smoothing: float = 0.0
+    model_name: str = "vit_tiny"
+    model_args: dict[str, Any] = field(default_factory=dict)
+
+
 class Task(ABC):
     """One application: its data, loss, metrics and report. Subclasses register with :func:`register_task`.
 
@@ -61,16 +78,16 @@ class Task(ABC):
     name: ClassVar[str]
     datasets: ClassVar[tuple[str, ...]]
     model_data_args: ClassVar[tuple[str, ...]] = ()
-    # A dataclass of the task's own settings (``TrainConfig.task_options``, checked by the config against its
-    # fields and their types); None: the task takes none.
+    # A dataclass of the task's own settings (the config's ``task_options``, checked against its fields and their
+    # types); None: the task takes none.
     Options: ClassVar[type | None] = None
     # Whether the loss couples a batch's examples (a contrastive loss whose negatives are the batch): a distributed
     # run then computes it on every rank over the global batch's outputs (ermoe.train.parallel), not per rank.
     batch_coupled: ClassVar[bool] = False
 
-    def __init__(self, cfg: "TrainConfig", device: torch.device) -> None:
-        self.cfg, self.device = cfg, device
-        self.options = self.Options(**cfg.task_options) if self.Options is not None else None
+    def __init__(self, setup: TaskSetup, device: torch.device) -> None:
+        self.setup, self.device = setup, device
+        self.options = setup.options
 
     # data -------------------------------------------------------------------------------------------------------
     @abstractmethod
@@ -101,9 +118,9 @@ class Task(ABC):
         caption picks drawn for the global batch as one process draws them) and keeps the rank's rows: exact for any
         world size, for data held in memory. A task that streams from disk reads only its rows (classification's
         ImageFolder)."""
-        size = self.cfg.optim.batch_size
+        size = self.setup.batch_size
         lo, hi = shard_bounds(size, rank, world)
-        for keys in StepBatchSampler(self.num_train, size, self.cfg.seed, start_step, stop_step):
+        for keys in StepBatchSampler(self.num_train, size, self.setup.seed, start_step, stop_step):
             batch = self.train_batch(torch.tensor([k.index for k in keys]), keys[0].step)
             yield batch if world == 1 else batch.rows(lo, hi)
 
@@ -113,7 +130,7 @@ class Task(ABC):
 
     def probe(self) -> Batch:
         """Fixed evaluation inputs whose routing is followed across checkpoints (stability, load over training)."""
-        return next(self.eval_batches("test", self.cfg.probe_size))
+        return next(self.eval_batches("test", self.setup.probe_size))
 
     # loss -------------------------------------------------------------------------------------------------------
     @abstractmethod
@@ -165,6 +182,6 @@ def task_class(name: str) -> type[Task]:
     return _TASKS[name]
 
 
-def create_task(cfg: "TrainConfig", device: torch.device) -> Task:
-    """The task of a run's config, not loaded yet (call ``load()``)."""
-    return task_class(cfg.task)(cfg, device)
+def build_task(name: str, setup: TaskSetup, device: torch.device) -> Task:
+    """Task ``name`` on ``setup``, not loaded yet (call ``load()``)."""
+    return task_class(name)(setup, device)

@@ -159,7 +159,7 @@ class BrainAge(Task):
         except ImportError as err:
             raise ImportError(f"brain age reads NIfTI with nibabel and nilearn ({err}): pip install -e '.[brain]'") \
                 from None
-        d = self.cfg.data
+        d = self.setup.data
         self.cohort_info: dict[str, Any] | None = None
         if d.name == "brain_cohort":
             spec = CohortSpec(size=d.cohort_size, seed=d.cohort_seed, spacing=d.spacing)
@@ -174,8 +174,8 @@ class BrainAge(Task):
         cohort = split_cohort(read_csv(csv_path), d.val_size, d.test_size, d.split_seed)
         train = cohort.train[:d.train_limit] if d.train_limit else cohort.train
         test = cohort.test[:d.test_limit] if d.test_limit else cohort.test
-        if len(train) < self.cfg.optim.batch_size:
-            raise ValueError(f"optim.batch_size {self.cfg.optim.batch_size} exceeds the {len(train)} training scans")
+        if len(train) < self.setup.batch_size:
+            raise ValueError(f"optim.batch_size {self.setup.batch_size} exceeds the {len(train)} training scans")
         cap = int(d.memory_cap_gb * 2 ** 30)
         self._eval_loaders: dict[tuple[str, int, int], Any] = {}
         self.stores = {name: VolumeStore(scans, d.spacing, cap, d.num_workers) for name, scans in
@@ -191,8 +191,8 @@ class BrainAge(Task):
     def model_args(self) -> dict[str, Any]:
         outputs = 1 if self.centres is None else len(self.centres)
         args = {"in_chans": 1, "volume_shape": tuple(self.shape), "num_outputs": outputs}
-        if "spacing" in model_parameters(self.cfg.model.name):  # a model that places MNI maps on the grid
-            args["spacing"] = self.cfg.data.spacing
+        if "spacing" in model_parameters(self.setup.model_name):  # a model that places MNI maps on the grid
+            args["spacing"] = self.setup.data.spacing
         return args
 
     @property
@@ -205,13 +205,13 @@ class BrainAge(Task):
         return Batch((x,), torch.from_numpy(store.ages[indices]).to(self.device))
 
     def _loader(self, dataset: VolumeDataset, batches, persistent: bool = False):
-        return make_loader(dataset, batches, collate_volumes, self.cfg.data.num_workers, self.device,
-                           persistent=persistent and self.cfg.data.num_workers > 0)
+        return make_loader(dataset, batches, collate_volumes, self.setup.data.num_workers, self.device,
+                           persistent=persistent and self.setup.data.num_workers > 0)
 
     def train_batch(self, indices: Tensor, step: int) -> Batch:
         """The volumes ``indices`` read at step ``step`` (their shifts and flips drawn per volume)."""
-        d = self.cfg.data
-        dataset = VolumeDataset(self.stores["train"], self.cfg.seed, d.crop_padding, d.hflip)
+        d = self.setup.data
+        dataset = VolumeDataset(self.stores["train"], self.setup.seed, d.crop_padding, d.hflip)
         vols, ages = collate_volumes([dataset[ExampleKey(int(i), step, r)] for r, i in enumerate(indices.tolist())])
         return Batch((vols.to(self.device),), ages.to(self.device))
 
@@ -219,10 +219,10 @@ class BrainAge(Task):
         """This rank's volumes of every step, read (from memory or the cache files) and augmented in the loader's
         ``data.num_workers`` workers, each volume's shift and flip drawn from its own ``(seed, step, volume)``
         stream: exact for any world size and worker count."""
-        d = self.cfg.data
-        sampler = StepBatchSampler(self.num_train, self.cfg.optim.batch_size, self.cfg.seed, start_step, stop_step,
+        d = self.setup.data
+        sampler = StepBatchSampler(self.num_train, self.setup.batch_size, self.setup.seed, start_step, stop_step,
                                    rank, world)
-        dataset = VolumeDataset(self.stores["train"], self.cfg.seed, d.crop_padding, d.hflip)
+        dataset = VolumeDataset(self.stores["train"], self.setup.seed, d.crop_padding, d.hflip)
         for vols, ages in iterate(self._loader(dataset, sampler)):
             yield Batch((vols.to(self.device, non_blocking=True),), ages.to(self.device, non_blocking=True))
 
@@ -232,7 +232,7 @@ class BrainAge(Task):
             raise ValueError(f"the brain-age data has no {split} split (set {key}, or a split column in the CSV)")
         store = self.stores[split]
         n = len(store) if limit is None else min(limit, len(store))
-        batch_size = batch_size or self.cfg.optim.eval_batch_size
+        batch_size = batch_size or self.setup.eval_batch_size
         starts = range(0, n, batch_size)
         if store.in_memory:
             for i in starts:
@@ -248,7 +248,7 @@ class BrainAge(Task):
 
     def probe(self) -> Batch:
         """The first ``probe_size`` validation volumes (test volumes without a validation split)."""
-        return next(self.eval_batches("val" if "val" in self.stores else "test", self.cfg.probe_size))
+        return next(self.eval_batches("val" if "val" in self.stores else "test", self.setup.probe_size))
 
     def years(self, output: Tensor) -> Tensor:
         if self.centres is not None:
@@ -298,10 +298,10 @@ class BrainAge(Task):
         if test_age is None:
             raise ValueError("no test split to evaluate: set data.test_size (or a split column in the CSV)")
         pred = self.predict(model, "test", autocast, on_batch=count)
-        metrics: dict[str, Any] = {"dataset": self.cfg.data.name, "test_scans": len(pred),
+        metrics: dict[str, Any] = {"dataset": self.setup.data.name, "test_scans": len(pred),
                                    **age_metrics(pred, test_age),
                                    "test_mae_mean_predictor": float(np.abs(test_age - self.age_mean).mean()),
-                                   "age_mean": self.age_mean, "age_sd": self.age_sd, "spacing": self.cfg.data.spacing,
+                                   "age_mean": self.age_mean, "age_sd": self.age_sd, "spacing": self.setup.data.spacing,
                                    "volume_shape": list(self.shape)}
         if "val" in self.stores:
             val_pred = self.predict(model, "val", autocast)
@@ -332,7 +332,7 @@ class BrainAge(Task):
             else:
                 from ..data.cohort import Templates
 
-                tissue = Templates(self.cfg.data.spacing).tissue_labels().astype(np.int64)
+                tissue = Templates(self.setup.data.spacing).tissue_labels().astype(np.int64)
         probe_stats = probe_routing(model, probe.inputs, ctx=autocast) if probe is not None else {}
         out: dict[str, Any] = {}
         for name, c in counts.items():

@@ -36,7 +36,7 @@ class ImageClassification(Task):
         return isinstance(self.data, ImageFolderData)
 
     def load(self) -> None:
-        d = self.cfg.data
+        d = self.setup.data
         if isinstance(d, ImageFolderOptions):  # only the file lists: images are decoded when a step asks for them
             self.data = ImageFolderData(d.data_dir, d.img_size or 224, crop_pct=d.crop_pct, augment=d.augment,
                                         val_size=d.val_size, split_seed=d.split_seed, train_limit=d.train_limit,
@@ -44,8 +44,8 @@ class ImageClassification(Task):
                                         skip_corrupt=d.skip_corrupt)
         else:
             self.data = d.load()
-        if self.num_train < self.cfg.optim.batch_size:
-            raise ValueError(f"optim.batch_size {self.cfg.optim.batch_size} exceeds the {self.num_train} training "
+        if self.num_train < self.setup.batch_size:
+            raise ValueError(f"optim.batch_size {self.setup.batch_size} exceeds the {self.num_train} training "
                              "images")
 
     def model_args(self) -> dict[str, Any]:
@@ -55,7 +55,7 @@ class ImageClassification(Task):
     def prepare(self, model: nn.Module) -> None:
         """Pretrained weights expect the normalisation they were trained with, not the dataset's own statistics;
         with ``data.stem_cache`` the frozen stem's features of every split are computed (or read back) here."""
-        norm = model.input_normalization(pretrained=bool(self.cfg.model.args.get("pretrained", False)))
+        norm = model.input_normalization(pretrained=bool(self.setup.model_args.get("pretrained", False)))
         if norm is not None:
             mean, std = (torch.as_tensor(v, dtype=torch.float32) for v in norm)
             if len(mean) == self.data.in_chans:
@@ -64,16 +64,16 @@ class ImageClassification(Task):
                 warnings.warn(f"the model's pretrained input normalisation has {len(mean)} channels, the images "
                               f"{self.data.in_chans}: normalising with the dataset's own statistics instead",
                               stacklevel=2)
-        if isinstance(self.cfg.data, InMemoryImageOptions) and self.cfg.data.stem_cache:
+        if isinstance(self.setup.data, InMemoryImageOptions) and self.setup.data.stem_cache:
             self._cache_stem(model)
 
     def _cache_stem(self, model: nn.Module) -> None:
         self.stem = model.frozen_stem()
         if self.stem is None:
-            raise ValueError(f"data.stem_cache: model {self.cfg.model.name!r} has no frozen stem to cache")
+            raise ValueError(f"data.stem_cache: model {self.setup.model_name!r} has no frozen stem to cache")
         splits = {"train": self.data.train, "val": self.data.val, "test": self.data.test}
         self.features = {name: cached_stem_features(self.stem, split.images, self.data.mean, self.data.std,
-                                                    self.device, self.cfg.optim.eval_batch_size)
+                                                    self.device, self.setup.eval_batch_size)
                          for name, split in splits.items() if split is not None}
 
     @property
@@ -86,22 +86,22 @@ class ImageClassification(Task):
         if not self.streamed:
             yield from super().train_batches(start_step, stop_step, rank, world)
             return
-        for images, target in self.data.train_batches(self.cfg.seed, self.cfg.optim.batch_size, start_step,
+        for images, target in self.data.train_batches(self.setup.seed, self.setup.batch_size, start_step,
                                                       stop_step, rank, world, self.device):
             yield Batch((images.to(self.device, non_blocking=True),), target.to(self.device, non_blocking=True))
 
     def train_batch(self, indices: Tensor, step: int) -> Batch:
-        d, device = self.cfg.data, self.device
+        d, device = self.setup.data, self.device
         if self.features is not None:  # no augmentation with cached features (the config refuses it)
             return Batch((self.features["train"][indices].to(device),), self.data.train.labels[indices].to(device))
-        gen = torch.Generator(device=device).manual_seed(self.cfg.seed * 1_000_003 + step)
+        gen = torch.Generator(device=device).manual_seed(self.setup.seed * 1_000_003 + step)
         x = train_transform(self.data.train.images[indices].to(device), self.data.mean, self.data.std,
                             crop_padding=d.crop_padding, hflip=d.hflip, generator=gen)
         return Batch((x,), self.data.train.labels[indices].to(device))
 
     def eval_batches(self, split: str, batch_size: int | None = None, limit: int | None = None) -> Iterator[Batch]:
         if self.streamed:
-            for images, labels in self.data.eval_batches(split, batch_size or self.cfg.optim.eval_batch_size, limit,
+            for images, labels in self.data.eval_batches(split, batch_size or self.setup.eval_batch_size, limit,
                                                          self.device):
                 yield Batch((images.to(self.device),), labels.to(self.device))
             return
@@ -110,7 +110,7 @@ class ImageClassification(Task):
             raise ValueError(f"{self.data.name} has no {split} split (data.val_size holds one out)")
         if self.features is not None:
             features, labels = self.features[split][:limit], subset.labels[:limit]
-            batch_size = batch_size or self.cfg.optim.eval_batch_size
+            batch_size = batch_size or self.setup.eval_batch_size
             for i in range(0, len(features), batch_size):
                 yield Batch((features[i:i + batch_size].to(self.device),), labels[i:i + batch_size].to(self.device))
             return
@@ -119,7 +119,7 @@ class ImageClassification(Task):
     def image_batches(self, images: ImageSet, batch_size: int | None = None) -> Iterator[Batch]:
         """Any images (another dataset's too) as this task's model inputs: resized to the training images' size,
         their channels matched (grey repeated, colour averaged), normalised as the training images are."""
-        batch_size = batch_size or self.cfg.optim.eval_batch_size
+        batch_size = batch_size or self.setup.eval_batch_size
         size, chans = self.data.img_size, self.data.in_chans
         for i in range(0, len(images), batch_size):
             x = images.images[i:i + batch_size].to(self.device)
@@ -136,10 +136,10 @@ class ImageClassification(Task):
 
     def probe(self) -> Batch:
         """The first ``probe_size`` validation images (test images when there is no validation split)."""
-        return next(self.eval_batches("val" if self.data.val is not None else "test", self.cfg.probe_size))
+        return next(self.eval_batches("val" if self.data.val is not None else "test", self.setup.probe_size))
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(output.float(), target, label_smoothing=self.cfg.optim.label_smoothing)
+        return F.cross_entropy(output.float(), target, label_smoothing=self.setup.label_smoothing)
 
     def batch_stats(self, output: Tensor, batch: Batch) -> dict[str, float]:
         # under mixup / CutMix the target is soft: its largest share counts as the label

@@ -65,7 +65,7 @@ class Retrieval(Task):
         except ImportError as err:
             raise ImportError(f"retrieval decodes images with Pillow and tokenises captions with Hugging Face "
                               f"tokenizers ({err}): pip install -e '.[retrieval]'") from None
-        d = self.cfg.data
+        d = self.setup.data
         self.items: dict[str, list[list[dict]]] | None = None
         if d.name == "fashion_captions":
             json_path = self._built_in()
@@ -84,8 +84,8 @@ class Retrieval(Task):
         if "test" not in splits:
             raise ValueError(f"{json_path} has no test split: retrieval is evaluated on it")
         splits["test"] = splits["test"].subset(d.test_limit)
-        if len(splits["train"]) < self.cfg.optim.batch_size:
-            raise ValueError(f"optim.batch_size {self.cfg.optim.batch_size} exceeds the {len(splits['train'])} "
+        if len(splits["train"]) < self.setup.batch_size:
+            raise ValueError(f"optim.batch_size {self.setup.batch_size} exceeds the {len(splits['train'])} "
                              "training images")
         self.splits = splits
         if isinstance(d, KarpathyOptions):  # photographs: ImageNet's channel statistics (nothing decoded up front)
@@ -106,7 +106,7 @@ class Retrieval(Task):
         from ..data.captions import CaptionSetSpec, build_caption_set
         from ..data.images import load_fashion_mnist
 
-        d = self.cfg.data
+        d = self.setup.data
         fm = load_fashion_mnist(d.data_dir, download=d.download, mirror=d.mirror)
         pool = lambda s: (s.images[:, 0].numpy(), s.labels.numpy())  # noqa: E731
         return build_caption_set(CaptionSetSpec(train_size=d.caption_set_size), pool(fm.train), pool(fm.test),
@@ -134,7 +134,7 @@ class Retrieval(Task):
     @property
     def _workers(self) -> int:
         """Loader workers: Karpathy images may be read from disk; the built-in set is held in memory."""
-        return self.cfg.data.num_workers if isinstance(self.cfg.data, KarpathyOptions) else 0
+        return self.setup.data.num_workers if isinstance(self.setup.data, KarpathyOptions) else 0
 
     def _image_chunks(self, split: str, size: int, limit: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """``(indices, normalised images)`` of a split in chunks of ``size``; images on disk are decoded in the
@@ -154,7 +154,7 @@ class Retrieval(Task):
     def _pairs(self) -> "_Pairs":
         ids, _, first = self.tokens["train"]
         counts = torch.tensor([len(c) for c in self.splits["train"].captions])
-        return _Pairs(self.splits["train"], ids, first, counts, self.cfg.seed)
+        return _Pairs(self.splits["train"], ids, first, counts, self.setup.seed)
 
     def train_batch(self, indices: Tensor, step: int) -> Batch:
         pairs = self._pairs()
@@ -165,7 +165,7 @@ class Retrieval(Task):
     def train_batches(self, start_step: int, stop_step: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
         """This rank's image-caption pairs of every step (images on disk decoded in ``data.num_workers`` loader
         workers); the InfoNCE loss then sees the global batch (``batch_coupled``)."""
-        sampler = StepBatchSampler(self.num_train, self.cfg.optim.batch_size, self.cfg.seed, start_step, stop_step,
+        sampler = StepBatchSampler(self.num_train, self.setup.batch_size, self.setup.seed, start_step, stop_step,
                                    rank, world)
         loader = make_loader(self._pairs(), sampler, _collate_pairs, self._workers, self.device)
         mean, std = self.mean.to(self.device), self.std.to(self.device)
@@ -179,11 +179,11 @@ class Retrieval(Task):
         if split not in self.splits:
             raise ValueError(f"the caption data has no {split} split")
         ids, _, first = self.tokens[split]
-        for idx, x in self._image_chunks(split, batch_size or self.cfg.optim.eval_batch_size, limit):
+        for idx, x in self._image_chunks(split, batch_size or self.setup.eval_batch_size, limit):
             yield Batch((x, ids[first[idx]].to(self.device)), None)
 
     def probe(self) -> Batch:
-        return next(self.eval_batches("val" if "val" in self.splits else "test", self.cfg.probe_size))
+        return next(self.eval_batches("val" if "val" in self.splits else "test", self.setup.probe_size))
 
     def loss(self, output, target: Tensor | None) -> Tensor:
         return clip_loss(*output)
@@ -201,7 +201,7 @@ class Retrieval(Task):
         """Every image and every caption of ``split`` embedded in chunks: ``(images, texts, owner)``."""
         was = model.training
         model.eval()
-        size = self.cfg.optim.eval_batch_size
+        size = self.setup.eval_batch_size
         try:
             images = []
             for idx, x in self._image_chunks(split, size):
@@ -248,7 +248,7 @@ class Retrieval(Task):
                 word[n].index_put_((experts, real[tokens]), torch.ones_like(experts), accumulate=True)
 
         images, texts, owner = self.embed(model, "test", autocast, on_image, on_text)
-        metrics: dict[str, Any] = {"dataset": self.cfg.data.name, "test_images": len(images),
+        metrics: dict[str, Any] = {"dataset": self.setup.data.name, "test_images": len(images),
                                    "test_captions": len(texts), **retrieval_metrics(images, texts, owner),
                                    "chance_t2i_r@1": 1 / len(images), "chance_i2t_r@1": float(
                                        np.mean([len(c) for c in self.splits["test"].captions]) / len(texts))}

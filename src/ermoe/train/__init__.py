@@ -4,7 +4,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, load_config
 from .lock import RunLockedError
 from .run import Run
-from .trainer import NonFiniteLossError, evaluate, load_run, report, train
+from .trainer import NonFiniteLossError, create_task, evaluate, load_run, report, task_setup, train
 
-__all__ = ["CheckpointError", "ConfigError", "NonFiniteLossError", "Run", "RunLockedError", "TrainConfig", "evaluate",
-           "load_checkpoint", "load_config", "load_run", "report", "save_checkpoint", "train"]
+__all__ = ["CheckpointError", "ConfigError", "NonFiniteLossError", "Run", "RunLockedError", "TrainConfig", "create_task",
+           "evaluate", "load_checkpoint", "load_config", "load_run", "report", "save_checkpoint", "task_setup", "train"]

@@ -29,7 +29,7 @@ from ..models import RoutedModel, create_model
 from ..moe import NonFiniteInputError
 from ..routing import CosineRouter, EigenEnergyRouter
 from ..routing.stats import ep_straggler, load_summary
-from ..tasks import Batch, Task, create_task, task_class
+from ..tasks import Batch, Task, TaskSetup, build_task, task_class
 from .checkpoint import (CheckpointError, clean_temporaries, find_checkpoint, list_checkpoints, load_weights,
                          read_checkpoint, resolve_checkpoint, save_checkpoint, step_of)
 from .config import ConfigError, TrainConfig
@@ -61,6 +61,20 @@ def autocast_ctx(device: torch.device, dtype: torch.dtype | None) -> Callable[[]
     if dtype is None:
         return contextlib.nullcontext
     return partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def task_setup(cfg: TrainConfig) -> TaskSetup:
+    """What the run's task reads of its config."""
+    options_cls = task_class(cfg.task).Options
+    return TaskSetup(data=cfg.data, options=options_cls(**cfg.task_options) if options_cls is not None else None,
+                     seed=cfg.seed, batch_size=cfg.optim.batch_size, eval_batch_size=cfg.optim.eval_batch_size,
+                     probe_size=cfg.probe_size, label_smoothing=cfg.optim.label_smoothing,
+                     model_name=cfg.model.name, model_args=dict(cfg.model.args))
+
+
+def create_task(cfg: TrainConfig, device: torch.device) -> Task:
+    """The task of a run's config, on ``device``, not loaded yet (call ``load()``)."""
+    return build_task(cfg.task, task_setup(cfg), device)
 
 
 def build_model(cfg: TrainConfig, task: Task, load_pretrained: bool = True) -> RoutedModel:
