@@ -347,3 +347,26 @@ def test_training_straggler_factor_is_the_mean_over_steps_of_the_busiest_expert_
     for i, name in enumerate(("blocks.0.mlp", "blocks.1.mlp")):
         per_step = [float(c.max() / c.mean()) for c in seen[i::2]]
         assert metrics["layers"][name]["train_ep_straggler"] == pytest.approx(sum(per_step) / 5, rel=1e-12)
+
+
+def test_log_sums_stay_on_the_device_and_are_read_once_per_log_window(tmp_path, monkeypatch):
+    """The loss and the task's batch sums accumulate as tensors over the log window and reach the host in one
+    read (Parallel.sum_stats) per logged step, not per step; what is logged is the window's mean."""
+    from ermoe.train.parallel import Parallel
+
+    reads, real = [], Parallel.sum_stats
+
+    def counted(self, sums, replicated=()):
+        assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in sums.values())
+        reads.append(dict(sums))
+        return real(self, sums, replicated)
+
+    monkeypatch.setattr(Parallel, "sum_stats", counted)
+    every_step = train(tiny(tmp_path / "a", **{"optim.max_steps": 10}), quiet=True)
+    assert len(reads) == 10
+    per_step = losses(every_step)
+    reads.clear()
+    windowed = train(tiny(tmp_path / "b", **{"optim.max_steps": 10, "log_every": 5}), quiet=True)
+    assert len(reads) == 2 and [float(r["examples"]) for r in reads] == [5 * 64, 5 * 64]
+    mean_of_first_five = sum(loss for _, loss in per_step[:5]) / 5
+    assert losses(windowed)[0] == (5, pytest.approx(mean_of_first_five, rel=1e-6))

@@ -137,8 +137,9 @@ class Task(ABC):
     def loss(self, output: Tensor, target: Tensor | None) -> Tensor:
         """The task's criterion (the model may add terms of its own, ``RoutedModel.training_loss``)."""
 
-    def batch_stats(self, output: Tensor, batch: Batch) -> dict[str, float]:
-        """Sums over a training batch for the log (divided by the examples seen), e.g. ``{"acc": correct}``."""
+    def batch_stats(self, output: Tensor, batch: Batch) -> dict[str, Tensor]:
+        """Sums over a training batch for the log (divided by the examples seen), e.g. ``{"acc": correct}``: 0-dim
+        tensors on the device, summed there over the log window and read once per window (no host sync a step)."""
         return {}
 
     # evaluation -------------------------------------------------------------------------------------------------

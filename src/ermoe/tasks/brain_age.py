@@ -261,8 +261,8 @@ class BrainAge(Task):
             return F.kl_div(torch.log_softmax(output.float(), dim=1), labels, reduction="batchmean")
         return F.l1_loss(self.years(output), target.float())
 
-    def batch_stats(self, output: Tensor, batch: Batch) -> dict[str, float]:
-        return {"mae": float((self.years(output) - batch.target).abs().sum())}
+    def batch_stats(self, output: Tensor, batch: Batch) -> dict[str, Tensor]:
+        return {"mae": (self.years(output) - batch.target).abs().sum()}
 
     @torch.no_grad()
     def predict(self, model: nn.Module, split: str, autocast: Callable[[], Any],

@@ -141,10 +141,10 @@ class ImageClassification(Task):
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output.float(), target, label_smoothing=self.setup.label_smoothing)
 
-    def batch_stats(self, output: Tensor, batch: Batch) -> dict[str, float]:
+    def batch_stats(self, output: Tensor, batch: Batch) -> dict[str, Tensor]:
         # under mixup / CutMix the target is soft: its largest share counts as the label
         labels = batch.target if batch.target.dim() == 1 else batch.target.argmax(1)
-        return {"acc": float((output.argmax(1) == labels).sum())}
+        return {"acc": (output.argmax(1) == labels).sum()}
 
     def evaluate(self, model: nn.Module, autocast: Callable[[], Any], probe: Batch | None = None) -> dict[str, Any]:
         metrics = evaluate_classifier(model, ((b.inputs, b.target) for b in self.eval_batches("test")),

@@ -188,11 +188,11 @@ class Retrieval(Task):
     def loss(self, output, target: Tensor | None) -> Tensor:
         return clip_loss(*output)
 
-    def batch_stats(self, output, batch: Batch) -> dict[str, float]:
+    def batch_stats(self, output, batch: Batch) -> dict[str, Tensor]:
         image, text, _ = output
         sims = image.float() @ text.float().t()
         hits = (sims.argmax(1) == torch.arange(len(sims), device=sims.device)).sum()
-        return {"batch_i2t_acc": float(hits)}  # in-batch top-1, a training-time sanity signal
+        return {"batch_i2t_acc": hits}  # in-batch top-1, a training-time sanity signal
 
     @torch.no_grad()
     def embed(self, model: nn.Module, split: str, autocast: Callable[[], Any],

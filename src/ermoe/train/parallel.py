@@ -138,17 +138,18 @@ class Parallel:
                       for o in ((output,) if single else output))
         return parts[0] if single else parts
 
-    def sum_stats(self, stats: dict[str, float], replicated: tuple[str, ...] = ()) -> dict[str, float]:
-        """Per-batch sums (loss x examples, correct predictions, ...) over every rank; means (the auxiliary loss,
-        already the global batch's) are left as they are; ``replicated``: sums every rank computed over the whole
-        global batch (from gathered outputs), counted once."""
-        if self.groups is None:
-            return stats
-        stats = {k: v / self.world_size if k in replicated else v for k, v in stats.items()}
-        keys = sorted(k for k in stats if k != "aux_loss")
-        values = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(values, group=self.groups.stats)
-        return {**stats, **dict(zip(keys, values.tolist()))}
+    def sum_stats(self, sums: dict[str, Tensor], replicated: tuple[str, ...] = ()) -> dict[str, float]:
+        """Sums over a log window (0-dim tensors on this rank's device: loss x examples, correct predictions, ...),
+        summed over every rank on the device and read to the host in one transfer; ``replicated``: sums every rank
+        computed over the whole global batch (from gathered outputs), counted once."""
+        keys = sorted(sums)
+        values = torch.stack([sums[k] for k in keys])
+        if self.groups is not None:
+            share = torch.tensor([self.world_size if k in replicated else 1 for k in keys], dtype=values.dtype,
+                                 device=values.device)
+            values = values / share
+            dist.all_reduce(values, group=self.groups.stats)
+        return dict(zip(keys, values.tolist()))
 
     def sum_tensor(self, t: Tensor) -> Tensor:
         """``t`` summed over every rank (a copy); ``t`` itself in one process."""

@@ -216,6 +216,10 @@ class Trainer:
         self.straggler: dict[str, Tensor | float] = {}
         self.straggler_steps = 0
         self.routed = model.routed_layers()  # (fixed for the run: not re-walked every step)
+        # the log's sums accumulate on the device in float64 (MPS has none: float32 there)
+        self.sum_dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.last_aux: Tensor = torch.zeros(())
+        self.replicated: tuple[str, ...] = ()
         if state is not None:
             self.optimizer.load_state_dict(self.parallel.local_optimizer_state(state["optimizer"], self.optimizer,
                                                                                model))
@@ -250,7 +254,7 @@ class Trainer:
                             file=sys.stderr)
         checked_grads = False
         model.train()
-        window: dict[str, float] = {}
+        window: dict[str, Tensor] = {}  # sums over the log window, on the device: read once per window
         window_t0 = time.perf_counter()
         batches = self.task.train_batches(self.step, self.last_step, self.parallel.rank, self.parallel.world_size)
         try:
@@ -267,14 +271,15 @@ class Trainer:
                 self.train_time += elapsed_step
                 self.segment_time += elapsed_step
                 for key, value in stats.items():
-                    window[key] = window.get(key, 0.0) + value
+                    value = value.detach().to(self.sum_dtype)
+                    window[key] = window[key] + value if key in window else value
                 step = self.step
                 if step % cfg.log_every == 0 or step == self.last_step:
                     elapsed = time.perf_counter() - window_t0
-                    seen = window.pop("examples")
-                    record = {"kind": "train", "step": step, "epoch": epoch,
-                              **{k: v / seen for k, v in window.items() if k != "aux_loss"},
-                              "lr": self.scheduler.get_last_lr()[0], "aux_loss": stats["aux_loss"],
+                    sums = self.parallel.sum_stats(window, replicated=self.replicated)
+                    seen = sums.pop("examples")
+                    record = {"kind": "train", "step": step, "epoch": epoch, **{k: v / seen for k, v in sums.items()},
+                              "lr": self.scheduler.get_last_lr()[0], "aux_loss": float(self.last_aux),
                               "img_per_s": seen / max(elapsed, 1e-9)}
                     self.logger.log(record)
                     if progress is not None:
@@ -326,8 +331,8 @@ class Trainer:
             f"{self.run.checkpoints} is kept: resume with a lower learning rate (ermoe train --resume {self.run.root} "
             f"--optim.lr=...), or from an older checkpoint (--from-step N), or check the data.")
 
-    def _train_step(self, batch: Batch, epoch: int) -> dict[str, float]:
-        """Forward and backward of one batch; returns the sums for the log."""
+    def _train_step(self, batch: Batch, epoch: int) -> dict[str, Tensor]:
+        """Forward and backward of one batch; returns its sums for the log (0-dim tensors on the device)."""
         model = self.model
         try:
             with self.autocast():
@@ -350,8 +355,10 @@ class Trainer:
         self.scaler.scale(total).backward()
         n = len(batch)
         task_stats = self.task.batch_stats(_detached(output), batch)
-        return self.parallel.sum_stats({"loss": loss_value * n, "examples": n, "aux_loss": float(extra.detach()),
-                                        **task_stats}, replicated=tuple(task_stats) if coupled else ())
+        self.last_aux = extra.detach()
+        self.replicated = tuple(task_stats) if coupled else ()  # computed over the gathered global batch
+        return {"loss": total.detach().to(self.sum_dtype) * n, "examples": torch.tensor(n, device=total.device),
+                **task_stats}
 
     def _update(self) -> None:
         """Clip, check the gradient, step. A non-finite gradient stops training before it reaches the weights and
