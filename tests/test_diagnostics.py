@@ -127,3 +127,24 @@ def test_table_and_figures(tmp_path):
     files = draw_figures(metrics, tmp_path)
     assert [f.name for f in files] == ["heatmap_blocks_1_mlp.png", "load.png"]
     assert all(f.stat().st_size > 1000 for f in files)
+
+
+def test_expert_label_counts_by_hand():
+    """The one routing accumulator every task's diagnostics start from: (expert, label) counts of the tokens a
+    layer computed, the label a function of the token's index; drops skipped, expert choice unrolled."""
+    from ermoe.analysis.diagnostics import ExpertLabelCounts
+
+    acc = ExpertLabelCounts(num_experts=2, num_labels=3)
+    # token choice: tokens 0..3 -> experts 1, 0, dropped, 1; labels by token // 2 (two tokens per image): 0, 0, 1, 1
+    info = _info(torch.tensor([[1], [0], [-1], [1]]), "token")
+    info.dropped = 1
+    acc.add(info, lambda t: t // 2)
+    assert acc.counts.tolist() == [[1, 0, 0], [1, 1, 0]]
+    # expert choice: expert 0 took tokens 2, 3; expert 1 took 0, 2; labels 2 for every token
+    acc.add(_info(torch.tensor([[2, 3], [0, 2]]), "expert"), lambda t: torch.full_like(t, 2))
+    assert acc.counts.tolist() == [[1, 0, 2], [1, 1, 2]]
+    load = acc.load()
+    assert load["tokens_per_expert"] == [3, 4] and load["drop_rate"] == pytest.approx(1 / 8)
+    no_labels = ExpertLabelCounts(2)
+    no_labels.add(info)  # load only
+    assert no_labels.counts.tolist() == [[1], [2]]

@@ -32,6 +32,37 @@ def assignments(info: RoutingInfo) -> tuple[Tensor, Tensor]:
     return tokens[keep], idx_TK[keep]
 
 
+class ExpertLabelCounts:
+    """One routing layer's (expert, label) counts over every token it computed in an evaluation, the label of a
+    token given by a label function of its index in the batch: its image's class, its cell of the brain grid, its
+    word, the item under its patch. Every task's routing diagnostics start from these counts (load from their row
+    sums, specialisation as MI(expert; label) of the table)."""
+
+    def __init__(self, num_experts: int, num_labels: int = 1) -> None:
+        self.counts = torch.zeros(num_experts, num_labels, dtype=torch.long)
+        self.dropped = self.assigned = 0
+
+    def add(self, info: RoutingInfo, label_of: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Count the layer's last routing; ``label_of(tokens)``: the labels of those token indices (a CPU tensor;
+        None: label 0, load only)."""
+        tokens, experts = (t.cpu() for t in assignments(info))  # CPU indices index a label table on any device
+        num_experts, num_labels = self.counts.shape
+        labels = torch.zeros_like(tokens) if label_of is None else label_of(tokens).cpu()
+        flat = torch.bincount(experts * num_labels + labels, minlength=num_experts * num_labels)
+        self.counts += flat.view(num_experts, num_labels)
+        self.dropped += info.dropped
+        self.assigned += info.assignments
+
+    @property
+    def per_expert(self) -> Tensor:
+        return self.counts.sum(1)
+
+    def load(self) -> dict[str, Any]:
+        """Tokens per expert, the load statistics of :func:`ermoe.routing.stats.load_summary`, the drop rate."""
+        return {"tokens_per_expert": self.per_expert.tolist(), **load_summary(self.per_expert),
+                "drop_rate": self.dropped / max(self.assigned, 1)}
+
+
 def mutual_information(joint_counts: Tensor) -> float:
     """I(X; Y) in bits from a table of co-occurrence counts (rows X, columns Y)."""
     p = joint_counts.double() / joint_counts.sum().clamp_min(1)
@@ -143,9 +174,7 @@ def evaluate_classifier(model: RoutedModel, batches: Iterable[tuple[Sequence[Ten
     was_training = model.training
     model.eval()
     layers = model.routed_layers()
-    counts = {v.name: torch.zeros(v.num_experts, num_classes, dtype=torch.long) for v in layers}
-    dropped = {v.name: 0 for v in layers}
-    assigned = {v.name: 0 for v in layers}
+    counts = {v.name: ExpertLabelCounts(v.num_experts, num_classes) for v in layers}
     class_images = torch.zeros(num_classes, dtype=torch.long)
     correct1 = correct5 = total = 0
     loss_sum = 0.0
@@ -163,15 +192,9 @@ def evaluate_classifier(model: RoutedModel, batches: Iterable[tuple[Sequence[Ten
         correct5 += int((top == labels[:, None]).any(1).sum())
         total += len(labels)
         class_images += torch.bincount(labels.cpu(), minlength=num_classes)
-        for view in layers:
-            name, info = view.name, view.last_routing
-            tokens, experts = assignments(info)
-            per_image = info.num_tokens // len(labels)
-            cls = labels[tokens // per_image]
-            counts[name] += torch.bincount((experts * num_classes + cls).cpu(),
-                                           minlength=counts[name].numel()).view_as(counts[name])
-            dropped[name] += info.dropped
-            assigned[name] += info.assignments
+        for view in layers:  # a token's label: its image's class
+            per_image = view.last_routing.num_tokens // len(labels)
+            counts[view.name].add(view.last_routing, lambda tokens: labels[tokens // per_image])
     result: dict[str, Any] = {"test_top1": correct1 / max(total, 1), "test_top5": correct5 / max(total, 1),
                               "test_loss": loss_sum / max(total, 1), "test_images": total,
                               "class_images": class_images.tolist(), "layers": {}}
@@ -179,12 +202,10 @@ def evaluate_classifier(model: RoutedModel, batches: Iterable[tuple[Sequence[Ten
         result["model_metrics"] = {key: value / max(total, 1) for key, value in model_sums.items()}
     probe_stats = probe_routing(model, probe, max_probe_tokens, ctx) if probe is not None else {}
     h_class = entropy_bits(class_images)
-    for name in counts:
-        joint = counts[name]
+    for name, acc in counts.items():
+        joint = acc.counts
         mi = mutual_information(joint)
-        stats: dict[str, Any] = {"tokens_per_expert": joint.sum(1).tolist(), **load_summary(joint.sum(1)),
-                                 "drop_rate": dropped[name] / max(assigned[name], 1),
-                                 "expert_class_counts": joint.tolist(), "mi_bits": mi,
+        stats: dict[str, Any] = {**acc.load(), "expert_class_counts": joint.tolist(), "mi_bits": mi,
                                  "mi_over_class_entropy": mi / h_class if h_class > 0 else float("nan")}
         stats.update(probe_stats.get(name, {}))
         result["layers"][name] = stats

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..analysis.brain_maps import draw_expert_maps
-from ..analysis.diagnostics import assignments, entropy_bits, mutual_information, probe_routing
+from ..analysis.diagnostics import ExpertLabelCounts, entropy_bits, mutual_information, probe_routing
 from ..data.cohort import CohortSpec, build_cohort
 from ..data.loader import ExampleKey, StepBatchSampler, iterate, make_loader
 from ..data.nifti import VolumeDataset, VolumeStore, collate_volumes, mni_grid, read_csv, split_cohort
@@ -281,8 +281,9 @@ class BrainAge(Task):
     def evaluate(self, model: nn.Module, autocast: Callable[[], Any], probe: Batch | None = None) -> dict[str, Any]:
         layers = model.routed_layers()
         grids = model.token_grid
-        counts = {v.name: np.zeros((v.num_experts, int(np.prod(grids[v.name]))), dtype=np.int64)
-                  for v in layers if v.name in grids}
+        # a token's label: its cell of the layer's token grid (mapped to tissue and the ageing map below)
+        counts = {v.name: ExpertLabelCounts(v.num_experts, int(np.prod(grids[v.name]))) for v in layers
+                  if v.name in grids}
         per_volume: dict[str, list[Tensor]] = {v.name: [] for v in layers if v.name not in grids}
 
         def count(batch: Batch) -> None:
@@ -290,9 +291,8 @@ class BrainAge(Task):
                 if view.name in per_volume:  # one token per volume (regional experts): its experts
                     per_volume[view.name].append(view.last_routing.expert_idx.cpu())
                     continue
-                tokens, experts = assignments(view.last_routing)
-                cells = counts[view.name].shape[1]
-                np.add.at(counts[view.name], (experts.cpu().numpy(), (tokens % cells).cpu().numpy()), 1)
+                cells = counts[view.name].counts.shape[1]
+                counts[view.name].add(view.last_routing, lambda tokens: tokens % cells)
 
         test_age = self.stores["test"].ages if "test" in self.stores else None
         if test_age is None:
@@ -335,12 +335,10 @@ class BrainAge(Task):
                 tissue = Templates(self.setup.data.spacing).tissue_labels().astype(np.int64)
         probe_stats = probe_routing(model, probe.inputs, ctx=autocast) if probe is not None else {}
         out: dict[str, Any] = {}
-        for name, c in counts.items():
+        for name, acc in counts.items():
             grid = tuple(grids[name])
-            per_expert = c.sum(1)
-            stats: dict[str, Any] = {"tokens_per_expert": per_expert.tolist(),
-                                     **load_summary(torch.from_numpy(per_expert)), "token_grid": list(grid),
-                                     "expert_cell_counts": c.tolist()}
+            c = acc.counts.numpy()
+            stats: dict[str, Any] = {**acc.load(), "token_grid": list(grid), "expert_cell_counts": c.tolist()}
             stats.update(expert_anatomy(c, cell_labels(tissue, grid, len(TISSUES)),
                                         None if age_map is None else cell_means(age_map, grid)))
             stats.update(probe_stats.get(name, {}))

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ..analysis.diagnostics import assignments, mutual_information, probe_routing
+from ..analysis.diagnostics import ExpertLabelCounts, mutual_information, probe_routing
 from ..analysis.retrieval import caption_ambiguity, retrieval_metrics
 from ..data.augment import normalize
 from ..data.folder import IMAGENET_MEAN, IMAGENET_STD
@@ -32,7 +32,6 @@ from ..data.loader import ExampleKey, StepBatchSampler, example_seed, iterate, m
 from ..data.modules import KarpathyOptions
 from ..data.tokenize import caption_tokenizer, encode
 from ..models.dual import clip_loss
-from ..routing.stats import load_summary
 from ..settings import FORBID_EXTRA
 from .base import Batch, Task, register_task
 
@@ -226,26 +225,25 @@ class Retrieval(Task):
         image_layers = [n for n in layers if n.startswith("image.")]
         text_layers = [n for n in layers if n.startswith("text.")]
         vocab = self.tokenizer.get_vocab_size()
-        counts = {n: torch.zeros(layers[n].num_experts, dtype=torch.long) for n in layers}
-        word = {n: torch.zeros(layers[n].num_experts, vocab, dtype=torch.long) for n in text_layers}
-        cell = {n: torch.zeros(layers[n].num_experts, BACKGROUND + 1, dtype=torch.long) for n in image_layers}
         cell_labels = self._patch_labels("test", model) if self.items is not None else None
+        # a text token's label: its word; an image token's: the item class under its patch (built-in set only)
+        counts = {n: ExpertLabelCounts(layers[n].num_experts, vocab) for n in text_layers}
+        counts.update({n: ExpertLabelCounts(layers[n].num_experts, 1 if cell_labels is None else BACKGROUND + 1)
+                       for n in image_layers})
 
         def on_image(idx: Tensor) -> None:
             for n in image_layers:
-                tokens, experts = (t.cpu() for t in assignments(layers[n].last_routing))
-                counts[n] += torch.bincount(experts, minlength=counts[n].numel())
-                if cell_labels is not None:
-                    per_image = cell_labels.shape[1]
-                    labels = cell_labels[idx][tokens // per_image, tokens % per_image]
-                    cell[n].index_put_((experts, labels), torch.ones_like(experts), accumulate=True)
+                if cell_labels is None:
+                    counts[n].add(layers[n].last_routing)
+                    continue
+                per_image = cell_labels.shape[1]
+                cells = cell_labels[idx]
+                counts[n].add(layers[n].last_routing, lambda t: cells[t // per_image, t % per_image])
 
         def on_text(chunk: Tensor) -> None:
             real = chunk[chunk != 0]  # the MoE routes real tokens only, in row-major order
             for n in text_layers:
-                tokens, experts = (t.cpu() for t in assignments(layers[n].last_routing))
-                counts[n] += torch.bincount(experts, minlength=counts[n].numel())
-                word[n].index_put_((experts, real[tokens]), torch.ones_like(experts), accumulate=True)
+                counts[n].add(layers[n].last_routing, lambda t: real[t])
 
         images, texts, owner = self.embed(model, "test", autocast, on_image, on_text)
         metrics: dict[str, Any] = {"dataset": self.setup.data.name, "test_images": len(images),
@@ -259,12 +257,12 @@ class Retrieval(Task):
         probe_stats = probe_routing(model, probe.inputs, ctx=autocast) if probe is not None else {}
         out = {}
         for n in layers:
-            stats: dict[str, Any] = {"tokens_per_expert": counts[n].tolist(), **load_summary(counts[n])}
-            if n in word:
-                stats["mi_word_bits"] = mutual_information(word[n])
-            if n in cell and cell_labels is not None:
-                stats["mi_item_bits"] = mutual_information(cell[n])
-                stats["expert_item_counts"] = cell[n].tolist()
+            stats: dict[str, Any] = counts[n].load()
+            if n in text_layers:
+                stats["mi_word_bits"] = mutual_information(counts[n].counts)
+            elif cell_labels is not None:
+                stats["mi_item_bits"] = mutual_information(counts[n].counts)
+                stats["expert_item_counts"] = counts[n].counts.tolist()
             stats.update(probe_stats.get(n, {}))
             out[n] = stats
         metrics["layers"] = out
