@@ -11,10 +11,14 @@ dataset (docs/data.md).
 2. **Scaling**: ``ermoe train`` on a generated ImageFolder of N and of 16N training images for the same few steps:
    wall time to the end and peak memory of the whole process tree (the trainer and its loader workers, proportional
    set size: pages shared between processes counted once). Targets (issue 23): memory <= 1.3x, time <= 1.5x.
+3. **An ImageNet-sized tree** (``--parts tree``): 1,281,167 training and 50,000 validation files in 1,000 class
+   folders (hard links to a few generated JPEGs: the directory entries of ImageNet at the cost of a few files);
+   the time to list it and to the first training batch (DeiT augmentation, 2 workers), and the memory of the lists.
 
     python benchmarks/data_loader.py                          # everything (about 10 minutes on 2 cores)
     python benchmarks/data_loader.py --parts scaling --images 256
     python benchmarks/data_loader.py --json benchmarks/results/data_loader_cpu_2core.json
+    python benchmarks/data_loader.py --parts tree
 
 Images are smooth random fields (JPEG sizes near ImageNet's, ~40 KB at 500 x 375); run it alone on the machine.
 """
@@ -254,9 +258,46 @@ def scaling(work: Path, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def imagenet_tree(work: Path, args: argparse.Namespace) -> dict:
+    """Time to list an ImageNet-sized ImageFolder and to its first training batch; memory of the file lists."""
+    import resource
+
+    from PIL import Image
+
+    from ermoe.data.folder import ImageAugment, ImageFolderData
+
+    rng = np.random.default_rng(0)
+    sources = []
+    for i in range(64):  # ext4 allows 65,000 links to one file
+        path = work / f"source{i}.JPEG"
+        Image.fromarray(smooth_image(rng, 375, 500)).save(path, quality=90)
+        sources.append(path)
+    root = work / "imagenet"
+    t0 = time.perf_counter()
+    for split, n in (("train", args.tree_files), ("val", 50_000)):
+        for c in range(1000):
+            (root / split / f"n{c:08d}").mkdir(parents=True)
+        for i in range(n):
+            os.link(sources[i % len(sources)], root / split / f"n{i % 1000:08d}" / f"{split}_{i:08d}.JPEG")
+    made = time.perf_counter() - t0
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    data = ImageFolderData(root, args.img_size, augment=ImageAugment(), num_workers=max(args.workers))
+    listed = time.perf_counter() - t0
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    first = next(iter(data.train_batches(0, args.batch, 0, 1, 0, 1, torch.device("cpu"))))
+    to_first = time.perf_counter() - t0
+    row = {"train_files": len(data), "val_files": data.split_size("test"), "classes": data.num_classes,
+           "tree_made_s": made, "list_s": listed, "to_first_batch_s": to_first, "first_batch": len(first[0]),
+           "lists_peak_rss_growth_mb": (rss1 - rss0) / 1024}
+    print(row, flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["rates", "scaling"], choices=["rates", "scaling"])
+    parser.add_argument("--parts", nargs="+", default=["rates", "scaling"], choices=["rates", "scaling", "tree"])
+    parser.add_argument("--tree-files", type=int, default=1_281_167, help="training files of the ImageNet-sized tree")
     parser.add_argument("--images", type=int, default=256, help="training images (scaling: N, and 16N)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch", type=int, default=32)
@@ -285,6 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
                 result["rates"] = loader_rates(work, args)
             if "scaling" in args.parts:
                 result["scaling"] = scaling(work, args)
+            if "tree" in args.parts:
+                result["tree"] = imagenet_tree(work, args)
         finally:
             if cache is None:
                 os.environ.pop("ERMOE_CACHE_DIR", None)

@@ -303,3 +303,12 @@ def test_randaugment_at_its_top_magnitude_posterizes_to_black_on_any_pillow(fold
            if op.name == "PosterizeIncreasing"]
     assert ops and all(op.aug_fn is posterize_any_bits and op.aug_fn is not posterize for op in ops)
     batches(data, stop=6)  # 48 examples x 3 ops at magnitude 10: posterize to 0 bits is drawn (it raised before)
+
+
+def test_sample_table_holds_the_paths_and_labels_as_given():
+    from ermoe.data.folder import SampleTable
+
+    samples = [("/data/a/1.jpg", 0), ("/data/ü/éé.JPEG", 3), ("", 1), ("/x", 2)]
+    table = SampleTable(samples)
+    assert len(table) == 4 and [table[i] for i in range(4)] == samples
+    assert table.paths.dtype == np.uint8 and table.labels.dtype == np.int64  # no Python object per sample
