@@ -274,7 +274,7 @@ def imagenet_tree(work: Path, args: argparse.Namespace) -> dict:
         sources.append(path)
     root = work / "imagenet"
     t0 = time.perf_counter()
-    for split, n in (("train", args.tree_files), ("val", 50_000)):
+    for split, n in (("train", args.tree_files), ("val", args.tree_val_files)):
         for c in range(1000):
             (root / split / f"n{c:08d}").mkdir(parents=True)
         for i in range(n):
@@ -298,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["rates", "scaling"], choices=["rates", "scaling", "tree"])
     parser.add_argument("--tree-files", type=int, default=1_281_167, help="training files of the ImageNet-sized tree")
+    parser.add_argument("--tree-val-files", type=int, default=50_000)
     parser.add_argument("--images", type=int, default=256, help="training images (scaling: N, and 16N)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch", type=int, default=32)

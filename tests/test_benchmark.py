@@ -96,7 +96,8 @@ def test_data_loader_benchmark_at_a_tiny_size(tmp_path):
     try:
         result = bench.main(["--images", "48", "--batch", "8", "--batches", "2", "--steps", "2", "--model-batch", "2",
                              "--volumes", "8", "--brain-batch", "2", "--img-size", "32", "--spacing", "8",
-                             "--brain-channels", "4", "8", "8", "--workers", "0", "1", "--json", str(out)])
+                             "--brain-channels", "4", "8", "8", "--workers", "0", "1", "--json", str(out),
+                             "--parts", "rates", "scaling", "tree", "--tree-files", "3000", "--tree-val-files", "1000"])
     finally:
         torch.set_num_threads(threads)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
@@ -111,3 +112,5 @@ def test_data_loader_benchmark_at_a_tiny_size(tmp_path):
     assert ratios["memory_ratio"] == pytest.approx(large["peak_pss_mb"] / small["peak_pss_mb"])
     assert ratios["time_ratio"] == pytest.approx(large["wall_s"] / small["wall_s"])
     assert small["peak_pss_mb"] > 100  # the process tree's memory was read (a trainer holds torch: > 100 MB)
+    tree = result["tree"]
+    assert (tree["train_files"], tree["val_files"], tree["classes"], tree["first_batch"]) == (3000, 1000, 1000, 8)
