@@ -148,3 +148,16 @@ def test_expert_label_counts_by_hand():
     no_labels = ExpertLabelCounts(2)
     no_labels.add(info)  # load only
     assert no_labels.counts.tolist() == [[1], [2]]
+
+
+def test_evaluating_restores_the_mode_even_after_an_error():
+    from ermoe.analysis.diagnostics import evaluating
+
+    model = torch.nn.Linear(2, 2)
+    for mode in (True, False):
+        model.train(mode)
+        with pytest.raises(RuntimeError):
+            with evaluating(model):
+                assert not model.training
+                raise RuntimeError("boom")
+        assert model.training is mode

@@ -6,6 +6,7 @@ runs a model over a dataset and gathers them per layer.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Any, Callable, Iterable, Sequence
@@ -30,6 +31,17 @@ def assignments(info: RoutingInfo) -> tuple[Tensor, Tensor]:
     tokens = torch.arange(idx_TK.shape[0], device=idx_TK.device).unsqueeze(1).expand_as(idx_TK)
     keep = idx_TK >= 0
     return tokens[keep], idx_TK[keep]
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """``model`` in eval mode for the block, and back in the mode it was in after it (also on an error)."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
 
 
 class ExpertLabelCounts:
@@ -171,8 +183,13 @@ def evaluate_classifier(model: RoutedModel, batches: Iterable[tuple[Sequence[Ten
     ``batches`` yields ``(inputs, labels)``: the model's positional inputs and the labels, on the model's device and
     preprocessed; ``probe``: the probe's model inputs.
     """
-    was_training = model.training
-    model.eval()
+    with evaluating(model):
+        return _evaluate_classifier(model, batches, num_classes, probe, max_probe_tokens, autocast)
+
+
+def _evaluate_classifier(model: RoutedModel, batches: Iterable[tuple[Sequence[Tensor], Tensor]], num_classes: int,
+                         probe: Sequence[Tensor] | None, max_probe_tokens: int,
+                         autocast: Callable[[], Any] | None) -> dict[str, Any]:
     layers = model.routed_layers()
     counts = {v.name: ExpertLabelCounts(v.num_experts, num_classes) for v in layers}
     class_images = torch.zeros(num_classes, dtype=torch.long)
@@ -209,7 +226,6 @@ def evaluate_classifier(model: RoutedModel, batches: Iterable[tuple[Sequence[Ten
                                  "mi_over_class_entropy": mi / h_class if h_class > 0 else float("nan")}
         stats.update(probe_stats.get(name, {}))
         result["layers"][name] = stats
-    model.train(was_training)
     return result
 
 
@@ -223,13 +239,8 @@ def _load_counts(info: RoutingInfo) -> Tensor:
 def probe_load(model: RoutedModel, probe: Sequence[Tensor], ctx: Callable[[], Any] = torch.no_grad
                ) -> dict[str, Tensor]:
     """Per routing layer, the load on fixed probe inputs (see ``_load_counts``): one eval forward, nothing else."""
-    was_training = model.training
-    model.eval()
-    try:
-        with ctx():
-            model(*probe)
-    finally:
-        model.train(was_training)
+    with evaluating(model), ctx():
+        model(*probe)
     return {view.name: _load_counts(view.last_routing) for view in model.routed_layers()}
 
 
@@ -239,8 +250,12 @@ def probe_routing(model: RoutedModel, probe: Sequence[Tensor], max_tokens: int =
     """Per routing layer on fixed probe inputs: ``probe_assignment`` (the ``(T, E)`` experts that computed each
     token, for stability), ``probe_load``, and for token MoEs the homogeneity of the expert outputs and the basis
     geometry."""
-    was_training = model.training
-    model.eval()
+    with evaluating(model):
+        return _probe_routing(model, probe, max_tokens, ctx)
+
+
+def _probe_routing(model: RoutedModel, probe: Sequence[Tensor], max_tokens: int, ctx: Callable[[], Any]
+                   ) -> dict[str, dict[str, Any]]:
     layers = model.routed_layers()
     rec = _InputRecorder(layers)
     try:
@@ -270,5 +285,4 @@ def probe_routing(model: RoutedModel, probe: Sequence[Tensor], max_tokens: int =
             if geometry is not None:
                 stats.update(geometry)
         out[view.name] = stats
-    model.train(was_training)
     return out

@@ -10,16 +10,16 @@ import torch
 from torch import Tensor
 
 from ..models.protocol import RoutedModel
+from .diagnostics import evaluating
 
 
 @torch.no_grad()
 def extract_features(model: RoutedModel, batches: Iterable[Sequence[Tensor]]) -> Tensor:
     """Pre-logit features (what the head reads: ``forward_head(forward_features(x), pre_logits=True)``), float32 on
     the CPU; ``batches`` yields the model's positional inputs."""
-    was_training = model.training
-    model.eval()
-    feats = [model.forward_head(model.forward_features(*inputs), pre_logits=True).float().cpu() for inputs in batches]
-    model.train(was_training)
+    with evaluating(model):
+        feats = [model.forward_head(model.forward_features(*inputs), pre_logits=True).float().cpu()
+                 for inputs in batches]
     return torch.cat(feats)
 
 

@@ -128,9 +128,14 @@ class Task(ABC):
     def eval_batches(self, split: str, batch_size: int | None = None, limit: int | None = None) -> Iterator[Batch]:
         """Batches of a split in order, without augmentation; ``limit``: its first examples only."""
 
+    @abstractmethod
+    def has_split(self, split: str) -> bool:
+        """Whether the data has split ``split`` (``train``, ``val``, ``test``)."""
+
     def probe(self) -> Batch:
-        """Fixed evaluation inputs whose routing is followed across checkpoints (stability, load over training)."""
-        return next(self.eval_batches("test", self.setup.probe_size))
+        """Fixed evaluation inputs whose routing is followed across checkpoints (stability, load over training):
+        the first ``probe_size`` validation examples, test examples when there is no validation split."""
+        return next(self.eval_batches("val" if self.has_split("val") else "test", self.setup.probe_size))
 
     # loss -------------------------------------------------------------------------------------------------------
     @abstractmethod

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..analysis.brain_maps import draw_expert_maps
-from ..analysis.diagnostics import ExpertLabelCounts, entropy_bits, mutual_information, probe_routing
+from ..analysis.diagnostics import ExpertLabelCounts, entropy_bits, evaluating, mutual_information, probe_routing
 from ..data.cohort import CohortSpec, build_cohort
 from ..data.loader import ExampleKey, StepBatchSampler, iterate, make_loader
 from ..data.nifti import VolumeDataset, VolumeStore, collate_volumes, mni_grid, read_csv, split_cohort
@@ -246,9 +246,8 @@ class BrainAge(Task):
         for vols, ages in iterate(loaders[key]):
             yield Batch((vols.to(self.device),), ages.to(self.device))
 
-    def probe(self) -> Batch:
-        """The first ``probe_size`` validation volumes (test volumes without a validation split)."""
-        return next(self.eval_batches("val" if "val" in self.stores else "test", self.setup.probe_size))
+    def has_split(self, split: str) -> bool:
+        return split in self.stores
 
     def years(self, output: Tensor) -> Tensor:
         if self.centres is not None:
@@ -267,15 +266,13 @@ class BrainAge(Task):
     @torch.no_grad()
     def predict(self, model: nn.Module, split: str, autocast: Callable[[], Any],
                 on_batch: Callable[[Batch], None] | None = None) -> np.ndarray:
-        was = model.training
-        model.eval()
         preds = []
-        for batch in self.eval_batches(split):
-            with autocast():
-                preds.append(self.years(model(*batch.inputs)).cpu())
-            if on_batch is not None:
-                on_batch(batch)
-        model.train(was)
+        with evaluating(model):
+            for batch in self.eval_batches(split):
+                with autocast():
+                    preds.append(self.years(model(*batch.inputs)).cpu())
+                if on_batch is not None:
+                    on_batch(batch)
         return torch.cat(preds).numpy()
 
     def evaluate(self, model: nn.Module, autocast: Callable[[], Any], probe: Batch | None = None) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..analysis.diagnostics import evaluate_classifier
+from ..analysis.diagnostics import evaluate_classifier, evaluating
 from ..analysis.report import draw_figures, layers_table
 from ..data.augment import normalize, train_transform
 from ..data.folder import ImageFolderData
@@ -134,9 +134,8 @@ class ImageClassification(Task):
                 x = self.stem.frozen_features(x)
             yield Batch((x,), images.labels[i:i + batch_size].to(self.device))
 
-    def probe(self) -> Batch:
-        """The first ``probe_size`` validation images (test images when there is no validation split)."""
-        return next(self.eval_batches("val" if self.data.val is not None else "test", self.setup.probe_size))
+    def has_split(self, split: str) -> bool:
+        return split != "val" or self.data.val is not None
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output.float(), target, label_smoothing=self.setup.label_smoothing)
@@ -160,13 +159,11 @@ class ImageClassification(Task):
         """Top-1 on the validation split (nothing without one: the test split is read once, at the end)."""
         if self.data.val is None:
             return {}
-        was = model.training
-        model.eval()
         correct = 0
-        for batch in self.eval_batches("val"):
-            with autocast():
-                correct += int((model(*batch.inputs).argmax(1) == batch.target).sum())
-        model.train(was)
+        with evaluating(model):
+            for batch in self.eval_batches("val"):
+                with autocast():
+                    correct += int((model(*batch.inputs).argmax(1) == batch.target).sum())
         return {"val_top1": correct / len(self.data.val)}
 
     @staticmethod

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ..analysis.diagnostics import ExpertLabelCounts, mutual_information, probe_routing
+from ..analysis.diagnostics import ExpertLabelCounts, evaluating, mutual_information, probe_routing
 from ..analysis.retrieval import caption_ambiguity, retrieval_metrics
 from ..data.augment import normalize
 from ..data.folder import IMAGENET_MEAN, IMAGENET_STD
@@ -181,8 +181,8 @@ class Retrieval(Task):
         for idx, x in self._image_chunks(split, batch_size or self.setup.eval_batch_size, limit):
             yield Batch((x, ids[first[idx]].to(self.device)), None)
 
-    def probe(self) -> Batch:
-        return next(self.eval_batches("val" if "val" in self.splits else "test", self.setup.probe_size))
+    def has_split(self, split: str) -> bool:
+        return split in self.splits
 
     def loss(self, output, target: Tensor | None) -> Tensor:
         return clip_loss(*output)
@@ -198,10 +198,8 @@ class Retrieval(Task):
               on_image: Callable[[Tensor], None] | None = None,
               on_text: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Every image and every caption of ``split`` embedded in chunks: ``(images, texts, owner)``."""
-        was = model.training
-        model.eval()
         size = self.setup.eval_batch_size
-        try:
+        with evaluating(model):
             images = []
             for idx, x in self._image_chunks(split, size):
                 with autocast():
@@ -216,8 +214,6 @@ class Retrieval(Task):
                     texts.append(model.encode_text(chunk).float().cpu())
                 if on_text is not None:
                     on_text(chunk.cpu())
-        finally:
-            model.train(was)
         return torch.cat(images), torch.cat(texts), owner
 
     def evaluate(self, model: nn.Module, autocast: Callable[[], Any], probe: Batch | None = None) -> dict[str, Any]:
