@@ -9,8 +9,8 @@ what it needs of the run's config as a :class:`TaskSetup`, not the config itself
     model = create_model(model_name, **model_args, **task.model_args())
     for batch in task.train_batches(start_step, stop_step, rank, world):   # this rank's rows, step by step
     out = model(*batch.inputs)
-    loss = model.training_loss(out, batch.target, task.loss) + model.aux_loss()
-    task.batch_stats(out, batch)                             # sums for the training log, e.g. correct predictions
+    loss = model.training_loss(out, batch.target, task.objective.loss) + model.aux_loss()
+    task.objective.batch_stats(out, batch)                   # sums for the training log, e.g. correct predictions
     metrics = task.evaluate(model, autocast, probe)          # the run's metrics.json
     task.results_table(metrics); task.draw_figures(metrics, run.figures)
 
@@ -67,6 +67,24 @@ class TaskSetup:
     model_args: dict[str, Any] = field(default_factory=dict)
 
 
+class Objective(ABC):
+    """What a task trains for: its criterion and the sums it logs, on the device (no host sync a step). Built by the
+    task from its data (e.g. brain age standardises the target by the training ages)."""
+
+    # Whether the loss couples a batch's examples (a contrastive loss whose negatives are the batch): a distributed
+    # run then computes it on every rank over the global batch's outputs (ermoe.train.parallel), not per rank.
+    batch_coupled: ClassVar[bool] = False
+
+    @abstractmethod
+    def loss(self, output: Tensor, target: Tensor | None) -> Tensor:
+        """The criterion (the model may add terms of its own, ``RoutedModel.training_loss``)."""
+
+    def batch_stats(self, output: Tensor, batch: Batch) -> dict[str, Tensor]:
+        """Sums over a training batch for the log (divided by the examples seen), e.g. ``{"acc": correct}``: 0-dim
+        tensors on the device, summed there over the log window and read once per window."""
+        return {}
+
+
 class Task(ABC):
     """One application: its data, loss, metrics and report. Subclasses register with :func:`register_task`.
 
@@ -81,9 +99,7 @@ class Task(ABC):
     # A dataclass of the task's own settings (the config's ``task_options``, checked against its fields and their
     # types); None: the task takes none.
     Options: ClassVar[type | None] = None
-    # Whether the loss couples a batch's examples (a contrastive loss whose negatives are the batch): a distributed
-    # run then computes it on every rank over the global batch's outputs (ermoe.train.parallel), not per rank.
-    batch_coupled: ClassVar[bool] = False
+    objective: Objective  # set by load(): what the task trains for
 
     def __init__(self, setup: TaskSetup, device: torch.device) -> None:
         self.setup, self.device = setup, device
@@ -92,7 +108,8 @@ class Task(ABC):
     # data -------------------------------------------------------------------------------------------------------
     @abstractmethod
     def load(self) -> None:
-        """Read the data (once per process); raises a clear error for missing or corrupt files."""
+        """Read the data (once per process) and set :attr:`objective`; raises a clear error for missing or corrupt
+        files."""
 
     @abstractmethod
     def model_args(self) -> dict[str, Any]:
@@ -136,16 +153,6 @@ class Task(ABC):
         """Fixed evaluation inputs whose routing is followed across checkpoints (stability, load over training):
         the first ``probe_size`` validation examples, test examples when there is no validation split."""
         return next(self.eval_batches("val" if self.has_split("val") else "test", self.setup.probe_size))
-
-    # loss -------------------------------------------------------------------------------------------------------
-    @abstractmethod
-    def loss(self, output: Tensor, target: Tensor | None) -> Tensor:
-        """The task's criterion (the model may add terms of its own, ``RoutedModel.training_loss``)."""
-
-    def batch_stats(self, output: Tensor, batch: Batch) -> dict[str, Tensor]:
-        """Sums over a training batch for the log (divided by the examples seen), e.g. ``{"acc": correct}``: 0-dim
-        tensors on the device, summed there over the log window and read once per window (no host sync a step)."""
-        return {}
 
     # evaluation -------------------------------------------------------------------------------------------------
     @abstractmethod

@@ -30,7 +30,7 @@ from ..data.nifti import VolumeDataset, VolumeStore, collate_volumes, mni_grid, 
 from ..models.registry import model_parameters
 from ..routing.stats import load_summary
 from ..settings import FORBID_EXTRA
-from .base import Batch, Task, register_task
+from .base import Batch, Objective, Task, register_task
 
 TISSUES = ("background", "csf", "gm", "wm")
 
@@ -144,6 +144,29 @@ def soft_labels(age: Tensor, centres: Tensor, sigma: float) -> Tensor:
     return torch.softmax(logits, dim=1)
 
 
+class AgeObjective(Objective):
+    """Age in years from the model's output: ``l1`` (the output is the standardised age, ``(age - mean) / sd`` of
+    the training ages) or ``soft_bins`` (SFCN: the output is a distribution over age bins ``centres``, trained by KL
+    divergence to a Gaussian soft label of sd ``sigma``; the prediction is its mean). Logs the absolute errors."""
+
+    def __init__(self, age_mean: float, age_sd: float, centres: Tensor | None = None, sigma: float = 1.0) -> None:
+        self.age_mean, self.age_sd, self.centres, self.sigma = age_mean, age_sd, centres, sigma
+
+    def years(self, output: Tensor) -> Tensor:
+        if self.centres is not None:
+            return torch.softmax(output.float(), dim=1) @ self.centres
+        return self.age_mean + self.age_sd * output[:, 0].float()
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        if self.centres is not None:
+            labels = soft_labels(target, self.centres, self.sigma)
+            return F.kl_div(torch.log_softmax(output.float(), dim=1), labels, reduction="batchmean")
+        return F.l1_loss(self.years(output), target.float())
+
+    def batch_stats(self, output: Tensor, batch: Batch) -> dict[str, Tensor]:
+        return {"mae": (self.years(output) - batch.target).abs().sum()}
+
+
 @register_task
 class BrainAge(Task):
     name = "brain_age"
@@ -187,6 +210,7 @@ class BrainAge(Task):
         if self.options.loss == "soft_bins":  # a margin of 3 sd: the labels of the oldest and youngest fit
             bins = age_bins(ages, self.options.bin_width, 3 * self.options.bin_sigma)
             self.centres = torch.from_numpy(bins).to(self.device)
+        self.objective = AgeObjective(self.age_mean, self.age_sd, self.centres, self.options.bin_sigma)
 
     def model_args(self) -> dict[str, Any]:
         outputs = 1 if self.centres is None else len(self.centres)
@@ -250,18 +274,7 @@ class BrainAge(Task):
         return split in self.stores
 
     def years(self, output: Tensor) -> Tensor:
-        if self.centres is not None:
-            return torch.softmax(output.float(), dim=1) @ self.centres
-        return self.age_mean + self.age_sd * output[:, 0].float()
-
-    def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        if self.centres is not None:
-            labels = soft_labels(target, self.centres, self.options.bin_sigma)
-            return F.kl_div(torch.log_softmax(output.float(), dim=1), labels, reduction="batchmean")
-        return F.l1_loss(self.years(output), target.float())
-
-    def batch_stats(self, output: Tensor, batch: Batch) -> dict[str, Tensor]:
-        return {"mae": (self.years(output) - batch.target).abs().sum()}
+        return self.objective.years(output)
 
     @torch.no_grad()
     def predict(self, model: nn.Module, split: str, autocast: Callable[[], Any],

@@ -18,8 +18,24 @@ from ..data.augment import normalize, train_transform
 from ..data.folder import ImageFolderData
 from ..data.images import DATASETS, ImageData, ImageSet
 from ..data.modules import ImageFolderOptions, InMemoryImageOptions
-from .base import Batch, Task, register_task
+from .base import Batch, Objective, Task, register_task
 from .features import cached_stem_features
+
+class CrossEntropy(Objective):
+    """Cross-entropy with label smoothing (hard labels, or the soft targets of mixup / CutMix); logs the correct
+    predictions."""
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        self.label_smoothing = label_smoothing
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(output.float(), target, label_smoothing=self.label_smoothing)
+
+    def batch_stats(self, output: Tensor, batch: Batch) -> dict[str, Tensor]:
+        # under mixup / CutMix the target is soft: its largest share counts as the label
+        labels = batch.target if batch.target.dim() == 1 else batch.target.argmax(1)
+        return {"acc": (output.argmax(1) == labels).sum()}
+
 
 @register_task
 class ImageClassification(Task):
@@ -47,6 +63,7 @@ class ImageClassification(Task):
         if self.num_train < self.setup.batch_size:
             raise ValueError(f"optim.batch_size {self.setup.batch_size} exceeds the {self.num_train} training "
                              "images")
+        self.objective = CrossEntropy(self.setup.label_smoothing)
 
     def model_args(self) -> dict[str, Any]:
         data = self.data
@@ -136,14 +153,6 @@ class ImageClassification(Task):
 
     def has_split(self, split: str) -> bool:
         return split != "val" or self.data.val is not None
-
-    def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(output.float(), target, label_smoothing=self.setup.label_smoothing)
-
-    def batch_stats(self, output: Tensor, batch: Batch) -> dict[str, Tensor]:
-        # under mixup / CutMix the target is soft: its largest share counts as the label
-        labels = batch.target if batch.target.dim() == 1 else batch.target.argmax(1)
-        return {"acc": (output.argmax(1) == labels).sum()}
 
     def evaluate(self, model: nn.Module, autocast: Callable[[], Any], probe: Batch | None = None) -> dict[str, Any]:
         metrics = evaluate_classifier(model, ((b.inputs, b.target) for b in self.eval_batches("test")),

@@ -33,7 +33,7 @@ from ..data.modules import KarpathyOptions
 from ..data.tokenize import caption_tokenizer, encode
 from ..models.dual import clip_loss
 from ..settings import FORBID_EXTRA
-from .base import Batch, Task, register_task
+from .base import Batch, Objective, Task, register_task
 
 BACKGROUND = 10  # the item-class label of a patch in an empty cell of a built-in canvas
 
@@ -49,10 +49,24 @@ class RetrievalOptions:
             raise ValueError(f"task_options.context_length must be >= 2, got {self.context_length}")
 
 
+class Contrastive(Objective):
+    """CLIP's symmetric InfoNCE over the batch's image-caption pairs; logs the in-batch image-to-text top-1."""
+
+    batch_coupled = True  # every other pair of the (global) batch is a negative
+
+    def loss(self, output, target: Tensor | None) -> Tensor:
+        return clip_loss(*output)
+
+    def batch_stats(self, output, batch: Batch) -> dict[str, Tensor]:
+        image, text, _ = output
+        sims = image.float() @ text.float().t()
+        hits = (sims.argmax(1) == torch.arange(len(sims), device=sims.device)).sum()
+        return {"batch_i2t_acc": hits}  # in-batch top-1, a training-time sanity signal
+
+
 @register_task
 class Retrieval(Task):
     name = "retrieval"
-    batch_coupled = True  # InfoNCE: every other pair of the (global) batch is a negative
     datasets = ("fashion_captions", "karpathy")
     model_data_args = ("img_size", "in_chans", "vocab_size", "context_length", "pad_id")
     Options = RetrievalOptions
@@ -100,6 +114,7 @@ class Retrieval(Task):
             ids = encode(self.tokenizer, texts, o.context_length)
             counts = torch.tensor([len(c) for c in split.captions])
             self.tokens[name] = (ids, owner, torch.cumsum(counts, 0) - counts)
+        self.objective = Contrastive()
 
     def _built_in(self) -> Path:
         from ..data.captions import CaptionSetSpec, build_caption_set
@@ -163,7 +178,7 @@ class Retrieval(Task):
 
     def train_batches(self, start_step: int, stop_step: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
         """This rank's image-caption pairs of every step (images on disk decoded in ``data.num_workers`` loader
-        workers); the InfoNCE loss then sees the global batch (``batch_coupled``)."""
+        workers); the InfoNCE loss then sees the global batch (``Contrastive.batch_coupled``)."""
         sampler = StepBatchSampler(self.num_train, self.setup.batch_size, self.setup.seed, start_step, stop_step,
                                    rank, world)
         loader = make_loader(self._pairs(), sampler, _collate_pairs, self._workers, self.device)
@@ -183,15 +198,6 @@ class Retrieval(Task):
 
     def has_split(self, split: str) -> bool:
         return split in self.splits
-
-    def loss(self, output, target: Tensor | None) -> Tensor:
-        return clip_loss(*output)
-
-    def batch_stats(self, output, batch: Batch) -> dict[str, Tensor]:
-        image, text, _ = output
-        sims = image.float() @ text.float().t()
-        hits = (sims.argmax(1) == torch.arange(len(sims), device=sims.device)).sum()
-        return {"batch_i2t_acc": hits}  # in-batch top-1, a training-time sanity signal
 
     @torch.no_grad()
     def embed(self, model: nn.Module, split: str, autocast: Callable[[], Any],

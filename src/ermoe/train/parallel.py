@@ -129,7 +129,7 @@ class Parallel:
     # training -----------------------------------------------------------------------------------------------------
     def gather_output(self, output: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
         """Every rank's batch outputs, in rank order, for a loss that couples the batch's examples (``Task.
-        batch_coupled``): per-example tensors are gathered (this rank's share keeps its gradient, and receives the
+        Objective.batch_coupled``): per-example tensors are gathered (this rank's share keeps its gradient, and receives the
         gradients every rank's copy of the loss sends it), 0-dim ones (a logit scale) are left as they are."""
         if self.groups is None:
             return output

@@ -337,12 +337,12 @@ class Trainer:
         try:
             with self.autocast():
                 output = self.forward_model(*batch.inputs)
-                coupled = self.task.batch_coupled and self.parallel.world_size > 1
+                coupled = self.task.objective.batch_coupled and self.parallel.world_size > 1
                 target = batch.target
                 if coupled:  # a contrastive loss over the global batch, the same on every rank
                     output = self.parallel.gather_output(output)
                     target = None if target is None else self.parallel.gather_output(target)
-                loss = model.training_loss(output, target, self.task.loss)
+                loss = model.training_loss(output, target, self.task.objective.loss)
                 extra = model.aux_loss()
                 total = loss + extra
         except NonFiniteInputError as err:  # activations blew up before the loss: the same divergence
@@ -354,7 +354,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         n = len(batch)
-        task_stats = self.task.batch_stats(_detached(output), batch)
+        task_stats = self.task.objective.batch_stats(_detached(output), batch)
         self.last_aux = extra.detach()
         self.replicated = tuple(task_stats) if coupled else ()  # computed over the gathered global batch
         return {"loss": total.detach().to(self.sum_dtype) * n, "examples": torch.tensor(n, device=total.device),
