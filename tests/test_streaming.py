@@ -312,3 +312,19 @@ def test_sample_table_holds_the_paths_and_labels_as_given():
     table = SampleTable(samples)
     assert len(table) == 4 and [table[i] for i in range(4)] == samples
     assert table.paths.dtype == np.uint8 and table.labels.dtype == np.int64  # no Python object per sample
+
+
+def test_mixed_soft_targets_train_by_timm_s_loss():
+    """Soft targets of a mixed pair with optim.label_smoothing equal timm's mixup_target (smoothing applied, then
+    mixed with the flipped batch) under timm's SoftTargetCrossEntropy."""
+    from timm.data.mixup import mixup_target
+    from timm.loss import SoftTargetCrossEntropy
+
+    from ermoe.tasks.classification import CrossEntropy
+
+    torch.manual_seed(0)
+    logits, labels, lam = torch.randn(6, 5), torch.tensor([0, 3, 1, 4, 2, 2]), 0.7
+    ours = lam * torch.nn.functional.one_hot(labels, 5).float() + \
+        (1 - lam) * torch.nn.functional.one_hot(labels.flip(0), 5).float()
+    peer = SoftTargetCrossEntropy()(logits, mixup_target(labels, 5, lam=lam, smoothing=0.1))
+    torch.testing.assert_close(CrossEntropy(label_smoothing=0.1).loss(logits, ours), peer)
