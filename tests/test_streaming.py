@@ -7,15 +7,13 @@ import json
 import os
 import random
 import signal
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from ermoe.data.folder import (Collate, Corrupt, Example, FolderDataset, ImageAugment, ImageFolderData, cutmix_box,
-                               mix_pairs)
+from ermoe.data.folder import FolderDataset, ImageAugment, ImageFolderData, cutmix_box, mix_pairs
 from ermoe.data.images import CorruptDatasetError, DatasetNotFoundError
 from ermoe.data.loader import (DataLoaderWorkerError, ExampleKey, StepBatchSampler, epoch_order, example_seed,
                                seeded)
