@@ -15,10 +15,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from ..settings import FORBID_EXTRA
-from .folder import ImageAugment
+from .folder import ImageAugment, ImageFolderData
 from .images import ImageData, load_cifar, load_digits, load_fashion_mnist
 
 _DATASETS: dict[str, type["DataOptions"]] = {}
@@ -188,6 +189,13 @@ class ImageFolderOptions(_Splits):
         _require(self.img_size is None or self.img_size >= 1, "img_size", "a positive integer or null", self.img_size)
         _require(0 < self.crop_pct <= 1, "crop_pct", "in (0, 1]", self.crop_pct)
 
+    def load(self) -> ImageFolderData:
+        """The tree's file lists (its images are decoded when a step asks for them)."""
+        return ImageFolderData(self.data_dir, self.img_size or 224, crop_pct=self.crop_pct, augment=self.augment,
+                               val_size=self.val_size, split_seed=self.split_seed, train_limit=self.train_limit,
+                               test_limit=self.test_limit, num_workers=self.num_workers,
+                               skip_corrupt=self.skip_corrupt)
+
 
 @dataclass
 class _Cap:
@@ -246,6 +254,10 @@ class _Volumes(_Splits, _Cap):
         super().__post_init__()
         self._check_cap()
 
+    def scans_csv(self) -> tuple[Path, dict[str, Any] | None]:
+        """The CSV of scans (``path``, ``age``, ...) and, for a generated cohort, its ground truth."""
+        raise NotImplementedError
+
 
 @register_data
 @dataclass
@@ -254,6 +266,12 @@ class NiftiCsvOptions(_Volumes):
 
     name: ClassVar[str] = "nifti_csv"
     csv: str | None = None
+
+    def scans_csv(self) -> tuple[Path, dict[str, Any] | None]:
+        """The CSV of scans, and no ground truth (someone else's data)."""
+        if self.csv is None:
+            raise ValueError("data.name nifti_csv needs data.csv: a CSV with columns path and age")
+        return Path(self.csv), None
 
 
 @register_data
@@ -264,3 +282,13 @@ class BrainCohortOptions(_Volumes):
     name: ClassVar[str] = "brain_cohort"
     cohort_size: int = 600
     cohort_seed: int = 0
+
+    def scans_csv(self) -> tuple[Path, dict[str, Any] | None]:
+        """The generated cohort's CSV (made once, cached) and what is known of it: the error floor its biological
+        variation sets, that variation's sd, its size and folder (tissue and ageing maps)."""
+        from .cohort import CohortSpec, build_cohort
+
+        spec = CohortSpec(size=self.cohort_size, seed=self.cohort_seed, spacing=self.spacing)
+        csv_path = build_cohort(spec, log=print)
+        return csv_path, {"floor_mae": spec.floor_mae(), "bio_sd": spec.bio_sd, "size": spec.size,
+                          "dir": str(csv_path.parent)}

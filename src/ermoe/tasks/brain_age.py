@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from ..analysis.brain_maps import draw_expert_maps
 from ..analysis.diagnostics import ExpertLabelCounts, entropy_bits, evaluating, mutual_information, probe_routing
-from ..data.cohort import CohortSpec, build_cohort
 from ..data.loader import ExampleKey, StepBatchSampler, iterate, make_loader
 from ..data.nifti import VolumeDataset, VolumeStore, collate_volumes, mni_grid, read_csv, split_cohort
 from ..models.registry import model_parameters
@@ -183,16 +182,8 @@ class BrainAge(Task):
             raise ImportError(f"brain age reads NIfTI with nibabel and nilearn ({err}): pip install -e '.[brain]'") \
                 from None
         d = self.setup.data
-        self.cohort_info: dict[str, Any] | None = None
-        if d.name == "brain_cohort":
-            spec = CohortSpec(size=d.cohort_size, seed=d.cohort_seed, spacing=d.spacing)
-            csv_path = build_cohort(spec, log=print)
-            self.cohort_info = {"floor_mae": spec.floor_mae(), "bio_sd": spec.bio_sd, "size": spec.size,
-                                "dir": str(csv_path.parent)}
-        else:
-            if d.csv is None:
-                raise ValueError("data.name nifti_csv needs data.csv: a CSV with columns path and age")
-            csv_path = Path(d.csv)
+        # the CSV of scans (the built-in cohort generates its own once) and, for the built-in cohort, its ground truth
+        csv_path, self.cohort_info = d.scans_csv()
         self.csv_path = csv_path
         cohort = split_cohort(read_csv(csv_path), d.val_size, d.test_size, d.split_seed)
         train = cohort.train[:d.train_limit] if d.train_limit else cohort.train

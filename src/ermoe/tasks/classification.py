@@ -17,7 +17,7 @@ from ..analysis.report import draw_figures, layers_table
 from ..data.augment import normalize, train_transform
 from ..data.folder import ImageFolderData
 from ..data.images import DATASETS, ImageData, ImageSet
-from ..data.modules import ImageFolderOptions, InMemoryImageOptions
+from ..data.modules import InMemoryImageOptions
 from .base import Batch, Objective, Task, register_task
 from .features import cached_stem_features
 
@@ -52,14 +52,7 @@ class ImageClassification(Task):
         return isinstance(self.data, ImageFolderData)
 
     def load(self) -> None:
-        d = self.setup.data
-        if isinstance(d, ImageFolderOptions):  # only the file lists: images are decoded when a step asks for them
-            self.data = ImageFolderData(d.data_dir, d.img_size or 224, crop_pct=d.crop_pct, augment=d.augment,
-                                        val_size=d.val_size, split_seed=d.split_seed, train_limit=d.train_limit,
-                                        test_limit=d.test_limit, num_workers=d.num_workers,
-                                        skip_corrupt=d.skip_corrupt)
-        else:
-            self.data = d.load()
+        self.data = self.setup.data.load()  # held in memory, or an ImageFolder's file lists (decoded per step)
         if self.num_train < self.setup.batch_size:
             raise ValueError(f"optim.batch_size {self.setup.batch_size} exceeds the {self.num_train} training "
                              "images")
