@@ -86,6 +86,27 @@ class CaptionSplit:
         return texts, owner
 
 
+@dataclass
+class CaptionData:
+    """A caption dataset as retrieval reads it: its splits, the channel mean and std its images are normalised by,
+    and for the built-in set the items drawn on each canvas (by split), which its diagnostics label patches with."""
+
+    source: Path
+    splits: dict[str, CaptionSplit]
+    mean: Tensor
+    std: Tensor
+    items: dict[str, list[list[dict]]] | None = None
+
+    def limited(self, train_limit: int | None, test_limit: int | None) -> "CaptionData":
+        """The first ``train_limit`` training and ``test_limit`` test images; a file without a test split is an
+        error (retrieval is evaluated on it)."""
+        if "test" not in self.splits:
+            raise CaptionDataError(f"{self.source} has no test split: retrieval is evaluated on it")
+        self.splits["train"] = self.splits["train"].subset(train_limit)
+        self.splits["test"] = self.splits["test"].subset(test_limit)
+        return self
+
+
 def _entries(json_path: Path) -> list[dict]:
     if not json_path.is_file():
         raise CaptionDataError(f"caption file {json_path} not found")

@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..settings import FORBID_EXTRA
-from .folder import ImageAugment, ImageFolderData
+import torch
+
+from .folder import IMAGENET_MEAN, IMAGENET_STD, ImageAugment, ImageFolderData
 from .images import ImageData, load_cifar, load_digits, load_fashion_mnist
+from .karpathy import CaptionData, read_karpathy
 
 _DATASETS: dict[str, type["DataOptions"]] = {}
 
@@ -223,6 +226,16 @@ class KarpathyOptions(_Limits, _Cap):
         self._check_cap()
         _require(self.img_size is None or self.img_size >= 1, "img_size", "a positive integer or null", self.img_size)
 
+    def load(self) -> CaptionData:
+        """The split file's images (held up to ``memory_cap_gb``, else decoded per batch) and captions; photographs
+        are normalised with ImageNet's channel statistics (nothing is decoded up front)."""
+        if self.json is None or self.image_root is None:
+            raise ValueError("data.name karpathy needs data.json (the Karpathy split file) and data.image_root")
+        splits = read_karpathy(self.json, self.image_root, self.img_size or 224, 3,
+                               int(self.memory_cap_gb * 2 ** 30))
+        return CaptionData(Path(self.json), splits, torch.tensor(IMAGENET_MEAN),
+                           torch.tensor(IMAGENET_STD)).limited(self.train_limit, self.test_limit)
+
 
 @register_data
 @dataclass
@@ -236,6 +249,25 @@ class FashionCaptionsOptions(_Limits, _Downloadable):
         super().__post_init__()
         self._check_mirror()
         _require(self.caption_set_size >= 1, "caption_set_size", "a positive integer", self.caption_set_size)
+
+    def load(self) -> CaptionData:
+        """The built-in caption set (generated once from Fashion-MNIST, cached), its 64-pixel grey canvases held in
+        memory and normalised by their own channel statistics, and the items on each canvas."""
+        import json
+
+        from .captions import CaptionSetSpec, build_caption_set
+
+        fm = load_fashion_mnist(self.data_dir, download=self.download, mirror=self.mirror)
+        pool = lambda s: (s.images[:, 0].numpy(), s.labels.numpy())  # noqa: E731
+        json_path = build_caption_set(CaptionSetSpec(train_size=self.caption_set_size), pool(fm.train),
+                                      pool(fm.test), log=print)
+        items: dict[str, list[list[dict]]] = {}
+        for e in json.loads(json_path.read_text())["images"]:
+            items.setdefault("train" if e["split"] == "restval" else e["split"], []).append(e["items"])
+        splits = read_karpathy(json_path, json_path.parent, 64, 1)
+        x = splits["train"].images[:20000].double().div(255.0)
+        mean, std = x.mean(dim=(0, 2, 3)).float(), x.std(dim=(0, 2, 3)).float().clamp_min(1e-3)
+        return CaptionData(json_path, splits, mean, std, items).limited(self.train_limit, self.test_limit)
 
 
 @dataclass

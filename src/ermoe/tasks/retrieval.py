@@ -13,7 +13,6 @@ beyond ``data.memory_cap_gb`` are decoded per batch, in ``data.num_workers`` loa
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -26,8 +25,7 @@ from torch.utils.data import Dataset
 from ..analysis.diagnostics import ExpertLabelCounts, evaluating, mutual_information, probe_routing
 from ..analysis.retrieval import caption_ambiguity, retrieval_metrics
 from ..data.augment import normalize
-from ..data.folder import IMAGENET_MEAN, IMAGENET_STD
-from ..data.karpathy import CaptionSplit, read_karpathy
+from ..data.karpathy import CaptionSplit
 from ..data.loader import ExampleKey, StepBatchSampler, example_seed, iterate, make_loader
 from ..data.modules import KarpathyOptions
 from ..data.tokenize import caption_tokenizer, encode
@@ -78,34 +76,12 @@ class Retrieval(Task):
         except ImportError as err:
             raise ImportError(f"retrieval decodes images with Pillow and tokenises captions with Hugging Face "
                               f"tokenizers ({err}): pip install -e '.[retrieval]'") from None
-        d = self.setup.data
-        self.items: dict[str, list[list[dict]]] | None = None
-        if d.name == "fashion_captions":
-            json_path = self._built_in()
-            root, size, channels = json_path.parent, 64, 1
-            entries = json.loads(json_path.read_text())["images"]
-            self.items = {}
-            for e in entries:
-                self.items.setdefault("train" if e["split"] == "restval" else e["split"], []).append(e["items"])
-        else:
-            if d.json is None or d.image_root is None:
-                raise ValueError("data.name karpathy needs data.json (the Karpathy split file) and data.image_root")
-            json_path, root, size, channels = Path(d.json), Path(d.image_root), d.img_size or 224, 3
-        cap = int(d.memory_cap_gb * 2 ** 30) if isinstance(d, KarpathyOptions) else None
-        splits = read_karpathy(json_path, root, size, channels, cap)
-        splits["train"] = splits["train"].subset(d.train_limit)
-        if "test" not in splits:
-            raise ValueError(f"{json_path} has no test split: retrieval is evaluated on it")
-        splits["test"] = splits["test"].subset(d.test_limit)
+        data = self.setup.data.load()  # a Karpathy file, or the built-in caption set
+        splits, self.items, self.mean, self.std = data.splits, data.items, data.mean, data.std
         if len(splits["train"]) < self.setup.batch_size:
             raise ValueError(f"optim.batch_size {self.setup.batch_size} exceeds the {len(splits['train'])} "
                              "training images")
         self.splits = splits
-        if isinstance(d, KarpathyOptions):  # photographs: ImageNet's channel statistics (nothing decoded up front)
-            self.mean, self.std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-        else:  # the built-in grey canvases: their own
-            x = splits["train"].images[:20000].double().div(255.0)
-            self.mean, self.std = x.mean(dim=(0, 2, 3)).float(), x.std(dim=(0, 2, 3)).float().clamp_min(1e-3)
         o = self.options
         self.tokenizer = caption_tokenizer([c for caps in splits["train"].captions for c in caps], o.vocab_size)
         self.tokens: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
@@ -115,16 +91,6 @@ class Retrieval(Task):
             counts = torch.tensor([len(c) for c in split.captions])
             self.tokens[name] = (ids, owner, torch.cumsum(counts, 0) - counts)
         self.objective = Contrastive()
-
-    def _built_in(self) -> Path:
-        from ..data.captions import CaptionSetSpec, build_caption_set
-        from ..data.images import load_fashion_mnist
-
-        d = self.setup.data
-        fm = load_fashion_mnist(d.data_dir, download=d.download, mirror=d.mirror)
-        pool = lambda s: (s.images[:, 0].numpy(), s.labels.numpy())  # noqa: E731
-        return build_caption_set(CaptionSetSpec(train_size=d.caption_set_size), pool(fm.train), pool(fm.test),
-                                 log=print)
 
     def model_args(self) -> dict[str, Any]:
         images = self.splits["train"].images
