@@ -244,3 +244,17 @@ def test_pca_init_sets_bases_to_the_principal_subspace_of_patch_features():
 def test_pca_init_skips_routers_without_bases():
     model = ermoe.create_model("vit_tiny", **TINY, moe=dict(router="softmax_topk", blocks="all"))
     assert model.init_routers_from_data([(torch.randn(2, 2, 16, 16),)]) == []
+
+
+def test_create_model_checks_values_as_strictly_as_a_config():
+    """One checker for config sections, builder arguments and router keywords (ermoe.settings): the Python API
+    refuses what a config would."""
+    with pytest.raises(ValueError, match=r"create_model\('vit_tiny'\): depth: expected int \| None, got str '4'"):
+        create_model("vit_tiny", depth="4")
+    with pytest.raises(ValueError, match=r"create_model\('vit_tiny'\): moe.top_k: expected int, got str '2'"):
+        create_model("vit_tiny", moe={"router": "ermoe", "top_k": "2"})
+    with pytest.raises(ValueError, match=r"create_model\('vit_tiny'\): global_pool: expected one of \['avg'"):
+        create_model("vit_tiny", global_pool="mean")
+    model = create_model("vit_tiny", num_classes=3, img_size=8, in_chans=1, patch_size=4, depth=2, mlp_ratio=2,
+                         moe={"router": "softmax_topk", "num_experts": 2})  # an int is a float; a dict a MoESpec
+    assert len(model.routed_layers()) == 1

@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from ..settings import check
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -113,10 +115,14 @@ def check_model_args(name: str, args: dict[str, Any], where: str = "create_model
 def create_model(name: str = "vit_tiny", **kwargs: Any) -> nn.Module:
     """Build model ``name`` (one of :func:`list_models`, or a timm ViT name) with the builder's keyword arguments.
 
-    Every model is an :class:`ermoe.models.RoutedModel`. A keyword the model does not take raises ``ValueError``
-    naming it. See each builder's docstring (``ermoe.models.registry.describe(name)``) for its arguments.
+    Every model is an :class:`ermoe.models.RoutedModel`. A keyword the model does not take, or a value of the wrong
+    type for its annotation (checked as a config value is, :mod:`ermoe.settings`), raises ``ValueError`` naming it. See each builder's docstring (``ermoe.models.registry.describe(name)``) for its arguments.
     """
     check_model_args(name, kwargs)
+    accepted = model_parameters(name, kwargs)
+    # every argument as strictly as a config value (ermoe.settings): '4' is no depth, a dict for a dataclass is
+    # checked as that dataclass
+    kwargs = {k: check(v, accepted[k], f"create_model({name!r}): {k}") for k, v in kwargs.items()}
     entry, positional = resolve(name)
     return entry.builder(*positional, **kwargs)
 
