@@ -71,11 +71,6 @@ def _json(value: Any) -> str:
     return json.dumps(value, default=default)
 
 
-def checkable(annotation: Any) -> bool:
-    """Whether :func:`check` can validate values of ``annotation`` (else they are left to their consumer)."""
-    return annotation is Any or _adapter(annotation) is not None
-
-
 def check(value: Any, annotation: Any, key: str) -> Any:
     """``value`` as ``annotation`` requires it, strictly (a dataclass is built from a mapping of its fields);
     ``ValueError`` naming ``key`` and what was expected otherwise. A type pydantic cannot check passes as it is."""

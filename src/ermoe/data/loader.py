@@ -102,18 +102,13 @@ def seeded(seed: int):
         torch.random.set_rng_state(th)
 
 
-def _worker_init(worker_id: int) -> None:
-    torch.set_num_threads(1)  # a worker decodes one example at a time; the trainer's threads do the math
-
-
 def make_loader(dataset: Dataset, batch_sampler: Iterable[list[Any]], collate_fn: Callable[[list[Any]], Any],
                 num_workers: int, device: torch.device, prefetch_factor: int = 2,
                 persistent: bool = False) -> DataLoader:
-    """A ``DataLoader`` over ``batch_sampler``'s batches of keys: ``num_workers`` processes (0: in this one),
-    pinned memory when the batches go to a CUDA device, ``prefetch_factor`` batches ahead per worker, workers kept
-    between passes with ``persistent``."""
-    extra = dict(prefetch_factor=prefetch_factor, persistent_workers=persistent,
-                 worker_init_fn=_worker_init) if num_workers > 0 else {}
+    """A ``DataLoader`` over ``batch_sampler``'s batches of keys: ``num_workers`` processes (0: in this one; torch
+    gives each worker one thread), pinned memory when the batches go to a CUDA device, ``prefetch_factor`` batches
+    ahead per worker, workers kept between passes with ``persistent``."""
+    extra = dict(prefetch_factor=prefetch_factor, persistent_workers=persistent) if num_workers > 0 else {}
     return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=num_workers,
                       pin_memory=device.type == "cuda", **extra)
 

@@ -123,9 +123,10 @@ class Task(ABC):
     def num_train(self) -> int:
         """Training examples per epoch."""
 
-    @abstractmethod
     def train_batch(self, indices: Tensor, step: int) -> Batch:
-        """The training examples ``indices`` as a batch; random augmentation is seeded by ``step`` (exact resume)."""
+        """The training examples ``indices`` as a batch; random augmentation is seeded by ``step`` (exact resume).
+        What the default :meth:`train_batches` builds each step from; a task that overrides that need not have it."""
+        raise NotImplementedError(f"task {self.name!r} builds its batches in train_batches")
 
     def train_batches(self, start_step: int, stop_step: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
         """Rank ``rank``'s rows of the global batch of every step from ``start_step`` to ``stop_step - 1``, in the

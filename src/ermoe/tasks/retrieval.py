@@ -127,7 +127,7 @@ class Retrieval(Task):
             for idx in chunks:
                 yield idx, self._images(split, idx)
             return
-        loader = make_loader(_Images(data), [c.tolist() for c in chunks], _stack, workers, self.device)
+        loader = make_loader(_Images(data), [c.tolist() for c in chunks], torch.stack, workers, self.device)
         for idx, x in zip(chunks, iterate(loader)):
             yield idx, normalize(x.to(self.device), self.mean.to(self.device), self.std.to(self.device))
 
@@ -135,12 +135,6 @@ class Retrieval(Task):
         ids, _, first = self.tokens["train"]
         counts = torch.tensor([len(c) for c in self.splits["train"].captions])
         return _Pairs(self.splits["train"], ids, first, counts, self.setup.seed)
-
-    def train_batch(self, indices: Tensor, step: int) -> Batch:
-        pairs = self._pairs()
-        images, ids = _collate_pairs([pairs[ExampleKey(i, step, r)] for r, i in enumerate(indices.tolist())])
-        x = normalize(images.to(self.device), self.mean.to(self.device), self.std.to(self.device))
-        return Batch((x, ids.to(self.device)), None)
 
     def train_batches(self, start_step: int, stop_step: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
         """This rank's image-caption pairs of every step (images on disk decoded in ``data.num_workers`` loader
@@ -339,6 +333,3 @@ class _Images(Dataset):
 def _collate_pairs(items: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     return torch.stack([x for x, _ in items]), torch.stack([t for _, t in items])
 
-
-def _stack(items: list[Tensor]) -> Tensor:
-    return torch.stack(items)
