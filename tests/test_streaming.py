@@ -134,6 +134,9 @@ def test_augment_options_are_checked():
         ImageAugment(color_jitter=0.4)
     with pytest.raises(ValueError, match="RandAugment spec"):
         ImageAugment(auto_augment="augmix-m5")
+    with pytest.raises(ValueError, match="section 'zz' is none of timm's RandAugment settings"):
+        ImageAugment(auto_augment="rand-m9-zz")
+    assert ImageAugment(auto_augment="rand-m9-n2-mstd0.5-mmax10-inc1-p0.5").auto_augment  # every key timm reads
     with pytest.raises(ValueError, match="scale must be"):
         ImageAugment(scale=[0.5, 0.1])
     assert not ImageAugment(mixup_alpha=0, cutmix_alpha=0).mixes

@@ -15,6 +15,7 @@ A file that cannot be decoded stops the run with :class:`~ermoe.data.images.Corr
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from .images import CorruptDatasetError, DatasetNotFoundError
 from .loader import (ExampleKey, StepBatchSampler, example_seed, iterate, make_loader, seeded)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_RAND_KEYS = ("m", "n", "mstd", "mmax", "inc", "p")  # timm.data.auto_augment.rand_augment_transform's numeric keys
 
 
 @dataclass
@@ -71,9 +73,16 @@ class ImageAugment:
                 f"interpolation must be bilinear, bicubic, nearest or random, got {self.interpolation!r}")
         if self.auto_augment:
             from timm.data.auto_augment import rand_augment_transform
-            if not self.auto_augment.startswith("rand"):
+            sections = self.auto_augment.split("-")
+            if sections[0] != "rand":
                 raise ValueError(f"data.augment.auto_augment must be a RandAugment spec ('rand-m9-mstd0.5-inc1'), "
                                  f"got {self.auto_augment!r}")
+            # timm skips a section without a number silently ('rand-m9-zz' is 'rand-m9'): name it instead
+            for section in sections[1:]:
+                key = re.split(r"(\d.*)", section)
+                if not section.startswith("t") and not (len(key) >= 2 and key[0] in _RAND_KEYS):
+                    raise ValueError(f"data.augment.auto_augment {self.auto_augment!r}: section {section!r} is none "
+                                     f"of timm's RandAugment settings ({', '.join(_RAND_KEYS)} with a number, or t)")
             try:
                 rand_augment_transform(self.auto_augment, {})
             except Exception as err:  # noqa: BLE001 - timm asserts on a malformed spec
