@@ -571,7 +571,7 @@ def test_volumes_read_from_disk_in_workers_train_as_volumes_held_in_memory(tmp_p
     for step in range(2):
         assert torch.equal(torch.cat([h[step].inputs[0] for h in halves]), whole[step].inputs[0])
     keys = next(iter(StepBatchSampler(task.num_train, 8, task.setup.seed, 1, 2)))
-    alone = task.train_batch(torch.tensor([k.index for k in keys]), 1)
+    alone = task.batches.train_batch(torch.tensor([k.index for k in keys]), 1)
     assert torch.equal(alone.inputs[0], whole[1].inputs[0])  # the batch of step 1 alone: the same draws
 
 

@@ -150,6 +150,28 @@ def test_expert_label_counts_by_hand():
     assert no_labels.counts.tolist() == [[1], [2]]
 
 
+def test_routing_counts_by_layer_with_example_labels_by_hand():
+    """RoutingCounts: one ExpertLabelCounts per named layer; example_labels gives a token its example's label
+    (tokens of example i at [i n, (i + 1) n)); a layer not named is not counted."""
+    from types import SimpleNamespace
+
+    from ermoe.analysis.diagnostics import RoutingCounts, example_labels
+
+    a = SimpleNamespace(name="a", num_experts=2, last_routing=_info(torch.tensor([[1], [0], [-1], [1]]), "token"))
+    b = SimpleNamespace(name="b", num_experts=2, last_routing=_info(torch.tensor([[0], [0], [1], [1]]), "token"))
+    skipped = SimpleNamespace(name="c", num_experts=2, last_routing=None)
+    counts = RoutingCounts([a, b, skipped], {"a": 3, "b": 3})
+    counts.add(example_labels(torch.tensor([2, 0])))  # 4 tokens, 2 examples: tokens 0, 1 -> label 2; 2, 3 -> 0
+    assert list(counts) == ["a", "b"] and len(counts) == 2
+    assert counts["a"].counts.tolist() == [[0, 0, 1], [1, 0, 1]]
+    assert counts["b"].counts.tolist() == [[0, 0, 2], [2, 0, 0]]
+    counts.add(lambda info, t: t % 3, layers=["b"])  # labels 0, 1, 2, 0
+    assert counts["b"].counts.tolist() == [[1, 1, 2], [3, 0, 1]] and counts["a"].counts.sum() == 3
+    stats = counts.stats("b", "class")
+    assert stats["expert_class_counts"] == [[1, 1, 2], [3, 0, 1]] and stats["tokens_per_expert"] == [4, 4]
+    assert stats["mi_bits"] == pytest.approx(mutual_information(torch.tensor([[1, 1, 2], [3, 0, 1]])))
+
+
 def test_evaluating_restores_the_mode_even_after_an_error():
     from ermoe.analysis.diagnostics import evaluating
 

@@ -109,7 +109,7 @@ def test_cached_stem_features_are_the_live_stem_and_a_stale_cache_is_refused(wei
     monkeypatch.setenv("ERMOE_CACHE_DIR", str(tmp_path / "cache"))
     torch.manual_seed(0)
     task, model, _ = setup(stem_config(weights, stem_cache=True, val_size=100))
-    assert set(task.features) == {"train", "val", "test"} and task.features["train"].shape == (128, 112, 4, 4)
+    assert set(task.batches.features) == {"train", "val", "test"} and task.batches.features["train"].shape == (128, 112, 4, 4)
     images = normalize(task.data.test.images[:16], task.data.mean, task.data.std)
     cached = next(task.eval_batches("test", 16)).inputs[0]
     torch.testing.assert_close(cached, model.frozen_stem().frozen_features(images))  # the live stem's output
@@ -122,7 +122,7 @@ def test_cached_stem_features_are_the_live_stem_and_a_stale_cache_is_refused(wei
     task2, _, _ = setup(stem_config(weights, seed=1, stem_cache=True, val_size=100))
     assert {f: f.stat().st_mtime_ns for f in files} == before
     assert sorted((tmp_path / "cache" / "stem_features").iterdir()) == files
-    torch.testing.assert_close(task2.features["test"], task.features["test"])
+    torch.testing.assert_close(task2.batches.features["test"], task.batches.features["test"])
     from safetensors.torch import load_file, save_file
     for f in files:  # a cache that no longer matches what the stem computes
         save_file({"features": load_file(str(f))["features"] + 1.0}, str(f))

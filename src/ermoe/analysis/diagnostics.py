@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -73,6 +74,52 @@ class ExpertLabelCounts:
         """Tokens per expert, the load statistics of :func:`ermoe.routing.stats.load_summary`, the drop rate."""
         return {"tokens_per_expert": self.per_expert.tolist(), **load_summary(self.per_expert),
                 "drop_rate": self.dropped / max(self.assigned, 1)}
+
+
+# A routing layer's label function: the labels of the tokens (indices into the layer's last routing) it computed.
+LabelFn = Callable[[RoutingInfo, Tensor], Tensor]
+
+
+def example_labels(labels: Tensor) -> LabelFn:
+    """The label function whose tokens carry their example's label: a layer that routes ``n`` tokens per example
+    (patches, cells, or one per example) holds example ``i``'s tokens at ``[i n, (i + 1) n)``."""
+    labels = labels.cpu()
+    return lambda info, tokens: labels[tokens // (info.num_tokens // len(labels))]
+
+
+class RoutingCounts:
+    """The routing accumulator of an evaluation: per routing layer, its :class:`ExpertLabelCounts` over every
+    forward pass, a token's label given by a :data:`LabelFn` (its image's class, its brain cell, its word, the item
+    under its patch). ``num_labels``: labels per layer (an int for every layer, or by layer name: only the layers
+    named are counted)."""
+
+    def __init__(self, layers: Sequence[RoutedLayer], num_labels: int | dict[str, int] = 1) -> None:
+        sizes = num_labels if isinstance(num_labels, dict) else {v.name: num_labels for v in layers}
+        self.views = {v.name: v for v in layers if v.name in sizes}
+        self.tables = {name: ExpertLabelCounts(v.num_experts, sizes[name]) for name, v in self.views.items()}
+
+    def add(self, label_of: LabelFn | None = None, layers: Iterable[str] | None = None) -> None:
+        """Count the last routing of ``layers`` (default: every counted layer) under ``label_of`` (None: load
+        only)."""
+        for name in self.tables if layers is None else layers:
+            info = self.views[name].last_routing
+            fn = None if label_of is None else (lambda tokens, info=info: label_of(info, tokens))
+            self.tables[name].add(info, fn)
+
+    def __getitem__(self, name: str) -> ExpertLabelCounts:
+        return self.tables[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tables)
+
+    def __len__(self) -> int:
+        return len(self.tables)
+
+    def stats(self, name: str, label: str = "label") -> dict[str, Any]:
+        """The layer's load statistics, its ``expert_{label}_counts`` table and ``mi_bits``, I(expert; label)."""
+        table = self.tables[name]
+        return {**table.load(), f"expert_{label}_counts": table.counts.tolist(),
+                "mi_bits": mutual_information(table.counts)}
 
 
 def mutual_information(joint_counts: Tensor) -> float:
@@ -172,59 +219,107 @@ class _InputRecorder:
             h.remove()
 
 
+class PerExample:
+    """A measure that is the mean over examples of ``fn(output, target)`` (one value per example), e.g. the
+    cross-entropy: a torchmetrics ``MeanMetric`` with the ``update(output, target)`` of the other measures."""
+
+    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor]) -> None:
+        from torchmetrics.aggregation import MeanMetric
+
+        self.fn, self.mean = fn, MeanMetric()
+
+    def to(self, device: torch.device) -> "PerExample":
+        self.mean = self.mean.to(device)
+        return self
+
+    def update(self, output: Tensor, target: Tensor) -> None:
+        self.mean.update(self.fn(output, target))
+
+    def compute(self) -> Tensor:
+        return self.mean.compute()
+
+
+@dataclass
+class Evaluation:
+    """What :func:`evaluate_routed` gathered: each measure's value, the examples seen, the routing counts, and per
+    routing layer the probe's measures (:func:`probe_routing`; empty without a probe)."""
+
+    measures: dict[str, float]
+    examples: int
+    counts: RoutingCounts
+    probe: dict[str, dict[str, Any]]
+
+    def layers(self, label: str = "label") -> dict[str, dict[str, Any]]:
+        """Per routing layer: its load, ``expert_{label}_counts`` and ``mi_bits``, and the probe's measures."""
+        return {name: {**self.counts.stats(name, label), **self.probe.get(name, {})} for name in self.counts}
+
+
 @torch.no_grad()
+def evaluate_routed(model: RoutedModel, batches: Iterable[tuple[Sequence[Tensor], Tensor | None]],
+                    measures: dict[str, Any], num_labels: int = 1,
+                    label_of: Callable[[Tensor | None], LabelFn] | None = None,
+                    probe: Sequence[Tensor] | None = None, max_probe_tokens: int = 4096,
+                    autocast: Callable[[], Any] | None = None,
+                    on_output: Callable[[Tensor, Tensor | None], None] | None = None) -> Evaluation:
+    """One evaluation pass of any task, in eval mode: each batch ``(inputs, target)`` through the model, every
+    measure (a torchmetrics metric, or anything with ``to``/``update(output, target)``/``compute``) updated with
+    the output and the target, and every routing layer's assignments counted by the token labels
+    ``label_of(target)`` gives (:class:`RoutingCounts`; None: load only, one label). ``on_output(output,
+    target)``: anything else a task gathers. Then the probe's routing measures (stability, homogeneity, basis
+    geometry)."""
+    with evaluating(model):
+        counts = RoutingCounts(model.routed_layers(), num_labels)
+        ctx = autocast or torch.no_grad
+        examples = 0
+        for inputs, target in batches:
+            with ctx():
+                output = model(*inputs)
+            output = output.float() if isinstance(output, Tensor) else output
+            for measure in measures.values():
+                measure.to(inputs[0].device).update(output, target)
+            if on_output is not None:
+                on_output(output, target)
+            examples += len(inputs[0])
+            counts.add(None if label_of is None else label_of(target))
+        values = {name: float(m.compute()) if examples else float("nan") for name, m in measures.items()}
+        probe_stats = probe_routing(model, probe, max_probe_tokens, ctx) if probe is not None else {}
+    return Evaluation(values, examples, counts, probe_stats)
+
+
 def evaluate_classifier(model: RoutedModel, batches: Iterable[tuple[Sequence[Tensor], Tensor]], num_classes: int,
                         probe: Sequence[Tensor] | None = None, max_probe_tokens: int = 4096,
                         autocast: Callable[[], Any] | None = None) -> dict[str, Any]:
-    """Accuracy (top-1/top-5), loss, and per routing layer: load, expert x class counts, MI, and on the probe inputs
-    the top-1 routing (for stability), homogeneity and basis geometry. The model's ``batch_metrics`` (sums over the
-    batch), if it has any, give ``model_metrics``: those sums over the test set per image.
+    """Accuracy (top-1/top-5, torchmetrics), loss, and per routing layer: load, expert x class counts (a token's
+    label: its image's class), MI, and on the probe inputs the routing (for stability), homogeneity and basis
+    geometry. The model's ``batch_metrics`` (sums over the batch), if it has any, give ``model_metrics``: those sums
+    over the test set per image.
 
     ``batches`` yields ``(inputs, labels)``: the model's positional inputs and the labels, on the model's device and
     preprocessed; ``probe``: the probe's model inputs.
     """
-    with evaluating(model):
-        return _evaluate_classifier(model, batches, num_classes, probe, max_probe_tokens, autocast)
+    from torchmetrics.classification import MulticlassAccuracy
 
-
-def _evaluate_classifier(model: RoutedModel, batches: Iterable[tuple[Sequence[Tensor], Tensor]], num_classes: int,
-                         probe: Sequence[Tensor] | None, max_probe_tokens: int,
-                         autocast: Callable[[], Any] | None) -> dict[str, Any]:
-    layers = model.routed_layers()
-    counts = {v.name: ExpertLabelCounts(v.num_experts, num_classes) for v in layers}
+    measures = {f"test_top{k}": MulticlassAccuracy(num_classes, top_k=min(k, num_classes), average="micro")
+                for k in (1, 5)}
+    measures["test_loss"] = PerExample(lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none"))
     class_images = torch.zeros(num_classes, dtype=torch.long)
-    correct1 = correct5 = total = 0
-    loss_sum = 0.0
     model_sums: dict[str, float] = {}  # models with a batch_metrics(logits, labels) method: per-image sums
-    ctx = autocast or torch.no_grad
-    for inputs, labels in batches:
-        with ctx():
-            logits = model(*inputs).float()
-            extra = model.batch_metrics(logits, labels)
-        for key, value in extra.items():
-            model_sums[key] = model_sums.get(key, 0.0) + value
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += int((top[:, 0] == labels).sum())
-        correct5 += int((top == labels[:, None]).any(1).sum())
-        total += len(labels)
+
+    def gather(logits: Tensor, labels: Tensor) -> None:
+        nonlocal class_images
         class_images += torch.bincount(labels.cpu(), minlength=num_classes)
-        for view in layers:  # a token's label: its image's class
-            per_image = view.last_routing.num_tokens // len(labels)
-            counts[view.name].add(view.last_routing, lambda tokens: labels[tokens // per_image])
-    result: dict[str, Any] = {"test_top1": correct1 / max(total, 1), "test_top5": correct5 / max(total, 1),
-                              "test_loss": loss_sum / max(total, 1), "test_images": total,
-                              "class_images": class_images.tolist(), "layers": {}}
+        for key, value in model.batch_metrics(logits, labels).items():
+            model_sums[key] = model_sums.get(key, 0.0) + value
+
+    ev = evaluate_routed(model, batches, measures, num_classes, example_labels, probe, max_probe_tokens, autocast,
+                         gather)
+    result: dict[str, Any] = {**{k: (0.0 if math.isnan(v) else v) for k, v in ev.measures.items()},
+                              "test_images": ev.examples, "class_images": class_images.tolist(), "layers": {}}
     if model_sums:
-        result["model_metrics"] = {key: value / max(total, 1) for key, value in model_sums.items()}
-    probe_stats = probe_routing(model, probe, max_probe_tokens, ctx) if probe is not None else {}
+        result["model_metrics"] = {key: value / max(ev.examples, 1) for key, value in model_sums.items()}
     h_class = entropy_bits(class_images)
-    for name, acc in counts.items():
-        joint = acc.counts
-        mi = mutual_information(joint)
-        stats: dict[str, Any] = {**acc.load(), "expert_class_counts": joint.tolist(), "mi_bits": mi,
-                                 "mi_over_class_entropy": mi / h_class if h_class > 0 else float("nan")}
-        stats.update(probe_stats.get(name, {}))
+    for name, stats in ev.layers("class").items():
+        stats["mi_over_class_entropy"] = stats["mi_bits"] / h_class if h_class > 0 else float("nan")
         result["layers"][name] = stats
     return result
 

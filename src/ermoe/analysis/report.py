@@ -70,6 +70,21 @@ def draw_figures(metrics: dict[str, Any], fig_dir: str | Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
+    return written + draw_load(metrics, fig_dir)
+
+
+def draw_load(metrics: dict[str, Any], fig_dir: str | Path) -> list[Path]:
+    """``load.png``: each routing layer's share of test tokens per expert (nothing without routing layers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig_dir = Path(fig_dir)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    layers = metrics.get("layers", {})
     if layers:
         fig, ax = plt.subplots(figsize=(7, 3))
         for name, s in layers.items():

@@ -1,9 +1,17 @@
-"""What differs between applications, behind one interface the training loop drives: the data and its batches, the
-loss, the evaluation metrics, and what the report shows.
+"""What differs between applications, behind one interface the training loop drives: the data as batches, what
+the model trains for, and how it is evaluated and reported.
 
 The loop (``ermoe.train``) is written once, for every task: resume, checkpoints, AMP, logging, routing probes and the
 non-finite guard. A task plugs in with a :class:`Task` subclass registered by name (the config's ``task``); it sees
-what it needs of the run's config as a :class:`TaskSetup`, not the config itself:
+what it needs of the run's config as a :class:`TaskSetup`, not the config itself. A task is three parts:
+
+- its data, a :class:`~ermoe.data.batches.BatchSource` (``task.batches``) built from the dataset's module
+  (``ermoe.data.modules``): the training batches of each step and rank, the evaluation batches, the model's
+  data-dependent arguments;
+- its :class:`Objective`: the criterion and the sums the training log shows, on the device;
+- its evaluation: the task's measures, and per routing layer the counts of
+  :class:`~ermoe.analysis.diagnostics.RoutingCounts` keyed by a label function (a token's class, brain cell, word,
+  item), from which load and specialisation follow.
 
     task = build_task(name, setup, device); task.load()     # the data, once
     model = create_model(model_name, **model_args, **task.model_args())
@@ -13,10 +21,6 @@ what it needs of the run's config as a :class:`TaskSetup`, not the config itself
     task.objective.batch_stats(out, batch)                   # sums for the training log, e.g. correct predictions
     metrics = task.evaluate(model, autocast, probe)          # the run's metrics.json
     task.results_table(metrics); task.draw_figures(metrics, run.figures)
-
-A batch's ``inputs`` are the model's positional arguments: ``(images,)`` for classification, ``(volumes,)`` for brain
-age, ``(images, token_ids)`` for a dual encoder; ``target`` is what the criterion compares the output with (labels,
-ages, or None for a contrastive loss whose positives are the batch's pairs).
 """
 
 from __future__ import annotations
@@ -29,24 +33,10 @@ from typing import Any, Callable, ClassVar, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..data.loader import StepBatchSampler, shard_bounds
+from ..analysis.diagnostics import LabelFn, evaluate_routed
+from ..analysis.report import draw_load, layers_table
+from ..data.batches import Batch, BatchSource, Sampling
 from ..data.modules import DataOptions
-
-
-@dataclass
-class Batch:
-    """The model's positional inputs and the target of the criterion, on the training device."""
-
-    inputs: tuple[Tensor, ...]
-    target: Tensor | None
-
-    def __len__(self) -> int:
-        return self.inputs[0].shape[0]
-
-    def rows(self, start: int, stop: int) -> "Batch":
-        """Examples ``[start, stop)`` of the batch (a distributed rank's share)."""
-        return Batch(tuple(x[start:stop] for x in self.inputs),
-                     None if self.target is None else self.target[start:stop])
 
 
 @dataclass(frozen=True)
@@ -99,6 +89,7 @@ class Task(ABC):
     # A dataclass of the task's own settings (the config's ``task_options``, checked against its fields and their
     # types); None: the task takes none.
     Options: ClassVar[type | None] = None
+    batches: BatchSource  # set by load(): the data as the model's batches
     objective: Objective  # set by load(): what the task trains for
 
     def __init__(self, setup: TaskSetup, device: torch.device) -> None:
@@ -108,71 +99,95 @@ class Task(ABC):
     # data -------------------------------------------------------------------------------------------------------
     @abstractmethod
     def load(self) -> None:
-        """Read the data (once per process) and set :attr:`objective`; raises a clear error for missing or corrupt
-        files."""
+        """Read the data (once per process): set :attr:`batches` (the dataset's :class:`BatchSource`) and
+        :attr:`objective`; raises a clear error for missing or corrupt files."""
 
-    @abstractmethod
+    @property
+    def sampling(self) -> Sampling:
+        """How this task's batches are drawn (what :attr:`batches` is built with)."""
+        s = self.setup
+        return Sampling(s.seed, s.batch_size, s.eval_batch_size, self.device)
+
     def model_args(self) -> dict[str, Any]:
         """What the model builder takes from the data (e.g. ``num_classes``, ``img_size``, ``in_chans``)."""
+        return self.batches.model_args()
 
     def prepare(self, model: nn.Module) -> None:
         """Adapt the data pipeline to the built model (e.g. the input normalisation pretrained weights expect)."""
 
     @property
-    @abstractmethod
     def num_train(self) -> int:
         """Training examples per epoch."""
-
-    def train_batch(self, indices: Tensor, step: int) -> Batch:
-        """The training examples ``indices`` as a batch; random augmentation is seeded by ``step`` (exact resume).
-        What the default :meth:`train_batches` builds each step from; a task that overrides that need not have it."""
-        raise NotImplementedError(f"task {self.name!r} builds its batches in train_batches")
+        return self.batches.num_train
 
     def train_batches(self, start_step: int, stop_step: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
-        """Rank ``rank``'s rows of the global batch of every step from ``start_step`` to ``stop_step - 1``, in the
-        run's seeded epoch order (:class:`ermoe.data.loader.StepBatchSampler`).
+        """Rank ``rank``'s rows of the global batch of every step from ``start_step`` to ``stop_step - 1``
+        (:meth:`BatchSource.train_batches`)."""
+        return self.batches.train_batches(start_step, stop_step, rank, world)
 
-        This default prepares each step's whole global batch (:meth:`train_batch`: its random crops, flips and
-        caption picks drawn for the global batch as one process draws them) and keeps the rank's rows: exact for any
-        world size, for data held in memory. A task that streams from disk reads only its rows (classification's
-        ImageFolder)."""
-        size = self.setup.batch_size
-        lo, hi = shard_bounds(size, rank, world)
-        for keys in StepBatchSampler(self.num_train, size, self.setup.seed, start_step, stop_step):
-            batch = self.train_batch(torch.tensor([k.index for k in keys]), keys[0].step)
-            yield batch if world == 1 else batch.rows(lo, hi)
-
-    @abstractmethod
     def eval_batches(self, split: str, batch_size: int | None = None, limit: int | None = None) -> Iterator[Batch]:
         """Batches of a split in order, without augmentation; ``limit``: its first examples only."""
+        return self.batches.eval_batches(split, batch_size, limit)
 
-    @abstractmethod
     def has_split(self, split: str) -> bool:
         """Whether the data has split ``split`` (``train``, ``val``, ``test``)."""
+        return self.batches.has_split(split)
 
     def probe(self) -> Batch:
         """Fixed evaluation inputs whose routing is followed across checkpoints (stability, load over training):
         the first ``probe_size`` validation examples, test examples when there is no validation split."""
-        return next(self.eval_batches("val" if self.has_split("val") else "test", self.setup.probe_size))
+        return self.batches.probe(self.setup.probe_size)
 
     # evaluation -------------------------------------------------------------------------------------------------
-    @abstractmethod
+    # What the defaults below read: the task's test measures and the label of each routed token. A task with
+    # measures these cannot express (retrieval's embeddings of every caption, brain age's bias correction)
+    # overrides evaluate, quick_eval, results_table and draw_figures instead.
+
+    def measures(self) -> dict[str, Any]:
+        """The task's measures, fresh for one pass: name -> torchmetrics metric (or anything with
+        ``to``/``update(output, target)``/``compute``, e.g. :class:`ermoe.analysis.diagnostics.PerExample`). The
+        first is the headline :meth:`quick_eval` logs on the validation split."""
+        return {}
+
+    def token_labels(self) -> tuple[int, Callable[[Tensor | None], LabelFn]] | None:
+        """How many labels a routed token can have and, from a batch's target, the label of each token a routing
+        layer computed (:data:`~ermoe.analysis.diagnostics.LabelFn`; e.g.
+        :func:`~ermoe.analysis.diagnostics.example_labels`: its example's class). None: load only."""
+        return None
+
     def evaluate(self, model: nn.Module, autocast: Callable[[], Any], probe: Batch | None = None) -> dict[str, Any]:
-        """The run's metrics on the test split: the task's measures and, per routing layer, its diagnostics."""
+        """The run's metrics on the test split: each measure as ``test_<name>``, ``test_examples``, and per routing
+        layer its load, (expert, label) counts and MI(expert; label), with the probe's routing measures."""
+        labels = self.token_labels()
+        num_labels, label_of = labels if labels is not None else (1, None)
+        ev = evaluate_routed(model, ((b.inputs, b.target) for b in self.eval_batches("test")), self.measures(),
+                             num_labels, label_of, None if probe is None else probe.inputs, autocast=autocast)
+        return {**{f"test_{k}": v for k, v in ev.measures.items()}, "test_examples": ev.examples,
+                **self.quick_eval(model, autocast), "layers": ev.layers()}
 
-    @abstractmethod
     def quick_eval(self, model: nn.Module, autocast: Callable[[], Any]) -> dict[str, float]:
-        """A cheap headline measure for the per-epoch log (e.g. ``{"test_top1": ...}``)."""
+        """The headline measure on the validation split for the per-epoch log (nothing without a validation split
+        or a measure: the test split is read once, at the end)."""
+        measures = self.measures()
+        if not measures or not self.has_split("val"):
+            return {}
+        name, measure = next(iter(measures.items()))
+        ev = evaluate_routed(model, ((b.inputs, b.target) for b in self.eval_batches("val")), {name: measure},
+                             autocast=autocast)
+        return {f"val_{name}": ev.measures[name]}
 
     @staticmethod
-    @abstractmethod
     def results_table(metrics: dict[str, Any]) -> str:
-        """A plain-text summary of a run's metrics (``ermoe train/eval/report`` print it)."""
+        """A plain-text summary of a run's metrics (``ermoe train/eval/report`` print it): the test measures, then
+        the routing layers' table."""
+        head = "   ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                          if k.startswith("test_") and isinstance(v, float))
+        return "\n".join([f"{head}   ({metrics.get('test_examples', 0)} test examples)", *layers_table(metrics)])
 
     @staticmethod
-    @abstractmethod
     def draw_figures(metrics: dict[str, Any], fig_dir: Path) -> list[Path]:
-        """The run's figures from its metrics alone; returns the files written."""
+        """The run's figures from its metrics alone; returns the files written (default: the load per expert)."""
+        return draw_load(metrics, fig_dir)
 
 
 _TASKS: dict[str, type[Task]] = {}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..analysis.brain_maps import draw_expert_maps
-from ..analysis.diagnostics import ExpertLabelCounts, entropy_bits, evaluating, mutual_information, probe_routing
-from ..data.loader import ExampleKey, StepBatchSampler, iterate, make_loader
-from ..data.nifti import VolumeDataset, VolumeStore, collate_volumes, mni_grid, read_csv, split_cohort
+from ..analysis.diagnostics import RoutingCounts, entropy_bits, evaluating, mutual_information, probe_routing
+from ..data.nifti import VolumeStore
+from ..data.volume_batches import VolumeBatches
 from ..models.registry import model_parameters
 from ..routing.stats import load_summary
 from ..settings import FORBID_EXTRA
@@ -35,16 +35,23 @@ TISSUES = ("background", "csf", "gm", "wm")
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson r (torchmetrics, float64); NaN where it is undefined (fewer than 2 values, a constant side)."""
+    from torchmetrics.functional import pearson_corrcoef
+
     if len(a) < 2 or a.std() == 0 or b.std() == 0:
         return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
+    return float(pearson_corrcoef(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)))
 
 
 def age_metrics(pred: np.ndarray, age: np.ndarray, prefix: str = "test_") -> dict[str, float]:
-    """MAE, RMSE, Pearson r of prediction and age, the mean brain-age gap (pred - age) and its correlation with
-    age (the age bias)."""
+    """MAE, RMSE (torchmetrics, float64), Pearson r of prediction and age, the mean brain-age gap (pred - age) and its
+    correlation with age (the age bias)."""
+    from torchmetrics.functional import mean_absolute_error, mean_squared_error
+
+    p, a = (torch.as_tensor(v, dtype=torch.float64) for v in (pred, age))
     gap = pred - age
-    return {f"{prefix}mae": float(np.abs(gap).mean()), f"{prefix}rmse": float(np.sqrt((gap ** 2).mean())),
+    return {f"{prefix}mae": float(mean_absolute_error(p, a)),
+            f"{prefix}rmse": float(mean_squared_error(p, a, squared=False)),
             f"{prefix}r": pearson(pred, age), f"{prefix}gap_mean": float(gap.mean()),
             f"{prefix}gap_age_r": pearson(gap, age)}
 
@@ -183,86 +190,26 @@ class BrainAge(Task):
                 from None
         d = self.setup.data
         # the CSV of scans (the built-in cohort generates its own once) and, for the built-in cohort, its ground truth
-        csv_path, self.cohort_info = d.scans_csv()
-        self.csv_path = csv_path
-        cohort = split_cohort(read_csv(csv_path), d.val_size, d.test_size, d.split_seed)
-        train = cohort.train[:d.train_limit] if d.train_limit else cohort.train
-        test = cohort.test[:d.test_limit] if d.test_limit else cohort.test
-        if len(train) < self.setup.batch_size:
-            raise ValueError(f"optim.batch_size {self.setup.batch_size} exceeds the {len(train)} training scans")
-        cap = int(d.memory_cap_gb * 2 ** 30)
-        self._eval_loaders: dict[tuple[str, int, int], Any] = {}
-        self.stores = {name: VolumeStore(scans, d.spacing, cap, d.num_workers) for name, scans in
-                       (("train", train), ("val", cohort.val), ("test", test)) if scans}
-        ages = self.stores["train"].ages
+        self.csv_path, self.cohort_info = d.scans_csv()
+        self.batches = VolumeBatches(self.csv_path, d, self.sampling)
+        ages = self.batches.ages("train")
         self.age_mean, self.age_sd = float(ages.mean()), float(ages.std()) or 1.0
-        self.shape, _ = mni_grid(d.spacing)
+        self.shape = self.batches.shape
         self.centres = None
         if self.options.loss == "soft_bins":  # a margin of 3 sd: the labels of the oldest and youngest fit
             bins = age_bins(ages, self.options.bin_width, 3 * self.options.bin_sigma)
             self.centres = torch.from_numpy(bins).to(self.device)
         self.objective = AgeObjective(self.age_mean, self.age_sd, self.centres, self.options.bin_sigma)
 
+    @property
+    def stores(self) -> dict[str, VolumeStore]:
+        return self.batches.stores
+
     def model_args(self) -> dict[str, Any]:
-        outputs = 1 if self.centres is None else len(self.centres)
-        args = {"in_chans": 1, "volume_shape": tuple(self.shape), "num_outputs": outputs}
+        args = {**self.batches.model_args(), "num_outputs": 1 if self.centres is None else len(self.centres)}
         if "spacing" in model_parameters(self.setup.model_name):  # a model that places MNI maps on the grid
             args["spacing"] = self.setup.data.spacing
         return args
-
-    @property
-    def num_train(self) -> int:
-        return len(self.stores["train"])
-
-    def _batch(self, split: str, indices: np.ndarray) -> Batch:
-        store = self.stores[split]
-        x = torch.from_numpy(store.get(indices)).to(self.device)
-        return Batch((x,), torch.from_numpy(store.ages[indices]).to(self.device))
-
-    def _loader(self, dataset: VolumeDataset, batches, persistent: bool = False):
-        return make_loader(dataset, batches, collate_volumes, self.setup.data.num_workers, self.device,
-                           persistent=persistent and self.setup.data.num_workers > 0)
-
-    def train_batch(self, indices: Tensor, step: int) -> Batch:
-        """The volumes ``indices`` read at step ``step`` (their shifts and flips drawn per volume)."""
-        d = self.setup.data
-        dataset = VolumeDataset(self.stores["train"], self.setup.seed, d.crop_padding, d.hflip)
-        vols, ages = collate_volumes([dataset[ExampleKey(int(i), step, r)] for r, i in enumerate(indices.tolist())])
-        return Batch((vols.to(self.device),), ages.to(self.device))
-
-    def train_batches(self, start_step: int, stop_step: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
-        """This rank's volumes of every step, read (from memory or the cache files) and augmented in the loader's
-        ``data.num_workers`` workers, each volume's shift and flip drawn from its own ``(seed, step, volume)``
-        stream: exact for any world size and worker count."""
-        d = self.setup.data
-        sampler = StepBatchSampler(self.num_train, self.setup.batch_size, self.setup.seed, start_step, stop_step,
-                                   rank, world)
-        dataset = VolumeDataset(self.stores["train"], self.setup.seed, d.crop_padding, d.hflip)
-        for vols, ages in iterate(self._loader(dataset, sampler)):
-            yield Batch((vols.to(self.device, non_blocking=True),), ages.to(self.device, non_blocking=True))
-
-    def eval_batches(self, split: str, batch_size: int | None = None, limit: int | None = None) -> Iterator[Batch]:
-        if split not in self.stores:
-            key = {"val": "data.val_size", "test": "data.test_size"}.get(split, "data")
-            raise ValueError(f"the brain-age data has no {split} split (set {key}, or a split column in the CSV)")
-        store = self.stores[split]
-        n = len(store) if limit is None else min(limit, len(store))
-        batch_size = batch_size or self.setup.eval_batch_size
-        starts = range(0, n, batch_size)
-        if store.in_memory:
-            for i in starts:
-                yield self._batch(split, np.arange(i, min(i + batch_size, n)))
-            return
-        key = (split, batch_size, n)  # volumes read from the cache in the loader's workers; the loader is kept
-        loaders = self._eval_loaders
-        if key not in loaders:
-            loaders[key] = self._loader(VolumeDataset(store), [list(range(i, min(i + batch_size, n))) for i in starts],
-                                        persistent=True)
-        for vols, ages in iterate(loaders[key]):
-            yield Batch((vols.to(self.device),), ages.to(self.device))
-
-    def has_split(self, split: str) -> bool:
-        return split in self.stores
 
     def years(self, output: Tensor) -> Tensor:
         return self.objective.years(output)
@@ -283,17 +230,14 @@ class BrainAge(Task):
         layers = model.routed_layers()
         grids = model.token_grid
         # a token's label: its cell of the layer's token grid (mapped to tissue and the ageing map below)
-        counts = {v.name: ExpertLabelCounts(v.num_experts, int(np.prod(grids[v.name]))) for v in layers
-                  if v.name in grids}
+        counts = RoutingCounts(layers, {v.name: int(np.prod(grids[v.name])) for v in layers if v.name in grids})
         per_volume: dict[str, list[Tensor]] = {v.name: [] for v in layers if v.name not in grids}
 
         def count(batch: Batch) -> None:
             for view in layers:
                 if view.name in per_volume:  # one token per volume (regional experts): its experts
                     per_volume[view.name].append(view.last_routing.expert_idx.cpu())
-                    continue
-                cells = counts[view.name].counts.shape[1]
-                counts[view.name].add(view.last_routing, lambda tokens: tokens % cells)
+            counts.add(lambda info, tokens: tokens % (info.num_tokens // len(batch)))
 
         test_age = self.stores["test"].ages if "test" in self.stores else None
         if test_age is None:
@@ -336,10 +280,11 @@ class BrainAge(Task):
                 tissue = Templates(self.setup.data.spacing).tissue_labels().astype(np.int64)
         probe_stats = probe_routing(model, probe.inputs, ctx=autocast) if probe is not None else {}
         out: dict[str, Any] = {}
-        for name, acc in counts.items():
+        for name in counts:
             grid = tuple(grids[name])
-            c = acc.counts.numpy()
-            stats: dict[str, Any] = {**acc.load(), "token_grid": list(grid), "expert_cell_counts": c.tolist()}
+            c = counts[name].counts.numpy()
+            stats: dict[str, Any] = {**counts[name].load(), "token_grid": list(grid),
+                                     "expert_cell_counts": c.tolist()}
             stats.update(expert_anatomy(c, cell_labels(tissue, grid, len(TISSUES)),
                                         None if age_map is None else cell_means(age_map, grid)))
             stats.update(probe_stats.get(name, {}))

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from ..analysis.diagnostics import evaluate_classifier, evaluating
 from ..analysis.report import draw_figures, layers_table
-from ..data.augment import normalize, train_transform
 from ..data.folder import ImageFolderData
+from ..data.image_batches import FolderBatches, ImageBatches, image_batches
 from ..data.images import DATASETS, ImageData, ImageSet
 from ..data.modules import InMemoryImageOptions
 from .base import Batch, Objective, Task, register_task
@@ -42,25 +42,25 @@ class ImageClassification(Task):
     name = "classification"
     datasets = DATASETS
     model_data_args = ("num_classes", "img_size", "in_chans")
-    data: ImageData | ImageFolderData
-    # With data.stem_cache: each split's frozen stem features, which then stand in for its images as model input.
-    features: dict[str, Tensor] | None = None
-    stem: nn.Module | None = None
+    batches: ImageBatches | FolderBatches
+
+    @property
+    def data(self) -> ImageData | ImageFolderData:
+        return self.batches.data
 
     @property
     def streamed(self) -> bool:
-        return isinstance(self.data, ImageFolderData)
+        return isinstance(self.batches, FolderBatches)
 
     def load(self) -> None:
-        self.data = self.setup.data.load()  # held in memory, or an ImageFolder's file lists (decoded per step)
+        d = self.setup.data
+        data = d.load()  # held in memory, or an ImageFolder's file lists (decoded per step)
+        self.batches = FolderBatches(data, self.sampling) if isinstance(data, ImageFolderData) else \
+            ImageBatches(data, self.sampling, d.crop_padding, d.hflip)
         if self.num_train < self.setup.batch_size:
             raise ValueError(f"optim.batch_size {self.setup.batch_size} exceeds the {self.num_train} training "
                              "images")
         self.objective = CrossEntropy(self.setup.label_smoothing)
-
-    def model_args(self) -> dict[str, Any]:
-        data = self.data
-        return dict(zip(self.model_data_args, (data.num_classes, data.img_size, data.in_chans)))
 
     def prepare(self, model: nn.Module) -> None:
         """Pretrained weights expect the normalisation they were trained with, not the dataset's own statistics;
@@ -78,74 +78,18 @@ class ImageClassification(Task):
             self._cache_stem(model)
 
     def _cache_stem(self, model: nn.Module) -> None:
-        self.stem = model.frozen_stem()
-        if self.stem is None:
+        stem = model.frozen_stem()
+        if stem is None:
             raise ValueError(f"data.stem_cache: model {self.setup.model_name!r} has no frozen stem to cache")
-        splits = {"train": self.data.train, "val": self.data.val, "test": self.data.test}
-        self.features = {name: cached_stem_features(self.stem, split.images, self.data.mean, self.data.std,
-                                                    self.device, self.setup.eval_batch_size)
-                         for name, split in splits.items() if split is not None}
-
-    @property
-    def num_train(self) -> int:
-        return len(self.data) if self.streamed else len(self.data.train)
-
-    def train_batches(self, start_step: int, stop_step: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
-        """In-memory sets: as every task (the global batch prepared, this rank's rows kept). Streamed folders: only
-        this rank's rows are read and decoded, in the loader's workers."""
-        if not self.streamed:
-            yield from super().train_batches(start_step, stop_step, rank, world)
-            return
-        for images, target in self.data.train_batches(self.setup.seed, self.setup.batch_size, start_step,
-                                                      stop_step, rank, world, self.device):
-            yield Batch((images.to(self.device, non_blocking=True),), target.to(self.device, non_blocking=True))
-
-    def train_batch(self, indices: Tensor, step: int) -> Batch:
-        d, device = self.setup.data, self.device
-        if self.features is not None:  # no augmentation with cached features (the config refuses it)
-            return Batch((self.features["train"][indices].to(device),), self.data.train.labels[indices].to(device))
-        gen = torch.Generator(device=device).manual_seed(self.setup.seed * 1_000_003 + step)
-        x = train_transform(self.data.train.images[indices].to(device), self.data.mean, self.data.std,
-                            crop_padding=d.crop_padding, hflip=d.hflip, generator=gen)
-        return Batch((x,), self.data.train.labels[indices].to(device))
-
-    def eval_batches(self, split: str, batch_size: int | None = None, limit: int | None = None) -> Iterator[Batch]:
-        if self.streamed:
-            for images, labels in self.data.eval_batches(split, batch_size or self.setup.eval_batch_size, limit,
-                                                         self.device):
-                yield Batch((images.to(self.device),), labels.to(self.device))
-            return
-        subset = {"train": self.data.train, "val": self.data.val, "test": self.data.test}[split]
-        if subset is None:
-            raise ValueError(f"{self.data.name} has no {split} split (data.val_size holds one out)")
-        if self.features is not None:
-            features, labels = self.features[split][:limit], subset.labels[:limit]
-            batch_size = batch_size or self.setup.eval_batch_size
-            for i in range(0, len(features), batch_size):
-                yield Batch((features[i:i + batch_size].to(self.device),), labels[i:i + batch_size].to(self.device))
-            return
-        yield from self.image_batches(subset.subset(limit), batch_size)
+        self.batches.use_features(stem, {
+            name: cached_stem_features(stem, split.images, self.data.mean, self.data.std, self.device,
+                                       self.setup.eval_batch_size) for name, split in self.batches.splits().items()})
 
     def image_batches(self, images: ImageSet, batch_size: int | None = None) -> Iterator[Batch]:
-        """Any images (another dataset's too) as this task's model inputs: resized to the training images' size,
-        their channels matched (grey repeated, colour averaged), normalised as the training images are."""
-        batch_size = batch_size or self.setup.eval_batch_size
-        size, chans = self.data.img_size, self.data.in_chans
-        for i in range(0, len(images), batch_size):
-            x = images.images[i:i + batch_size].to(self.device)
-            if x.shape[1] != chans:
-                if chans != 1 and x.shape[1] != 1:
-                    raise ValueError(f"cannot map {x.shape[1]}-channel images to the model's {chans} channels")
-                x = x.float().mean(1, keepdim=True) if chans == 1 else x.float().repeat(1, chans, 1, 1)
-            if x.shape[-2:] != (size, size):
-                x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            x = normalize(x, self.data.mean, self.data.std)
-            if self.stem is not None:  # the model takes the stem's features (data.stem_cache): compute them live
-                x = self.stem.frozen_features(x)
-            yield Batch((x,), images.labels[i:i + batch_size].to(self.device))
-
-    def has_split(self, split: str) -> bool:
-        return split != "val" or self.data.val is not None
+        """Any images (another dataset's too) as this task's model inputs
+        (:func:`ermoe.data.image_batches.image_batches`)."""
+        stem = None if self.streamed else self.batches.stem
+        return image_batches(images, self.data, self.device, batch_size or self.setup.eval_batch_size, stem)
 
     def evaluate(self, model: nn.Module, autocast: Callable[[], Any], probe: Batch | None = None) -> dict[str, Any]:
         metrics = evaluate_classifier(model, ((b.inputs, b.target) for b in self.eval_batches("test")),
@@ -161,12 +105,12 @@ class ImageClassification(Task):
         """Top-1 on the validation split (nothing without one: the test split is read once, at the end)."""
         if self.data.val is None:
             return {}
-        correct = 0
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
         with evaluating(model):
             for batch in self.eval_batches("val"):
                 with autocast():
-                    correct += int((model(*batch.inputs).argmax(1) == batch.target).sum())
-        return {"val_top1": correct / len(self.data.val)}
+                    correct += (model(*batch.inputs).argmax(1) == batch.target).sum()
+        return {"val_top1": int(correct) / len(self.data.val)}
 
     @staticmethod
     def results_table(metrics: dict[str, Any]) -> str:

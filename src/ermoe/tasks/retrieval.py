@@ -15,20 +15,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
-from ..analysis.diagnostics import ExpertLabelCounts, evaluating, mutual_information, probe_routing
+from ..analysis.diagnostics import RoutingCounts, evaluating, mutual_information, probe_routing
 from ..analysis.retrieval import caption_ambiguity, retrieval_metrics
-from ..data.augment import normalize
+from ..data.caption_batches import PAD_ID, CaptionBatches
 from ..data.karpathy import CaptionSplit
-from ..data.loader import ExampleKey, StepBatchSampler, example_seed, iterate, make_loader
 from ..data.modules import KarpathyOptions
-from ..data.tokenize import caption_tokenizer, encode
 from ..models.dual import clip_loss
 from ..settings import FORBID_EXTRA
 from .base import Batch, Objective, Task, register_task
@@ -77,87 +74,27 @@ class Retrieval(Task):
             raise ImportError(f"retrieval decodes images with Pillow and tokenises captions with Hugging Face "
                               f"tokenizers ({err}): pip install -e '.[retrieval]'") from None
         data = self.setup.data.load()  # a Karpathy file, or the built-in caption set
-        splits, self.items, self.mean, self.std = data.splits, data.items, data.mean, data.std
-        if len(splits["train"]) < self.setup.batch_size:
-            raise ValueError(f"optim.batch_size {self.setup.batch_size} exceeds the {len(splits['train'])} "
+        if len(data.splits["train"]) < self.setup.batch_size:
+            raise ValueError(f"optim.batch_size {self.setup.batch_size} exceeds the {len(data.splits['train'])} "
                              "training images")
-        self.splits = splits
-        o = self.options
-        self.tokenizer = caption_tokenizer([c for caps in splits["train"].captions for c in caps], o.vocab_size)
-        self.tokens: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
-        for name, split in splits.items():
-            texts, owner = split.flat_captions()
-            ids = encode(self.tokenizer, texts, o.context_length)
-            counts = torch.tensor([len(c) for c in split.captions])
-            self.tokens[name] = (ids, owner, torch.cumsum(counts, 0) - counts)
+        # Karpathy images may be read from disk in loader workers; the built-in set is held in memory
+        workers = self.setup.data.num_workers if isinstance(self.setup.data, KarpathyOptions) else 0
+        self.batches = CaptionBatches(data, self.sampling, self.options.vocab_size, self.options.context_length,
+                                      workers)
         self.objective = Contrastive()
 
-    def model_args(self) -> dict[str, Any]:
-        images = self.splits["train"].images
-        return {"img_size": images.shape[-1], "in_chans": images.shape[1],
-                "vocab_size": self.tokenizer.get_vocab_size(), "context_length": self.options.context_length,
-                "pad_id": 0}
+    @property
+    def splits(self) -> dict[str, CaptionSplit]:
+        return self.batches.splits
+
+    @property
+    def items(self) -> dict[str, list[list[dict]]] | None:
+        return self.batches.items
 
     def prepare(self, model: nn.Module) -> None:
         norm = model.input_normalization(pretrained=False)
         if norm is not None:
-            self.mean, self.std = (torch.as_tensor(v, dtype=torch.float32) for v in norm)
-
-    @property
-    def num_train(self) -> int:
-        return len(self.splits["train"])
-
-    def _images(self, split: str, idx: Tensor) -> Tensor:
-        x = self.splits[split].images[idx].to(self.device)
-        return normalize(x, self.mean.to(self.device), self.std.to(self.device))
-
-    @property
-    def _workers(self) -> int:
-        """Loader workers: Karpathy images may be read from disk; the built-in set is held in memory."""
-        return self.setup.data.num_workers if isinstance(self.setup.data, KarpathyOptions) else 0
-
-    def _image_chunks(self, split: str, size: int, limit: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-        """``(indices, normalised images)`` of a split in chunks of ``size``; images on disk are decoded in the
-        loader's workers."""
-        data = self.splits[split]
-        n = len(data) if limit is None else min(limit, len(data))
-        chunks = [torch.arange(s, min(s + size, n)) for s in range(0, n, size)]
-        workers = self._workers
-        if data.in_memory or not workers:
-            for idx in chunks:
-                yield idx, self._images(split, idx)
-            return
-        loader = make_loader(_Images(data), [c.tolist() for c in chunks], torch.stack, workers, self.device)
-        for idx, x in zip(chunks, iterate(loader)):
-            yield idx, normalize(x.to(self.device), self.mean.to(self.device), self.std.to(self.device))
-
-    def _pairs(self) -> "_Pairs":
-        ids, _, first = self.tokens["train"]
-        counts = torch.tensor([len(c) for c in self.splits["train"].captions])
-        return _Pairs(self.splits["train"], ids, first, counts, self.setup.seed)
-
-    def train_batches(self, start_step: int, stop_step: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
-        """This rank's image-caption pairs of every step (images on disk decoded in ``data.num_workers`` loader
-        workers); the InfoNCE loss then sees the global batch (``Contrastive.batch_coupled``)."""
-        sampler = StepBatchSampler(self.num_train, self.setup.batch_size, self.setup.seed, start_step, stop_step,
-                                   rank, world)
-        loader = make_loader(self._pairs(), sampler, _collate_pairs, self._workers, self.device)
-        mean, std = self.mean.to(self.device), self.std.to(self.device)
-        for images, ids in iterate(loader):
-            x = normalize(images.to(self.device, non_blocking=True), mean, std)
-            yield Batch((x, ids.to(self.device, non_blocking=True)), None)
-
-    def eval_batches(self, split: str, batch_size: int | None = None, limit: int | None = None) -> Iterator[Batch]:
-        """Each image with its first caption (probes, data-dependent initialisation); the retrieval evaluation
-        embeds every caption (:meth:`evaluate`)."""
-        if split not in self.splits:
-            raise ValueError(f"the caption data has no {split} split")
-        ids, _, first = self.tokens[split]
-        for idx, x in self._image_chunks(split, batch_size or self.setup.eval_batch_size, limit):
-            yield Batch((x, ids[first[idx]].to(self.device)), None)
-
-    def has_split(self, split: str) -> bool:
-        return split in self.splits
+            self.batches.mean, self.batches.std = (torch.as_tensor(v, dtype=torch.float32) for v in norm)
 
     @torch.no_grad()
     def embed(self, model: nn.Module, split: str, autocast: Callable[[], Any],
@@ -167,12 +104,12 @@ class Retrieval(Task):
         size = self.setup.eval_batch_size
         with evaluating(model):
             images = []
-            for idx, x in self._image_chunks(split, size):
+            for idx, x in self.batches.image_chunks(split, size):
                 with autocast():
                     images.append(model.encode_image(x).float().cpu())
                 if on_image is not None:
                     on_image(idx)
-            ids, owner, _ = self.tokens[split]
+            ids, owner, _ = self.batches.tokens[split]
             texts = []
             for s in range(0, len(ids), size):
                 chunk = ids[s:s + size].to(self.device)
@@ -186,33 +123,30 @@ class Retrieval(Task):
         layers = {v.name: v for v in model.routed_layers()}
         image_layers = [n for n in layers if n.startswith("image.")]
         text_layers = [n for n in layers if n.startswith("text.")]
-        vocab = self.tokenizer.get_vocab_size()
         cell_labels = self._patch_labels("test", model) if self.items is not None else None
         # a text token's label: its word; an image token's: the item class under its patch (built-in set only)
-        counts = {n: ExpertLabelCounts(layers[n].num_experts, vocab) for n in text_layers}
-        counts.update({n: ExpertLabelCounts(layers[n].num_experts, 1 if cell_labels is None else BACKGROUND + 1)
-                       for n in image_layers})
+        counts = RoutingCounts(list(layers.values()), {
+            **{n: self.batches.vocab_size for n in text_layers},
+            **{n: 1 if cell_labels is None else BACKGROUND + 1 for n in image_layers}})
 
         def on_image(idx: Tensor) -> None:
-            for n in image_layers:
-                if cell_labels is None:
-                    counts[n].add(layers[n].last_routing)
-                    continue
-                per_image = cell_labels.shape[1]
-                cells = cell_labels[idx]
-                counts[n].add(layers[n].last_routing, lambda t: cells[t // per_image, t % per_image])
+            if cell_labels is None:
+                counts.add(layers=image_layers)
+                return
+            cells = cell_labels[idx]
+            per_image = cells.shape[1]
+            counts.add(lambda info, t: cells[t // per_image, t % per_image], image_layers)
 
         def on_text(chunk: Tensor) -> None:
-            real = chunk[chunk != 0]  # the MoE routes real tokens only, in row-major order
-            for n in text_layers:
-                counts[n].add(layers[n].last_routing, lambda t: real[t])
+            real = chunk[chunk != PAD_ID]  # the MoE routes real tokens only, in row-major order
+            counts.add(lambda info, t: real[t], text_layers)
 
         images, texts, owner = self.embed(model, "test", autocast, on_image, on_text)
         metrics: dict[str, Any] = {"dataset": self.setup.data.name, "test_images": len(images),
                                    "test_captions": len(texts), **retrieval_metrics(images, texts, owner),
                                    "chance_t2i_r@1": 1 / len(images), "chance_i2t_r@1": float(
                                        np.mean([len(c) for c in self.splits["test"].captions]) / len(texts))}
-        ids, owner, _ = self.tokens["test"]
+        ids, owner, _ = self.batches.tokens["test"]
         metrics.update({f"test_caption_{k}": v for k, v in caption_ambiguity(ids, owner).items()})
         if "val" in self.splits:
             metrics.update(self.quick_eval(model, autocast))
@@ -301,35 +235,3 @@ class Retrieval(Task):
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return [path]
-
-
-class _Pairs(Dataset):
-    """A training image (uint8, from memory or decoded) with one of its captions' token ids, the caption drawn from
-    the example's ``(seed, step, image)`` stream."""
-
-    def __init__(self, split: CaptionSplit, ids: Tensor, first: Tensor, counts: Tensor, seed: int) -> None:
-        self.split, self.ids, self.first, self.counts, self.seed = split, ids, first, counts, seed
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, key: ExampleKey) -> tuple[Tensor, Tensor]:
-        u = np.random.default_rng(example_seed(self.seed, key.step, key.index)).random()
-        pick = int(self.first[key.index]) + int(u * int(self.counts[key.index]))
-        return self.split.images[key.index], self.ids[pick]
-
-
-class _Images(Dataset):
-    def __init__(self, split: CaptionSplit) -> None:
-        self.split = split
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, i: int) -> Tensor:
-        return self.split.images[i]
-
-
-def _collate_pairs(items: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    return torch.stack([x for x, _ in items]), torch.stack([t for _, t in items])
-
