@@ -114,3 +114,21 @@ def test_data_loader_benchmark_at_a_tiny_size(tmp_path):
     assert small["peak_pss_mb"] > 100  # the process tree's memory was read (a trainer holds torch: > 100 MB)
     tree = result["tree"]
     assert (tree["train_files"], tree["val_files"], tree["classes"], tree["first_batch"]) == (3000, 1000, 1000, 8)
+
+
+def test_train_throughput_benchmark_at_a_tiny_size(tmp_path, capsys):
+    """benchmarks/train_throughput.py end to end: the MoE model and its dense reference trained in turns through the
+    loop's own steps (here the main job's ViT on digits, smaller)."""
+    pytest.importorskip("sklearn")
+    spec = importlib.util.spec_from_file_location("throughput_bench", BENCH.parent / "train_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--tasks", "classification", "--steps", "1", "--repeats", "2", "--json",
+                       str(tmp_path / "out.json"), "--override", "data.name=digits", "model.patch_size=2",
+                       "model.embed_dim=32", "model.num_heads=2", "optim.batch_size=32"])
+    (row,) = rows
+    assert row["task"] == "classification" and row["batch"] == 32 and len(row["ratios"]) == 2
+    assert row["throughput_ratio"] == pytest.approx(1 / row["step_time_ratio"])
+    assert row["active_params_moe"] != row["active_params_dense"]  # the dense reference is another model
+    assert json.loads((tmp_path / "out.json").read_text())["rows"] == rows
+    assert "| classification | 32 |" in capsys.readouterr().out

@@ -255,7 +255,8 @@ def test_a_small_moe_vit_learns_digits_well_above_chance(tmp_path):
 
 def test_weight_decay_applies_to_linear_maps_only():
     from ermoe.models import create_model
-    from ermoe.train.trainer import build_optimizer, decayed_parameter_names
+    from ermoe.train.trainer import build_optimizer
+    from ermoe.weight_decay import decayed_parameter_names
 
     model = create_model("vit_tiny", num_classes=3, img_size=8, patch_size=4, in_chans=1, depth=2, embed_dim=16,
                          num_heads=2, moe={"router": "ermoe", "num_experts": 2, "blocks": [0]})
@@ -281,6 +282,35 @@ def test_weight_decay_applies_to_linear_maps_only():
     decayed = decayed_parameter_names(single)
     assert {"experts.1.moe.experts.w1", "gate.weight"} <= decayed
     assert not {"experts.1.moe.experts.b1", "experts.1.moe.experts.b2", "gate.bias"} & decayed
+
+
+def test_weight_decay_of_a_new_router_is_declared_by_the_router_not_listed_in_the_trainer():
+    """A router the trainer has never heard of: its projection (2-D) decays by the rule, its (E, R) table of
+    per-expert offsets is exempted by its own no_weight_decay(), its scalar temperature never decays."""
+    from ermoe import MoE
+    from ermoe.routing.base import Router, RouterOutput
+    from ermoe.weight_decay import decayed_parameter_names
+
+    class OffsetRouter(Router):
+        def __init__(self, dim, num_experts, top_k=1):
+            super().__init__(dim, num_experts, top_k)
+            self.proj = torch.nn.Parameter(torch.randn(dim, num_experts) / dim ** 0.5)
+            self.offsets = torch.nn.Parameter(torch.zeros(num_experts, 3))
+            self.temperature = torch.nn.Parameter(torch.ones(()))
+
+        def no_weight_decay(self):
+            return {"offsets"}
+
+        def forward(self, x_TD, context_TD=None):
+            logits = x_TD @ self.proj / self.temperature + self.offsets.sum(1)
+            probs = logits.softmax(-1)
+            gates, idx = probs.topk(self.top_k, dim=-1)
+            return RouterOutput(probs, topk_idx_TK=idx, gates_TK=gates)
+
+    layer = MoE(8, 16, num_experts=4, router=OffsetRouter(8, 4))
+    assert decayed_parameter_names(layer) == {"router.proj", "experts.w1", "experts.w2"}
+    out = layer(torch.randn(5, 8))  # and it routes
+    assert out.shape == (5, 8)
 
 
 def test_settings_that_do_not_apply_are_config_errors():

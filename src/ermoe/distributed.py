@@ -75,15 +75,21 @@ class ParallelGroups:
         return self.world_size // self.ep_size
 
 
+def default_backend() -> str:
+    """The process group's backend: on a CUDA machine NCCL for CUDA tensors and gloo beside it for CPU tensors
+    (``cpu:gloo,cuda:nccl``: a CPU tensor reaching a collective, e.g. a flag or a count, is served instead of
+    rejected), else gloo."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
 def init_parallel(ep_size: int = 1, backend: str | None = None,
                   timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelGroups:
     """Join the job (``torch.distributed.init_process_group`` from torchrun's environment, unless already joined)
-    and make its groups. ``backend``: None picks NCCL with CUDA, else gloo. ``timeout_s`` bounds every collective:
-    a rank that fails or stops brings its peers down with a timeout error instead of a hang."""
+    and make its groups, each with the job's backend. ``backend``: None picks :func:`default_backend`.
+    ``timeout_s`` bounds every collective: a rank that fails or stops brings its peers down with a timeout error
+    instead of a hang."""
     if not dist.is_initialized():
-        if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend or default_backend(), timeout=datetime.timedelta(seconds=timeout_s))
     world, rank = dist.get_world_size(), dist.get_rank()
     if not isinstance(ep_size, int) or ep_size < 1 or world % ep_size:
         raise ValueError(f"ep_size must be a positive divisor of the world size {world}, got {ep_size!r}")

@@ -139,6 +139,10 @@ class MLPExperts(nn.Module):
     def forward(self, x_SD: Tensor, counts_E: Tensor) -> Tensor:
         return grouped_mlp(x_SD, counts_E, self.w1, self.b1, self.w2, self.b2, self.act)
 
+    def no_weight_decay(self) -> set[str]:
+        """The per-expert biases (stored as (E, H) tables, not decayed as nn.Linear's biases are not)."""
+        return {"b1", "b2"}
+
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, bias={self.b1 is not None}"
 
@@ -172,6 +176,10 @@ class EigenExperts(nn.Module):
 
     def forward(self, z_SR: Tensor, counts_E: Tensor) -> Tensor:
         return grouped_mlp(z_SR, counts_E, self.v * self.scales.unsqueeze(1), self.c, self.w2, self.d, self.act)
+
+    def no_weight_decay(self) -> set[str]:
+        """The per-expert eigen-direction scales and biases ((E, R) and (E, H) tables)."""
+        return {"scales", "c", "d"}
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, rank={self.rank}, hidden_dim={self.hidden_dim}, dim={self.dim}, "

@@ -138,6 +138,10 @@ class OrthonormalBasis(nn.Module):
     def reset_parameters(self) -> None:
         self.set_(torch.randn(*self.batch, self.dim, self.rank))
 
+    def no_weight_decay(self) -> set[str]:
+        """The basis itself (decay would pull it off the Stiefel manifold every step), in any mode."""
+        return {name for name, _ in self.named_parameters()}
+
     @property
     def matrix(self) -> Tensor:
         """The basis (with its autograd graph), shape ``(*batch, D, r)``."""

@@ -68,6 +68,10 @@ class TextTransformer(nn.Module):
                 block.mlp = layer if placement == "replace" else ParallelMoE(block.mlp, layer)
                 self.moe_layers.append(layer)
 
+    def no_weight_decay(self) -> set[str]:
+        """The token and position embeddings (timm's ViT exempts its position embedding the same way)."""
+        return {"token_embed.weight", "pos_embed"}
+
     def forward(self, ids_BL: Tensor) -> Tensor:
         valid = ids_BL != self.pad_id
         if not valid.any(dim=1).all():

@@ -78,6 +78,13 @@ class OptimConfig:
     clip_grad: float | None = 1.0
     label_smoothing: float = 0.0
     amp: str = "auto"  # auto: bf16 on CUDA GPUs that support it, off on CPU; or bf16, fp16, none
+    # Gradient accumulation: each step's batch (each rank's share) in this many equal micro-batches, a backward
+    # each, one optimizer step (docs/runs.md: the same gradient as the whole batch, except through BatchNorm and
+    # auxiliary losses, which see micro-batches).
+    accum_steps: int = 1
+    # An exponential moving average of the weights with this decay (timm's ModelEmaV3, e.g. 0.9998), evaluated
+    # beside the raw weights at the end; null: none.
+    ema: float | None = None
 
 
 @dataclass
@@ -214,6 +221,10 @@ def _check_ranges(cfg: TrainConfig) -> None:
     require(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", "> 0 or null", o.clip_grad)
     require(0 <= o.label_smoothing < 1, "optim.label_smoothing", "in [0, 1)", o.label_smoothing)
     require(o.amp in ("auto", "bf16", "fp16", "none"), "optim.amp", "auto, bf16, fp16 or none", o.amp)
+    require(o.accum_steps >= 1, "optim.accum_steps", "a positive integer", o.accum_steps)
+    require(o.batch_size % o.accum_steps == 0, "optim.batch_size", f"divisible by optim.accum_steps "
+            f"({o.accum_steps})", o.batch_size)
+    require(o.ema is None or 0 < o.ema < 1, "optim.ema", "in (0, 1) or null", o.ema)
 
 
 def _check_device(name: str) -> None:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd import Function
+from torch.nn.parallel import DistributedDataParallel
 
 from ..distributed import (ParallelGroups, expert_parameter_names, full_state_dict, init_parallel,
                            reduce_expert_grads, shard_experts, sync_batchnorm, sync_routing,
@@ -115,6 +116,11 @@ class Parallel:
         return wrap_data_parallel(model, self.groups,
                                   find_unused_parameters=isinstance(model, RoutedModel) and model.may_skip_parameters)
 
+    def shard(self, model: nn.Module) -> None:
+        """Cut a copy of the whole model to this rank's experts, as :meth:`prepare` cut the model (an EMA copy)."""
+        if self.groups is not None:
+            shard_experts(model, self.groups)
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
         if self.groups is None:
@@ -137,6 +143,13 @@ class Parallel:
         parts = tuple(_GatherRows.apply(o, self.groups.stats, self.world_size, self.rank) if o.dim() > 0 else o
                       for o in ((output,) if single else output))
         return parts[0] if single else parts
+
+    def accumulating(self, module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+        """The context of a micro-batch's backward: before the step's last one, DDP does not all-reduce the
+        gradients (they accumulate locally; the last backward reduces their sum)."""
+        if last or not isinstance(module, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return module.no_sync()
 
     def sum_stats(self, sums: dict[str, Tensor], replicated: tuple[str, ...] = ()) -> dict[str, float]:
         """Sums over a log window (0-dim tensors on this rank's device: loss x examples, correct predictions, ...),

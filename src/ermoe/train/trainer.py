@@ -24,12 +24,11 @@ from torch import Tensor, nn
 from .. import __version__
 from ..analysis.diagnostics import chance_changed_share, changed_share, probe_load, probe_routing
 from ..data.loader import worker_death
-from ..experts import EigenExperts, MLPExperts
 from ..models import RoutedModel, create_model
 from ..moe import NonFiniteInputError
-from ..routing import CosineRouter, EigenEnergyRouter
 from ..routing.stats import ep_straggler, load_summary
 from ..tasks import Batch, Task, TaskSetup, build_task, task_class
+from ..weight_decay import decayed_parameter_names
 from .checkpoint import (CheckpointError, clean_temporaries, find_checkpoint, list_checkpoints, load_weights,
                          read_checkpoint, resolve_checkpoint, save_checkpoint, step_of)
 from .config import ConfigError, TrainConfig
@@ -94,32 +93,9 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-# The weights of linear maps (matmuls and convolutions), by the module that owns them: the only decayed parameters.
-_DECAYED: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
-    (nn.Linear, ("weight",)), (nn.Conv1d, ("weight",)), (nn.Conv2d, ("weight",)), (nn.Conv3d, ("weight",)),
-    (MLPExperts, ("w1", "w2")), (EigenExperts, ("v", "w2")), (EigenEnergyRouter, ("pi",)),
-    (CosineRouter, ("expert_embed",)),
-)
-
-
-def decayed_parameter_names(model: nn.Module) -> set[str]:
-    """Names of the parameters weight decay applies to: the weights of linear maps (``nn.Linear``/``nn.Conv*``,
-    the experts' ``w1``/``w2``/``v``, EMoE's ``Pi`` and cosine routing's expert embeddings). Not decayed: biases
-    (the experts' per-expert ``b1``, ``b2``, ``c``, ``d`` included), norms, scales (``experts.scales``), alpha,
-    temperatures, orthonormal bases (decay would pull them off the Stiefel manifold every step), position and
-    class embeddings."""
-    names = set()
-    for module_name, module in model.named_modules():
-        prefix = f"{module_name}." if module_name else ""
-        own = dict(module.named_parameters(recurse=False))
-        for cls, params in _DECAYED:
-            if isinstance(module, cls):
-                names.update(prefix + p for p in params if p in own)
-    return names
-
-
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on the weights of linear maps only (:func:`decayed_parameter_names`)."""
+    """AdamW with weight decay on the parameters :func:`ermoe.weight_decay.decayed_parameter_names` names (two or
+    more dimensions, not exempted by their module's ``no_weight_decay()``)."""
     decayed = decayed_parameter_names(model)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -127,7 +103,23 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
             (decay if name in decayed else no_decay).append(p)
     o = cfg.optim
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+    # PyTorch's fused kernel where every parameter is on a CUDA device (one launch per step); foreach elsewhere
+    fused = all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), fused=fused or None)
+
+
+def build_ema(model: nn.Module, decay: float | None, state: dict[str, Tensor] | None = None) -> nn.Module | None:
+    """timm's ``ModelEmaV3`` of ``model`` (parameters and buffers) with ``decay``, its weights read from ``state``
+    (a whole-model state dict from a checkpoint) when resuming; None without a decay (``optim.ema`` cannot change
+    on resume)."""
+    if decay is None:
+        return None
+    from timm.utils.model_ema import ModelEmaV3
+
+    ema = ModelEmaV3(model, decay=decay)
+    if state is not None:
+        ema.module.load_state_dict(state)
+    return ema
 
 
 class Logger:
@@ -200,8 +192,16 @@ class Trainer:
         self.cfg, self.run, self.task, self.model, self.device, self.quiet = cfg, run, task, model, device, quiet
         # A distributed rank: shard the experts, sync the routing state; the training forward goes through DDP.
         self.parallel = parallel if parallel is not None else Parallel()
-        self.forward_model = self.parallel.prepare(model)
         o = cfg.optim
+        share = o.batch_size // self.parallel.world_size
+        if share % o.accum_steps:
+            raise ConfigError(f"optim.accum_steps={o.accum_steps} must divide each rank's share of optim.batch_size "
+                              f"({share} = {o.batch_size} / {self.parallel.world_size} processes)")
+        # the weights' moving average: a copy of the whole model (its EMA read back on resume), then sharded alike
+        self.ema = build_ema(model, o.ema, None if state is None else state.get("ema"))
+        self.forward_model = self.parallel.prepare(model)
+        if self.ema is not None:
+            self.parallel.shard(self.ema.module)
         self.steps_per_epoch = task.num_train // o.batch_size
         self.total_steps = self.steps_per_epoch * o.epochs
         self.last_step = min(self.total_steps, o.max_steps or self.total_steps)
@@ -262,7 +262,6 @@ class Trainer:
             for batch in batches:
                 epoch = self.step // self.steps_per_epoch
                 stats = self._train_step(batch, epoch)
-                self._track_straggler()
                 if not checked_grads and model.experts_active:
                     warn_gradless_routing(model)
                     checked_grads = True
@@ -332,7 +331,27 @@ class Trainer:
             f"--optim.lr=...), or from an older checkpoint (--from-step N), or check the data.")
 
     def _train_step(self, batch: Batch, epoch: int) -> dict[str, Tensor]:
-        """Forward and backward of one batch; returns its sums for the log (0-dim tensors on the device)."""
+        """Forward and backward of this rank's rows of one step, in ``optim.accum_steps`` equal micro-batches (the
+        gradients of all but the last are not reduced across ranks); returns the step's sums for the log (0-dim
+        tensors on the device)."""
+        accum = self.cfg.optim.accum_steps
+        size = len(batch) // accum
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, Tensor] = {}
+        for i in range(accum):
+            micro = batch if accum == 1 else batch.rows(i * size, (i + 1) * size)
+            with self.parallel.accumulating(self.forward_model, last=i == accum - 1):
+                part = self._micro_step(micro, accum)
+            self._track_straggler()
+            for key, value in part.items():
+                sums[key] = sums[key] + value if key in sums else value
+        if accum > 1:
+            self.replicated = ()  # (a batch-coupled loss refuses accumulation: ermoe.train.trainer.setup)
+        return sums
+
+    def _micro_step(self, batch: Batch, accum: int) -> dict[str, Tensor]:
+        """Forward and backward of one micro-batch, its loss weighted ``1 / accum`` (the step's gradient is the
+        mean over the step's examples, as without accumulation)."""
         model = self.model
         try:
             with self.autocast():
@@ -351,8 +370,7 @@ class Trainer:
         if not self.parallel.all_finite(math.isfinite(loss_value)):
             raise self._diverged(f"the loss is {loss_value}" if not math.isfinite(loss_value)
                                  else "another rank's loss is not finite")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
+        self.scaler.scale(total if accum == 1 else total / accum).backward()
         n = len(batch)
         task_stats = self.task.objective.batch_stats(_detached(output), batch)
         self.last_aux = extra.detach()
@@ -374,6 +392,8 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self.model.after_step(self.step)
+        if self.ema is not None:
+            self.ema.update(self.model, self.step)
 
     def _log_probe_load(self, counts: dict[str, Tensor]) -> None:
         """Load over training on the fixed probe: CV under the layer's name, then max/mean and Gini."""
@@ -415,13 +435,15 @@ class Trainer:
         self.prev_probe = current
         weights = self.parallel.model_state(self.model)  # whole-model states: collectives on every rank
         optimizer = self.parallel.optimizer_state(self.optimizer, self.model)
+        ema = None if self.ema is None else self.parallel.model_state(self.ema.module)
         if not self.parallel.main:
             return
         save_checkpoint(self.run.checkpoints, self.step, weights, {
             "step": self.step, "optimizer": optimizer, "scaler": self.scaler.state_dict(),
             "rng": _rng_state(), "probe_assignment": current, "probe_changed": self.probe_changed,
             "train_time_s": self.train_time, "segments": self.segments_so_far(),
-            "straggler": {n: float(v) for n, v in self.straggler.items()}, "straggler_steps": self.straggler_steps},
+            "straggler": {n: float(v) for n, v in self.straggler.items()}, "straggler_steps": self.straggler_steps,
+            **({} if ema is None else {"ema": ema})},
             keep=self.cfg.keep_checkpoints)
 
     def close(self) -> None:
@@ -458,6 +480,10 @@ def setup(cfg: TrainConfig, load_pretrained: bool = True, parallel: Parallel | N
         device = parallel.device(device)
     task = create_task(cfg, device)
     task.load()
+    if cfg.optim.accum_steps > 1 and task.objective.batch_coupled:
+        raise ConfigError(f"optim.accum_steps: task {cfg.task!r} has a loss over the whole batch (the batch's other "
+                          "examples are its negatives): micro-batches would change the loss. Use a smaller "
+                          "optim.batch_size, or more processes")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, task, load_pretrained).to(device)
     task.prepare(model)
@@ -538,6 +564,8 @@ def _train(cfg: TrainConfig, parallel: Parallel, resume: str | Path | None, quie
             trainer.fit()
             metrics = evaluate_run(run, task, model, cfg, trainer.autocast, trainer.probe_changed, parallel,
                                    trainer.mean_straggler())
+            if trainer.ema is not None:
+                metrics["ema"] = ema_metrics(task, trainer.ema.module, trainer.autocast)
             trained = trainer.step * cfg.optim.batch_size
             metrics.update(step=trainer.step, train_time_s=trainer.train_time,
                            train_img_per_s=trained / trainer.train_time if trainer.train_time else None,
@@ -549,9 +577,23 @@ def _train(cfg: TrainConfig, parallel: Parallel, resume: str | Path | None, quie
         finally:
             trainer.close()
     if not quiet:
-        print(task.results_table(metrics))
+        print(results_text(task, metrics))
         print(f"run directory: {run.root} (figures in {run.figures})")
     return run.root
+
+
+def ema_metrics(task: Task, ema_model: nn.Module, autocast: Callable[[], Any]) -> dict[str, float]:
+    """The task's measures (test and validation) of the EMA weights."""
+    metrics = task.evaluate(ema_model, autocast)
+    return {k: v for k, v in metrics.items() if k.startswith(("test_", "val_")) and isinstance(v, float)}
+
+
+def results_text(task: Task | type[Task], metrics: dict[str, Any]) -> str:
+    """The task's results table, and the EMA weights' measures beside it when the run kept an EMA."""
+    text = task.results_table(metrics)
+    if metrics.get("ema"):
+        text += "\nEMA weights: " + "   ".join(f"{k} {v:.4f}" for k, v in metrics["ema"].items())
+    return text
 
 
 def evaluate_run(run: Run, task: Task, model: RoutedModel, cfg: TrainConfig, autocast: Callable[[], Any],
@@ -609,13 +651,16 @@ def evaluate(run_dir: str | Path, checkpoint: str | Path | None = None, quiet: b
         metrics = evaluate_run(run, task, model, cfg, autocast, state.get("probe_changed", {}),
                                straggler={n: v / steps for n, v in state.get("straggler", {}).items()} if steps else None)
         metrics["step"] = state["step"]
+        if state.get("ema") is not None:
+            ema = build_ema(model, cfg.optim.ema, state["ema"])
+            metrics["ema"] = ema_metrics(task, ema.module, autocast)
         previous = run.read_metrics()
         for key in ("train_time_s", "train_img_per_s", "run_wall_s", "segments"):  # what only training knows
             if previous and key in previous:
                 metrics.setdefault(key, previous[key])
         run.write_metrics(metrics)
     if not quiet:
-        print(task.results_table(metrics))
+        print(results_text(task, metrics))
     return metrics
 
 
@@ -628,6 +673,6 @@ def report(run_dir: str | Path, quiet: bool = False) -> dict[str, Any]:
     task = task_class(metrics.get("task", "classification"))
     files = task.draw_figures(metrics, run.figures)
     if not quiet:
-        print(task.results_table(metrics))
+        print(results_text(task, metrics))
         print("figures: " + ", ".join(str(f) for f in files))
     return metrics

@@ -1,0 +1,168 @@
+"""The field's training levers as options: gradient accumulation (``optim.accum_steps``), an EMA of the weights
+(``optim.ema``), fused AdamW on CUDA; and the process group's backend on a CUDA machine."""
+
+import json
+
+import pytest
+import torch
+
+from ermoe.data.batches import Batch
+from ermoe.train import ConfigError, evaluate, load_checkpoint, load_config, train
+from ermoe.train import trainer as trainer_mod
+from ermoe.train.run import Run
+
+pytest.importorskip("sklearn")
+
+
+def tiny(tmp_path, router="ermoe", **optim):
+    return load_config(None, {
+        "out_dir": str(tmp_path), "run_name": "run", "progress": False, "tensorboard": False, "log_every": 1,
+        "probe_size": 32, "data": {"name": "digits", "train_limit": 640},
+        "model": {"patch_size": 2, "depth": 2, "embed_dim": 32, "num_heads": 2,
+                  "moe": {"router": router, "num_experts": 4, "blocks": "all"}},
+        "optim": {"epochs": 2, "batch_size": 64, "warmup_steps": 3, "eval_batch_size": 128, **optim}})
+
+
+def step_gradients(tmp_path, batch: Batch, router: str, accum: int) -> dict[str, torch.Tensor]:
+    """The gradients one training step of ``batch`` leaves, in float64, with ``accum`` micro-batches."""
+    cfg = tiny(tmp_path / f"{router}-{accum}-{len(batch)}", router, accum_steps=accum)
+    task, model, device = trainer_mod.setup(cfg)
+    model.double()
+    trainer = trainer_mod.Trainer(cfg, Run.new(cfg), task, model, device, quiet=True)
+    try:
+        trainer._train_step(batch, epoch=0)
+    finally:
+        trainer.close()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def digits_batch(tmp_path, size=64) -> Batch:
+    task, _, _ = trainer_mod.setup(tiny(tmp_path / "data"))
+    batch = next(task.eval_batches("train", size))
+    return Batch((batch.inputs[0].double(),), batch.target)
+
+
+def test_two_micro_batches_of_32_give_the_gradient_of_one_batch_of_64_in_float64(tmp_path):
+    batch = digits_batch(tmp_path)
+    whole = step_gradients(tmp_path, batch, "ermoe", 1)
+    micro = step_gradients(tmp_path, batch, "ermoe", 2)
+    assert whole.keys() == micro.keys() and len(whole) > 10
+    for name in whole:
+        torch.testing.assert_close(micro[name], whole[name], rtol=1e-10, atol=1e-13, msg=name)
+
+
+def test_auxiliary_losses_combine_as_the_mean_over_micro_batches(tmp_path):
+    """A balancing loss is computed per micro-batch: the step's gradient is the mean of the micro-batches'
+    gradients, which is not the whole batch's (the loss is a product of batch means, not a mean)."""
+    batch = digits_batch(tmp_path)
+    micro = step_gradients(tmp_path, batch, "softmax_topk", 2)
+    halves = [step_gradients(tmp_path, batch.rows(lo, lo + 32), "softmax_topk", 1) for lo in (0, 32)]
+    whole = step_gradients(tmp_path, batch, "softmax_topk", 1)
+    for name in micro:
+        torch.testing.assert_close(micro[name], (halves[0][name] + halves[1][name]) / 2, rtol=1e-10, atol=1e-13,
+                                   msg=name)
+    gate = next(n for n in micro if "router" in n)
+    assert not torch.allclose(micro[gate], whole[gate], rtol=1e-6, atol=0)
+
+
+def test_accumulation_trains_like_the_whole_batch_and_resumes(tmp_path):
+    """Through the whole loop (float32): the loss curve of 4 x 16 follows 1 x 64 to float32 rounding."""
+    one = train(tiny(tmp_path / "one", max_steps=6), quiet=True)
+    four = train(tiny(tmp_path / "four", accum_steps=4, max_steps=6), quiet=True)
+    curves = []
+    for run in (one, four):
+        lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        curves.append([r["loss"] for r in lines if r["kind"] == "train"])
+    assert len(curves[0]) == 6
+    for a, b in zip(*curves):
+        assert abs(a - b) <= 1e-5 * abs(a), curves
+
+
+def test_accumulation_settings_that_cannot_apply_are_named_errors(tmp_path):
+    with pytest.raises(ConfigError, match="optim.batch_size must be divisible by optim.accum_steps"):
+        tiny(tmp_path, accum_steps=3)
+    with pytest.raises(ConfigError, match="optim.accum_steps must be a positive integer"):
+        tiny(tmp_path, accum_steps=0)
+    with pytest.raises(ConfigError, match="optim.ema must be in"):
+        tiny(tmp_path, ema=1.0)
+
+
+def test_ema_is_evaluated_beside_the_raw_weights_and_resumes_exactly(tmp_path):
+    full = train(tiny(tmp_path / "full", ema=0.9), quiet=True)
+    metrics = json.loads((full / "metrics.json").read_text())
+    assert set(metrics["ema"]) == {"test_top1", "test_top5", "test_loss"}
+    assert metrics["ema"]["test_loss"] != metrics["test_loss"]  # other weights
+    part = train(tiny(tmp_path / "part", ema=0.9, max_steps=7), quiet=True)
+    resumed = train(tiny(tmp_path / "part", ema=0.9), resume=part, quiet=True)
+    _, state_full = load_checkpoint(full)
+    _, state_resumed = load_checkpoint(resumed)
+    assert state_full["ema"].keys() == state_resumed["ema"].keys()
+    for key, value in state_full["ema"].items():
+        torch.testing.assert_close(state_resumed["ema"][key], value, rtol=0, atol=1e-6, msg=key)
+    again = evaluate(full, quiet=True)  # `ermoe eval` reads the checkpoint's EMA weights back
+    assert again["ema"]["test_top1"] == pytest.approx(metrics["ema"]["test_top1"])
+
+
+def test_the_ema_is_timms_recursion_on_the_weights(tmp_path):
+    """After steps 1 and 2: EMA_1 = W_1 (timm starts from the first weights), EMA_2 = d EMA_1 + (1 - d) W_2."""
+    cfg = tiny(tmp_path, ema=0.75)
+    task, model, device = trainer_mod.setup(cfg)
+    trainer = trainer_mod.Trainer(cfg, Run.new(cfg), task, model, device, quiet=True)
+    weights = []
+    try:
+        for batch in task.train_batches(0, 2):
+            trainer._train_step(batch, 0)
+            trainer._update()
+            weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        ema = dict(trainer.ema.module.named_parameters())
+    finally:
+        trainer.close()
+    for name, w2 in weights[1].items():
+        torch.testing.assert_close(ema[name].detach(), 0.75 * weights[0][name] + 0.25 * w2, msg=name)
+
+
+def test_accumulation_refuses_a_loss_over_the_whole_batch(tmp_path):
+    pytest.importorskip("tokenizers")
+    cfg = load_config(None, {"task": "retrieval", "model": {"name": "dual_encoder"},
+                             "data": {"name": "fashion_captions", "caption_set_size": 200, "train_limit": 64,
+                                      "test_limit": 32},
+                             "optim": {"batch_size": 32, "accum_steps": 2}, "out_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="negatives"):
+        trainer_mod.setup(cfg)
+
+
+def test_the_backend_chosen_on_a_cuda_machine_has_gloo_beside_nccl(monkeypatch):
+    from ermoe.distributed import default_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_backend() == "cpu:gloo,cuda:nccl"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_backend() == "gloo"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL refuses to start without one)")
+def test_the_backend_on_a_cuda_machine_serves_cpu_and_cuda_tensors():
+    """In a world of one on a GPU: the job's process group takes a CPU tensor (gloo) and a CUDA one (NCCL), in the
+    default group and in a group made as init_parallel makes its groups."""
+    import torch.distributed as dist
+
+    from ermoe.distributed import default_backend, free_port
+
+    dist.init_process_group(default_backend(), init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        group = dist.new_group([0])
+        for device in ("cpu", "cuda"):
+            flag = torch.ones(3, device=device)
+            dist.all_reduce(flag)
+            dist.all_reduce(flag, group=group)
+            assert flag.tolist() == [1.0, 1.0, 1.0]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_adamw_is_fused_on_cuda(tmp_path):
+    cfg = tiny(tmp_path)
+    model = torch.nn.Linear(4, 4)
+    assert trainer_mod.build_optimizer(model, cfg).defaults["fused"] is None  # CPU: PyTorch's default (foreach)
+    assert trainer_mod.build_optimizer(model.cuda(), cfg).defaults["fused"] is True
