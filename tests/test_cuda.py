@@ -66,3 +66,40 @@ def test_every_method_trains_on_the_gpu(tmp_path, method):
     assert math.isfinite(metrics["test_loss"]) and metrics["test_images"] == 360
     for layer in metrics["layers"].values():
         assert sum(layer["tokens_per_expert"]) > 0
+
+
+SYNC_FREE_ROUTERS = ["ermoe", "emoe", "softmax_topk", "loss_free_bias", "cosine", "expert_choice"]
+
+
+@pytest.mark.parametrize("router", SYNC_FREE_ROUTERS)
+def test_a_training_step_makes_no_host_sync(tmp_path, router):
+    """Issue 24, part 2: with its batch on the GPU, one training step of the loop (forward, loss, backward, clip,
+    fused AdamW with the device-side non-finite guard, after_step, the straggler and log sums) under
+    ``torch.cuda.set_sync_debug_mode("error")``: any host sync (``.item()``, ``nonzero``, a blocking copy) raises.
+    (Not listed: V-MoE's capacity drops need the counts on the host; the text tower's padding mask and the
+    regional brain model's per-expert indexing still sync.)"""
+    from ermoe.train import trainer as trainer_mod
+    from ermoe.train.run import Run
+
+    cfg = load_config(None, {"out_dir": str(tmp_path), "run_name": router, "progress": False, "tensorboard": False,
+                             "probe_size": 32, "data": {"name": "digits", "train_limit": 256, "hflip": False},
+                             "model": {**BASE_MODEL, "moe": {**BASE_MODEL["moe"], "router": router}},
+                             "optim": {"epochs": 1, "batch_size": 64, "warmup_steps": 1}})
+    task, model, device = trainer_mod.setup(cfg)
+    trainer = trainer_mod.Trainer(cfg, Run.new(cfg), task, model, device, quiet=True)
+    assert trainer.device_guard  # fused AdamW by default on CUDA
+    batches = task.train_batches(0, 3)
+    try:
+        for step, batch in enumerate(batches):
+            torch.cuda.synchronize()
+            if step == 2:  # after two warm-up steps (lazy CUDA and cuBLAS initialisation may sync)
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                trainer._train_step(batch, epoch=0)
+                trainer._update()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        batches.close()
+        trainer.close()
+    assert int(trainer.skipped) == 0 and trainer.step == 3

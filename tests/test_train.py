@@ -144,6 +144,44 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, 
     assert not (run / "metrics.json").exists()
 
 
+def test_with_a_fused_optimizer_a_non_finite_step_is_skipped_on_the_device_and_stops_the_run_at_the_log(
+        tmp_path, monkeypatch):
+    """optim.fused (PyTorch's CPU kernel here, the default on CUDA): no host check per step; the fused AdamW skips
+    the poisoned step's update (weights and moments as before it), the next log line reads the flag and stops the
+    run naming that step; the last good checkpoint is kept."""
+    from ermoe.tasks import classification
+    real = classification.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(logits, *args, **kwargs):
+        calls["n"] += 1
+        loss = real(logits, *args, **kwargs)
+        return loss * float("nan") if calls["n"] == 13 else loss
+    monkeypatch.setattr(classification.F, "cross_entropy", poisoned)
+    snapshots = {}
+    real_update = trainer_mod.Trainer._update
+
+    def update(self):
+        before = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        real_update(self)
+        snapshots[self.step] = (before, {n: p.detach().clone() for n, p in self.model.named_parameters()})
+    monkeypatch.setattr(trainer_mod.Trainer, "_update", update)
+    cfg = tiny(tmp_path, **{"optim.fused": True, "log_every": 4})
+    with pytest.raises(NonFiniteLossError, match="non-finite loss or gradient .* at step 12"):
+        train(cfg, quiet=True)
+    assert max(snapshots) == 16  # ran on to the log line of step 16
+    before, after = snapshots[13]  # step 13 (index 12) left every weight as it was: the optimizer skipped it
+    moved = [n for n in before if not torch.equal(before[n], after[n])]
+    # (ERMoE's after_step retracts its bases onto the Stiefel manifold: a QR that moves them in the last bits)
+    assert all(n.endswith("router.basis.weight") for n in moved), moved
+    assert all(torch.allclose(before[n], after[n], rtol=0, atol=1e-6) for n in moved)
+    before, after = snapshots[14]  # the next one trained
+    assert not all(torch.equal(before[n], after[n]) for n in before)
+    assert all(torch.isfinite(p).all() for p in after.values())
+    _, state = load_checkpoint(tmp_path / "run")
+    assert state["step"] == 10
+
+
 def test_new_runs_never_reuse_a_directory(tmp_path):
     cfg = tiny(tmp_path, **{"optim.max_steps": 1})
     first, second = train(cfg, quiet=True), train(cfg, quiet=True)

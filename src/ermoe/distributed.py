@@ -44,7 +44,7 @@ from torch.nn import functional as F
 
 from .dispatch import LocalDispatcher
 from .moe import MoE, moe_layers
-from .routing.sync import SyncGroup, global_count, global_sum
+from .routing.sync import SyncGroup, global_sum
 
 DEFAULT_TIMEOUT_S = 600
 
@@ -226,18 +226,26 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(x)
         if not self.training and self.track_running_stats:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        factor = 0.0 if self.momentum is None else self.momentum  # _BatchNorm.forward's update rule
+        factor: float | Tensor = 0.0 if self.momentum is None else self.momentum  # _BatchNorm.forward's rule
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            if self.momentum is None:  # a cumulative average, its weight kept on the device (no host sync)
+                factor = self.num_batches_tracked.reciprocal().to(self.running_mean.dtype)
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        count = global_count(x.numel() // x.shape[1], self.sync_group, x.device)
-        if count <= 1:
-            raise ValueError(f"expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
         out_dtype = x.dtype
         if x.dtype in (torch.float16, torch.bfloat16):  # statistics in float32, as cuDNN's BatchNorm keeps them
             x = x.float()
+        local = x.numel() // x.shape[1]
+        if self.sync_group is None:
+            count: int | Tensor = local
+            if local <= 1:
+                raise ValueError(f"expected more than 1 value per channel when training, got input size "
+                                 f"{tuple(x.shape)}")
+        else:  # the global count as a device tensor (>= 2: every rank holds values); read by no host code
+            if local < 1:
+                raise ValueError(f"expected values per channel when training, got input size {tuple(x.shape)}")
+            count = global_sum(torch.full((), local, dtype=x.dtype, device=x.device), self.sync_group)
         mean = global_sum(x.sum(dims), self.sync_group) / count
         centered = x - mean.view(shape)
         var = global_sum(centered.square().sum(dims), self.sync_group) / count

@@ -82,6 +82,10 @@ class OptimConfig:
     # each, one optimizer step (docs/runs.md: the same gradient as the whole batch, except through BatchNorm and
     # auxiliary losses, which see micro-batches).
     accum_steps: int = 1
+    # PyTorch's fused AdamW (one kernel for every parameter): null = where every parameter is on a CUDA device.
+    # With it the non-finite guard runs on the device (a step with a non-finite loss or gradient is skipped there
+    # and reported at the next log line: no host sync per step).
+    fused: bool | None = None
     # An exponential moving average of the weights with this decay (timm's ModelEmaV3, e.g. 0.9998), evaluated
     # beside the raw weights at the end; null: none.
     ema: float | None = None

@@ -103,8 +103,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
             (decay if name in decayed else no_decay).append(p)
     o = cfg.optim
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # PyTorch's fused kernel where every parameter is on a CUDA device (one launch per step); foreach elsewhere
-    fused = all(p.is_cuda for p in decay + no_decay)
+    # PyTorch's fused kernel (optim.fused; by default where every parameter is on a CUDA device), foreach elsewhere
+    fused = all(p.is_cuda for p in decay + no_decay) if o.fused is None else o.fused
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), fused=fused or None)
 
 
@@ -220,6 +220,12 @@ class Trainer:
         self.sum_dtype = torch.float32 if device.type == "mps" else torch.float64
         self.last_aux: Tensor = torch.zeros(())
         self.replicated: tuple[str, ...] = ()
+        # The non-finite guard on the device (a fused optimizer skips a step whose loss or gradient is not finite,
+        # told by its found_inf flag; read at the next log line or checkpoint), else checked every step on the host
+        self.device_guard = bool(self.optimizer.defaults.get("fused")) and not self.scaler.is_enabled()
+        self.step_bad: Tensor | None = None
+        self.skipped = torch.zeros((), dtype=torch.long, device=device)  # steps skipped since the last check
+        self.first_skipped = torch.full((), -1, dtype=torch.long, device=device)
         if state is not None:
             self.optimizer.load_state_dict(self.parallel.local_optimizer_state(state["optimizer"], self.optimizer,
                                                                                model))
@@ -275,7 +281,11 @@ class Trainer:
                 step = self.step
                 if step % cfg.log_every == 0 or step == self.last_step:
                     elapsed = time.perf_counter() - window_t0
+                    if self.device_guard:  # read with the log's sums, in one transfer
+                        window["skipped_steps"] = self.skipped.to(self.sum_dtype)
                     sums = self.parallel.sum_stats(window, replicated=self.replicated)
+                    if sums.pop("skipped_steps", 0):
+                        self._raise_skipped()
                     seen = sums.pop("examples")
                     record = {"kind": "train", "step": step, "epoch": epoch, **{k: v / seen for k, v in sums.items()},
                               "lr": self.scheduler.get_last_lr()[0], "aux_loss": float(self.last_aux),
@@ -322,11 +332,17 @@ class Trainer:
         """Per routing layer, the straggler factor averaged over the training steps so far."""
         return {n: float(v) / self.straggler_steps for n, v in self.straggler.items()} if self.straggler_steps else {}
 
-    def _diverged(self, what: str) -> NonFiniteLossError:
+    def _raise_skipped(self) -> None:
+        """Stop for a step the device guard skipped (its weights and moments untouched)."""
+        first, count = int(self.first_skipped), int(self.skipped)
+        later = f"; {count - 1} later step(s) skipped as well" if count > 1 else ""
+        raise self._diverged(f"a non-finite loss or gradient (its update skipped{later})", step=first)
+
+    def _diverged(self, what: str, step: int | None = None) -> NonFiniteLossError:
         kept = list_checkpoints(self.run.checkpoints)
         where = f"step {step_of(kept[-1])}" if kept else "none yet"
         return NonFiniteLossError(
-            f"{what} at step {self.step}; training stopped. The last good checkpoint ({where}) in "
+            f"{what} at step {self.step if step is None else step}; training stopped. The last good checkpoint ({where}) in "
             f"{self.run.checkpoints} is kept: resume with a lower learning rate (ermoe train --resume {self.run.root} "
             f"--optim.lr=...), or from an older checkpoint (--from-step N), or check the data.")
 
@@ -366,17 +382,21 @@ class Trainer:
                 total = loss + extra
         except NonFiniteInputError as err:  # activations blew up before the loss: the same divergence
             raise self._diverged(f"non-finite activations ({err})") from None
-        loss_value = float(total.detach())
-        if not self.parallel.all_finite(math.isfinite(loss_value)):
-            raise self._diverged(f"the loss is {loss_value}" if not math.isfinite(loss_value)
-                                 else "another rank's loss is not finite")
+        if self.device_guard:
+            bad = ~torch.isfinite(total.detach())
+            self.step_bad = bad if self.step_bad is None else self.step_bad | bad
+        else:
+            loss_value = float(total.detach())
+            if not self.parallel.all_finite(math.isfinite(loss_value)):
+                raise self._diverged(f"the loss is {loss_value}" if not math.isfinite(loss_value)
+                                     else "another rank's loss is not finite")
         self.scaler.scale(total if accum == 1 else total / accum).backward()
         n = len(batch)
         task_stats = self.task.objective.batch_stats(_detached(output), batch)
         self.last_aux = extra.detach()
         self.replicated = tuple(task_stats) if coupled else ()  # computed over the gathered global batch
-        return {"loss": total.detach().to(self.sum_dtype) * n, "examples": torch.tensor(n, device=total.device),
-                **task_stats}
+        return {"loss": total.detach().to(self.sum_dtype) * n,
+                "examples": torch.full((), n, dtype=self.sum_dtype, device=total.device), **task_stats}
 
     def _update(self) -> None:
         """Clip, check the gradient, step. A non-finite gradient stops training before it reaches the weights and
@@ -385,7 +405,13 @@ class Trainer:
         if self.cfg.optim.clip_grad or not self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
             norm = self.parallel.clip_grad_norm(self.model, self.cfg.optim.clip_grad or float("inf"))
-            if not self.scaler.is_enabled() and not math.isfinite(float(norm)):
+            if self.device_guard:  # the same on every rank: the gradients are all-reduced before the norm
+                bad = self.step_bad | ~torch.isfinite(norm)
+                self.optimizer.found_inf = bad.float()  # the fused kernel leaves weights and moments as they were
+                self.skipped += bad
+                self.first_skipped = torch.where(bad & (self.first_skipped < 0), self.step, self.first_skipped)
+                self.step_bad = None
+            elif not self.scaler.is_enabled() and not math.isfinite(float(norm)):
                 raise self._diverged(f"the gradient norm is {float(norm)}")
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -413,6 +439,10 @@ class Trainer:
     def checkpoint(self) -> None:
         """Probe the routing (load, and stability against the previous checkpoint), then save everything; a state
         with non-finite weights or optimizer moments is never saved."""
+        if self.device_guard and not self.parallel.all_finite(int(self.skipped) == 0):  # every rank joins
+            if int(self.skipped):
+                self._raise_skipped()
+            raise self._diverged("another rank skipped a step with a non-finite loss or gradient")
         finite = all(torch.isfinite(t).all() for t in _tensors([self.model.state_dict(),
                                                                  self.optimizer.state_dict()["state"]]))
         if not self.parallel.all_finite(bool(finite)):
