@@ -166,3 +166,32 @@ def test_adamw_is_fused_on_cuda(tmp_path):
     model = torch.nn.Linear(4, 4)
     assert trainer_mod.build_optimizer(model, cfg).defaults["fused"] is None  # CPU: PyTorch's default (foreach)
     assert trainer_mod.build_optimizer(model.cuda(), cfg).defaults["fused"] is True
+
+
+def test_compiled_training_follows_the_eager_curve_and_does_not_recompile_as_expert_loads_change(tmp_path):
+    """optim.compile (aot_eager: the graphs without code generation): the loss curve is the eager one, and the graphs
+    made in the first steps serve every later step although each step sends other token counts to each expert."""
+    from torch._dynamo.utils import counters
+
+    eager = train(tiny(tmp_path / "eager", max_steps=6), quiet=True)
+    graphs = {}
+    for steps in (3, 6):
+        torch._dynamo.reset()
+        counters.clear()
+        with pytest.warns(UserWarning, match="do not scan their inputs for NaN"):
+            run = train(tiny(tmp_path / f"compiled{steps}", compile="aot_eager", max_steps=steps), quiet=True)
+        graphs[steps] = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    curves = []
+    for r in (eager, run):
+        lines = [json.loads(line) for line in (r / "log.jsonl").read_text().splitlines()]
+        curves.append([x["loss"] for x in lines if x["kind"] == "train"])
+    assert len(curves[1]) == 6
+    for a, b in zip(*curves):
+        assert abs(a - b) <= 1e-5 * abs(a), curves
+    assert graphs[3] == graphs[6] > 0
+
+
+def test_compile_backend_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="optim.compile must be null or a torch.compile backend"):
+        tiny(tmp_path, compile="inductr")

@@ -117,8 +117,10 @@ class MoE(nn.Module):
                 raise ValueError(f"router {self.router_name!r} takes no context tensor")
             if context.shape != x.shape:
                 raise ValueError(f"context must have the input's shape {tuple(x.shape)}, got {tuple(context.shape)}")
-        # The NaN scan reads a flag back to the host: on CPU that is free, on a GPU a sync per call, so CPU only.
-        if self.validate and x.device.type == "cpu" and not torch.isfinite(x).all():
+        # The NaN scan reads a flag back to the host: on CPU that is free, on a GPU a sync per call, so CPU only;
+        # not in compiled code either (a graph break per layer; optim.compile warns that it is off)
+        if self.validate and x.device.type == "cpu" and not torch.compiler.is_compiling() and \
+                not torch.isfinite(x).all():
             raise NonFiniteInputError("MoE input contains NaN or inf")
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:

@@ -86,6 +86,10 @@ class OptimConfig:
     # With it the non-finite guard runs on the device (a step with a non-finite loss or gradient is skipped there
     # and reported at the next log line: no host sync per step).
     fused: bool | None = None
+    # torch.compile of the training forward with this backend ("inductor": code generation; "aot_eager": the graphs
+    # without it, a check); null: eager. The MoE layers' NaN scan of their input is off in compiled code (the
+    # non-finite guard still stops the run). Evaluation runs eager.
+    compile: str | None = None
     # An exponential moving average of the weights with this decay (timm's ModelEmaV3, e.g. 0.9998), evaluated
     # beside the raw weights at the end; null: none.
     ema: float | None = None
@@ -229,6 +233,12 @@ def _check_ranges(cfg: TrainConfig) -> None:
     require(o.batch_size % o.accum_steps == 0, "optim.batch_size", f"divisible by optim.accum_steps "
             f"({o.accum_steps})", o.batch_size)
     require(o.ema is None or 0 < o.ema < 1, "optim.ema", "in (0, 1) or null", o.ema)
+    if o.compile is not None:
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        require(o.compile in backends, "optim.compile", f"null or a torch.compile backend ({', '.join(backends)})",
+                o.compile)
 
 
 def _check_device(name: str) -> None:

@@ -202,6 +202,10 @@ class Trainer:
         self.forward_model = self.parallel.prepare(model)
         if self.ema is not None:
             self.parallel.shard(self.ema.module)
+        if o.compile is not None:  # the training forward only (evaluation and probes run eager)
+            warnings.warn(f"optim.compile={o.compile!r}: the MoE layers do not scan their inputs for NaN in compiled "
+                          "code (the non-finite guard still stops the run)", stacklevel=2)
+            self.forward_model = torch.compile(self.forward_model, backend=o.compile)
         self.steps_per_epoch = task.num_train // o.batch_size
         self.total_steps = self.steps_per_epoch * o.epochs
         self.last_step = min(self.total_steps, o.max_steps or self.total_steps)
