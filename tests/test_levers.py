@@ -192,6 +192,71 @@ def test_compiled_training_follows_the_eager_curve_and_does_not_recompile_as_exp
     assert graphs[3] == graphs[6] > 0
 
 
-def test_compile_backend_is_checked(tmp_path):
+def test_compile_backend_is_checked_and_not_combined_with_grad_checkpointing(tmp_path):
     with pytest.raises(ConfigError, match="optim.compile must be null or a torch.compile backend"):
         tiny(tmp_path, compile="inductr")
+    with pytest.raises(ConfigError, match="model.grad_checkpointing with optim.compile"):
+        load_config(None, {"model": {"grad_checkpointing": True}, "optim": {"compile": "aot_eager"}})
+
+
+def _fwd_bwd(model, *inputs):
+    model.train()
+    out = model(*inputs)
+    out = torch.cat([o.reshape(len(inputs[0]), -1) for o in out[:2]], 1) if isinstance(out, tuple) else out
+    (out.square().mean() + model.aux_loss()).backward()
+    return ({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            {n: b.clone() for n, b in model.named_buffers()})
+
+
+@pytest.mark.parametrize("name", ["vit", "sfcn3d", "dual_encoder"])
+def test_activation_checkpointing_gives_the_same_gradients_and_updates_state_once(name):
+    """float64: the gradients with checkpointed blocks equal those without, and the buffers a forward updates
+    (BatchNorm statistics, loss-free bias's load counts) are updated once, not again by the recomputation."""
+    from ermoe.models import create_model
+
+    moe = {"router": "loss_free_bias", "num_experts": 4, "blocks": "all"}
+    if name == "vit":
+        build = lambda: create_model("vit_tiny", num_classes=5, img_size=8, in_chans=1, patch_size=2, depth=2,  # noqa: E731
+                                     embed_dim=16, num_heads=2, moe=moe)
+        inputs = (torch.randn(6, 1, 8, 8, dtype=torch.float64),)
+    elif name == "sfcn3d":
+        build = lambda: create_model("sfcn3d", in_chans=1, volume_shape=(16, 16, 16), num_outputs=2,  # noqa: E731
+                                     channels=[4, 8, 8], moe={"router": "loss_free_bias", "num_experts": 4})
+        inputs = (torch.randn(4, 1, 16, 16, 16, dtype=torch.float64),)
+    else:
+        build = lambda: create_model("dual_encoder", img_size=16, in_chans=1, vocab_size=30, context_length=8,  # noqa: E731
+                                     image={"name": "vit_tiny", "embed_dim": 16, "num_heads": 2, "depth": 2,
+                                            "patch_size": 8, "moe": moe},
+                                     text={"width": 16, "depth": 2, "num_heads": 2, "moe": moe})
+        inputs = (torch.randn(3, 1, 16, 16, dtype=torch.float64), torch.tensor([[3, 4, 5, 0, 0, 0, 0, 0]] * 3))
+    results = []
+    for enable in (False, True):
+        torch.manual_seed(0)
+        model = build().double()
+        if enable:
+            model.set_grad_checkpointing(True)
+        results.append(_fwd_bwd(model, *inputs))
+    (grads, buffers), (grads_ckpt, buffers_ckpt) = results
+    assert grads.keys() == grads_ckpt.keys() and len(grads) > 5
+    for n in grads:
+        torch.testing.assert_close(grads_ckpt[n], grads[n], rtol=1e-10, atol=1e-12, msg=n)
+    counted = [n for n in buffers if n.endswith(("load_since_step", "running_mean", "num_batches_tracked"))]
+    assert counted
+    for n in buffers:
+        torch.testing.assert_close(buffers_ckpt[n], buffers[n], rtol=0, atol=0, msg=n)
+
+
+def test_grad_checkpointing_through_the_loop_and_a_model_without_it(tmp_path):
+    plain = train(tiny(tmp_path / "plain", max_steps=4), quiet=True)
+    cfg = tiny(tmp_path / "ckpt", max_steps=4)
+    cfg.model.grad_checkpointing = True
+    ckpt = train(cfg, quiet=True)
+    curves = []
+    for r in (plain, ckpt):
+        lines = [json.loads(line) for line in (r / "log.jsonl").read_text().splitlines()]
+        curves.append([x["loss"] for x in lines if x["kind"] == "train"])
+    assert curves[0] == pytest.approx(curves[1], rel=1e-6)
+    single = load_config(None, {"out_dir": str(tmp_path), "data": {"name": "digits"},
+                                "model": {"name": "single_gated_vit", "patch_size": 2, "grad_checkpointing": True}})
+    with pytest.raises(ConfigError, match="SingleGatedViT has no activation checkpointing"):
+        trainer_mod.setup(single)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from timm.models.vision_transformer import VisionTransformer
 
 from ..moe import MoE
+from .checkpointing import checkpointed
 from .protocol import RoutedModel, TokenMoELayer
 from .registry import register_model
 from .vit import GlobalPool, MoESpec, MoEViT, _check_choice, vit_model
@@ -94,11 +95,19 @@ class SFCN3d(RoutedModel):
         """Each MoE layer's feature-map grid, by the layer's qualified name (cells are tokens in x-major order)."""
         return {f"cells.{k}": v for k, v in self.grids.items() if isinstance(self.cells[k], CellMoE)}
 
+    checkpoint: bool = False  # activation checkpointing of the stages (set_grad_checkpointing)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint each convolution stage and MoE (their BatchNorm statistics and routers' buffers restored after
+        the recomputation: :mod:`ermoe.models.checkpointing`)."""
+        self.checkpoint = enable
+
     def forward_features(self, x: Tensor) -> Tensor:
+        run = checkpointed if self.checkpoint else (lambda module, t: module(t))
         for i, stage in enumerate(self.stages):
-            x = stage(x)
+            x = run(stage, x)
             if str(i) in self.cells:
-                x = self.cells[str(i)](x)
+                x = run(self.cells[str(i)], x)
         return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:

@@ -72,6 +72,11 @@ class DualEncoder(RoutedModel):
     def frozen_stem(self) -> nn.Module | None:
         return None  # the retrieval task feeds images (a cached stem would need image-only batches)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Both towers' blocks."""
+        self.image.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+
 
 @register_model("dual_encoder", family="retrieval",
                 description="image tower (any ViT, any MoE) + text tower (MoE FFNs), CLIP-style shared space")

@@ -162,6 +162,12 @@ class RoutedModel(nn.Module):
         update (basis retraction, loss-free bias, basis re-estimation)."""
         moe_after_step(self)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the activations of the model's blocks (ViT blocks, CNN stages) in backward instead of keeping
+        them (``model.grad_checkpointing``; :mod:`ermoe.models.checkpointing`). A model without it says so."""
+        raise NotImplementedError(f"model {type(self).__name__} has no activation checkpointing "
+                                  "(model.grad_checkpointing)")
+
     def input_normalization(self, pretrained: bool) -> tuple[Sequence[float], Sequence[float]] | None:
         """Per-channel (mean, std) the model's inputs must be normalised with, when its weights dictate one (a
         pretrained backbone); None: the data's own statistics. ``pretrained``: whether the weights came from

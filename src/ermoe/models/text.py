@@ -17,6 +17,7 @@ from timm.models.vision_transformer import Block
 
 from ..moe import MoE
 from .protocol import TokenMoELayer
+from .checkpointing import checkpointed
 from .vit import MoESpec, ParallelMoE, select_blocks
 
 
@@ -68,9 +69,14 @@ class TextTransformer(nn.Module):
                 block.mlp = layer if placement == "replace" else ParallelMoE(block.mlp, layer)
                 self.moe_layers.append(layer)
 
+    checkpoint: bool = False  # activation checkpointing of the blocks (set_grad_checkpointing)
+
     def no_weight_decay(self) -> set[str]:
         """The token and position embeddings (timm's ViT exempts its position embedding the same way)."""
         return {"token_embed.weight", "pos_embed"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.checkpoint = enable
 
     def forward(self, ids_BL: Tensor) -> Tensor:
         valid = ids_BL != self.pad_id
@@ -88,7 +94,7 @@ class TextTransformer(nn.Module):
             layer.valid = valid
         mask = valid[:, None, None, :]  # (B, 1, 1, L): every query attends to the real tokens only
         for block in self.blocks:
-            x = block(x, attn_mask=mask)
+            x = checkpointed(block, x, mask) if self.checkpoint else block(x, attn_mask=mask)
         x = self.norm(x)
         w = valid.unsqueeze(-1).to(x.dtype)
         return (x * w).sum(1) / w.sum(1)

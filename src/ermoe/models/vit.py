@@ -29,6 +29,7 @@ from timm.models.vision_transformer import VisionTransformer
 from ..moe import MoE
 from ..routing import check_router_kwargs, list_routers
 from ..settings import FORBID_EXTRA
+from .checkpointing import checkpoint_blocks
 from .protocol import RoutedModel, TokenMoELayer
 from .registry import TIMM_VIT, register_model
 from .stems import STEMS, PretrainedStem, install_stem
@@ -239,6 +240,12 @@ class MoEViT(VisionTransformer, RoutedModel):
 
     def frozen_stem(self) -> PretrainedStem | None:
         return self.patch_embed if isinstance(self.patch_embed, PretrainedStem) else None
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint each block (:class:`ermoe.models.checkpointing.Blocks`, which restores the blocks' buffers
+        after recomputation); timm's own path (``checkpoint_seq``) stays off."""
+        self.grad_checkpointing = False
+        checkpoint_blocks(self.blocks, enable)
 
     def input_normalization(self, pretrained: bool):
         if isinstance(self.patch_embed, PretrainedStem):

@@ -41,7 +41,8 @@ MAIN_MODEL, MAIN_MODEL_ARGS = "vit_tiny", {"depth": 4, "patch_size": 7, "moe": {
 
 @dataclass
 class ModelConfig:
-    """The model section. In YAML it is flat: besides ``name``, ``moe_init`` and ``moe_init_batches`` every key is a
+    """The model section. In YAML it is flat: besides ``name``, ``moe_init``, ``moe_init_batches`` and
+    ``grad_checkpointing`` every key is a
     keyword argument of the model's builder (``ermoe.models.describe(name)``), kept in ``args`` and typed by the
     builder's signature; a key the model does not take, or one the task sets from the data (``num_classes``,
     ``img_size``, ``in_chans`` for classification), is an error. ``moe: null`` is a model without MoE layers.
@@ -56,6 +57,9 @@ class ModelConfig:
     args: dict[str, Any] = field(default_factory=lambda: {**MAIN_MODEL_ARGS, "moe": MoESpec()})
     moe_init: Literal["random", "pca"] = "random"
     moe_init_batches: int = 4
+    # Recompute the blocks' activations in backward instead of keeping them (ViT blocks, the text tower's blocks,
+    # 3D CNN stages: ermoe.models.checkpointing); a model without it is an error.
+    grad_checkpointing: bool = False
 
     @property
     def moe(self) -> MoESpec | None:
@@ -134,12 +138,12 @@ def _check(value: Any, annotation: Any, key: str) -> Any:
 
 
 def _build_model(values: Any, key: str) -> ModelConfig:
-    """The model section: ``name``, the loop's two keys, and the builder's arguments checked against its signature."""
+    """The model section: ``name``, the loop's keys, and the builder's arguments checked against its signature."""
     if not isinstance(values, dict):
         raise ConfigError(f"{key}: expected a mapping of model settings, got {values!r}")
     values = dict(values)
     name = _check(values.pop("name", MAIN_MODEL), str, f"{key}.name")
-    loop = {k: values.pop(k) for k in ("moe_init", "moe_init_batches") if k in values}
+    loop = {k: values.pop(k) for k in ("moe_init", "moe_init_batches", "grad_checkpointing") if k in values}
     raw = _merge(MAIN_MODEL_ARGS, values) if name == MAIN_MODEL else values
     try:
         accepted = model_parameters(name, raw)
@@ -233,6 +237,9 @@ def _check_ranges(cfg: TrainConfig) -> None:
     require(o.batch_size % o.accum_steps == 0, "optim.batch_size", f"divisible by optim.accum_steps "
             f"({o.accum_steps})", o.batch_size)
     require(o.ema is None or 0 < o.ema < 1, "optim.ema", "in (0, 1) or null", o.ema)
+    if o.compile is not None and m.grad_checkpointing:
+        raise ConfigError("model.grad_checkpointing with optim.compile: torch.compile cannot trace a checkpoint whose "
+                          "recomputation restores the block's buffers (ermoe.models.checkpointing); use one of them")
     if o.compile is not None:
         import torch._dynamo
 
@@ -377,7 +384,7 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     out = dataclasses.asdict(cfg)
     model = out["model"]
     out["model"] = {"name": model["name"], **model["args"], "moe_init": model["moe_init"],
-                    "moe_init_batches": model["moe_init_batches"]}
+                    "moe_init_batches": model["moe_init_batches"], "grad_checkpointing": model["grad_checkpointing"]}
     out["data"] = cfg.data.to_dict()
     return out
 

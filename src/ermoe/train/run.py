@@ -34,7 +34,7 @@ RESUMABLE = {
     "optim.lr", "optim.weight_decay", "optim.epochs", "optim.max_steps", "optim.min_lr_ratio", "optim.warmup_steps",
     "optim.clip_grad", "optim.eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "probe_every",
     "progress", "tensorboard", "threads", "device", "ep_size", "dist_timeout_s", "data.num_workers", "optim.fused",
-    "optim.compile",
+    "optim.compile", "model.grad_checkpointing",
 }
 
 

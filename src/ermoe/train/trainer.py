@@ -520,6 +520,11 @@ def setup(cfg: TrainConfig, load_pretrained: bool = True, parallel: Parallel | N
                           "optim.batch_size, or more processes")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, task, load_pretrained).to(device)
+    if cfg.model.grad_checkpointing:
+        try:
+            model.set_grad_checkpointing(True)
+        except NotImplementedError as err:
+            raise ConfigError(str(err)) from None
     task.prepare(model)
     if cfg.bn_recalibration and not trainable_batchnorms(model.train()):
         raise ConfigError(f"bn_recalibration recomputes BatchNorm statistics: model {cfg.model.name!r} has no "
