@@ -15,6 +15,7 @@ the median over repeats of the paired ratio of their step times, which cancels m
     python benchmarks/train_throughput.py --tasks classification --steps 20 --repeats 5
     python benchmarks/train_throughput.py --json benchmarks/results/train_throughput_cpu_2core.json
     python benchmarks/train_throughput.py --compile             # both models compiled (optim.compile=inductor)
+    python benchmarks/train_throughput.py --tasks classification --profile   # where each model's step time goes
 
 Run it alone on the machine.
 """
@@ -102,6 +103,22 @@ def measure(task_name: str, steps: int, repeats: int, compile_model: bool, extra
             "active_params_moe": active["moe"], "warmup_s": warmup_s}
 
 
+def profile_steps(task_name: str, steps: int, extra: list[str] = ()) -> None:
+    """torch.profiler's table of ``steps`` training steps of each model (after 5 warm-up steps), by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("moe", "dense"):
+            trainer, batches, _ = build(task_name, kind == "dense", f"{tmp}/{kind}", False, list(extra))
+            run_steps(trainer, batches, 5)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                run_steps(trainer, batches, steps)
+            print(f"## {task_name}: {kind}, {steps} steps")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50))
+            batches.close()
+            trainer.close()
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=list(JOBS), choices=list(JOBS))
@@ -113,9 +130,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows and the machine here")
     parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for both models (e.g. a smaller model or dataset)")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's table of --steps steps of "
+                        "each model instead of timing them")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.profile:
+        for name in args.tasks:
+            profile_steps(name, args.steps, args.override)
+        return []
     rows = []
     print("| task | batch | dense img/s | MoE img/s | MoE / dense throughput | active params dense / MoE |")
     print("|---|---|---|---|---|---|")
