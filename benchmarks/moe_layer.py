@@ -11,6 +11,13 @@ threshold (``mallopt``) before any tensor is made, as a long training process ef
 
     python benchmarks/moe_layer.py                    # table
     python benchmarks/moe_layer.py --json             # the JSON list on stdout, the table on stderr
+    python benchmarks/moe_layer.py --memory --no-time # peak memory of fwd+bwd only (deterministic, fast)
+
+Memory (``--memory``): the peak of one forward and backward as ``torch.distributed._tools.mem_tracker.MemTracker``
+counts it (every live tensor, by kind, on CPU and GPU alike): the whole peak, and its working part (activations
+saved for backward, temporaries and the rest: the peak less parameters, gradients and buffers), whose ratio to the
+dense module's is the column ``mem ratio``. The MoE's E experts' parameters are E times the dense module's by
+design, so the whole peak is reported but not compared.
 """
 
 from __future__ import annotations
@@ -76,6 +83,22 @@ def time_fwd(module: nn.Module, x: torch.Tensor, sync) -> float:
         return time.perf_counter() - start
 
 
+def peak_memory(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[float, float]:
+    """(whole peak, working peak) of one forward and backward, MiB (see the module docstring)."""
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    module.train()
+    x.grad = None
+    module.zero_grad(set_to_none=True)
+    tracker = MemTracker()
+    tracker.track_external(module, x)
+    with tracker:
+        module(x).backward(grad)
+    peak = tracker.get_tracker_snapshot("peak")[x.device]
+    fixed = sum(peak.get(kind, 0) for kind in (_MemRefType.PARAM, _MemRefType.GRAD, _MemRefType.BUFFER))
+    return peak["Total"] / 2 ** 20, (peak["Total"] - fixed) / 2 ** 20
+
+
 def paired_ratio(moe: nn.Module, dense: nn.Module, timer, repeats: int, warmup: int) -> tuple[float, float, float]:
     """Median of t_moe / t_dense over ``repeats`` interleaved pairs; also the median times (s)."""
     for _ in range(warmup):
@@ -109,6 +132,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--router-kwargs", type=json.loads, default={},
                         help='JSON keyword arguments for every router, e.g. \'{"rank": 32}\'')
     parser.add_argument("--json", action="store_true", help="print the results as a JSON list (table to stderr)")
+    parser.add_argument("--memory", action="store_true", help="also the peak memory of fwd+bwd (module docstring)")
+    parser.add_argument("--no-time", action="store_true", help="skip the timings (with --memory: memory only)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -126,6 +151,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"# tokens={args.tokens} dim={args.dim} hidden={args.hidden} top_k={args.top_k} "
           f"repeats={args.repeats} seed={args.seed}", file=table)
     header = f"{'router':<15} {'E':>4} {'fwd+bwd ms':>11} {'dense ms':>9} {'ratio':>6} {'fwd ms':>8} {'dense ms':>9} {'ratio':>6}"
+    if args.memory:
+        header += f" {'peak MiB':>9} {'dense':>7} {'work MiB':>9} {'dense':>7} {'mem ratio':>9}"
     print(header, file=table)
     print("-" * len(header), file=table)
     results = []
@@ -144,17 +171,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
             def fwd(m: nn.Module) -> float:
                 return time_fwd(m, x, sync)
 
-            fb_ratio, fb_moe, fb_dense = paired_ratio(moe, dense, fwd_bwd, args.repeats, args.warmup)
-            f_ratio, f_moe, f_dense = paired_ratio(moe, dense, fwd, args.repeats, args.warmup)
+            nan = float("nan")
+            fb_ratio, fb_moe, fb_dense = (nan,) * 3 if args.no_time else \
+                paired_ratio(moe, dense, fwd_bwd, args.repeats, args.warmup)
+            f_ratio, f_moe, f_dense = (nan,) * 3 if args.no_time else \
+                paired_ratio(moe, dense, fwd, args.repeats, args.warmup)
             row = {"router": name, "num_experts": num_experts, "fwd_bwd_ratio": round(fb_ratio, 4),
                    "fwd_ratio": round(f_ratio, 4), "fwd_bwd_ms": round(fb_moe * 1e3, 2),
                    "dense_fwd_bwd_ms": round(fb_dense * 1e3, 2), "fwd_ms": round(f_moe * 1e3, 2),
                    "dense_fwd_ms": round(f_dense * 1e3, 2), "tokens": args.tokens, "dim": args.dim,
                    "hidden": args.hidden, "top_k": args.top_k, "dtype": args.dtype, "device": str(device),
                    "threads": torch.get_num_threads()}
+            line = (f"{name:<15} {num_experts:>4} {row['fwd_bwd_ms']:>11.1f} {row['dense_fwd_bwd_ms']:>9.1f} "
+                    f"{fb_ratio:>6.2f} {row['fwd_ms']:>8.1f} {row['dense_fwd_ms']:>9.1f} {f_ratio:>6.2f}")
+            if args.memory:
+                (peak, work), (dense_peak, dense_work) = (peak_memory(m, x, grad) for m in (moe, dense))
+                row.update(peak_mib=round(peak, 1), dense_peak_mib=round(dense_peak, 1), work_mib=round(work, 1),
+                           dense_work_mib=round(dense_work, 1), mem_ratio=round(work / dense_work, 3))
+                line += f" {peak:>9.1f} {dense_peak:>7.1f} {work:>9.1f} {dense_work:>7.1f} {work / dense_work:>9.2f}"
             results.append(row)
-            print(f"{name:<15} {num_experts:>4} {row['fwd_bwd_ms']:>11.1f} {row['dense_fwd_bwd_ms']:>9.1f} "
-                  f"{fb_ratio:>6.2f} {row['fwd_ms']:>8.1f} {row['dense_fwd_ms']:>9.1f} {f_ratio:>6.2f}", flush=True, file=table)
+            print(line, flush=True, file=table)
     if args.json:
         print(json.dumps(results))
     return results

@@ -29,6 +29,26 @@ def test_moe_layer_benchmark_json(capsys):
         assert r["num_experts"] == 4 and r["fwd_bwd_ratio"] > 0 and r["fwd_ratio"] > 0
 
 
+def test_moe_layer_benchmark_memory_only(capsys):
+    """--memory --no-time: the peak of fwd+bwd per router (MemTracker), its working part and the ratio to dense."""
+    spec = importlib.util.spec_from_file_location("moe_layer_bench_mem", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        rows = bench.main(["--tokens", "4096", "--dim", "64", "--hidden", "128", "--experts", "4", "--routers", "ermoe",
+                           "softmax_topk", "--threads", "1", "--memory", "--no-time"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["router"] for r in rows] == ["ermoe", "softmax_topk"]
+    for r in rows:
+        assert r["peak_mib"] > r["work_mib"] > 0 and r["dense_peak_mib"] >= r["dense_work_mib"] > 0
+        assert r["mem_ratio"] == pytest.approx(r["work_mib"] / r["dense_work_mib"], rel=0.01)
+        assert r["fwd_bwd_ratio"] != r["fwd_bwd_ratio"]  # not timed: NaN
+    # softmax_topk's experts hold 4x the dense module's parameters: the whole peak exceeds the dense one's
+    assert rows[1]["peak_mib"] > rows[1]["dense_peak_mib"]
+
+
 def test_brain_models_benchmark_both_families(capsys):
     """benchmarks/brain_models.py at a tiny size: every model of each family, ratios against the dense model."""
     import pytest
