@@ -10,16 +10,26 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "moe_layer.py"
 
 
-def test_moe_layer_benchmark_json(capsys):
-    spec = importlib.util.spec_from_file_location("moe_layer_bench", BENCH)
+def load_bench(name: str = "moe_layer"):
+    """A benchmark script of benchmarks/ as a module."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", BENCH.parent / f"{name}.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def run_moe_layer_bench(*argv: str) -> list[dict]:
+    """benchmarks/moe_layer.py's main with ``argv``; torch's thread count restored after it."""
     threads = torch.get_num_threads()
     try:
-        rows = bench.main(["--tokens", "64", "--dim", "16", "--hidden", "32", "--experts", "4", "--repeats", "1",
-                           "--warmup", "0", "--threads", "1", "--json"])
+        return load_bench().main(list(argv))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_moe_layer_benchmark_json(capsys):
+    rows = run_moe_layer_bench("--tokens", "64", "--dim", "16", "--hidden", "32", "--experts", "4", "--repeats", "1",
+                               "--warmup", "0", "--threads", "1", "--json")
     printed = json.loads(capsys.readouterr().out)
     assert printed == rows
     assert [r["router"] for r in rows] == ["emoe", "ermoe", "softmax_topk", "vmoe", "loss_free_bias", "cosine",
@@ -31,15 +41,8 @@ def test_moe_layer_benchmark_json(capsys):
 
 def test_moe_layer_benchmark_memory_only(capsys):
     """--memory --no-time: the peak of fwd+bwd per router (MemTracker), its working part and the ratio to dense."""
-    spec = importlib.util.spec_from_file_location("moe_layer_bench_mem", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    threads = torch.get_num_threads()
-    try:
-        rows = bench.main(["--tokens", "4096", "--dim", "64", "--hidden", "128", "--experts", "4", "--routers", "ermoe",
-                           "softmax_topk", "--threads", "1", "--memory", "--no-time"])
-    finally:
-        torch.set_num_threads(threads)
+    rows = run_moe_layer_bench("--tokens", "4096", "--dim", "64", "--hidden", "128", "--experts", "4", "--routers",
+                               "ermoe", "softmax_topk", "--threads", "1", "--memory", "--no-time")
     assert [r["router"] for r in rows] == ["ermoe", "softmax_topk"]
     for r in rows:
         assert r["peak_mib"] > r["work_mib"] > 0 and r["dense_peak_mib"] >= r["dense_work_mib"] > 0
@@ -54,9 +57,7 @@ def test_brain_models_benchmark_both_families(capsys):
     import pytest
 
     pytest.importorskip("nilearn")
-    spec = importlib.util.spec_from_file_location("brain_bench", BENCH.parent / "brain_models.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("brain_models")
     cnn = bench.main(["--spacing", "8", "--batch", "2", "--channels", "4", "8", "8", "--repeats", "1",
                       "--routers", "ermoe", "--json"])
     assert [r["model"] for r in cnn] == ["dense_ffn", "plain", "ermoe", "regional"]
@@ -69,9 +70,7 @@ def test_brain_models_benchmark_both_families(capsys):
 
 
 def test_retrieval_towers_benchmark(capsys):
-    spec = importlib.util.spec_from_file_location("retrieval_bench", BENCH.parent / "retrieval_towers.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("retrieval_towers")
     rows = bench.main(["--batch", "8", "--repeats", "1", "--routers", "ermoe", "expert_choice", "--json"])
     assert [(r["tower"], r["router"]) for r in rows] == [(t, r) for t in ("image", "text")
                                                           for r in ("dense", "ermoe", "expert_choice")]
@@ -140,9 +139,7 @@ def test_train_throughput_benchmark_at_a_tiny_size(tmp_path, capsys):
     """benchmarks/train_throughput.py end to end: the MoE model and its dense reference trained in turns through the
     loop's own steps (here the main job's ViT on digits, smaller)."""
     pytest.importorskip("sklearn")
-    spec = importlib.util.spec_from_file_location("throughput_bench", BENCH.parent / "train_throughput.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("train_throughput")
     rows = bench.main(["--tasks", "classification", "--steps", "1", "--repeats", "2", "--json",
                        str(tmp_path / "out.json"), "--override", "data.name=digits", "model.patch_size=2",
                        "model.embed_dim=32", "model.num_heads=2", "optim.batch_size=32"])

@@ -125,7 +125,8 @@ def test_keeps_only_the_newest_checkpoints(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000003", "step_00000004"]
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+def poison_the_13th_loss(monkeypatch) -> None:
+    """The classification loss of the 13th call (step index 12) is NaN."""
     from ermoe.tasks import classification
     real = classification.F.cross_entropy
     calls = {"n": 0}
@@ -135,6 +136,10 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, 
         loss = real(logits, *args, **kwargs)
         return loss * float("nan") if calls["n"] == 13 else loss
     monkeypatch.setattr(classification.F, "cross_entropy", poisoned)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    poison_the_13th_loss(monkeypatch)
     cfg = tiny(tmp_path)
     with pytest.raises(NonFiniteLossError, match="at step 12"):
         train(cfg, quiet=True)
@@ -149,15 +154,7 @@ def test_with_a_fused_optimizer_a_non_finite_step_is_skipped_on_the_device_and_s
     """optim.fused (PyTorch's CPU kernel here, the default on CUDA): no host check per step; the fused AdamW skips
     the poisoned step's update (weights and moments as before it), the next log line reads the flag and stops the
     run naming that step; the last good checkpoint is kept."""
-    from ermoe.tasks import classification
-    real = classification.F.cross_entropy
-    calls = {"n": 0}
-
-    def poisoned(logits, *args, **kwargs):
-        calls["n"] += 1
-        loss = real(logits, *args, **kwargs)
-        return loss * float("nan") if calls["n"] == 13 else loss
-    monkeypatch.setattr(classification.F, "cross_entropy", poisoned)
+    poison_the_13th_loss(monkeypatch)
     snapshots = {}
     real_update = trainer_mod.Trainer._update
 
