@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..routing import ROUTERS, create_router
-from ..routing.base import RoutingInfo
+from ..routing.base import RoutingInfo, tokens_per_expert
 from .brain import SFCN3d
 from .protocol import RoutedModel, RoutingLayer
 from .registry import register_model
@@ -59,13 +59,14 @@ class VolumeRouting(RoutingLayer):
         idx_BK = route.topk_idx_TK
         if route.keep_TK is not None:
             idx_BK = idx_BK.masked_fill(~route.keep_TK, -1)
-        kept = idx_BK[idx_BK >= 0]
-        counts = torch.bincount(kept, minlength=self.num_experts)
+        counts = tokens_per_expert(idx_BK, self.num_experts)  # a scatter-add: no host sync
         self._aux = sum(route.aux_losses.values()) if route.aux_losses else None
+        # only a router with a threshold drops choices: then the drop count is read (one sync), else it is 0
+        dropped = int((idx_BK < 0).sum()) if route.keep_TK is not None else 0
         self.last_routing = RoutingInfo(
             num_tokens=emb_BD.shape[0], expert_idx=idx_BK.detach(), gates=route.gates_TK.detach(),
             probs=route.probs_TE.detach(), tokens_per_expert=counts.detach(), assigned_per_expert=counts.detach(),
-            aux_losses={k: v.detach() for k, v in route.aux_losses.items()}, dropped=int((idx_BK < 0).sum()),
+            aux_losses={k: v.detach() for k, v in route.aux_losses.items()}, dropped=dropped,
             assignments=idx_BK.numel())
         return idx_BK, route.gates_TK
 
@@ -112,6 +113,7 @@ class RegionalSFCN(RoutedModel):
         idx_BK, gates_BK = self.routing(emb)
         out = x.new_zeros(x.shape[0], self.num_features)
         for e, expert in enumerate(self.experts):
+            # whole volumes per expert: a data-dependent batch size, so one host read per expert (inherent here)
             rows, slot = (idx_BK == e).nonzero(as_tuple=True)
             if rows.numel() == 0:
                 continue
