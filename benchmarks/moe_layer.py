@@ -48,6 +48,7 @@ import torch  # noqa: E402  (after mallopt, so torch's own allocations follow it
 from torch import nn  # noqa: E402
 
 import ermoe  # noqa: E402
+import ermoe.dispatch as ermoe_dispatch  # noqa: E402
 
 
 def dense_reference(layer: ermoe.MoE) -> nn.Module:
@@ -134,7 +135,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--json", action="store_true", help="print the results as a JSON list (table to stderr)")
     parser.add_argument("--memory", action="store_true", help="also the peak memory of fwd+bwd (module docstring)")
     parser.add_argument("--no-time", action="store_true", help="skip the timings (with --memory: memory only)")
+    parser.add_argument("--keep-dispatched", action="store_true", help="keep the dispatched tokens for backward "
+                        "instead of gathering them again (ermoe.dispatch.recomputed_dispatch off: a baseline)")
     args = parser.parse_args(argv)
+    ermoe_dispatch.RECOMPUTE_DISPATCHED = not args.keep_dispatched
 
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

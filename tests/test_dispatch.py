@@ -218,3 +218,31 @@ def test_grouped_matmul_falls_back_only_when_unsupported_and_warns_once(monkeypa
         warnings.simplefilter("error")
         torch.testing.assert_close(grouped_matmul(x, w, counts), expected)  # no second warning
     assert experts_mod._grouped_unsupported == {("cpu", torch.float32)}
+
+
+def test_the_dispatched_copy_is_gathered_again_for_backward_not_kept(monkeypatch):
+    """recomputed_dispatch: the expert-ordered copy of the tokens is not kept from forward to backward (backward
+    gathers it again from the layer's input): the same gradients to the bit, a peak lower by about that copy."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    import ermoe.dispatch as dispatch
+
+    def fwd_bwd(recompute: bool):
+        monkeypatch.setattr(dispatch, "RECOMPUTE_DISPATCHED", recompute)
+        torch.manual_seed(0)
+        layer = ermoe.MoE(64, 128, 4, router="softmax_topk")
+        x = torch.randn(4096, 64, requires_grad=True)
+        grad = torch.randn(4096, 64)
+        tracker = MemTracker()
+        tracker.track_external(layer, x)
+        with tracker:
+            layer(x).backward(grad)
+        grads = [x.grad] + [p.grad for p in layer.parameters()]
+        return tracker.get_tracker_snapshot("peak")[x.device]["Total"], grads
+
+    kept, grads_kept = fwd_bwd(False)
+    gathered, grads_gathered = fwd_bwd(True)
+    for a, b in zip(grads_kept, grads_gathered):
+        assert torch.equal(a, b)
+    copy = 4096 * 64 * 4  # the dispatched rows, float32
+    assert kept - gathered >= 0.9 * copy, (kept, gathered)

@@ -22,7 +22,9 @@ Shape suffixes: T tokens, D features, E experts, K selections per token, A = T*K
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -169,6 +171,35 @@ class ExpertChoicePlan:
 
 
 Plan = TokenChoicePlan | ExpertChoicePlan
+
+# Whether recomputed_dispatch is on (a switch for the tests and benchmarks that measure what it saves).
+RECOMPUTE_DISPATCHED = True
+
+
+@contextlib.contextmanager
+def recomputed_dispatch(x_SF: Tensor, plan: Plan, source: Tensor) -> Iterator[None]:
+    """Within the block, autograd keeps no copy of ``x_SF`` (``plan.dispatch(source)``, the expert-ordered copy
+    of the tokens) for backward: whatever saves it (the experts' first matmul, for its weight gradient) keeps a
+    recipe, and backward gathers the rows from ``source`` again, a cheap row gather, when it needs them. Frees
+    T x K x D values between forward and backward (``source``, the layer's input, is kept anyway: the router's
+    projection saves it). Off without gradients and under torch.compile (which traces no saved-tensor hooks)."""
+    if not (RECOMPUTE_DISPATCHED and x_SF.requires_grad) or torch.compiler.is_compiling():
+        yield
+        return
+    ptr, shape, dtype = x_SF.data_ptr(), x_SF.shape, x_SF.dtype
+    recipe = object()
+
+    def pack(t: Tensor):
+        return recipe if (t.data_ptr() == ptr and t.shape == shape and t.dtype == dtype) else t
+
+    def unpack(packed):
+        if packed is not recipe:
+            return packed
+        with torch.no_grad():
+            return plan.dispatch(source)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 class LocalDispatcher:

@@ -12,12 +12,13 @@ Shape suffixes: T tokens, D model dim, E experts, K top-k.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .dispatch import LocalDispatcher, TokenChoicePlan
+from .dispatch import LocalDispatcher, TokenChoicePlan, recomputed_dispatch
 from .experts import EigenExperts, MLPExperts
 from .routing import Router, RoutingInfo, create_router
 from .routing.base import graph_free_state
@@ -136,13 +137,17 @@ class MoE(nn.Module):
         route = self.router(x_TD, context_TD)
         num_tokens = x_TD.shape[0]
         plan = self.dispatcher.plan(route, num_tokens, self.capacity_factor, self.top_k, self.num_experts)
-        if route.expert_choice:
-            y_SD = self.dispatcher.run_experts(self.experts, plan.dispatch(x_TD), plan.counts_E)
-            out_TD = plan.combine(y_SD, route.gates_EC)
-        else:
-            source = x_TD if route.expert_inputs_TKR is None else route.expert_inputs_TKR.reshape(-1, self.router.expert_input_dim)
-            y_SD = self.dispatcher.run_experts(self.experts, plan.dispatch(source), plan.counts_E)
-            out_TD = plan.combine(y_SD, route.gates_TK)
+        if route.expert_choice or route.expert_inputs_TKR is None:
+            source = x_TD
+        else:  # ERMoE: each assignment's coordinates in its expert's basis
+            source = route.expert_inputs_TKR.reshape(-1, self.router.expert_input_dim)
+        x_SF = plan.dispatch(source)
+        # The experts' input is not kept for backward but gathered again from the layer's input (local dispatch of
+        # the tokens themselves: an exchanged or projected input would have to be kept instead)
+        recompute = isinstance(self.dispatcher, LocalDispatcher) and source is x_TD
+        with recomputed_dispatch(x_SF, plan, source) if recompute else contextlib.nullcontext():
+            y_SD = self.dispatcher.run_experts(self.experts, x_SF, plan.counts_E)
+        out_TD = plan.combine(y_SD, route.gates_EC if route.expert_choice else route.gates_TK)
         if self.alpha is not None:
             out_TD = self.alpha * out_TD
         self._aux_loss = sum(route.aux_losses.values()) if route.aux_losses else None
