@@ -18,32 +18,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..settings import FORBID_EXTRA
 import torch
 
+from ..registry import Registry
+from ..settings import FORBID_EXTRA
 from .folder import IMAGENET_MEAN, IMAGENET_STD, ImageAugment, ImageFolderData
 from .images import ImageData, load_cifar, load_digits, load_fashion_mnist
 from .karpathy import CaptionData, read_karpathy
 
-_DATASETS: dict[str, type["DataOptions"]] = {}
+_DATASETS: Registry[type["DataOptions"]] = Registry("dataset")
 
 
 def register_data(cls: type["DataOptions"]) -> type["DataOptions"]:
     """Class decorator: register a dataset's options under their ``name``."""
-    if cls.name in _DATASETS:
-        raise ValueError(f"dataset {cls.name!r} is registered twice")
-    _DATASETS[cls.name] = cls
-    return cls
+    return _DATASETS.register(cls)
 
 
 def list_datasets() -> list[str]:
-    return list(_DATASETS)
+    return _DATASETS.names()
 
 
 def data_options(name: str) -> type["DataOptions"]:
-    if name not in _DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {list_datasets()}")
-    return _DATASETS[name]
+    return _DATASETS.get(name)
 
 
 def dataset_keys(name: str) -> list[str]:

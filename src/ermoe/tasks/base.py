@@ -37,6 +37,7 @@ from ..analysis.diagnostics import LabelFn, evaluate_routed
 from ..analysis.report import draw_load, layers_table
 from ..data.batches import Batch, BatchSource, Sampling
 from ..data.modules import DataOptions
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -190,25 +191,20 @@ class Task(ABC):
         return draw_load(metrics, fig_dir)
 
 
-_TASKS: dict[str, type[Task]] = {}
+_TASKS: Registry[type[Task]] = Registry("task")
 
 
 def register_task(cls: type[Task]) -> type[Task]:
     """Class decorator: register a task under its ``name``."""
-    if cls.name in _TASKS:
-        raise ValueError(f"task {cls.name!r} is registered twice")
-    _TASKS[cls.name] = cls
-    return cls
+    return _TASKS.register(cls)
 
 
 def list_tasks() -> list[str]:
-    return list(_TASKS)
+    return _TASKS.names()
 
 
 def task_class(name: str) -> type[Task]:
-    if name not in _TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of {list_tasks()}")
-    return _TASKS[name]
+    return _TASKS.get(name)
 
 
 def build_task(name: str, setup: TaskSetup, device: torch.device) -> Task:

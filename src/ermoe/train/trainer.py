@@ -345,8 +345,9 @@ class Trainer:
     def _diverged(self, what: str, step: int | None = None) -> NonFiniteLossError:
         kept = list_checkpoints(self.run.checkpoints)
         where = f"step {step_of(kept[-1])}" if kept else "none yet"
+        step = self.step if step is None else step
         return NonFiniteLossError(
-            f"{what} at step {self.step if step is None else step}; training stopped. The last good checkpoint ({where}) in "
+            f"{what} at step {step}; training stopped. The last good checkpoint ({where}) in "
             f"{self.run.checkpoints} is kept: resume with a lower learning rate (ermoe train --resume {self.run.root} "
             f"--optim.lr=...), or from an older checkpoint (--from-step N), or check the data.")
 
@@ -365,8 +366,6 @@ class Trainer:
             self._track_straggler()
             for key, value in part.items():
                 sums[key] = sums[key] + value if key in sums else value
-        if accum > 1:
-            self.replicated = ()  # (a batch-coupled loss refuses accumulation: ermoe.train.trainer.setup)
         return sums
 
     def _micro_step(self, batch: Batch, accum: int) -> dict[str, Tensor]:
@@ -443,10 +442,12 @@ class Trainer:
     def checkpoint(self) -> None:
         """Probe the routing (load, and stability against the previous checkpoint), then save everything; a state
         with non-finite weights or optimizer moments is never saved."""
-        if self.device_guard and not self.parallel.all_finite(int(self.skipped) == 0):  # every rank joins
-            if int(self.skipped):
-                self._raise_skipped()
-            raise self._diverged("another rank skipped a step with a non-finite loss or gradient")
+        if self.device_guard:
+            skipped = int(self.skipped)
+            if not self.parallel.all_finite(skipped == 0):  # every rank joins the collective, then stops
+                if skipped:
+                    self._raise_skipped()
+                raise self._diverged("another rank skipped a step with a non-finite loss or gradient")
         finite = all(torch.isfinite(t).all() for t in _tensors([self.model.state_dict(),
                                                                  self.optimizer.state_dict()["state"]]))
         if not self.parallel.all_finite(bool(finite)):
