@@ -75,6 +75,12 @@ def test_expert_parallel_four_ranks_one_expert_each_with_a_rank_without_tokens()
     _check(world=4, ep_size=4, splits=[6, 5, 0, 4], names=["ermoe", "switch_top2", "emoe_whiten_standardize"])
 
 
+def test_a_global_batch_of_one_token_uses_the_running_statistics_without_a_host_branch():
+    # The global token count stays a device tensor under a group: the standardizer chooses its running statistics
+    # (one token in all) and the whitener keeps its running mean by torch.where / a zero lerp weight, as one process.
+    _check(world=2, ep_size=2, splits=[1, 0], names=["ermoe_standardize", "emoe_whiten_standardize", "switch_top2"])
+
+
 def test_capacity_and_expert_choice_decide_per_rank_as_token_groups():
     # Capacity (V-MoE's 1.05 with Batch Prioritized Routing; Switch with a tight capacity: drops) and expert choice's
     # top-C are per-batch decisions: each rank takes them on its own tokens, as GShard's groups. Equal to one process

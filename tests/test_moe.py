@@ -245,6 +245,27 @@ def test_emoe_reestimates_basis_from_running_second_moment():
     assert ermoe.principal_angles(layer.router.basis.matrix.detach(), ermoe.pca_basis(x, 3)).max() < 1e-3
 
 
+def test_emoe_reestimate_cadence_follows_a_loaded_step_count():
+    # The step count is mirrored on the host (no device read per step); a loaded state dict resets the mirror, so a
+    # resumed layer re-estimates on the same steps as an uninterrupted one.
+    torch.manual_seed(0)
+    kwargs = {"rank": 3, "reestimate_every": 3, "stats_momentum": 1.0}
+    first, resumed = (ermoe.MoE(D, H, E, router="emoe", router_kwargs=kwargs) for _ in range(2))
+    x = torch.randn(400, D) * torch.linspace(5, 0.1, D)
+    for _ in range(2):
+        first(x)
+        ermoe.after_step(first)
+    resumed(x)
+    ermoe.after_step(resumed)  # its mirror now says 1 step
+    resumed.load_state_dict(first.state_dict())  # ... and the loaded count says 2
+    before = resumed.router.basis.matrix.detach().clone()
+    resumed(x)
+    ermoe.after_step(resumed)  # step 3: re-estimated
+    assert int(resumed.router.steps) == 3
+    assert not torch.allclose(resumed.router.basis.matrix.detach(), before, atol=1e-4)
+    assert ermoe.principal_angles(resumed.router.basis.matrix.detach(), ermoe.pca_basis(x, 3)).max() < 1e-3
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("router", ROUTERS)
 def test_cuda_matches_cpu(router):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .sync import SyncGroup, global_count, global_sum
+from .sync import SyncGroup, at_least_one, global_count, global_sum, update_weight
 
 
 class Temperature(nn.Module):
@@ -65,16 +65,24 @@ class ScoreStandardizer(nn.Module):
 
     def _synced(self, scores_TE: Tensor) -> Tensor:
         x_TE = scores_TE.to(self.running_mean.dtype)
+        if not self.training:
+            return self._normalize(x_TE, self.running_mean, self.running_var).to(scores_TE.dtype)
+        # The global token count stays on the device: the batch statistics are chosen by torch.where, not by a branch.
         num = global_count(x_TE.shape[0], self.sync_group, x_TE.device)
-        if not (self.training and num > 1):
-            mean_E, var_E = self.running_mean, self.running_var
-        else:  # two passes (mean, then squared deviations), as numerically safe as F.batch_norm's own
-            mean_E = global_sum(x_TE.sum(dim=0), self.sync_group) / num
-            var_E = global_sum((x_TE - mean_E).pow(2).sum(dim=0), self.sync_group) / num
-            with torch.no_grad():
-                self.running_mean.lerp_(mean_E.detach(), self.momentum)
-                self.running_var.lerp_(var_E.detach() * num / (num - 1), self.momentum)
-        return ((x_TE - mean_E) / (var_E + self.eps).sqrt()).to(scores_TE.dtype)
+        use_batch = num > 1
+        # Two passes (mean, then squared deviations), as numerically safe as F.batch_norm's own.
+        mean_E = global_sum(x_TE.sum(dim=0), self.sync_group) / at_least_one(num)
+        var_E = global_sum((x_TE - mean_E).pow(2).sum(dim=0), self.sync_group) / at_least_one(num)
+        with torch.no_grad():
+            weight = self.momentum * use_batch.to(x_TE.dtype)
+            self.running_mean.lerp_(mean_E.detach(), weight)
+            self.running_var.lerp_(var_E.detach() * num / (num - 1).clamp_min(1), weight)
+        mean_E = torch.where(use_batch, mean_E, self.running_mean)
+        var_E = torch.where(use_batch, var_E, self.running_var)
+        return self._normalize(x_TE, mean_E, var_E).to(scores_TE.dtype)
+
+    def _normalize(self, x_TE: Tensor, mean_E: Tensor, var_E: Tensor) -> Tensor:
+        return (x_TE - mean_E) / (var_E + self.eps).sqrt()
 
 
 class EnergyWhitener(nn.Module):
@@ -93,11 +101,13 @@ class EnergyWhitener(nn.Module):
         self.register_buffer("running_mean", torch.full((rank,), 1.0 / rank))
 
     def forward(self, energy_TR: Tensor) -> Tensor:
+        if not self.training:
+            return energy_TR / (self.running_mean.to(energy_TR.dtype) + self.eps)
+        # Over no tokens the output is empty whatever the mean; only the running mean must stay: a zero lerp weight
+        # (under a group the count is a device tensor, and no branch reads it on the host).
         num = global_count(energy_TR.shape[0], self.sync_group, energy_TR.device)
-        if self.training and num > 0:
-            mean_R = global_sum(energy_TR.sum(dim=0), self.sync_group) / num
-            with torch.no_grad():
-                self.running_mean.lerp_(mean_R.detach().to(self.running_mean.dtype), self.momentum)
-        else:
-            mean_R = self.running_mean
-        return energy_TR / (mean_R.to(energy_TR.dtype) + self.eps)
+        mean_R = global_sum(energy_TR.sum(dim=0), self.sync_group) / at_least_one(num)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean_R.detach().to(self.running_mean.dtype),
+                                    update_weight(self.momentum, num, self.running_mean))
+        return energy_TR / (mean_R + self.eps)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..orthogonal import OrthoMode, OrthonormalBasis, pca_basis, top_eigenvectors
 from .base import Router, RouterOutput, overflow_safe_scale, topk_gates, upcast
 from .common import EnergyWhitener, ScoreStandardizer, Temperature
-from .sync import global_count, global_sum
+from .sync import at_least_one, global_count, global_sum, update_weight
 
 
 class EigenEnergyRouter(Router):
@@ -76,6 +76,7 @@ class EigenEnergyRouter(Router):
         if reestimate_every:
             self.register_buffer("second_moment", torch.zeros(dim, dim))
             self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self._host_steps: int | None = None  # ``steps`` mirrored on the host, read once after construction or a load
 
     def forward(self, x_TD: Tensor, context_TD: Tensor | None = None) -> RouterOutput:
         u_DR = self.basis.matrix
@@ -98,20 +99,25 @@ class EigenEnergyRouter(Router):
     def _track_second_moment(self, x_TD: Tensor) -> None:
         x = x_TD.detach().to(self.second_moment.dtype)
         num = global_count(x.shape[0], self.sync_group, x.device)
-        if num > 0:
-            self.second_moment.lerp_(global_sum(x.T @ x, self.sync_group) / num, self.stats_momentum)
+        self.second_moment.lerp_(global_sum(x.T @ x, self.sync_group) / at_least_one(num),
+                                 update_weight(self.stats_momentum, num, self.second_moment))
 
     @torch.no_grad()
     def init_from_features(self, features_ND: Tensor) -> None:
         """Set U to the top-R principal directions of the features (EMoE: basis recomputed with the ViT frozen)."""
         self.basis.set_(pca_basis(features_ND.reshape(-1, self.dim), self.rank))
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_steps = None
+
     @torch.no_grad()
     def after_step(self) -> None:
         self.basis.retract()
         if self.reestimate_every and self.training:
             self.steps += 1
-            if int(self.steps) % self.reestimate_every == 0 and self.second_moment.abs().sum() > 0:
+            self._host_steps = int(self.steps) if self._host_steps is None else self._host_steps + 1
+            if self._host_steps % self.reestimate_every == 0 and self.second_moment.abs().sum() > 0:
                 new = top_eigenvectors(self.second_moment, self.rank)
                 # Keep each direction's sign so routing does not flip with the eigen-solver's sign choice.
                 old = self.basis.matrix.detach().to(new.dtype)

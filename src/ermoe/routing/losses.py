@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .base import count_per_expert
-from .sync import SyncGroup, global_count, global_sum
+from .sync import SyncGroup, at_least_one, global_count, global_sum
 
 
 def switch_balancing_loss(probs_TE: Tensor, topk_idx_TK: Tensor, sync: SyncGroup | None = None) -> Tensor:
@@ -25,9 +25,7 @@ def switch_balancing_loss(probs_TE: Tensor, topk_idx_TK: Tensor, sync: SyncGroup
     expert i. Equals 1 under perfectly uniform routing with top-1.
     """
     num_experts = probs_TE.shape[1]
-    num_tokens = global_count(probs_TE.shape[0], sync, probs_TE.device)
-    if num_tokens == 0:
-        return probs_TE.sum() * 0.0
+    num_tokens = at_least_one(global_count(probs_TE.shape[0], sync, probs_TE.device))  # 0 over no tokens
     counts_E = global_sum(count_per_expert(topk_idx_TK, num_experts), sync).to(probs_TE.dtype)
     mean_prob_E = global_sum(probs_TE.sum(dim=0), sync) / num_tokens
     return num_experts * torch.dot(counts_E / num_tokens, mean_prob_E)
@@ -35,9 +33,7 @@ def switch_balancing_loss(probs_TE: Tensor, topk_idx_TK: Tensor, sync: SyncGroup
 
 def router_z_loss(logits_TE: Tensor, sync: SyncGroup | None = None) -> Tensor:
     """ST-MoE router z-loss: mean over tokens of ``logsumexp(logits)^2``."""
-    num_tokens = global_count(logits_TE.shape[0], sync, logits_TE.device)
-    if num_tokens == 0:
-        return logits_TE.sum() * 0.0
+    num_tokens = at_least_one(global_count(logits_TE.shape[0], sync, logits_TE.device))
     return global_sum(torch.logsumexp(logits_TE, dim=-1).pow(2).sum(), sync) / num_tokens
 
 
@@ -49,8 +45,6 @@ def _cv_squared(x_E: Tensor) -> Tensor:
 
 def importance_loss(probs_TE: Tensor, sync: SyncGroup | None = None) -> Tensor:
     """V-MoE importance loss: squared coefficient of variation of ``sum_t p_{t,i}`` over experts."""
-    if global_count(probs_TE.shape[0], sync, probs_TE.device) == 0:
-        return probs_TE.sum() * 0.0
     return _cv_squared(global_sum(probs_TE.sum(dim=0), sync))
 
 
@@ -63,9 +57,7 @@ def vmoe_load_loss(logits_TE: Tensor, noisy_logits_TE: Tensor, noise_std: float,
     as in V-MoE's code). The loss is the
     squared coefficient of variation of ``sum_t p_{t,i}`` over experts.
     """
-    num_tokens = global_count(logits_TE.shape[0], sync, logits_TE.device)
-    if num_tokens == 0:
-        return logits_TE.sum() * 0.0
+    num_tokens = at_least_one(global_count(logits_TE.shape[0], sync, logits_TE.device))
     threshold_T = torch.topk(noisy_logits_TE, k, dim=-1).values[:, -1:]
     z = (threshold_T - logits_TE) / noise_std
     prob_TE = 0.5 * torch.erfc(z / math.sqrt(2.0))  # 1 - Phi(z)

@@ -55,11 +55,29 @@ def global_sum(t: Tensor, sync: SyncGroup | None) -> Tensor:
     return out
 
 
-def global_count(num: int, sync: SyncGroup | None, device: torch.device | None = None) -> int:
-    """How many rows (tokens) the whole group holds: ``num`` summed over the ranks."""
+def global_count(num: int, sync: SyncGroup | None, device: torch.device | None = None) -> int | Tensor:
+    """How many rows (tokens) the whole group holds: ``num`` summed over the ranks.
+
+    Without a group, ``num`` itself. With one, a 0-dim long tensor on ``device``: reading it on the host would stall
+    a GPU's queue every step, so callers compute with it (:func:`at_least_one`, ``torch.where``) instead of
+    branching on it.
+    """
     if sync is None:
         return num
-    return int(global_sum(torch.tensor(num, dtype=torch.long, device=device), sync))
+    return global_sum(torch.tensor(num, dtype=torch.long, device=device), sync)
+
+
+def at_least_one(num: int | Tensor) -> int | Tensor:
+    """``max(num, 1)`` for a count from :func:`global_count`: the denominator of a mean that is 0 over no tokens."""
+    return num.clamp_min(1) if isinstance(num, Tensor) else max(num, 1)
+
+
+def update_weight(momentum: float, num: int | Tensor, like: Tensor) -> float | Tensor:
+    """The lerp weight of a running statistic: ``momentum`` over a batch with tokens, 0 over none (a device tensor
+    of ``like``'s dtype under a group, so the choice needs no host sync)."""
+    if isinstance(num, Tensor):
+        return momentum * (num > 0).to(like.dtype)
+    return momentum if num > 0 else 0.0
 
 
 def global_cat(t: Tensor, sync: SyncGroup | None) -> Tensor:
