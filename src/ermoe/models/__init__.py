@@ -12,9 +12,10 @@ from .text import TextTransformer
 from .protocol import RoutedLayer, RoutedModel, RoutingLayer, router_has_data_init
 from .registry import create_model, describe, list_models, model_families, model_parameters, register_model
 from .single_gate import ImageGateRouter, SingleGatedViT
+from .upcycling import DenseFFN, UpcycledMoE, find_dense_ffns, upcycle
 from .vit import PLACEMENTS, VIT_SIZES, MoESpec, MoEViT, PatchMoE, inject_moe, select_blocks
 
 __all__ = ["PLACEMENTS", "VIT_SIZES", "SFCN3d", "ViT3d", "DeepMoECNN", "DualEncoder", "GatedConv", "ImageGateRouter", "MoESpec", "MoEViT",
            "PatchMoE", "RegionalSFCN", "RoutedLayer", "RoutedModel", "RoutingLayer", "SingleGatedViT", "TextTransformer", "create_model", "describe",
            "inject_moe", "list_models", "model_families", "model_parameters", "register_model", "router_has_data_init",
-           "select_blocks"]
+           "select_blocks", "DenseFFN", "UpcycledMoE", "find_dense_ffns", "upcycle"]

@@ -134,16 +134,20 @@ def select_blocks(blocks: str | Sequence[int], depth: int) -> list[int]:
 
 
 class PatchMoE(TokenMoELayer):
-    """Applies an :class:`ermoe.MoE` to the patch tokens of ``(B, N, D)`` input; prefix tokens get zeros.
+    """Applies an :class:`ermoe.MoE` to the patch tokens of ``(B, N, D)`` input; prefix tokens get zeros, or the
+    dense FFN ``prefix_ffn`` (an upcycled block keeps its dense FFN for the class token: :func:`ermoe.upcycle`).
 
     For routers that score against a context (ERMoE ``score='context'``), the context is the attention output of
     the same block, which :func:`inject_moe` taps with a forward hook.
     """
 
-    def __init__(self, moe: MoE, num_prefix_tokens: int) -> None:
+    def __init__(self, moe: MoE, num_prefix_tokens: int, prefix_ffn: nn.Module | None = None) -> None:
         super().__init__()
+        if prefix_ffn is not None and num_prefix_tokens == 0:
+            raise ValueError("PatchMoE: a prefix FFN needs prefix tokens (num_prefix_tokens > 0)")
         self.moe = moe
         self.num_prefix_tokens = num_prefix_tokens
+        self.prefix_ffn = prefix_ffn
         self._context: Tensor | None = None
 
     @property
@@ -161,7 +165,8 @@ class PatchMoE(TokenMoELayer):
         self._context = None
         if p == 0:
             return y
-        return torch.cat([y.new_zeros(y.shape[0], p, y.shape[2]), y], dim=1)
+        prefix = y.new_zeros(y.shape[0], p, y.shape[2]) if self.prefix_ffn is None else self.prefix_ffn(x[:, :p])
+        return torch.cat([prefix, y], dim=1)
 
 
 class ParallelMoE(nn.Module):
