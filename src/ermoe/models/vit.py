@@ -256,9 +256,9 @@ class MoEViT(VisionTransformer, RoutedModel):
         if isinstance(self.patch_embed, PretrainedStem):
             stem = self.patch_embed
             return [stem.input_mean] * stem.in_chans, [stem.input_std] * stem.in_chans
-        if not pretrained:
-            return None
-        cfg = self.pretrained_cfg  # timm sets it on every model it builds by name (the only pretrained ones)
+        cfg = getattr(self, "pretrained_cfg", None)  # timm sets it on every model it builds by name
+        if not pretrained or not cfg or "mean" not in cfg:
+            return None  # a ViT ermoe built (from scratch, or from an ermoe run's weights): the data's statistics
         return list(cfg["mean"]), list(cfg["std"])
 
 

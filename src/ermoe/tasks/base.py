@@ -56,6 +56,7 @@ class TaskSetup:
     label_smoothing: float = 0.0
     model_name: str = "vit_tiny"
     model_args: dict[str, Any] = field(default_factory=dict)
+    init_checkpoint: bool = False  # the model starts from weights on disk (model.init_checkpoint)
 
 
 class Objective(ABC):

@@ -65,7 +65,8 @@ class ImageClassification(Task):
     def prepare(self, model: nn.Module) -> None:
         """Pretrained weights expect the normalisation they were trained with, not the dataset's own statistics;
         with ``data.stem_cache`` the frozen stem's features of every split are computed (or read back) here."""
-        norm = model.input_normalization(pretrained=bool(self.setup.model_args.get("pretrained", False)))
+        pretrained = bool(self.setup.model_args.get("pretrained", False)) or self.setup.init_checkpoint
+        norm = model.input_normalization(pretrained=pretrained)
         if norm is not None:
             mean, std = (torch.as_tensor(v, dtype=torch.float32) for v in norm)
             if len(mean) == self.data.in_chans:

@@ -60,6 +60,13 @@ class ModelConfig:
     # Recompute the blocks' activations in backward instead of keeping them (ViT blocks, the text tower's blocks,
     # 3D CNN stages: ermoe.models.checkpointing); a model without it is an error.
     grad_checkpointing: bool = False
+    # Weights to start from (docs/upcycling.md): a safetensors / PyTorch state dict / ermoe run directory, or
+    # {submodule: path} (the dual encoder's towers); what matches by name and shape is loaded, the rest reported.
+    init_checkpoint: str | dict[str, str] | None = None
+    # A dense run (or its weights) whose FFNs the MoE layers start from (ermoe.upcycle; moe.placement replace).
+    upcycle_from: str | None = None
+    # ERMoE's bases when upcycling: split (the default) or shared (ermoe.upcycle).
+    upcycle_bases: Literal["split", "shared"] | None = None
 
     @property
     def moe(self) -> MoESpec | None:
@@ -137,13 +144,18 @@ def _check(value: Any, annotation: Any, key: str) -> Any:
         raise ConfigError(str(err)) from None
 
 
+# The model section's keys that the loop reads (not the builder's arguments).
+LOOP_MODEL_KEYS = ("moe_init", "moe_init_batches", "grad_checkpointing", "init_checkpoint", "upcycle_from",
+                   "upcycle_bases")
+
+
 def _build_model(values: Any, key: str) -> ModelConfig:
     """The model section: ``name``, the loop's keys, and the builder's arguments checked against its signature."""
     if not isinstance(values, dict):
         raise ConfigError(f"{key}: expected a mapping of model settings, got {values!r}")
     values = dict(values)
     name = _check(values.pop("name", MAIN_MODEL), str, f"{key}.name")
-    loop = {k: values.pop(k) for k in ("moe_init", "moe_init_batches", "grad_checkpointing") if k in values}
+    loop = {k: values.pop(k) for k in LOOP_MODEL_KEYS if k in values}
     raw = _merge(MAIN_MODEL_ARGS, values) if name == MAIN_MODEL else values
     try:
         accepted = model_parameters(name, raw)
@@ -194,6 +206,31 @@ def _build(cls: type, values: Any, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _check_start(m: ModelConfig) -> None:
+    """``model.init_checkpoint`` / ``upcycle_from`` / ``upcycle_bases`` and what they need of the rest."""
+    if m.init_checkpoint is not None and m.upcycle_from is not None:
+        raise ConfigError("model.init_checkpoint and model.upcycle_from both set the weights: give one (upcycle_from "
+                          "loads the dense run's weights itself)")
+    if m.upcycle_bases is not None and (m.upcycle_from is None or m.moe is None or m.moe.router != "ermoe"):
+        raise ConfigError("model.upcycle_bases chooses ERMoE's eigen bases when upcycling: it needs "
+                          "model.upcycle_from and moe.router ermoe")
+    if m.upcycle_from is None:
+        return
+    if m.moe is None:
+        raise ConfigError("model.upcycle_from turns a dense run's FFNs into MoE layers: the model needs a moe section")
+    if m.moe.resolved_placement() != "replace":
+        raise ConfigError(f"model.upcycle_from replaces the dense FFNs: moe.placement must be replace, not "
+                          f"{m.moe.resolved_placement()!r}")
+    if m.moe.hidden_dim is not None:
+        raise ConfigError("model.upcycle_from: the experts take the dense FFN's width; leave moe.hidden_dim null")
+    if m.moe.router == "emoe" and m.moe_init != "pca":
+        raise ConfigError("model.upcycle_from with router emoe: its shared basis comes from the features' PCA; set "
+                          "model.moe_init: pca")
+    if m.moe.router == "ermoe" and m.moe_init == "pca":
+        raise ConfigError("model.upcycle_from with router ermoe: the bases come from the dense FFN's SVD; "
+                          "model.moe_init: pca would replace them")
+
+
 def _check_ranges(cfg: TrainConfig) -> None:
     def require(ok: bool, key: str, what: str, value: Any) -> None:
         if not ok:
@@ -212,6 +249,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
         router = "no MoE layers" if m.moe is None else f"router {m.moe.router!r}"
         raise ConfigError(f"model.moe_init: pca sets the bases of eigen routers (emoe, ermoe) from the data; model "
                           f"{m.name!r} with {router} has none")
+    _check_start(m)
     task = _check_data(cfg)
     for key in task.model_data_args:
         if key in m.args:
@@ -383,8 +421,7 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     """Plain data, the model and data sections flat as in YAML (what ``config_from_dict`` reads back)."""
     out = dataclasses.asdict(cfg)
     model = out["model"]
-    out["model"] = {"name": model["name"], **model["args"], "moe_init": model["moe_init"],
-                    "moe_init_batches": model["moe_init_batches"], "grad_checkpointing": model["grad_checkpointing"]}
+    out["model"] = {"name": model["name"], **model["args"], **{k: model[k] for k in LOOP_MODEL_KEYS}}
     out["data"] = cfg.data.to_dict()
     return out
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .. import __version__
 from ..analysis.diagnostics import chance_changed_share, changed_share, probe_load, probe_routing
 from ..data.loader import worker_death
-from ..models import RoutedModel, create_model
+from ..models import RoutedModel, create_model, upcycle
 from ..moe import NonFiniteInputError
 from ..routing.stats import ep_straggler, load_summary
 from ..tasks import Batch, Task, TaskSetup, build_task, task_class
@@ -32,6 +32,7 @@ from ..weight_decay import decayed_parameter_names
 from .checkpoint import (CheckpointError, clean_temporaries, find_checkpoint, list_checkpoints, load_weights,
                          read_checkpoint, resolve_checkpoint, save_checkpoint, step_of)
 from .config import ConfigError, TrainConfig
+from .init_weights import LoadReport, init_from_checkpoint, load_matching, read_weights
 from .lock import RunLock
 from .parallel import Parallel
 from .precise_bn import recalibrate_batchnorm, trainable_batchnorms
@@ -68,7 +69,8 @@ def task_setup(cfg: TrainConfig) -> TaskSetup:
     return TaskSetup(data=cfg.data, options=options_cls(**cfg.task_options) if options_cls is not None else None,
                      seed=cfg.seed, batch_size=cfg.optim.batch_size, eval_batch_size=cfg.optim.eval_batch_size,
                      probe_size=cfg.probe_size, label_smoothing=cfg.optim.label_smoothing,
-                     model_name=cfg.model.name, model_args=dict(cfg.model.args))
+                     model_name=cfg.model.name, model_args=dict(cfg.model.args),
+                     init_checkpoint=cfg.model.init_checkpoint is not None)
 
 
 def create_task(cfg: TrainConfig, device: torch.device) -> Task:
@@ -76,13 +78,39 @@ def create_task(cfg: TrainConfig, device: torch.device) -> Task:
     return build_task(cfg.task, task_setup(cfg), device)
 
 
-def build_model(cfg: TrainConfig, task: Task, load_pretrained: bool = True) -> RoutedModel:
-    """The run's model: its config's builder arguments plus what the task's data says. ``load_pretrained=False``
-    builds the skeleton only (a checkpoint will fill every weight)."""
-    args = dict(cfg.model.args)
+def build_model(cfg: TrainConfig, task: Task, load_pretrained: bool = True, quiet: bool = False) -> RoutedModel:
+    """The run's model: its config's builder arguments plus what the task's data says, started from
+    ``model.init_checkpoint`` or upcycled from ``model.upcycle_from`` (docs/upcycling.md). ``load_pretrained=False``
+    builds the skeleton only (a checkpoint will fill every weight; no weights file is read)."""
+    m = cfg.model
+    args = dict(m.args)
     if not load_pretrained and "pretrained" in args:
         args["pretrained"] = False
-    return create_model(cfg.model.name, **args, **task.model_args())
+    if m.upcycle_from is None:
+        model = create_model(m.name, **args, **task.model_args())
+        if m.init_checkpoint is not None and load_pretrained:
+            _report(init_from_checkpoint(model, m.init_checkpoint), quiet)
+        return model
+    spec = m.moe
+    model = create_model(m.name, **{**args, "moe": None}, **task.model_args())
+    if load_pretrained:
+        report = load_matching(model, read_weights(m.upcycle_from), f"upcycle_from {m.upcycle_from}")
+        if report.missing or report.unexpected or report.skipped_head or report.resampled:
+            raise ConfigError("model.upcycle_from must hold the dense version of this model (moe: null); "
+                              + "; ".join(line.strip() for line in report.lines()[1:]))
+        _report([report], quiet)
+    try:
+        return upcycle(model, spec.router, spec.num_experts, top_k=spec.top_k, blocks=spec.blocks,
+                       bases=m.upcycle_bases or "split", capacity_factor=spec.capacity_factor,
+                       learn_alpha=spec.learn_alpha, **spec.router_kwargs)
+    except ValueError as err:
+        raise ConfigError(f"model.upcycle_from: {err}") from None
+
+
+def _report(reports: list[LoadReport], quiet: bool) -> None:
+    if not quiet:
+        for report in reports:
+            print("\n".join(report.lines()))
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -520,7 +548,7 @@ def setup(cfg: TrainConfig, load_pretrained: bool = True, parallel: Parallel | N
                           "examples are its negatives): micro-batches would change the loss. Use a smaller "
                           "optim.batch_size, or more processes")
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, task, load_pretrained).to(device)
+    model = build_model(cfg, task, load_pretrained, quiet=parallel is not None and not parallel.main).to(device)
     if cfg.model.grad_checkpointing:
         try:
             model.set_grad_checkpointing(True)
@@ -583,7 +611,7 @@ def _train(cfg: TrainConfig, parallel: Parallel, resume: str | Path | None, quie
             ckpt, weights, state = find_checkpoint(run.root, from_step)  # read once, verified
             if parallel.main:
                 clean_temporaries(run.checkpoints)
-            task, model, device = setup(cfg, parallel=parallel)
+            task, model, device = setup(cfg, load_pretrained=False, parallel=parallel)  # no weights file re-read
             load_weights(model, weights, ckpt)  # the whole model; the trainer shards it
         elif cfg.model.moe_init == "pca":
             batches = [b.inputs for b in task.eval_batches("train", cfg.optim.batch_size)][:cfg.model.moe_init_batches]
