@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import ermoe
+from ermoe.models.weights import WeightShapeError
 from ermoe.train import CheckpointError, ConfigError, init_from_checkpoint, load_config, read_weights, train
 from ermoe.train import trainer as trainer_mod
 
@@ -87,7 +88,7 @@ def test_a_shape_mismatch_is_refused_naming_the_key(tmp_path):
     model = ermoe.create_model("vit_tiny", num_classes=10, img_size=8, in_chans=1, patch_size=2, depth=2,
                                embed_dim=32, num_heads=2, moe=None)
     before = model.blocks[0].attn.qkv.weight.detach().clone()
-    with pytest.raises(CheckpointError, match=r"blocks\.0\.attn\.qkv\.weight has shape \(96, 16\), the model's has "
+    with pytest.raises(WeightShapeError, match=r"blocks\.0\.attn\.qkv\.weight has shape \(96, 16\), the model's has "
                                               r"\(96, 32\)"):
         init_from_checkpoint(model, str(path))
     torch.testing.assert_close(model.blocks[0].attn.qkv.weight, before)  # nothing loaded
@@ -188,5 +189,5 @@ def test_upcycle_from_a_run_of_another_architecture_is_refused(tmp_path):
     dense_run = train(_digits(tmp_path, "dense"), quiet=True)
     cfg = _digits(tmp_path, "wide", embed_dim=48, upcycle_from=str(dense_run),
                   moe={"router": "softmax_topk", "num_experts": 2, "blocks": "all"})
-    with pytest.raises(CheckpointError, match="has shape"):
+    with pytest.raises(WeightShapeError, match="has shape"):
         trainer_mod.setup(cfg)

@@ -1,4 +1,4 @@
-"""The ``ermoe`` command: ``train``, ``eval``, ``report``."""
+"""The ``ermoe`` command: ``train``, ``eval``, ``report``, ``study``, ``explain``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--checkpoint", help="a checkpoint directory (default: the latest)")
     p_report = sub.add_parser("report", help="print the results table and redraw figures from metrics.json")
     p_report.add_argument("run_dir")
+    p_explain = sub.add_parser("explain", help="draw what each eigen router's basis directions respond to "
+                               "(docs/explain.md)")
+    p_explain.add_argument("run_dir")
+    p_explain.add_argument("--examples", type=int, help="examples to read (default 2000 images, 64 volumes)")
+    p_explain.add_argument("--split", choices=["train", "val", "test"],
+                           help="default: val where the run has one, else train")
+    p_explain.add_argument("--directions", type=int, default=4, help="directions drawn per expert (largest share)")
     p_study = sub.add_parser("study", help="train every method under one budget with several seeds; write the report",
                              epilog="Overrides: --seeds=[0,1] --methods=[ermoe,switch] --train.optim.epochs=2")
     p_study.add_argument("--config", help="YAML study config (keys of ermoe.study.StudyConfig)")
@@ -58,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         elif args.command == "eval":
             evaluate(args.run_dir, args.checkpoint)
+        elif args.command == "explain":
+            from .train.explain import explain
+            explain(args.run_dir, args.examples, args.split, args.directions)
         else:
             report(args.run_dir)
     except (ConfigError, CheckpointError, NonFiniteLossError, RunLockedError, DatasetNotFoundError,

@@ -13,9 +13,11 @@ from .protocol import RoutedLayer, RoutedModel, RoutingLayer, router_has_data_in
 from .registry import create_model, describe, list_models, model_families, model_parameters, register_model
 from .single_gate import ImageGateRouter, SingleGatedViT
 from .upcycling import DenseFFN, UpcycledMoE, find_dense_ffns, upcycle
+from .weights import LoadReport, WeightShapeError, load_matching
 from .vit import PLACEMENTS, VIT_SIZES, MoESpec, MoEViT, PatchMoE, inject_moe, select_blocks
 
 __all__ = ["PLACEMENTS", "VIT_SIZES", "SFCN3d", "ViT3d", "DeepMoECNN", "DualEncoder", "GatedConv", "ImageGateRouter", "MoESpec", "MoEViT",
            "PatchMoE", "RegionalSFCN", "RoutedLayer", "RoutedModel", "RoutingLayer", "SingleGatedViT", "TextTransformer", "create_model", "describe",
            "inject_moe", "list_models", "model_families", "model_parameters", "register_model", "router_has_data_init",
-           "select_blocks", "DenseFFN", "UpcycledMoE", "find_dense_ffns", "upcycle"]
+           "select_blocks", "DenseFFN", "UpcycledMoE", "find_dense_ffns", "upcycle",
+           "LoadReport", "WeightShapeError", "load_matching"]

@@ -1,4 +1,4 @@
-"""The retrieval dual encoder (docs/retrieval.md, SPEC section 4): an image tower (any of the package's ViTs, with
+"""The retrieval dual encoder (docs/retrieval.md; docs/method.md, section 4): an image tower (any of the package's ViTs, with
 any MoE placement and router, or the frozen pretrained stem), a text tower (:mod:`ermoe.models.text`, MoE FFNs with
 any router), linear projections to a shared space followed by LayerNorm, L2-normalised embeddings, and a learnable
 logit scale initialised to log(1/0.07) and clamped at log(100), as open_clip does.

@@ -246,6 +246,13 @@ class MoEViT(VisionTransformer, RoutedModel):
     def frozen_stem(self) -> PretrainedStem | None:
         return self.patch_embed if isinstance(self.patch_embed, PretrainedStem) else None
 
+    @property
+    def token_grid(self) -> dict[str, tuple[int, ...]]:
+        """Each routing layer's patch grid (rows, columns; patch tokens in row-major order, the prefix tokens left
+        out): what ``ermoe explain`` places patches by."""
+        grid = tuple(int(g) for g in self.patch_embed.grid_size)
+        return {view.name: grid for view in self.routed_layers()}
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Checkpoint each block (:class:`ermoe.models.checkpointing.Blocks`, which restores the blocks' buffers
         after recomputation); timm's own path (``checkpoint_seq``) stays off."""

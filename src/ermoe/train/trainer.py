@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
-from ..analysis.diagnostics import chance_changed_share, changed_share, probe_load, probe_routing
+from ..analysis.diagnostics import chance_changed_share, changed_share, probe_routing
 from ..data.loader import worker_death
 from ..models import RoutedModel, create_model, upcycle
 from ..moe import NonFiniteInputError
@@ -333,7 +333,7 @@ class Trainer:
                 if step == self.last_step or due or end_of_epoch:
                     self.checkpoint()
                 elif cfg.probe_every and step % cfg.probe_every == 0:
-                    self._log_probe_load(probe_load(model, self.probe.inputs, self.autocast))
+                    self._log_probe(probe_routing(model, self.probe.inputs, ctx=self.autocast))
                 if end_of_epoch and step != self.last_step:
                     self.logger.log({"kind": "eval", "step": step, "epoch": epoch,
                                      **self.task.quick_eval(model, self.autocast)})
@@ -452,6 +452,17 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model, self.step)
 
+    def _log_probe(self, probed: dict[str, dict[str, Any]]) -> None:
+        """The probe's load, and the bases' principal angles to the PCA subspace of their tokens (eigen routers:
+        ``ermoe explain`` draws them over training)."""
+        self._log_probe_load({n: s["probe_load"] for n, s in probed.items()})
+        angles = {n: s for n, s in probed.items() if "principal_angle_deg" in s}
+        if angles:
+            record: dict[str, Any] = {"kind": "probe_geometry", "step": self.step}
+            for n, s in angles.items():
+                record.update({n: s["principal_angle_deg_mean"], f"{n}/experts": s["principal_angle_deg"]})
+            self.logger.log(record)
+
     def _log_probe_load(self, counts: dict[str, Tensor]) -> None:
         """Load over training on the fixed probe: CV under the layer's name, then max/mean and Gini."""
         if counts:
@@ -487,7 +498,7 @@ class Trainer:
                     "train", size, limit=self.cfg.bn_recalibration * size)))
         probed = probe_routing(self.model, self.probe.inputs, ctx=self.autocast)
         current = {n: s["probe_assignment"] for n, s in probed.items()}
-        self._log_probe_load({n: s["probe_load"] for n, s in probed.items()})
+        self._log_probe(probed)
         if self.prev_probe is not None:
             self.probe_changed = {n: (changed_share(self.prev_probe[n], current[n]), chance_changed_share(current[n]))
                                   for n in current if n in self.prev_probe}
