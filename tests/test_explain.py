@@ -47,7 +47,7 @@ def test_emoe_directions_are_grouped_under_the_expert_they_route_to():
     with torch.no_grad():
         router.pi.copy_(torch.tensor([[5.0, 0.0], [5.0, 0.0], [0.0, 5.0]]))
     x = torch.randn(10, 4, dtype=torch.float64)
-    found = basis_directions(router, x, torch.zeros(10, dtype=torch.long))
+    found = basis_directions(router, x)
     assert [(e, r) for e, r, _, _ in found] == [(0, 0), (0, 1), (1, 2)]
     torch.testing.assert_close(found[2][3], x[:, 2])
 
@@ -109,10 +109,12 @@ def test_explain_a_vit_run_draws_patches_and_the_angles_over_training(tmp_path, 
     assert (run / "figures" / "explain_blocks_1_mlp.png").is_file() and (run / "figures" / "angles.png").is_file()
 
 
-def test_explain_refuses_a_run_without_eigen_routers(tmp_path, capsys):
+def test_explain_refuses_a_run_without_eigen_routers_and_bad_counts(tmp_path, capsys):
     run = _digits_run(tmp_path, "softmax_topk")
     assert main(["explain", str(run)]) == 1
     assert "no ERMoE or EMoE layer" in capsys.readouterr().err
+    assert main(["explain", str(run), "--examples", "0"]) == 1
+    assert "examples must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_explain_a_brain_age_run_draws_locations(tmp_path, monkeypatch):

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 import ermoe
 from ermoe.models.weights import WeightShapeError
-from ermoe.train import CheckpointError, ConfigError, init_from_checkpoint, load_config, read_weights, train
+from ermoe.train import (CheckpointError, ConfigError, init_from_checkpoint, load_config, load_matching,
+                         read_weights, train)
 from ermoe.train import trainer as trainer_mod
 
 pytest.importorskip("sklearn")
@@ -71,7 +72,6 @@ def test_position_embedding_is_resampled_to_the_model_grid():
     source = _timm_twin(num_classes=10, img_size=16)  # an 8 x 8 patch grid; the model's is 4 x 4
     model = ermoe.create_model("vit_tiny", num_classes=10, img_size=8, in_chans=1, patch_size=2, depth=2,
                                embed_dim=32, num_heads=2, moe=None)
-    from ermoe.train import load_matching
     report = load_matching(model, source.state_dict(), "twin")
     assert report.resampled == ["pos_embed"] and not report.missing
     from timm.layers import resample_abs_pos_embed
@@ -92,6 +92,11 @@ def test_a_shape_mismatch_is_refused_naming_the_key(tmp_path):
                                               r"\(96, 32\)"):
         init_from_checkpoint(model, str(path))
     torch.testing.assert_close(model.blocks[0].attn.qkv.weight, before)  # nothing loaded
+    weights = dict(source.state_dict())
+    weights["blocks.1.mlp.fc2.bias"] = torch.full((32,), float("nan"))
+    with pytest.raises(ValueError, match=r"blocks\.1\.mlp\.fc2\.bias holds NaN or inf: nothing was loaded"):
+        load_matching(model, weights, "nan weights")
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, before)
 
 
 def test_missing_and_corrupt_files_are_clear_errors(tmp_path):

@@ -20,6 +20,14 @@ SUM_TO_ONE = [("softmax_topk", 1, {"renormalize": True}), ("softmax_topk", 2, {"
               ("loss_free_bias", 1, {"renormalize": True}), ("emoe", 1, {"gate": "renormalized"})]
 
 
+def _holder(dim: int, hidden: int, **kwargs) -> nn.Module:
+    """A module whose one child ``ffn`` is a timm Mlp (float64): the smallest model upcycle can work on."""
+    from timm.layers import Mlp
+    net = nn.Sequential()
+    net.ffn = Mlp(dim, hidden, **kwargs).double()
+    return net
+
+
 def _timm_vit():
     import timm
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
@@ -33,12 +41,14 @@ def _torchvision_vit():
 
 
 def _hf_vit():
+    pytest.importorskip("transformers")
     from transformers import ViTConfig, ViTModel
     return ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                               image_size=32, patch_size=8, num_channels=3), add_pooling_layer=False)
 
 
 def _hf_bert():
+    pytest.importorskip("transformers")
     from transformers import BertConfig, BertModel
     return BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                 intermediate_size=64, max_position_embeddings=16), add_pooling_layer=False)
@@ -125,9 +135,7 @@ def test_upcycled_model_equals_the_dense_one_at_step_zero(family, router, top_k,
 def test_gates_that_do_not_sum_to_one_scale_the_dense_output():
     # Switch's top-1 gate is the softmax probability p < 1: an upcycled layer returns p * FFN(x) per token.
     torch.manual_seed(0)
-    mlp = nn.Sequential()
-    from timm.layers import Mlp
-    mlp.ffn = Mlp(8, 16).double()
+    mlp = _holder(8, 16)
     x = torch.randn(20, 8, dtype=torch.float64)
     want = mlp.ffn(x)
     ermoe.upcycle(mlp, "softmax_topk", 4)
@@ -151,11 +159,9 @@ def _reference_eigen(x, w1, b1, w2, b2, u_EDR):
 
 @pytest.mark.parametrize("bases", ["split", "shared"])
 def test_eigen_experts_compute_the_dense_ffn_on_their_basis(bases):
-    from timm.layers import Mlp
     torch.manual_seed(0)
     dim, hidden, experts, rank = 16, 24, 4, 3
-    net = nn.Sequential()
-    net.ffn = Mlp(dim, hidden).double()
+    net = _holder(dim, hidden)
     w1, b1 = net.ffn.fc1.weight.detach().clone(), net.ffn.fc1.bias.detach().clone()
     w2, b2 = net.ffn.fc2.weight.detach().clone(), net.ffn.fc2.bias.detach().clone()
     x = torch.randn(30, dim, dtype=torch.float64)
@@ -179,10 +185,8 @@ def test_eigen_experts_compute_the_dense_ffn_on_their_basis(bases):
 
 def test_eigen_experts_at_full_rank_equal_the_dense_ffn():
     # hidden < dim: R = hidden directions span W1's row space, so U U^T x loses nothing W1 sees.
-    from timm.layers import Mlp
     torch.manual_seed(0)
-    net = nn.Sequential()
-    net.ffn = Mlp(12, 6).double()
+    net = _holder(12, 6)
     x = torch.randn(10, 12, dtype=torch.float64)
     want = net.ffn(x)
     ermoe.upcycle(net, "ermoe", 2, bases="shared", rank=6)
@@ -205,11 +209,9 @@ def test_upcycled_foreign_model_trains_with_the_moe_helpers():
 
 
 def test_upcycle_errors_name_the_problem():
-    from timm.layers import Mlp
     with pytest.raises(ValueError, match="found no dense FFN"):
         ermoe.upcycle(nn.Linear(4, 4), "softmax_topk", 2)
-    net = nn.Sequential()
-    net.ffn = Mlp(16, 32)
+    net = _holder(16, 32)
     with pytest.raises(ValueError, match="bases applies to ERMoE"):
         ermoe.upcycle(copy.deepcopy(net), "softmax_topk", 2, bases="shared")
     with pytest.raises(ValueError, match="pass sample_inputs"):
@@ -220,10 +222,8 @@ def test_upcycle_errors_name_the_problem():
         ermoe.upcycle(copy.deepcopy(net), "ermoe", 4, rank=5)
     with pytest.raises(ValueError, match="block index 3 out of range"):
         ermoe.upcycle(copy.deepcopy(net), "softmax_topk", 2, blocks=[3])
-    normed = nn.Sequential()
-    normed.ffn = Mlp(16, 32, norm_layer=nn.LayerNorm)
     with pytest.raises(ValueError, match="normalises its hidden features"):
-        ermoe.upcycle(normed, "softmax_topk", 2)
+        ermoe.upcycle(_holder(16, 32, norm_layer=nn.LayerNorm), "softmax_topk", 2)
 
 
 def test_eigen_bases_are_orthonormal_and_disjoint_when_split():

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..orthogonal import pca_basis
+from ..orthogonal import pca_basis, principal_angles
 from ..routing.eigenbasis import EigenbasisRouter
 from ..routing.energy import EigenEnergyRouter
 
@@ -61,12 +61,7 @@ class LayerDirections:
                 "directions": [asdict(d) for d in self.directions]}
 
 
-def _angle_to_subspace(u_D: Tensor, subspace_DR: Tensor) -> float:
-    cos = float(torch.linalg.vector_norm(subspace_DR.T @ u_D).clamp(max=1.0))
-    return math.degrees(math.acos(cos))
-
-
-def basis_directions(router: nn.Module, x_TD: Tensor, expert_T: Tensor) -> list[tuple[int, int, Tensor, Tensor]]:
+def basis_directions(router: nn.Module, x_TD: Tensor) -> list[tuple[int, int, Tensor, Tensor]]:
     """``(expert, index, u_D, coords_T)`` for every basis direction of an eigen router, with each token's
     coordinate on it. ERMoE: every expert's own directions; EMoE: the shared ones, each under its expert."""
     x = x_TD.double()
@@ -88,7 +83,7 @@ def basis_directions(router: nn.Module, x_TD: Tensor, expert_T: Tensor) -> list[
 def explain_layer(name: str, router: nn.Module, x_TD: Tensor, expert_T: Tensor, example_T: Tensor,
                   position_T: Tensor, num_experts: int, top: int = 8) -> LayerDirections:
     """The directions of one layer over its tokens ``x_TD``, routed (top-1) to ``expert_T`` (module docstring)."""
-    found = basis_directions(router, x_TD, expert_T)
+    found = basis_directions(router, x_TD)
     x = x_TD.double()
     counts = torch.bincount(expert_T, minlength=num_experts).double()
     directions = []
@@ -107,7 +102,8 @@ def explain_layer(name: str, router: nn.Module, x_TD: Tensor, expert_T: Tensor, 
             directions.append(Direction(
                 expert=e, index=index,
                 share=float((winner == j).double().mean()) if len(winner) else float("nan"),
-                angle_deg=_angle_to_subspace(u_D, subspace) if subspace is not None else float("nan"),
+                angle_deg=math.degrees(float(principal_angles(u_D[:, None], subspace)[0]))
+                if subspace is not None else float("nan"),
                 top_tokens=order.tolist(), top_coords=coords_T[order].tolist()))
     directions.sort(key=lambda d: (d.expert, d.index))
     share = (counts / counts.sum().clamp_min(1)).tolist()

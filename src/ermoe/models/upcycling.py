@@ -108,10 +108,22 @@ def _check_timm_mlp(name: str, mlp: nn.Module) -> None:
                          "experts could not start from it exactly")
 
 
+def _block_ffns(prefix: str, blocks: nn.ModuleList, install: Callable[[int, nn.Module], Callable[[MoE], nn.Module]]
+                ) -> list[DenseFFN]:
+    """The timm ``Mlp`` of every transformer block of an ermoe model (blocks already holding an MoE are skipped)."""
+    found = []
+    for i, block in enumerate(blocks):
+        mlp = getattr(block, "mlp", None)  # a post-block MoE wraps its block: no FFN of its own here
+        if _timm_mlp(mlp):
+            _check_timm_mlp(f"{prefix}blocks.{i}.mlp", mlp)
+            found.append(DenseFFN(f"{prefix}blocks.{i}.mlp", mlp.fc1, mlp.act, mlp.fc2, install(i, mlp)))
+    return found
+
+
 def find_dense_ffns(model: nn.Module) -> list[DenseFFN]:
     """Every dense FFN of ``model`` that :func:`upcycle` can replace, in module order (module docstring)."""
     found: list[DenseFFN] = []
-    taken: list[str] = []
+    taken: list[str] = []  # modules whose FFNs are found: their submodules are not searched again
 
     def inside(name: str) -> bool:
         return any(t == "" or name == t or name.startswith(t + ".") for t in taken)
@@ -120,32 +132,18 @@ def find_dense_ffns(model: nn.Module) -> list[DenseFFN]:
         if inside(name):
             continue
         prefix = f"{name}." if name else ""
+        parent_name, _, attr = name.rpartition(".")
         if isinstance(m, MoEViT):
-            for i, block in enumerate(m.blocks):
-                mlp = block.mlp
-                if not _timm_mlp(mlp):
-                    continue
-                _check_timm_mlp(f"{prefix}blocks.{i}.mlp", mlp)
-                found.append(DenseFFN(f"{prefix}blocks.{i}.mlp", mlp.fc1, mlp.act, mlp.fc2, functools.partial(
-                    _install_patch_moe, block, mlp, m.num_prefix_tokens)))
-            taken.append(name)
+            found += _block_ffns(prefix, m.blocks, lambda i, mlp, vit=m: functools.partial(
+                _install_patch_moe, vit.blocks[i], mlp, vit.num_prefix_tokens))
         elif isinstance(m, TextTransformer):
-            for i, block in enumerate(m.blocks):
-                mlp = block.mlp
-                if _timm_mlp(mlp):
-                    _check_timm_mlp(f"{prefix}blocks.{i}.mlp", mlp)
-                    found.append(DenseFFN(f"{prefix}blocks.{i}.mlp", mlp.fc1, mlp.act, mlp.fc2,
-                                          functools.partial(_install_text_moe, m, i)))
-            taken.append(name)
+            found += _block_ffns(prefix, m.blocks, lambda i, _mlp, tower=m: functools.partial(
+                _install_text_moe, tower, i))
         elif isinstance(m, CellFFN):
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
             lin1, act, lin2 = m.ffn
-            found.append(DenseFFN(name, lin1, act, lin2, functools.partial(_install_cell_moe, parent, attr, m)))
-            taken.append(name)
+            found.append(DenseFFN(name, lin1, act, lin2, functools.partial(
+                _install_cell_moe, model.get_submodule(parent_name), attr, m)))
         elif _timm_mlp(m) or _torchvision_mlp(m) or _hf_mlp(m):
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
             if _timm_mlp(m):
                 _check_timm_mlp(name, m)
                 fc1, act, fc2, drop = m.fc1, m.act, m.fc2, m.drop2
@@ -153,14 +151,15 @@ def find_dense_ffns(model: nn.Module) -> list[DenseFFN]:
                 fc1, act, _, fc2, drop = m
             else:
                 fc1, act, fc2, drop = m.fc1, m.activation_fn, m.fc2, None
-            found.append(DenseFFN(name, fc1, act, fc2,
-                                  lambda moe, p=parent, a=attr, d=drop: _set(p, a, UpcycledMoE(moe, d))))
-            taken.append(name)
+            found.append(DenseFFN(name, fc1, act, fc2, lambda moe, p=model.get_submodule(parent_name), a=attr,
+                                  d=drop: _set(p, a, UpcycledMoE(moe, d))))
         elif _hf_pair(m):
             inter, out = m.intermediate, m.output
             found.append(DenseFFN(f"{prefix}intermediate", inter.dense, inter.intermediate_act_fn, out.dense,
                                   functools.partial(_install_hf_pair, m)))
-            taken.append(name)
+        else:
+            continue
+        taken.append(name)
     return found
 
 
@@ -179,10 +178,7 @@ def _install_text_moe(tower: TextTransformer, index: int, moe: MoE) -> nn.Module
 def _install_cell_moe(parent: nn.Module, attr: str, cell: CellFFN, moe: MoE) -> nn.Module:
     layer = CellMoE(cell.norm.normalized_shape[0], moe)
     layer.norm = cell.norm  # the dense cell's LayerNorm, as it was
-    if isinstance(parent, nn.ModuleDict):
-        parent[attr] = layer
-        return layer
-    return _set(parent, attr, layer)
+    return _set(parent, attr, layer)  # a ModuleDict's entry too (setattr registers the module under its key)
 
 
 def _install_hf_pair(layer: nn.Module, moe: MoE) -> nn.Module:

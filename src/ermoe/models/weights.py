@@ -74,6 +74,8 @@ def load_matching(model: nn.Module, weights: dict[str, Tensor], source: str = "w
     report = LoadReport(source)
     chosen: dict[str, Tensor] = {}
     for key, value in weights.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{source}: {key} holds NaN or inf: nothing was loaded")
         if key not in own:
             report.unexpected.append(key)
             continue

@@ -21,12 +21,15 @@ def explain(run_dir: str | Path, examples: int | None = None, split: str | None 
     """Read ``examples`` examples of ``split`` (default: the validation split, else the training split: the test
     split stays unread) through the run's latest checkpoint; write ``figures/explain_<layer>.png`` per eigen-routed
     layer, ``figures/angles.png`` (from the run's probe log) and ``explain.json``; return what explain.json holds."""
+    for key, value in (("examples", examples), ("directions per expert", per_expert), ("top", top)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"explain: {key} must be a positive integer, got {value!r}")
     cfg, task, model, _, _ = load_run(run_dir)
     run = Run(Path(run_dir))
     split = split or ("val" if task.has_split("val") else "train")
     grids = model.token_grid
     volumetric = any(len(g) == 3 for g in grids.values())
-    examples = examples or (64 if volumetric else 2000)
+    examples = examples if examples is not None else (64 if volumetric else 2000)
     batches = [b.inputs for b in task.eval_batches(split, limit=examples)]
     layers, inputs = explain_model(model, batches, top=max(top, 100) if volumetric else top)
     images = torch.cat(inputs)
