@@ -134,3 +134,62 @@ def test_explain_a_brain_age_run_draws_locations(tmp_path, monkeypatch):
     assert (run / "figures" / "explain_cells_0.png").is_file()
     layer = out["layers"]["cells.0"]
     assert {d["expert"] for d in layer["directions"]} == {0, 1}
+
+
+def test_text_tower_tokens_are_placed_at_their_caption_positions_across_batches():
+    from ermoe.models.text import text_tower
+    torch.manual_seed(0)
+    tower = text_tower(20, 6, 0, width=8, depth=1, num_heads=2,
+                       moe={"router": "ermoe", "num_experts": 2, "blocks": "all", "router_kwargs": {"rank": 2}}).eval()
+    layer = tower.moe_layers[0]
+    recorder = TokenRecorder({"text": layer})
+    seen = []  # the padded (B, L, D) input of the layer, to check each recorded row against
+    handle = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    batches = [torch.tensor([[3, 4, 5, 0, 0, 0], [7, 0, 0, 0, 0, 0]]), torch.tensor([[9, 8, 0, 0, 0, 0]])]
+    with torch.no_grad():
+        for ids in batches:
+            tower(ids)
+    handle.remove()
+    recorder.close()
+    x, example, position = recorder.table("text")
+    assert example.tolist() == [0, 0, 0, 1, 2, 2] and position.tolist() == [0, 1, 2, 0, 0, 1]
+    torch.testing.assert_close(x, torch.cat(seen)[example, position])
+
+
+def test_a_token_is_shown_in_its_caption_context():
+    from ermoe.analysis.explain import token_in_context
+    words = ["[PAD]", "[UNK]", "a", "bag", "left", "of", "shoe"]
+    ids = torch.tensor([[2, 3, 5, 2, 6, 0, 0], [6, 0, 0, 0, 0, 0, 0]])
+    assert token_in_context(ids, words, 0, 1, context=1) == "a [bag] of"
+    assert token_in_context(ids, words, 0, 4, context=3) == "bag of a [shoe]"  # padding ends the caption
+    assert token_in_context(ids, words, 1, 0, context=0) == "[shoe]"
+
+
+def test_explain_a_dual_encoder_run_draws_image_patches_and_text_words(tmp_path, monkeypatch):
+    from ermoe.data.images import DEBIAN_FASHION_MNIST
+    if not DEBIAN_FASHION_MNIST.exists():
+        pytest.skip("needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+    pytest.importorskip("tokenizers")
+    monkeypatch.setenv("ERMOE_CACHE_DIR", str(tmp_path / "cache"))
+    from ermoe.train import load_config, train
+    from ermoe.train.explain import explain
+    moe = {"router": "ermoe", "num_experts": 2, "blocks": "all", "router_kwargs": {"rank": 2}}
+    cfg = load_config(None, {
+        "task": "retrieval", "out_dir": str(tmp_path / "runs"), "progress": False, "tensorboard": False,
+        "probe_size": 8, "data": {"name": "fashion_captions", "caption_set_size": 64},
+        "model": {"name": "dual_encoder", "image": {"name": "vit_tiny", "embed_dim": 16, "num_heads": 2, "depth": 1,
+                                                    "patch_size": 16, "moe": moe},
+                  "text": {"width": 16, "depth": 1, "num_heads": 2, "moe": moe}},
+        "task_options": {"vocab_size": 60},
+        "optim": {"epochs": 1, "batch_size": 16, "eval_batch_size": 64, "warmup_steps": 1}})
+    run = train(cfg, quiet=True)
+    out = explain(run, examples=16, quiet=True)
+    assert out["split"] == "val" and out["examples"] == 16
+    assert (run / "figures" / "explain_image_blocks_0_mlp.png").is_file()
+    assert (run / "figures" / "explain_text_blocks_0_mlp.png").is_file()
+    text = out["layers"]["text.blocks.0.mlp"]
+    words = [w for d in text["directions"] for w in d["top_words"]]
+    assert len(text["directions"]) == 2 * 2 and len(words) == 4 * 8
+    # every top token is a routed word of a caption: never the padding the text MoE does not route
+    assert all(w.startswith("[") and w.endswith("]") and w != "[[PAD]]" for w in words)
+    assert "top_words" not in out["layers"]["image.blocks.0.mlp"]["directions"][0]

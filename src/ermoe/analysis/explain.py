@@ -113,22 +113,31 @@ def explain_layer(name: str, router: nn.Module, x_TD: Tensor, expert_T: Tensor, 
 
 
 class TokenRecorder:
-    """Forward pre-hooks on the MoE of each named routing layer: the tokens it receives, with the example and grid
-    position each came from (the layer's input is ``(B, N, D)``: N tokens per example)."""
+    """Forward pre-hooks on the MoE of each named routing layer: the tokens it receives, with the example and
+    position each came from. The layer's input is ``(B, N, D)``: the MoE gets all N tokens of each example, or
+    those its layer's :meth:`~ermoe.models.RoutingLayer.token_mask` marks (the text tower's real tokens)."""
 
     def __init__(self, layers: dict[str, nn.Module]) -> None:
         self.tokens: dict[str, list[Tensor]] = {n: [] for n in layers}
-        self.shapes: dict[str, list[tuple[int, int]]] = {n: [] for n in layers}
-        self.handles = [layer.token_moe().register_forward_pre_hook(self._hook(n)) for n, layer in layers.items()]
+        self.places: dict[str, list[Tensor]] = {n: [] for n in layers}  # (T, 2): example in batch, position
+        self.batch_sizes: dict[str, list[int]] = {n: [] for n in layers}
+        self.handles = [layer.token_moe().register_forward_pre_hook(self._hook(n, layer))
+                        for n, layer in layers.items()]
 
-    def _hook(self, name: str):
+    def _hook(self, name: str, layer: nn.Module):
         def hook(_module, args):
             x = args[0]
-            if x.dim() != 3:
-                raise ValueError(f"explain: layer {name} receives {x.dim()}-d tokens; it needs (examples, tokens, "
-                                 "dim) input to place each token (the text tower's padded tokens are not supported)")
+            if x.dim() == 3:
+                mask = torch.ones(x.shape[:2], dtype=torch.bool)
+            else:
+                mask = layer.token_mask()
+                if x.dim() != 2 or mask is None or int(mask.sum()) != x.shape[0]:
+                    raise ValueError(f"explain: layer {name} receives tokens of shape {tuple(x.shape)} without "
+                                     "a (examples, tokens) mask placing them; it needs (examples, tokens, dim) "
+                                     "input or a layer with token_mask()")
             self.tokens[name].append(x.detach().reshape(-1, x.shape[-1]).float().cpu())
-            self.shapes[name].append((x.shape[0], x.shape[1]))
+            self.places[name].append(mask.cpu().nonzero())
+            self.batch_sizes[name].append(mask.shape[0])
         return hook
 
     def close(self) -> None:
@@ -138,9 +147,9 @@ class TokenRecorder:
     def table(self, name: str) -> tuple[Tensor, Tensor, Tensor]:
         """``(x_TD, example_T, position_T)`` of a layer over every batch recorded."""
         examples, positions, offset = [], [], 0
-        for b, n in self.shapes[name]:
-            examples.append((torch.arange(b) + offset).repeat_interleave(n))
-            positions.append(torch.arange(n).repeat(b))
+        for places, b in zip(self.places[name], self.batch_sizes[name]):
+            examples.append(places[:, 0] + offset)
+            positions.append(places[:, 1])
             offset += b
         return torch.cat(self.tokens[name]), torch.cat(examples), torch.cat(positions)
 
@@ -149,20 +158,20 @@ class TokenRecorder:
 def explain_model(model: nn.Module, batches: Iterable[Sequence[Tensor]], top: int = 8
                   ) -> tuple[list[LayerDirections], list[Tensor]]:
     """Every eigen-routed layer of a :class:`~ermoe.models.RoutedModel` over ``batches`` (tuples of model inputs,
-    in eval mode); returns the layers and the first input of every batch (for drawing)."""
+    in eval mode); returns the layers and each model input over all batches (for drawing)."""
     views = [v for v in model.routed_layers() if v.moe is not None
              and isinstance(v.moe.router, (EigenbasisRouter, EigenEnergyRouter))]
     if not views:
         raise ValueError("explain: the model has no ERMoE or EMoE layer (only eigen routers have basis directions)")
     recorder = TokenRecorder({v.name: v.layer for v in views})
     experts: dict[str, list[Tensor]] = {v.name: [] for v in views}
-    inputs: list[Tensor] = []
+    inputs: list[list[Tensor]] = []
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
             model(*batch)
-            inputs.append(batch[0].detach().cpu())
+            inputs.append([x.detach().cpu() for x in batch])
             for v in views:
                 experts[v.name].append(v.last_routing.expert_idx[:, 0].cpu())
     finally:
@@ -173,7 +182,7 @@ def explain_model(model: nn.Module, batches: Iterable[Sequence[Tensor]], top: in
         x_TD, example_T, position_T = recorder.table(v.name)
         layers.append(explain_layer(v.name, v.moe.router, x_TD, torch.cat(experts[v.name]), example_T, position_T,
                                     v.num_experts, top))
-    return layers, inputs
+    return layers, [torch.cat(xs) for xs in zip(*inputs)]
 
 
 def _chosen(layer: LayerDirections, per_expert: int) -> list[list[Direction]]:
@@ -262,6 +271,42 @@ def draw_locations(layer: LayerDirections, volumes_NCXYZ: Tensor, grid: tuple[in
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / len(chosen)))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def draw_tokens(layer: LayerDirections, ids_NL: Tensor, words: list[str], path, per_expert: int = 4,
+                context: int = 3, pad_id: int = 0) -> None:
+    """One row per (expert, direction): its top tokens, each as its word in brackets with ``context`` words of its
+    caption either side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [d for ds in _chosen(layer, per_expert) for d in ds]
+    cols = max(len(d.top_tokens) for d in rows)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(2.2 + 1.9 * cols, 0.45 * len(rows) + 0.4), squeeze=False)
+    for r, d in enumerate(rows):
+        ax = axes[r, 0]
+        ax.axis("off")
+        snippets = [token_in_context(ids_NL, words, int(layer.example[t]), int(layer.position[t]), context,
+                                     pad_id) for t in d.top_tokens]
+        ax.text(0.0, 0.5, _label(layer, d).replace("\n", "  "), fontsize=6, va="center", transform=ax.transAxes)
+        ax.text(0.2, 0.5, "  |  ".join(snippets), fontsize=6, va="center", family="monospace",
+                transform=ax.transAxes)
+    fig.suptitle(f"{layer.name} ({layer.router}): words with the largest |coordinate| per direction", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / len(rows)))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def token_in_context(ids_NL: Tensor, words: list[str], example: int, position: int, context: int = 3,
+                     pad_id: int = 0) -> str:
+    """The word at ``position`` of caption ``example`` in brackets, with up to ``context`` words either side
+    (``pad_id`` ends a caption)."""
+    row = ids_NL[example].tolist()
+    end = row.index(pad_id) if pad_id in row else len(row)
+    left = " ".join(words[i] for i in row[max(0, position - context):position])
+    right = " ".join(words[i] for i in row[position + 1:min(end, position + 1 + context)])
+    return " ".join(part for part in (left, f"[{words[row[position]]}]", right) if part)
 
 
 def draw_angles(records: list[dict[str, Any]], path) -> bool:

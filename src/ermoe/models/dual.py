@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .protocol import RoutedModel
+from .protocol import RoutedModel, RoutingLayer
 from .registry import create_model, register_model
 from .text import text_tower
 
@@ -48,6 +48,17 @@ class DualEncoder(RoutedModel):
         """The image tower's token grid (rows, columns) in row-major order: for diagnostics over image locations."""
         rows, cols = self.image.patch_embed.grid_size  # timm's PatchEmbed and the pretrained stem both have it
         return int(rows), int(cols)
+
+    @property
+    def token_grid(self) -> dict[str, tuple[int, ...]]:
+        """The image tower's routing layers' patch grids (under their names in this model)."""
+        grids = self.image.token_grid if isinstance(self.image, RoutedModel) else {}
+        return {f"image.{name}": grid for name, grid in grids.items()}
+
+    @property
+    def token_sequence(self) -> dict[str, int]:
+        """The text tower's routing layers: their tokens are the caption ids' real positions (input 1)."""
+        return {f"text.{name}": 1 for name, m in self.text.named_modules() if isinstance(m, RoutingLayer)}
 
     def encode_image(self, images: Tensor) -> Tensor:
         feats = self.image.forward_head(self.image.forward_features(images), pre_logits=True)

@@ -54,6 +54,12 @@ class RoutingLayer(nn.Module):
         """The :class:`~ermoe.MoE` this layer routes tokens with; None for other routing (channel gates)."""
         return None
 
+    def token_mask(self) -> Tensor | None:
+        """For a layer whose MoE routes some positions of its ``(B, N, D)`` input (the text tower's real tokens):
+        the ``(B, N)`` bool mask of the current forward, whose true positions, in row-major order, are the MoE's
+        tokens. None: the MoE receives the ``(B, N, D)`` input itself."""
+        return None
+
 
 class TokenMoELayer(RoutingLayer):
     """A routing layer that applies one token :class:`~ermoe.MoE` (``self.moe``) to the tokens of its input (a ViT
@@ -147,6 +153,12 @@ class RoutedModel(nn.Module):
     def token_grid(self) -> dict[str, tuple[int, ...]]:
         """Per routing layer (by qualified name) whose tokens tile the input on a grid (a 3D feature map, volumetric
         patches), that grid; tokens are in row-major cell order. Expert maps over the input need it. None here."""
+        return {}
+
+    @property
+    def token_sequence(self) -> dict[str, int]:
+        """Per routing layer (by qualified name) whose tokens are the positions of a sequence of token ids among the
+        model's inputs (a text tower), the index of that input in ``forward``'s arguments. None here."""
         return {}
 
     @property

@@ -38,6 +38,9 @@ class PaddedTokenMoE(TokenMoELayer):
         out[valid] = self.moe(x[valid])
         return out
 
+    def token_mask(self) -> Tensor | None:
+        return self.valid
+
 
 class TextTransformer(nn.Module):
     """Token ids ``(B, L)`` (``pad_id`` padding) -> caption features ``(B, width)``."""

@@ -157,6 +157,11 @@ class Task(ABC):
         :func:`~ermoe.analysis.diagnostics.example_labels`: its example's class). None: load only."""
         return None
 
+    def vocabulary(self) -> list[str] | None:
+        """For a task with token-id inputs, each id's word (``ermoe explain`` shows a text tower's tokens by it);
+        None otherwise."""
+        return None
+
     def evaluate(self, model: nn.Module, autocast: Callable[[], Any], probe: Batch | None = None) -> dict[str, Any]:
         """The run's metrics on the test split: each measure as ``test_<name>``, ``test_examples``, and per routing
         layer its load, (expert, label) counts and MI(expert; label), with the probe's routing measures."""

@@ -91,6 +91,10 @@ class Retrieval(Task):
     def items(self) -> dict[str, list[list[dict]]] | None:
         return self.batches.items
 
+    def vocabulary(self) -> list[str]:
+        tokenizer = self.batches.tokenizer
+        return [tokenizer.id_to_token(i) for i in range(tokenizer.get_vocab_size())]
+
     def prepare(self, model: nn.Module) -> None:
         norm = model.input_normalization(pretrained=False)
         if norm is not None:

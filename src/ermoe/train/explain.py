@@ -8,9 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..analysis.explain import LayerDirections, draw_angles, draw_locations, draw_patches, explain_model
+from ..analysis.explain import (LayerDirections, draw_angles, draw_locations, draw_patches, draw_tokens,
+                                explain_model, token_in_context)
 from .checkpoint import atomic_write_text
 from .run import Run
 from .trainer import load_run
@@ -27,31 +26,39 @@ def explain(run_dir: str | Path, examples: int | None = None, split: str | None 
     cfg, task, model, _, _ = load_run(run_dir)
     run = Run(Path(run_dir))
     split = split or ("val" if task.has_split("val") else "train")
-    grids = model.token_grid
+    grids, sequences = model.token_grid, model.token_sequence
     volumetric = any(len(g) == 3 for g in grids.values())
     examples = examples if examples is not None else (64 if volumetric else 2000)
     batches = [b.inputs for b in task.eval_batches(split, limit=examples)]
     layers, inputs = explain_model(model, batches, top=max(top, 100) if volumetric else top)
-    images = torch.cat(inputs)
+    images = inputs[0]
+    words = task.vocabulary() if sequences else None
     run.figures.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, summaries = [], {}
     for layer in layers:
         path = run.figures / f"explain_{layer.name.replace('.', '_')}.png"
         grid = grids.get(layer.name)
-        if grid is not None and len(grid) == 3 and images.dim() == 5:
+        summaries[layer.name] = layer.summary()
+        if layer.name in sequences and words is not None:
+            ids = inputs[sequences[layer.name]]
+            draw_tokens(layer, ids, words, path, per_expert, pad_id=task.model_args().get("pad_id", 0))
+            for d, row in zip(layer.directions, summaries[layer.name]["directions"]):
+                row["top_words"] = [token_in_context(ids, words, int(layer.example[t]), int(layer.position[t]), 0)
+                                    for t in d.top_tokens]
+        elif grid is not None and len(grid) == 3 and images.dim() == 5:
             draw_locations(layer, images, grid, path, per_expert)
         elif grid is not None and len(grid) == 2 and images.dim() == 4:
             draw_patches(layer, images, grid, path, per_expert)
         else:
-            raise ValueError(f"explain draws image patches of a 2D ViT or locations in a volume; layer {layer.name} "
-                             f"of model {cfg.model.name!r} (inputs of shape {tuple(images.shape)}) has no token grid "
-                             "over its input")
+            raise ValueError(f"explain draws image patches of a 2D ViT, locations in a volume or a text tower's "
+                             f"words; layer {layer.name} of model {cfg.model.name!r} (inputs of shape "
+                             f"{tuple(images.shape)}) has no token grid over its input and reads no token ids")
         written.append(path)
     angles = run.figures / "angles.png"
     if draw_angles(run.read_log(), angles):
         written.append(angles)
     out = {"run": str(run.root), "split": split, "examples": len(images),
-           "layers": {layer.name: layer.summary() for layer in layers},
+           "layers": summaries,
            "figures": [str(p) for p in written]}
     atomic_write_text(run.root / "explain.json", json.dumps(out, indent=1, allow_nan=True))
     if not quiet:
