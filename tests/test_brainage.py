@@ -180,6 +180,98 @@ def test_built_in_cohort_reads_through_the_nifti_pipeline():
     assert (path.parent / "age_map.nii.gz").is_file() and (path.parent / "tissue.nii.gz").is_file()
 
 
+def test_heterogeneous_ageing_patterns_differ_where_the_generator_says():
+    t = cohort_mod.Templates(6.0)
+    world = t.world_mm()
+    hip = cohort_mod.AgeingRates.of("hippocampal")
+    vent = cohort_mod.AgeingRates.of("ventricular")
+    old_hip, disp_hip = cohort_mod.aged_tissue(t, 80, world, rates=hip)
+    old_vent, disp_vent = cohort_mod.aged_tissue(t, 80, world, rates=vent)
+    # hippocampal-predominant: the hippocampus loses GM at 2.5 x 0.85 %/yr; weighted by the hippocampus map,
+    # sum(gm h ((1 - h) g + h k)) with g the cortical and k the hippocampal share retained at 80
+    k = cohort_mod.retained(80, lambda a: 2.5 * cohort_mod.hippocampus_rate(a))
+    g = cohort_mod.retained(80, cohort_mod.gm_rate)
+    h = t.hippocampus
+    assert (old_hip[0] * h).sum() == pytest.approx((t.gm * h * ((1 - h) * g + h * k)).sum(), rel=1e-4)
+    assert (old_hip[0] * t.hippocampus).sum() < (old_vent[0] * t.hippocampus).sum()
+    # ventricle-predominant: the ventricles expand more (a larger displacement), white matter thins faster
+    assert np.abs(disp_vent).max() > np.abs(disp_hip).max() and old_vent[1].sum() < old_hip[1].sum()
+    # men lose cortical GM faster than women
+    men, women = (cohort_mod.aged_tissue(t, 80, world, rates=cohort_mod.AgeingRates.of("hippocampal", sex))[0][0]
+                  for sex in ("M", "F"))
+    assert men.sum() < women.sum()
+    # the default rates are the homogeneous cohort's, unchanged
+    np.testing.assert_array_equal(cohort_mod.aged_tissue(t, 80, world)[0],
+                                  cohort_mod.aged_tissue(t, 80, world, rates=cohort_mod.AgeingRates())[0])
+
+
+def test_heterogeneous_cohort_writes_its_patterns_and_maps_and_keeps_the_homogeneous_key():
+    import hashlib
+    from dataclasses import asdict
+
+    spec = cohort_mod.CohortSpec(size=8, seed=3, spacing=SPACING, ageing="heterogeneous")
+    path = cohort_mod.build_cohort(spec)
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["pattern"] for r in rows} <= set(cohort_mod.PATTERNS) and len({r["pattern"] for r in rows}) == 2
+    pattern_map = np.asarray(nib.load(path.parent / "pattern_map.nii.gz").dataobj)
+    assert set(np.unique(pattern_map)) == {0, 1, 2}
+    hip_map = np.asarray(nib.load(path.parent / "age_map_hippocampal.nii.gz").dataobj)
+    t = cohort_mod.Templates(SPACING)
+    # the hippocampal pattern's cells lie where the hippocampus is
+    assert t.hippocampus[pattern_map == 1].mean() > 5 * t.hippocampus[pattern_map == 2].mean()
+    assert (hip_map[pattern_map == 1] > 0).all()
+    old = {k: v for k, v in asdict(cohort_mod.CohortSpec()).items() if k != "ageing"}
+    key = hashlib.sha256(json.dumps({**old, "v": cohort_mod.COHORT_VERSION}, sort_keys=True).encode()).hexdigest()
+    assert cohort_mod.cohort_dir(cohort_mod.CohortSpec()).name == key[:16]
+    with pytest.raises(ValueError, match="data.ageing must be one of"):
+        cohort_mod.build_cohort(cohort_mod.CohortSpec(ageing="fast"))
+
+
+def test_map_and_subject_agreement_are_chance_corrected_by_hand():
+    from sklearn.metrics import adjusted_mutual_info_score
+
+    from ermoe.tasks.brain_age import map_agreement, pattern_routing
+
+    # 4 brain cells + 1 outside; the expert map (majority per cell) is 0, 0, 1, 1 and the truth 1, 1, 2, 2: AMI 1
+    counts = np.array([[5, 4, 0, 1, 9], [0, 1, 7, 6, 0]])
+    brain = np.array([True, True, True, True, False])
+    assert map_agreement(counts, np.array([1, 1, 2, 2, 0]), brain) == pytest.approx(1.0)
+    # a map that matches by chance only: AMI about 0 (negative allowed), far below the raw MI
+    truth = np.array([1, 2, 1, 2, 0])
+    assert map_agreement(counts, truth, brain) == pytest.approx(
+        adjusted_mutual_info_score([0, 0, 1, 1], [1, 2, 1, 2]))
+    # subject patterns: expert 0 takes pattern 0's tokens in the pattern cells, expert 1 pattern 1's
+    cells = np.array([1, 2, 0])
+    by = np.zeros((2, 2, 3), dtype=int)
+    by[0, 0, :2], by[1, 1, :2] = 10, 10
+    by[:, :, 2] = 7  # a cell where the patterns age alike: left out of the subject AMI
+    out = pattern_routing(by.reshape(2, 6), cells, np.array([True, True, True]))
+    assert out["pattern_subject_ami"] == pytest.approx(1.0) and out["expert_pattern_counts"] == [[20, 0], [0, 20]]
+    assert math.isnan(pattern_routing(np.ones((1, 6), dtype=int), cells, np.ones(3, bool))["pattern_subject_ami"])
+
+
+def test_tiny_heterogeneous_run_scores_experts_against_the_pattern_maps(tmp_path):
+    from ermoe.train import load_config, train
+
+    cfg = load_config(None, {
+        "task": "brain_age", "out_dir": str(tmp_path / "runs"), "progress": False, "tensorboard": False,
+        "probe_size": 4,
+        "data": {"name": "brain_cohort", "cohort_size": 24, "spacing": SPACING, "val_size": 4, "test_size": 8,
+                 "ageing": "heterogeneous"},
+        "model": {"name": "sfcn3d", "channels": [4, 8, 8], "moe": {"router": "ermoe", "num_experts": 2}},
+        "optim": {"epochs": 1, "batch_size": 8, "eval_batch_size": 8, "warmup_steps": 1}})
+    run = train(cfg, quiet=True)
+    metrics = json.loads((run / "metrics.json").read_text())
+    layer = metrics["layers"]["cells.0"]
+    assert metrics["cohort"]["ageing"] == "heterogeneous"
+    assert {"pattern_map_ami", "pattern_subject_ami", "age_map_ami"} <= set(layer)
+    table = np.asarray(layer["expert_pattern_counts"])
+    assert table.shape == (2, 2) and table.sum() > 0
+    with pytest.raises(Exception, match="data.ageing must be one of"):
+        load_config(None, {"task": "brain_age", "data": {"name": "brain_cohort", "ageing": "fast"}})
+
+
 def test_age_metrics_and_bias_correction_by_hand():
     age = np.array([20.0, 40.0, 60.0, 80.0])
     pred = np.array([22.0, 41.0, 57.0, 80.0])

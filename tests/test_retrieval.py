@@ -152,6 +152,61 @@ def test_word_order_matters_in_the_built_in_set():
     assert Item(**test[0]["items"][0]).label in range(10)
 
 
+def test_word_order_set_shares_no_caption_and_needs_word_order():
+    from ermoe.data.tokenize import caption_tokenizer, encode
+
+    spec = CaptionSetSpec(train_size=30, val_size=10, test_size=300, seed=3, style="word_order")
+    data = json.loads(build_caption_set(spec, _pool(seed=1), _pool(seed=2)).read_text())
+    test = [e for e in data["images"] if e["split"] == "test"]
+    assert len(test) == 300 and all(len(e["sentences"]) == 5 for e in test)
+    captions = [s["raw"] for e in test for s in e["sentences"]]
+    owner = torch.tensor([i for i, e in enumerate(test) for _ in e["sentences"]])
+    tok = caption_tokenizer([s["raw"] for e in data["images"] for s in e["sentences"]], 500)
+    ambiguity = caption_ambiguity(encode(tok, captions, 64), owner)
+    assert ambiguity["text_shared"] == 0.0 and ambiguity["order_decides"] >= 0.3
+    twins = 0
+    for e, f in zip(test, test[1:]):
+        words = [sorted(re.findall(r"\w+|[^\w\s]+", s["raw"].lower())) for s in e["sentences"]]
+        if words == [sorted(re.findall(r"\w+|[^\w\s]+", s["raw"].lower())) for s in f["sentences"]]:
+            a, b = ([Item(**i) for i in x["items"]] for x in (e, f))
+            moved = [(x, y) for x, y in zip(a, b) if (x.row, x.col) != (y.row, y.col)]
+            assert len(moved) == 2 and {(x.label, x.large) for x, _ in moved} != {(moved[0][0].label,
+                                                                                 moved[0][0].large)}
+            twins += 1
+    assert twins >= 0.3 * len(test) / 2
+    for e in test:  # every caption is true of its canvas: the scene form read back item by item
+        items = {PLACES[(i["row"], i["col"])]: i for i in e["items"]}
+        parts = dict(part.split(": ", 1) for part in e["sentences"][0]["raw"].split("; "))
+        assert sorted(parts) == sorted(items)
+        for place, phrase in parts.items():
+            label, size = _label_of(phrase)
+            assert label == items[place]["label"] and (size is None or (size in ("large", "big")) ==
+                                                       items[place]["large"])
+        for clause in e["sentences"][2]["raw"].split(", and "):  # the row form: "x to the left of y in the top row"
+            m = re.fullmatch(r"(.+) to the left of (.+) in the (top|bottom) row", clause)
+            if m is None:
+                continue
+            row = ("top", "bottom").index(m[3])
+            left, right = (items[PLACES[(row, c)]] for c in (0, 1))
+            assert (_label_of(m[1])[0], _label_of(m[2])[0]) == (left["label"], right["label"])
+
+
+def test_caption_styles_keep_the_mixed_sets_cache_key_and_refuse_unknown_styles():
+    import hashlib
+    from dataclasses import asdict
+
+    from ermoe.data.captions import CAPTIONS_VERSION, caption_set_dir
+    from ermoe.data.modules import FashionCaptionsOptions
+
+    old = {k: v for k, v in asdict(CaptionSetSpec()).items() if k not in ("style", "twin_share")}
+    key = hashlib.sha256(json.dumps({**old, "v": CAPTIONS_VERSION}, sort_keys=True).encode()).hexdigest()[:16]
+    assert caption_set_dir(CaptionSetSpec()).name == key != caption_set_dir(CaptionSetSpec(style="word_order")).name
+    with pytest.raises(ValueError, match="data.captions must be one of"):
+        FashionCaptionsOptions(captions="poetry")
+    with pytest.raises(ValueError, match="data.captions must be one of"):
+        build_caption_set(CaptionSetSpec(style="poetry"), _pool(), _pool())
+
+
 # --- metrics, loss, towers ----------------------------------------------------------------------------------------
 
 from ermoe.analysis.retrieval import caption_ambiguity, retrieval_metrics, retrieval_ranks  # noqa: E402
@@ -296,6 +351,11 @@ def test_karpathy_json_by_someone_else_trains_and_evaluates(tmp_path):
     assert {"test_i2t_r@1", "test_t2i_r@10", "test_i2t_medr", "val_rsum"} <= set(metrics)
     text = metrics["layers"]["text.blocks.0.mlp"]
     assert sum(text["tokens_per_expert"]) > 24 and "mi_word_bits" in text and "probe_changed" in text
+    from ermoe.train.run import Run
+    examples = Run(run).read_examples()  # per test image and caption: the ranks the recalls come from
+    assert examples["i2t_rank"].shape == (8,) and examples["caption/owner"].tolist() == [i // 3 for i in range(24)]
+    assert 100 * sum((examples["i2t_rank"] <= k).mean() + (examples["caption/t2i_rank"] <= k).mean()
+                     for k in (1, 5, 10)) == pytest.approx(metrics["test_rsum"])
     assert "mi_item_bits" not in metrics["layers"]["image.blocks.1.mlp"]  # no item labels in someone else's data
     with pytest.raises(ConfigError, match="data.hflip does not apply"):
         _cfg(tmp_path, {"name": "karpathy", "json": str(path), "image_root": str(root), "hflip": True})

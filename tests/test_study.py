@@ -83,20 +83,110 @@ def _table(**cv):
     return {name: {**base, "load_cv": _seeds(v, 0.01 * v)} for name, v in cv.items()}
 
 
-def test_welch_matches_scipy_and_holm_by_hand():
-    from scipy.stats import ttest_ind
-    from ermoe.study.stats import holm, welch
+def test_paired_test_matches_scipy_and_holm_by_hand():
+    from scipy.stats import t, ttest_rel
+    from ermoe.study.stats import holm, paired
 
-    a, b = [0.81, 0.83, 0.80, 0.82], [0.78, 0.79, 0.775]
-    w = welch(a, b)
-    ref = ttest_ind(a, b, equal_var=False)
+    a, b = [0.81, 0.83, 0.80, 0.82], [0.78, 0.79, 0.775, 0.80]
+    w = paired(a, b)
+    ref = ttest_rel(a, b)
     ci = ref.confidence_interval(0.95)
     assert w.p == pytest.approx(ref.pvalue) and (w.low, w.high) == (pytest.approx(ci.low), pytest.approx(ci.high))
-    assert w.diff == pytest.approx(sum(a) / 4 - sum(b) / 3)
-    assert welch([1.0, 1.0], [1.0, 1.0]).p == 1.0 and welch([1.0], [2.0, 3.0]) is None
+    assert w.diff == pytest.approx((sum(a) - sum(b)) / 4) and w.n == 4 and w.dof == 3
+    # the test set's own error adds in quadrature: d = (.03, .04, .025, .02), s_d^2 / n + 1e-4
+    d = [0.03, 0.04, 0.025, 0.02]
+    mean = sum(d) / 4
+    seed_var = sum((x - mean) ** 2 for x in d) / 3 / 4
+    v = paired(a, b, test_var=1e-4)
+    assert v.se == pytest.approx((seed_var + 1e-4) ** 0.5) and v.test_se == pytest.approx(0.01)
+    assert v.p == pytest.approx(2 * t.sf(mean / (seed_var + 1e-4) ** 0.5, 3))
+    assert paired([1.0, 2.0], [0.5, 1.5]).p == 0.0 and paired([1.0, 1.0], [1.0, 1.0]).p == 1.0  # exact
+    assert paired([1.0], [2.0]) is None
+    with pytest.raises(ValueError, match="pair them by seed"):
+        paired([1.0, 2.0], [1.0, 2.0, 3.0])
     # Holm: sorted 0.01, 0.02, 0.04 -> 3*0.01, max(2*0.02, .03), max(1*0.04, .04); None stays out of the family
     assert holm([0.04, 0.01, None, 0.02]) == [pytest.approx(0.04), pytest.approx(0.03), None, pytest.approx(0.04)]
     assert holm([0.5, 0.6]) == [pytest.approx(1.0), pytest.approx(1.0)]  # capped at 1, monotone
+
+
+def test_comparisons_pair_runs_by_seed():
+    from ermoe.study.report import _seed_pairs
+
+    table = {"ermoe": {"seed": [0.0, 1.0, 3.0], "load_cv": [0.1, 0.2, 0.4]},
+             "switch": {"seed": [0.0, 1.0, 2.0, 3.0], "load_cv": [1.0, 2.0, 3.0, 4.0]}}
+    assert _seed_pairs(table, "ermoe", "switch", "load_cv") == ([0.0, 1.0, 3.0], [0.1, 0.2, 0.4], [1.0, 2.0, 4.0])
+    with pytest.raises(ValueError, match="no seeds to pair them by"):
+        _seed_pairs({"a": {"x": [1.0]}, "b": {"x": [1.0, 2.0]}}, "a", "b", "x")
+
+
+def test_the_test_sets_own_error_by_bootstrap_against_a_slow_reference():
+    import numpy as np
+    from ermoe.routing.stats import load_cv
+    from ermoe.study.examples import BOOTSTRAP_DRAWS, _example_load_cv, sampling_variance
+    from ermoe.study.stats import bootstrap_weights
+
+    rng = np.random.default_rng(1)
+    n = 400
+    runs = {m: {s: {"correct": rng.random(n) < p, "load/b1": rng.integers(0, 5, (n, 4))} for s in (0.0, 1.0, 2.0)}
+            for m, p in (("ermoe", 0.8), ("switch", 0.75))}
+    seeds = [0.0, 1.0, 2.0]
+    top1 = {m: [float(runs[m][s]["correct"].mean()) for s in seeds] for m in runs}
+    got = sampling_variance(runs, "ermoe", "switch", "test_top1", seeds, top1["ermoe"], top1["switch"], 1.0)
+    w = bootstrap_weights(n, BOOTSTRAP_DRAWS)
+    d = []
+    for b in range(BOOTSTRAP_DRAWS):  # the slow way: every resample, every seed, in float64
+        per_seed = [sum(w[b, i] * (float(runs["ermoe"][s]["correct"][i]) - float(runs["switch"][s]["correct"][i]))
+                        for i in range(n)) / n for s in seeds]
+        d.append(sum(per_seed) / len(seeds))
+    assert got == pytest.approx(float(np.var(d, ddof=1)), rel=1e-9)
+    # and it estimates the sampling variance of a mean difference: var over examples of the seed-averaged d, / n
+    d_x = np.mean([runs["ermoe"][s]["correct"].astype(float) - runs["switch"][s]["correct"] for s in seeds], axis=0)
+    assert got == pytest.approx(d_x.var() / n, rel=0.15)
+    # the load statistic reproduces the run's load CV with every example once
+    assert _example_load_cv(runs["ermoe"][0.0], np.ones((1, n)))[0] == pytest.approx(
+        load_cv(torch.as_tensor(runs["ermoe"][0.0]["load/b1"].sum(0))))
+    # RSUM: each image's rank and each caption's, captions weighed with their image
+    from ermoe.analysis.retrieval import metrics_from_ranks
+    from ermoe.study.examples import _example_rsum, examples_count
+    owner = np.repeat(np.arange(50), 5)
+    ranks = {"i2t_rank": rng.integers(1, 30, 50), "caption/t2i_rank": rng.integers(1, 30, 250), "caption/owner": owner}
+    want = metrics_from_ranks(torch.as_tensor(ranks["i2t_rank"]), torch.as_tensor(ranks["caption/t2i_rank"]))
+    assert _example_rsum(ranks, np.ones((1, 50)))[0] == pytest.approx(want["test_rsum"]) and examples_count(ranks) == 50
+    twice = np.ones((1, 50))
+    twice[0, 0] = 2.0  # image 0 drawn twice: its captions count twice too
+    hits = lambda r, k: (r <= k).astype(float)  # noqa: E731
+    by_hand = 100 * sum((hits(ranks["i2t_rank"], k) @ twice[0]) / 51 + (hits(ranks["caption/t2i_rank"], k)
+                        @ twice[0][owner]) / 255 for k in (1, 5, 10))
+    assert _example_rsum(ranks, twice)[0] == pytest.approx(by_hand)
+    # a run whose recorded examples do not give back the compared value, or a missing run: the seeds alone
+    wrong = [top1["ermoe"][0] + 0.01, *top1["ermoe"][1:]]
+    assert sampling_variance(runs, "ermoe", "switch", "test_top1", seeds, wrong, top1["switch"], 1.0) is None
+    assert sampling_variance(runs, "ermoe", "switch", "test_top1", [0.0, 5.0], top1["ermoe"][:2], top1["switch"][:2],
+                          1.0) is None
+    assert sampling_variance(runs, "ermoe", "switch", "mi_bits", seeds, [0.0] * 3, [0.0] * 3, 1.0) is None
+
+
+def test_a_run_records_its_per_example_test_results(tmp_path):
+    from ermoe.train import load_config, train
+    from ermoe.train.run import Run
+
+    cfg = load_config(None, {
+        "out_dir": str(tmp_path), "run_name": "r", "progress": False, "tensorboard": False,
+        "data": {"name": "digits", "train_limit": 256, "val_size": 100},
+        "model": {"patch_size": 2, "depth": 2, "embed_dim": 16, "num_heads": 2,
+                  "moe": {"router": "ermoe", "num_experts": 4, "blocks": [1]}},
+        "optim": {"epochs": 1, "batch_size": 64, "warmup_steps": 2, "eval_batch_size": 128}})
+    run = Run(train(cfg, quiet=True))
+    metrics, arrays = run.read_metrics(), run.read_examples()
+    assert "per_example" not in metrics and sorted(arrays) == ["correct", "load/blocks.1.mlp"]
+    assert len(arrays["correct"]) == metrics["test_images"] and arrays["correct"].mean() == pytest.approx(
+        metrics["test_top1"])
+    loads = arrays["load/blocks.1.mlp"]
+    assert loads.shape == (metrics["test_images"], 4) and (loads.sum(1) == 16).all()  # 4 x 4 patches an image
+    assert loads.sum(0).tolist() == metrics["layers"]["blocks.1.mlp"]["tokens_per_expert"]
+    (run.root / "test_examples.npz").write_bytes(b"not a zip")
+    with pytest.raises(Exception, match="is corrupt"):
+        run.read_examples()
 
 
 def test_verdicts_follow_the_statistics():
@@ -133,33 +223,116 @@ def test_each_report_names_its_condition_and_the_other_command():
     assert Path(__file__).parents[1].joinpath(STEM_STUDY.split("--config ")[1]).is_file()
 
 
-def test_the_preset_check_uses_validation_only():
+def test_the_preset_check_reads_validation_data_only():
     from ermoe.study.report import preset_check
 
     table = _table(switch=0.4, ermoe_standardize=0.2, emoe_standardize=0.2, ermoe_pca=0.9)
-    for name in table:
+    for name, cv in (("switch", 0.4), ("ermoe_standardize", 0.2), ("emoe_standardize", 0.2), ("ermoe_pca", 0.9)):
+        table[name]["val_load_cv"] = [cv + 0.01 * k * cv for k in (1, -1, 0, 2, -2)]
         table[name]["val_top1"] = _seeds(0.85)
     table["ermoe_standardize"]["val_top1"] = _seeds(0.75)  # balanced but 10 points less accurate on validation
-    table["emoe_standardize"]["test_top1"] = _seeds(0.10)  # a test split the check must not read
     checks = {c["method"]: c for c in preset_check(table)}
     assert checks["emoe_standardize"]["passes"] and checks["emoe_standardize"]["outcomes"] == ["supported"] * 2
     assert checks["ermoe_standardize"]["outcomes"] == ["supported", "contradicted"]
     assert checks["ermoe_pca"]["outcomes"][0] == "contradicted" and not checks["ermoe_pca"]["passes"]
     assert "switch" not in checks
+    # one family: Holm's correction runs over every variant's tests together
+    from ermoe.study.stats import holm
+    rows = [r for c in checks.values() for r in c["rows"]]
+    assert [r["p_holm"] for r in rows] == pytest.approx(holm([r["stat"].p for r in rows]))
+    # replace everything the test split gave (test top-1, the test tokens' load) by garbage: nothing changes
+    garbage = {name: {k: ([float("nan"), 7.0, -3.0, 1e9, 0.0] if not k.startswith("val_") else v)
+                      for k, v in measures.items()} for name, measures in table.items()}
+    again = {c["method"]: c for c in preset_check(garbage)}
+    assert {m: (c["outcomes"], c["rows"][1]["interval"]) for m, c in again.items()} == \
+        {m: (c["outcomes"], c["rows"][1]["interval"]) for m, c in checks.items()}
+
+
+def test_the_validation_pass_reads_no_test_image(tmp_path):
+    """The run's validation load (what the preset check reads) is unchanged when the test images are garbage."""
+    if not DEBIAN_FASHION_MNIST.exists():
+        pytest.skip("needs Fashion-MNIST")
+    import contextlib
+    from ermoe.train import load_config
+    from ermoe.train import trainer as trainer_mod
+
+    cfg = load_config(None, {"out_dir": str(tmp_path), "progress": False, "tensorboard": False,
+                             "data": {"train_limit": 256, "test_limit": 128, "val_size": 128},
+                             "model": {"embed_dim": 32, "num_heads": 2, "depth": 2,
+                                       "moe": {"num_experts": 4, "blocks": "all"}}})
+    task, model, _ = trainer_mod.setup(cfg)
+    first = task.evaluate(model, contextlib.nullcontext)
+    test = task.data.test
+    test.images.copy_(torch.randint(0, 256, test.images.shape, dtype=test.images.dtype))
+    second = task.evaluate(model, contextlib.nullcontext)
+    assert second["val_layers"] == first["val_layers"] and second["val_top1"] == first["val_top1"]
+    assert second["layers"] != first["layers"]  # the test tokens' routing did change
+    assert set(first["val_layers"]) == set(first["layers"]) and "load_cv" in first["val_layers"]["blocks.0.mlp"]
+
+
+@pytest.mark.parametrize("name", ["study_effnet_stem", "study_brainage", "study_brainage_heterogeneous",
+                                  "study_retrieval"])
+def test_every_committed_study_config_states_its_margins_and_every_claims_baseline(name):
+    import yaml
+    from ermoe.study.kinds import study_kind, study_plan
+
+    path = Path(__file__).parents[1] / "configs" / f"{name}.yaml"
+    stated = yaml.safe_load(path.read_text())
+    kind = study_kind(stated["train"].get("task", "classification"))
+    assert sorted(str(k) for k in stated["baselines"]) == sorted(number for number, _, _ in kind.claims)
+    parity = {t.measure for _, _, tests in kind.claims for t in tests if t.parity}
+    assert parity <= set(stated["margins"]) and all(m["reason"] for m in stated["margins"].values())
+    assert study_plan(load_study_config(path)).margins.keys() == stated["margins"].keys()
+
+
+def test_margins_and_baselines_come_from_the_config():
+    from ermoe.study.kinds import study_plan
+    from ermoe.study.report import IMAGE_MARGINS, verdicts
+    from ermoe.train import ConfigError
+
+    table = _table(ermoe=0.2, emoe_parallel=0.3, softmax_noloss=0.5, switch=0.4, vmoe=0.4)
+    table["ermoe"]["test_top1"] = [v - 0.005 for v in _seeds(0.80)]  # half a point below Switch on every seed
+    plan = study_plan(load_study_config())
+    three = {v["claim"]: v for v in verdicts(table, plan=plan)}["3"]
+    assert three["per_method"]["ermoe"] == "supported" and "margin 0.01 (pre-registered)" in three["evidence"][0]
+    strict = study_plan(load_study_config(overrides={"margins": {"test_top1": {"value": 0.002, "reason": "r"}}}))
+    three = {v["claim"]: v for v in verdicts(table, plan=strict)}["3"]
+    assert three["per_method"]["ermoe"] == "contradicted"  # the same numbers, a stricter margin fixed in advance
+    # the baseline is the one named, never the better of two picked by their results
+    vs_vmoe = study_plan(load_study_config(overrides={"baselines": {"3": "vmoe"}}))
+    assert "vs `vmoe`" in {v["claim"]: v for v in verdicts(table, plan=vs_vmoe)}["3"]["evidence"][0]
+    lines = "\n".join(plan.lines(verdicts.__globals__["CLAIMS"]))
+    assert "claim 3: against `switch`" in lines and IMAGE_MARGINS["test_top1"]["reason"] in lines
+    for overrides, message in [
+            ({"margins": {"test_top1": {"value": 0.0, "reason": "r"}}}, "must be a positive number"),
+            ({"margins": {"test_top1": {"value": 0.01}}}, "expected {value"),
+            ({"margins": {"test_top1": {"value": 0.01, "reason": " "}}}, "must say why"),
+            ({"baselines": {"3": "nonexistent"}}, "is not a method of this study"),
+            ({"baselines": {"4": ["switch"]}}, "claim 4 has 2 comparison"),
+            ({"baselines": {"9": "switch"}}, "no claim '9'")]:
+        with pytest.raises(ConfigError, match=message):
+            load_study_config(overrides=overrides)
+    from ermoe.study.plan import make_plan
+    with pytest.raises(ConfigError, match="need a margin fixed before the runs"):
+        make_plan({}, {}, verdicts.__globals__["CLAIMS"], METHODS)
 
 
 def test_a_collapsed_router_never_passes_the_stability_claim():
     table = _table(ermoe=2.3, emoe_parallel=0.35, softmax_noloss=0.5, switch=0.4, vmoe=0.4)
     table["ermoe"]["probe_changed_rel"] = _seeds(0.05)  # barely changes: it sends almost every token to one expert
     table["emoe_parallel"]["probe_changed_rel"] = _seeds(0.10)
+    # a variant whose mean load CV is above the gate's but not significantly (paired test): compared
+    table["ermoe_standardize"] = {**table["vmoe"], "load_cv": [0.45, 0.60, 0.50, 0.55, 0.52],
+                                  "probe_changed_rel": _seeds(0.10)}
     five = {v["claim"]: v for v in verdicts(table)}["5"]
     assert five["per_method"] == {"ermoe": "inconclusive", "emoe_parallel": "supported"}
-    assert any("not compared: load CV 2.3" in e for e in five["evidence"])
+    assert any("not compared: load CV 2.3 significantly above" in e for e in five["evidence"])
+    assert five["variants"] == ["ermoe_standardize"]
 
 
 
 def test_ep_wait_section_tests_each_router_against_switch_by_hand():
-    from scipy.stats import ttest_ind
+    from scipy.stats import ttest_rel
 
     from ermoe.study.report import ep_wait_lines
 
@@ -172,7 +345,7 @@ def test_ep_wait_section_tests_each_router_against_switch_by_hand():
     lines = ep_wait_lines(table)
     rows = {line.split(" | ")[0].strip("| `"): line for line in lines if line.startswith("| `")}
     assert sorted(rows) == ["ermoe", "vmoe"]
-    p = [ttest_ind(table[m]["train_ep_straggler"], table["switch"]["train_ep_straggler"], equal_var=False).pvalue
+    p = [ttest_rel(table[m]["train_ep_straggler"], table["switch"]["train_ep_straggler"]).pvalue
          for m in ("ermoe", "vmoe")]
     holm_ermoe, holm_vmoe = min(1.0, 2 * min(p)), max(min(1.0, 2 * min(p)), max(p))  # ermoe's p is the smaller
     assert p[0] < p[1]
@@ -269,18 +442,21 @@ def test_a_stale_run_is_never_reused(tmp_path, capsys):
 
 
 def test_claim7_compares_with_093_times_the_plain_cnn_by_hand():
-    """Claim 7 ("MAE more than 7% lower"): the method's MAE against 0.93 x the plain CNN's, Welch + Holm."""
+    """Claim 7 ("MAE more than 7% lower"): the method's MAE against 0.93 x the plain CNN's, paired by seed + Holm."""
     from ermoe.study.brain import BRAIN_CLAIMS, BRAIN_METHODS, BRAIN_PAPER_METHODS
-    from ermoe.study.stats import welch
+    from ermoe.study.kinds import study_plan
+    from ermoe.study.stats import paired
 
     plain = [4.0, 4.02, 3.98]  # 0.93 x: mean 3.72
-    table = {"plain": {"test_mae": plain}, "ermoe": {"test_mae": [3.50, 3.52, 3.48]},
+    table = {"plain": {"test_mae": plain}, "ermoe": {"test_mae": [3.50, 3.55, 3.46]},
              "emoe": {"test_mae": [3.90, 3.92, 3.88]}, "ermoe_standardize": {"test_mae": [3.80, 3.70, 3.72]}}
-    (claim,) = [v for v in verdicts(table, BRAIN_CLAIMS, BRAIN_PAPER_METHODS, BRAIN_METHODS) if v["claim"] == "7"]
+    plan = study_plan(load_study_config("configs/study_brainage.yaml"))
+    (claim,) = [v for v in verdicts(table, BRAIN_CLAIMS, BRAIN_PAPER_METHODS, BRAIN_METHODS, plan)
+                if v["claim"] == "7"]
     # ERMoE 12.5% below: significantly under 0.93 x; EMoE 2.5% below: significantly above 0.93 x (gain < 7%)
     assert claim["per_method"] == {"ermoe": "supported", "emoe": "contradicted"}
-    assert "vs 0.93 x `plain` 3.72: difference -0.22" in claim["evidence"][0]
-    w = welch(table["ermoe"]["test_mae"], [0.93 * v for v in plain])  # the test is on the scaled values
+    assert "vs 0.93 x `plain` 3.72: paired difference -0.217 over 3 seeds" in claim["evidence"][0]
+    w = paired(table["ermoe"]["test_mae"], [0.93 * v for v in plain])  # on the scaled values, by seed
     assert f"95% CI [{w.low:.3g}, {w.high:.3g}]" in claim["evidence"][0]
     assert claim["variants"] == []  # 3.74 vs 3.72: within noise, inconclusive
 
@@ -303,3 +479,17 @@ def test_brain_methods_differ_in_routing_only():
     assert brain_method_model("regional", base)["channels"] == base["channels"]
     with pytest.raises(ValueError, match="unknown brain-age study method"):
         brain_method_model("dense", base)
+
+
+def test_the_retrieval_report_states_each_rows_active_size_against_dense():
+    from ermoe.study.retrieval import _active_lines, _data_line
+
+    table = {"dense": {"params_active": [1000.0, 1000.0]}, "ermoe": {"params_active": [930.0, 930.0]},
+             "switch": {"params_active": [1000.0, 1000.0]}}
+    text = "\n".join(_active_lines(table))
+    assert "`ermoe` 930 (-7.0%)" in text and "`switch` 1,000 (+0.0%)" in text
+    assert _active_lines({"ermoe": table["ermoe"]}) == []
+    line = _data_line({"dataset": "fashion_captions", "test_images": 1000, "test_captions": 5000,
+                       "chance_i2t_r@1": 0.001, "chance_t2i_r@1": 0.001, "test_caption_text_shared": 0.0,
+                       "test_caption_order_decides": 0.656, "test_caption_bag_unique": 0.344})
+    assert "0.0% are another test image's word for word, 65.6% have another image's words" in line

@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -120,6 +121,40 @@ class RoutingCounts:
         table = self.tables[name]
         return {**table.load(), f"expert_{label}_counts": table.counts.tolist(),
                 "mi_bits": mutual_information(table.counts)}
+
+
+# The key of a task's metrics under which it hands over per-example test results (arrays of one row per test
+# example: ``correct``, ``abs_error``, ``load/<layer>``); the run stores them beside metrics.json, not in it.
+TEST_EXAMPLES = "per_example"
+
+
+class ExampleLoads:
+    """Per routing layer, the assignments each example's tokens made to each expert: ``(examples, E)`` counts over
+    an evaluation, for the layers that route the same number of tokens per example (patches, cells, one per image).
+    From them a study resamples the test examples (the test set's own sampling error of a load statistic)."""
+
+    def __init__(self, layers: Sequence[RoutedLayer]) -> None:
+        self.views = {v.name: v for v in layers}
+        self.rows: dict[str, list[Tensor]] = {name: [] for name in self.views}
+        self.uneven: set[str] = set()  # layers whose token count is not a multiple of the batch's examples
+
+    def add(self, examples: int, layers: Iterable[str] | None = None) -> None:
+        """Count the last routing of ``layers`` (default: all) over a batch of ``examples`` examples."""
+        for name in self.views if layers is None else layers:
+            view = self.views[name]
+            info = view.last_routing
+            if info is None or info.num_tokens % examples:
+                self.uneven.add(name)
+                continue
+            tokens, experts = (t.cpu() for t in assignments(info))
+            example = tokens // (info.num_tokens // examples)
+            counts = torch.bincount(example * view.num_experts + experts, minlength=examples * view.num_experts)
+            self.rows[name].append(counts.view(examples, view.num_experts))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """``load/<layer>``: the ``(examples, E)`` counts of every evenly routed layer."""
+        return {f"load/{name}": torch.cat(rows).numpy() for name, rows in self.rows.items()
+                if rows and name not in self.uneven}
 
 
 def mutual_information(joint_counts: Tensor) -> float:
@@ -241,13 +276,15 @@ class PerExample:
 
 @dataclass
 class Evaluation:
-    """What :func:`evaluate_routed` gathered: each measure's value, the examples seen, the routing counts, and per
-    routing layer the probe's measures (:func:`probe_routing`; empty without a probe)."""
+    """What :func:`evaluate_routed` gathered: each measure's value, the examples seen, the routing counts, per
+    routing layer the probe's measures (:func:`probe_routing`; empty without a probe), and each example's expert
+    loads (:class:`ExampleLoads`)."""
 
     measures: dict[str, float]
     examples: int
     counts: RoutingCounts
     probe: dict[str, dict[str, Any]]
+    example_loads: ExampleLoads
 
     def layers(self, label: str = "label") -> dict[str, dict[str, Any]]:
         """Per routing layer: its load, ``expert_{label}_counts`` and ``mi_bits``, and the probe's measures."""
@@ -269,6 +306,7 @@ def evaluate_routed(model: RoutedModel, batches: Iterable[tuple[Sequence[Tensor]
     geometry)."""
     with evaluating(model):
         counts = RoutingCounts(model.routed_layers(), num_labels)
+        loads = ExampleLoads(model.routed_layers())
         ctx = autocast or torch.no_grad
         examples = 0
         for inputs, target in batches:
@@ -281,9 +319,10 @@ def evaluate_routed(model: RoutedModel, batches: Iterable[tuple[Sequence[Tensor]
                 on_output(output, target)
             examples += len(inputs[0])
             counts.add(None if label_of is None else label_of(target))
+            loads.add(len(inputs[0]))
         values = {name: float(m.compute()) if examples else float("nan") for name, m in measures.items()}
         probe_stats = probe_routing(model, probe, max_probe_tokens, ctx) if probe is not None else {}
-    return Evaluation(values, examples, counts, probe_stats)
+    return Evaluation(values, examples, counts, probe_stats, loads)
 
 
 def evaluate_classifier(model: RoutedModel, batches: Iterable[tuple[Sequence[Tensor], Tensor]], num_classes: int,
@@ -304,17 +343,21 @@ def evaluate_classifier(model: RoutedModel, batches: Iterable[tuple[Sequence[Ten
     measures["test_loss"] = PerExample(lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none"))
     class_images = torch.zeros(num_classes, dtype=torch.long)
     model_sums: dict[str, float] = {}  # models with a batch_metrics(logits, labels) method: per-image sums
+    correct: list[Tensor] = []
 
     def gather(logits: Tensor, labels: Tensor) -> None:
         nonlocal class_images
         class_images += torch.bincount(labels.cpu(), minlength=num_classes)
+        correct.append((logits.argmax(1) == labels).cpu())
         for key, value in model.batch_metrics(logits, labels).items():
             model_sums[key] = model_sums.get(key, 0.0) + value
 
     ev = evaluate_routed(model, batches, measures, num_classes, example_labels, probe, max_probe_tokens, autocast,
                          gather)
     result: dict[str, Any] = {**{k: (0.0 if math.isnan(v) else v) for k, v in ev.measures.items()},
-                              "test_images": ev.examples, "class_images": class_images.tolist(), "layers": {}}
+                              "test_images": ev.examples, "class_images": class_images.tolist(), "layers": {},
+                              TEST_EXAMPLES: {"correct": torch.cat(correct).numpy() if correct else np.zeros(0, bool),
+                                              **ev.example_loads.arrays()}}
     if model_sums:
         result["model_metrics"] = {key: value / max(ev.examples, 1) for key, value in model_sums.items()}
     h_class = entropy_bits(class_images)

@@ -49,7 +49,12 @@ def retrieval_metrics(image_NE: Tensor, text_ME: Tensor, owner_M: Tensor, ks: Se
                       prefix: str = "test_", chunk: int = 1024) -> dict[str, float]:
     """``{prefix}i2t_r@K``, ``{prefix}t2i_r@K``, the median ranks ``{prefix}i2t_medr`` / ``{prefix}t2i_medr`` and
     ``{prefix}rsum`` (the sum of the six recalls, in percent, as the retrieval literature reports it)."""
-    image_rank, text_rank = retrieval_ranks(image_NE, text_ME, owner_M, chunk)
+    return metrics_from_ranks(*retrieval_ranks(image_NE, text_ME, owner_M, chunk), ks, prefix)
+
+
+def metrics_from_ranks(image_rank: Tensor, text_rank: Tensor, ks: Sequence[int] = (1, 5, 10),
+                       prefix: str = "test_") -> dict[str, float]:
+    """The metrics of :func:`retrieval_metrics` from the ranks :func:`retrieval_ranks` gives."""
     out: dict[str, float] = {}
     for name, ranks in (("i2t", image_rank), ("t2i", text_rank)):
         for k, r in recall_at(ranks, ks).items():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,12 +44,22 @@ NAMES = [
 NUMBERS = {2: "two", 3: "three", 4: "four"}
 
 
+CAPTION_STYLES = ("mixed", "word_order")
+
+
 @dataclass(frozen=True)
 class CaptionSetSpec:
+    """``style``: ``mixed`` (relations, scene, counts and places; many test captions are shared between images or
+    singled out by their words alone) or ``word_order`` (every caption describes the whole canvas, no caption is
+    shared between two images of a split, and ``twin_share`` of the images come in pairs that differ by two items
+    swapped, whose captions use the same words in another order: :func:`word_order_split`)."""
+
     train_size: int = 10000
     val_size: int = 1000
     test_size: int = 1000
     seed: int = 0
+    style: str = "mixed"
+    twin_share: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -133,32 +144,136 @@ def captions_for(rng: np.random.Generator, items: list[Item], count: int = 5) ->
     return out
 
 
-def compose(rng: np.random.Generator, pool_images: np.ndarray, pool_labels: np.ndarray
-            ) -> tuple[np.ndarray, list[Item]]:
-    """One canvas (64 x 64 uint8) with 2-4 items from the pool in distinct cells."""
+ROWS, COLUMNS = ("top", "bottom"), ("left", "right")
+_TOKENS = re.compile(r"\w+|[^\w\s]+")  # the caption tokenizer's pre-tokenizer (Hugging Face ``Whitespace``)
+
+
+def token_key(text: str) -> tuple[str, ...]:
+    """A caption as the text tower will see its words (lower-cased, split on words and punctuation)."""
+    return tuple(_TOKENS.findall(text.lower()))
+
+
+def _row_clause(names: dict[int, str], items: list[Item], row: int) -> str | None:
+    here = sorted((i for i in range(len(items)) if items[i].row == row), key=lambda i: items[i].col)
+    if not here:
+        return None
+    if len(here) == 2:
+        return f"{names[here[0]]} to the left of {names[here[1]]} in the {ROWS[row]} row"
+    only = here[0]
+    return f"{names[only]} alone in the {ROWS[row]} row, on the {COLUMNS[items[only].col]}"
+
+
+def _column_clause(names: dict[int, str], items: list[Item], col: int) -> str | None:
+    here = sorted((i for i in range(len(items)) if items[i].col == col), key=lambda i: items[i].row)
+    if not here:
+        return None
+    if len(here) == 2:
+        return f"{names[here[0]]} above {names[here[1]]} in the {COLUMNS[col]} column"
+    only = here[0]
+    return f"{names[only]} alone in the {COLUMNS[col]} column, at the {ROWS[items[only].row]}"
+
+
+WHOLE_CANVAS_FORMS = 5
+
+
+def whole_canvas_caption(form: int, names: dict[int, str], items: list[Item]) -> str:
+    """Caption form ``form`` of a canvas, naming every item (``names[i]``: item i's words) and its place: the
+    scene in reading order (two forms), row by row, column by column, corner by corner."""
+    order = sorted(range(len(items)), key=lambda i: (items[i].row, items[i].col))
+    place = {i: PLACES[(items[i].row, items[i].col)] for i in order}
+    if form == 0:
+        return "; ".join(f"{place[i]}: {names[i]}" for i in order)
+    if form == 1:
+        return ", ".join(f"{names[i]} at the {place[i]}" for i in order)
+    if form == 2:
+        return ", and ".join(c for c in (_row_clause(names, items, r) for r in (0, 1)) if c)
+    if form == 3:
+        return ", and ".join(c for c in (_column_clause(names, items, c) for c in (0, 1)) if c)
+    if form == 4:
+        return " and ".join(f"{names[i]} in the {place[i]} corner" for i in order)
+    raise ValueError(f"caption form {form} of {WHOLE_CANVAS_FORMS}")
+
+
+def swapped_twin(rng: np.random.Generator, items: list[Item]) -> list[Item] | None:
+    """The canvas with two items that differ (class or size) exchanging cells, or None when all items are alike."""
+    pairs = [(a, b) for a in range(len(items)) for b in range(a + 1, len(items))
+             if (items[a].label, items[a].large) != (items[b].label, items[b].large)]
+    if not pairs:
+        return None
+    a, b = pairs[int(rng.integers(len(pairs)))]
+    twin = list(items)
+    twin[a] = Item(items[a].label, items[b].row, items[b].col, items[a].large)
+    twin[b] = Item(items[b].label, items[a].row, items[a].col, items[b].large)
+    return twin
+
+
+def draw_canvas(pool_images: np.ndarray, items: list[Item], picks: list[int], offsets: list[tuple[int, int]]
+                ) -> np.ndarray:
+    """A 64 x 64 canvas of the pool's images ``picks`` placed as ``items`` say, each shifted by its offset."""
     from PIL import Image
 
-    n = int(rng.integers(2, 5))
-    cells = [divmod(int(c), 2) for c in rng.permutation(4)[:n]]
     canvas = np.zeros((CANVAS, CANVAS), dtype=np.uint8)
-    items = []
-    for row, col in cells:
-        k = int(rng.integers(len(pool_images)))
-        large = bool(rng.random() < 0.5)
-        size = 28 if large else 20
+    for item, k, (dy, dx) in zip(items, picks, offsets):
+        size = 28 if item.large else 20
         patch = pool_images[k]
         if size != patch.shape[0]:
             patch = np.asarray(Image.fromarray(patch).resize((size, size), Image.Resampling.BILINEAR))
         off = (CELL - size) // 2
-        dy, dx = (int(v) for v in rng.integers(-2, 3, size=2)) if off >= 2 else (0, 0)
-        y, x = row * CELL + off + dy, col * CELL + off + dx
+        y, x = item.row * CELL + off + dy, item.col * CELL + off + dx
         canvas[y:y + size, x:x + size] = np.maximum(canvas[y:y + size, x:x + size], patch)
+    return canvas
+
+
+def word_order_split(rng: np.random.Generator, size: int, pool: tuple[np.ndarray, np.ndarray], twin_share: float,
+                     max_tries: int = 100) -> list[tuple[np.ndarray, list[Item], list[str]]]:
+    """``size`` canvases of one split with five whole-canvas captions each, no caption (as tokens) shared by two
+    canvases, and about ``twin_share`` of the canvases in swapped pairs: the twin shows the same item images with
+    two of them exchanged, and its captions use the same word choices, so each of its captions has the same words
+    as its partner's in another order (only word order tells the two apart)."""
+    images, labels = pool
+    used: set[tuple[str, ...]] = set()
+    out: list[tuple[np.ndarray, list[Item], list[str]]] = []
+    while len(out) < size:
+        n = int(rng.integers(2, 5))
+        cells = [divmod(int(c), 2) for c in rng.permutation(4)[:n]]
+        picks = [int(rng.integers(len(images))) for _ in cells]
+        items = [Item(int(labels[k]), row, col, bool(rng.random() < 0.5)) for k, (row, col) in zip(picks, cells)]
+        offsets = [tuple(int(v) for v in rng.integers(-2, 3, size=2)) for _ in cells]
+        twin = swapped_twin(rng, items) if len(out) + 2 <= size and rng.random() < twin_share else None
+        for _ in range(max_tries):
+            # one word choice per (caption, item): the twin reads its items with the same words
+            names = [{i: _name(rng, item) for i, item in enumerate(items)} for _ in range(WHOLE_CANVAS_FORMS)]
+            canvases = [items] if twin is None else [items, twin]
+            texts = [[whole_canvas_caption(f, names[f], its) for f in range(WHOLE_CANVAS_FORMS)] for its in canvases]
+            keys = [token_key(t) for ts in texts for t in ts]
+            if len(set(keys)) == len(keys) and not used.intersection(keys):
+                used.update(keys)
+                for its, ts in zip(canvases, texts):
+                    out.append((draw_canvas(images, its, picks, offsets), its, ts))
+                break
+    return out
+
+
+def compose(rng: np.random.Generator, pool_images: np.ndarray, pool_labels: np.ndarray
+            ) -> tuple[np.ndarray, list[Item]]:
+    """One canvas (64 x 64 uint8) with 2-4 items from the pool in distinct cells."""
+    n = int(rng.integers(2, 5))
+    cells = [divmod(int(c), 2) for c in rng.permutation(4)[:n]]
+    items, picks, offsets = [], [], []
+    for row, col in cells:
+        k = int(rng.integers(len(pool_images)))
+        large = bool(rng.random() < 0.5)
+        offsets.append(tuple(int(v) for v in rng.integers(-2, 3, size=2)))
+        picks.append(k)
         items.append(Item(int(pool_labels[k]), row, col, large))
-    return canvas, items
+    return draw_canvas(pool_images, items, picks, offsets), items
 
 
 def caption_set_dir(spec: CaptionSetSpec) -> Path:
-    key = hashlib.sha256(json.dumps({**asdict(spec), "v": CAPTIONS_VERSION}, sort_keys=True).encode()).hexdigest()[:16]
+    fields = asdict(spec)
+    if spec.style == "mixed":  # the key of the sets built before there were styles
+        del fields["style"], fields["twin_share"]
+    key = hashlib.sha256(json.dumps({**fields, "v": CAPTIONS_VERSION}, sort_keys=True).encode()).hexdigest()[:16]
     root = cache_root()
     return root / "fashion_captions" / key
 
@@ -173,6 +288,10 @@ def build_caption_set(spec: CaptionSetSpec, train_pool: tuple[np.ndarray, np.nda
     for key in ("train_size", "val_size", "test_size"):
         if getattr(spec, key) < 1:
             raise ValueError(f"data.{key} of the caption set must be >= 1, got {getattr(spec, key)}")
+    if spec.style not in CAPTION_STYLES:
+        raise ValueError(f"data.captions must be one of {CAPTION_STYLES}, got {spec.style!r}")
+    if not 0.0 <= spec.twin_share <= 1.0:
+        raise ValueError(f"the caption set's twin_share must be in [0, 1], got {spec.twin_share}")
     root = caption_set_dir(spec)
     json_path = root / "dataset_fashion_captions.json"
     if json_path.is_file():
@@ -185,12 +304,17 @@ def build_caption_set(spec: CaptionSetSpec, train_pool: tuple[np.ndarray, np.nda
     sent_id = 0
     for split, size, pool in (("train", spec.train_size, train_pool), ("val", spec.val_size, test_pool),
                               ("test", spec.test_size, test_pool)):
-        for _ in range(size):
-            canvas, items = compose(rng, *pool)
+        if spec.style == "word_order":
+            canvases = word_order_split(rng, size, pool, spec.twin_share)
+        else:
+            canvases = []
+            for _ in range(size):
+                canvas, items = compose(rng, *pool)
+                canvases.append((canvas, items, captions_for(rng, items)))
+        for canvas, items, captions in canvases:
             img_id = len(entries)
             name = f"{img_id:06d}.png"
             Image.fromarray(canvas).save(root / "images" / name)
-            captions = captions_for(rng, items)
             entries.append({
                 "filepath": "images", "filename": name, "imgid": img_id, "split": split,
                 "sentids": list(range(sent_id, sent_id + len(captions))),

@@ -20,6 +20,14 @@ skull-stripped; stored as int16 NIfTI in RAS or LAS orientation (the reader must
 
 The generator also writes what it knows: ``age_map.nii.gz`` (the mean absolute intensity change per year of a
 noise-free subject: where the age information is) and ``tissue.nii.gz`` (0 background, 1 CSF, 2 GM, 3 WM).
+
+``ageing="heterogeneous"`` makes people age differently, in ways a model can only tell from the image: each subject
+follows one of two patterns (``PATTERNS``: hippocampal-predominant atrophy, or ventricle- and white-matter-
+predominant), men lose grey matter faster than women (``SEX_GM_RATE``), and the three sites' intensity, noise and
+bias differ as before (a nuisance a model must ignore). The CSV records each subject's ``pattern``; the generator
+writes each pattern's age map (``age_map_<pattern>.nii.gz``) and ``pattern_map.nii.gz`` (per voxel: 0 where the
+patterns age alike, else 1 + the pattern that changes it most), the ground truth expert maps are scored against.
+The default, ``homogeneous``, ages everyone alike (the cohort above, unchanged).
 """
 
 from __future__ import annotations
@@ -42,6 +50,12 @@ from .cache import cache_root
 from .nifti import mni_grid
 
 COHORT_VERSION = "2"  # bumped whenever the generator changes: cached cohorts are keyed by it
+AGEING = ("homogeneous", "heterogeneous")
+# Heterogeneous ageing: each pattern multiplies the base rates (hippocampal GM loss, ventricular growth, WM loss).
+PATTERNS = {"hippocampal": {"hippocampus": 2.5, "ventricle": 0.5, "wm": 1.0},
+            "ventricular": {"hippocampus": 0.5, "ventricle": 2.0, "wm": 1.5}}
+SEX_GM_RATE = {"F": 0.85, "M": 1.15}  # cortical GM loss, faster in men (both patterns)
+PATTERN_RATIO = 1.5  # pattern_map: a voxel belongs to a pattern where its age map exceeds the other's this much
 HIPPOCAMPUS_MM = [(-26.0, -22.0, -14.0), (26.0, -22.0, -14.0)]
 HIPPOCAMPUS_AXES_MM = (7.0, 18.0, 8.0)
 # (intensity scale, contrast exponent, noise sd, bias-field strength) per site
@@ -56,6 +70,7 @@ class CohortSpec:
     age_min: float = 20.0
     age_max: float = 85.0
     bio_sd: float = 2.0
+    ageing: str = "homogeneous"
 
     def floor_mae(self) -> float:
         """The MAE of a model that knew every subject's biological age exactly."""
@@ -86,6 +101,24 @@ def wm_rate(t):
 
 def hippocampus_rate(t):
     return np.full_like(t, 0.85)
+
+
+@dataclass(frozen=True)
+class AgeingRates:
+    """Multipliers of the base rates for one subject (1 everywhere: the homogeneous cohort)."""
+
+    gm: float = 1.0
+    hippocampus: float = 1.0
+    wm: float = 1.0
+    ventricle: float = 1.0
+
+    @classmethod
+    def of(cls, pattern: str, sex: str | None = None) -> "AgeingRates":
+        return cls(gm=SEX_GM_RATE[sex] if sex is not None else 1.0, **PATTERNS[pattern])
+
+
+def _scaled(rate, factor: float):
+    return rate if factor == 1.0 else (lambda t: factor * rate(t))
 
 
 def ventricle_growth(t):
@@ -169,19 +202,20 @@ def _bias_field(rng: np.random.Generator, shape: tuple[int, ...], strength: floa
 
 
 def aged_tissue(t: Templates, bio_age: float, world: np.ndarray, gm_scale: float = 1.0,
-                wm_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """``(3, X, Y, Z)`` GM, WM, CSF probabilities of the template brain at ``bio_age`` (the ageing model), and the
-    ventricular expansion as a displacement field (mm, ``(X, Y, Z, 3)``) to sample them through."""
-    g = retained(bio_age, gm_rate) * gm_scale
-    h = retained(bio_age, hippocampus_rate) * gm_scale
+                wm_scale: float = 1.0, rates: AgeingRates = AgeingRates()) -> tuple[np.ndarray, np.ndarray]:
+    """``(3, X, Y, Z)`` GM, WM, CSF probabilities of the template brain at ``bio_age`` (the ageing model, its rates
+    multiplied by ``rates``), and the ventricular expansion as a displacement field (mm, ``(X, Y, Z, 3)``) to sample
+    them through."""
+    g = retained(bio_age, _scaled(gm_rate, rates.gm)) * gm_scale
+    h = retained(bio_age, _scaled(hippocampus_rate, rates.hippocampus)) * gm_scale
     gm_factor = (1 - t.hippocampus) * g + t.hippocampus * h
     gm = np.clip(t.gm * gm_factor, 0, 1)
-    wm = np.clip(t.wm * retained(bio_age, wm_rate) * wm_scale, 0, 1)
+    wm = np.clip(t.wm * retained(bio_age, _scaled(wm_rate, rates.wm)) * wm_scale, 0, 1)
     csf = np.clip(t.mask - gm - wm, 0, 1)
     tissue = np.stack([gm, wm, csf]).astype(np.float32)
     # Ventricular expansion by k (linear; k^3 in volume): each point samples from a point pulled towards the
     # ventricle centre, so what lies there appears k times further out (radial, smooth, local).
-    k = retained(bio_age, ventricle_growth) ** (1 / 3)
+    k = retained(bio_age, _scaled(ventricle_growth, rates.ventricle)) ** (1 / 3)
     offset = world - t.ventricle_centre
     dist2 = (offset ** 2).sum(-1, keepdims=True)
     shrink = 1 - (1 - 1 / k) * np.exp(-dist2 / (2 * (1.5 * t.ventricle_radius) ** 2))
@@ -196,14 +230,14 @@ def t1_intensity(tissue: np.ndarray, bio_age: float) -> np.ndarray:
 
 
 def synthesise(t: Templates, world: np.ndarray, bio_age: float, rng: np.random.Generator | None = None,
-               site: int = 0) -> np.ndarray:
+               site: int = 0, rates: AgeingRates = AgeingRates()) -> np.ndarray:
     """One T1-like volume (skull-stripped). ``rng=None``: the noise-free template subject (no individual anatomy,
     bias or noise) of site 0."""
     spacing = float(t.affine[0, 0])
     gm_scale = wm_scale = 1.0
     if rng is not None:
         gm_scale, wm_scale = 1 + rng.normal(0, 0.04), 1 + rng.normal(0, 0.04)
-    tissue, displacement = aged_tissue(t, bio_age, world, gm_scale, wm_scale)
+    tissue, displacement = aged_tissue(t, bio_age, world, gm_scale, wm_scale, rates)
     stack = np.concatenate([tissue, t.mask[None]])
     if rng is not None:
         centre = world.reshape(-1, 3).mean(0)
@@ -219,15 +253,30 @@ def synthesise(t: Templates, world: np.ndarray, bio_age: float, rng: np.random.G
     return (vol * mask).astype(np.float32)
 
 
-def age_sensitivity_map(t: Templates, world: np.ndarray, spec: CohortSpec) -> np.ndarray:
+def age_sensitivity_map(t: Templates, world: np.ndarray, spec: CohortSpec,
+                        rates: AgeingRates = AgeingRates()) -> np.ndarray:
     """Mean absolute T1 intensity change per year of the noise-free subject over the cohort's age range."""
     ages = np.linspace(spec.age_min, spec.age_max, 8)
-    vols = [synthesise(t, world, float(a)) for a in ages]
+    vols = [synthesise(t, world, float(a), rates=rates) for a in ages]
     return np.mean([np.abs(b - a) / (ages[1] - ages[0]) for a, b in zip(vols, vols[1:])], 0).astype(np.float32)
 
 
+def pattern_map(maps: dict[str, np.ndarray], mask: np.ndarray) -> np.ndarray:
+    """Per voxel 0 where the patterns' age maps are alike (or the voxel is outside the brain, or unchanged), else
+    1 + the index (in ``PATTERNS`` order) of the pattern whose map exceeds every other's ``PATTERN_RATIO`` times."""
+    stack = np.stack([maps[name] for name in PATTERNS])
+    top = stack.argmax(0)
+    best = stack.max(0)
+    second = np.sort(stack, 0)[-2]
+    active = (mask > 0) & (best > np.quantile(best[mask > 0], 0.5)) & (best > PATTERN_RATIO * second)
+    return np.where(active, top + 1, 0).astype(np.int16)
+
+
 def cohort_dir(spec: CohortSpec) -> Path:
-    key = hashlib.sha256(json.dumps({**asdict(spec), "v": COHORT_VERSION}, sort_keys=True).encode()).hexdigest()[:16]
+    fields = asdict(spec)
+    if spec.ageing == "homogeneous":  # the key of the cohorts built before there were patterns
+        del fields["ageing"]
+    key = hashlib.sha256(json.dumps({**fields, "v": COHORT_VERSION}, sort_keys=True).encode()).hexdigest()[:16]
     root = cache_root()
     return root / "brain_cohort" / key
 
@@ -241,6 +290,8 @@ def build_cohort(spec: CohortSpec, log=None) -> Path:
         raise ValueError(f"data.cohort_size must be at least 3, got {spec.size}")
     if not 0 <= spec.age_min < spec.age_max:
         raise ValueError(f"cohort ages need 0 <= age_min < age_max, got {spec.age_min}, {spec.age_max}")
+    if spec.ageing not in AGEING:
+        raise ValueError(f"data.ageing must be one of {AGEING}, got {spec.ageing!r}")
     root = cohort_dir(spec)
     csv_path = root / "participants.csv"
     if csv_path.is_file():
@@ -259,7 +310,8 @@ def build_cohort(spec: CohortSpec, log=None) -> Path:
         age = float(rng.uniform(spec.age_min, spec.age_max))
         bio = age + float(rng.normal(0, spec.bio_sd))
         site, sex = int(rng.integers(len(SITES))), ("F", "M")[int(rng.integers(2))]
-        vol = synthesise(t, world, bio, rng, site)
+        pattern = list(PATTERNS)[int(rng.integers(len(PATTERNS)))] if spec.ageing == "heterogeneous" else None
+        vol = synthesise(t, world, bio, rng, site, AgeingRates.of(pattern, sex) if pattern else AgeingRates())
         affine = ras
         if rng.random() < 0.5:  # stored left-right flipped, as FSL's radiological MNI files are
             vol, affine = vol[::-1].copy(), las
@@ -268,10 +320,18 @@ def build_cohort(spec: CohortSpec, log=None) -> Path:
         name = f"sub-{i:04d}"
         nib.save(img, root / "images" / f"{name}.nii.gz")
         rows.append({"subject": name, "path": f"images/{name}.nii.gz", "age": f"{age:.3f}", "sex": sex,
-                     "site": f"site{site}", "biological_age": f"{bio:.3f}"})
+                     "site": f"site{site}", "biological_age": f"{bio:.3f}",
+                     **({"pattern": pattern} if pattern else {})})
         if log is not None and (i + 1) % 100 == 0:
             log(f"brain cohort: {i + 1}/{spec.size} subjects")
-    nib.save(nib.Nifti1Image(age_sensitivity_map(t, world, spec), ras), root / "age_map.nii.gz")
+    if spec.ageing == "heterogeneous":
+        maps = {name: age_sensitivity_map(t, world, spec, AgeingRates.of(name)) for name in PATTERNS}
+        for name, m in maps.items():
+            nib.save(nib.Nifti1Image(m, ras), root / f"age_map_{name}.nii.gz")
+        nib.save(nib.Nifti1Image(np.mean(list(maps.values()), 0).astype(np.float32), ras), root / "age_map.nii.gz")
+        nib.save(nib.Nifti1Image(pattern_map(maps, t.mask), ras), root / "pattern_map.nii.gz")
+    else:
+        nib.save(nib.Nifti1Image(age_sensitivity_map(t, world, spec), ras), root / "age_map.nii.gz")
     nib.save(nib.Nifti1Image(t.tissue_labels(), ras), root / "tissue.nii.gz")
     (root / "cohort.json").write_text(json.dumps({**asdict(spec), "version": COHORT_VERSION,
                                                   "floor_mae": spec.floor_mae()}, indent=2))

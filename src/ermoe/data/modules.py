@@ -240,11 +240,16 @@ class FashionCaptionsOptions(_Limits, _Downloadable):
 
     name: ClassVar[str] = "fashion_captions"
     caption_set_size: int = 10000  # training canvases (+ 1,000 validation, 1,000 test)
+    # "mixed": relations, scene, counts and places; "word_order": whole-canvas captions, none shared between two
+    # images of a split, half the images in swapped pairs that only word order tells apart (docs/retrieval.md)
+    captions: str = "mixed"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_mirror()
         _require(self.caption_set_size >= 1, "caption_set_size", "a positive integer", self.caption_set_size)
+        from .captions import CAPTION_STYLES
+        _require(self.captions in CAPTION_STYLES, "captions", f"one of {CAPTION_STYLES}", self.captions)
 
     def load(self) -> CaptionData:
         """The built-in caption set (generated once from Fashion-MNIST, cached), its 64-pixel grey canvases held in
@@ -255,8 +260,8 @@ class FashionCaptionsOptions(_Limits, _Downloadable):
 
         fm = load_fashion_mnist(self.data_dir, download=self.download, mirror=self.mirror)
         pool = lambda s: (s.images[:, 0].numpy(), s.labels.numpy())  # noqa: E731
-        json_path = build_caption_set(CaptionSetSpec(train_size=self.caption_set_size), pool(fm.train),
-                                      pool(fm.test), log=print)
+        json_path = build_caption_set(CaptionSetSpec(train_size=self.caption_set_size, style=self.captions),
+                                      pool(fm.train), pool(fm.test), log=print)
         items: dict[str, list[list[dict]]] = {}
         for e in json.loads(json_path.read_text())["images"]:
             items.setdefault("train" if e["split"] == "restval" else e["split"], []).append(e["items"])
@@ -310,13 +315,21 @@ class BrainCohortOptions(_Volumes):
     name: ClassVar[str] = "brain_cohort"
     cohort_size: int = 600
     cohort_seed: int = 0
+    # "homogeneous": everyone ages alike; "heterogeneous": two ageing patterns (hippocampal- or ventricle-
+    # predominant) and sex-dependent grey-matter loss that only the image shows (docs/brainage.md)
+    ageing: str = "homogeneous"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from .cohort import AGEING
+        _require(self.ageing in AGEING, "ageing", f"one of {AGEING}", self.ageing)
 
     def scans_csv(self) -> tuple[Path, dict[str, Any] | None]:
         """The generated cohort's CSV (made once, cached) and what is known of it: the error floor its biological
-        variation sets, that variation's sd, its size and folder (tissue and ageing maps)."""
+        variation sets, that variation's sd, its size and folder (tissue and ageing maps), how it ages."""
         from .cohort import CohortSpec, build_cohort
 
-        spec = CohortSpec(size=self.cohort_size, seed=self.cohort_seed, spacing=self.spacing)
+        spec = CohortSpec(size=self.cohort_size, seed=self.cohort_seed, spacing=self.spacing, ageing=self.ageing)
         csv_path = build_cohort(spec, log=print)
         return csv_path, {"floor_mae": spec.floor_mae(), "bio_sd": spec.bio_sd, "size": spec.size,
-                          "dir": str(csv_path.parent)}
+                          "dir": str(csv_path.parent), "ageing": spec.ageing}

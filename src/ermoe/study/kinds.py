@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 from . import brain, retrieval
 from .methods import METHODS, method_model
+from .plan import Claims, Plan, make_plan
+from .report import CLAIMS, PRESET
 
 
 @dataclass(frozen=True)
@@ -17,11 +19,13 @@ class StudyKind:
     """A study of one task: its methods (name -> role, description, model overrides), how a method turns the base
     model section into its own, its defaults (StudyConfig keys, ``train`` replacing the image study's budget
     whole; ``None``: StudyConfig's own), the quick version's overrides (``None``: the image study's), whether runs
-    get few-shot probes, the measure logged per run, and the report writer (``None``: the image study's)."""
+    get few-shot probes, the measure logged per run, and the report writer (``None``: the image study's).
+    ``claims``: what its report decides (the baselines and margins of its plan are checked against them)."""
 
     task: str
     methods: dict[str, tuple[str, str, dict[str, Any]]]
     method_model: Callable[[str, dict[str, Any]], dict[str, Any]]
+    claims: Claims
     defaults: dict[str, Any] | None = None
     quick: dict[str, Any] | None = None
     fewshot: bool = True
@@ -30,12 +34,13 @@ class StudyKind:
 
 
 KINDS = {
-    "classification": StudyKind("classification", METHODS, method_model),
-    "brain_age": StudyKind("brain_age", brain.BRAIN_METHODS, brain.brain_method_model, defaults=brain.BRAIN_STUDY,
-                           quick=brain.BRAIN_QUICK, fewshot=False,
+    "classification": StudyKind("classification", METHODS, method_model, [*CLAIMS, PRESET]),
+    "brain_age": StudyKind("brain_age", brain.BRAIN_METHODS, brain.brain_method_model, brain.BRAIN_CLAIMS,
+                           defaults=brain.BRAIN_STUDY, quick=brain.BRAIN_QUICK, fewshot=False,
                            headline=("test_mae", "MAE {:.3f} years"), write_report=brain.write_brain_report),
     "retrieval": StudyKind("retrieval", retrieval.RETRIEVAL_METHODS, retrieval.retrieval_method_model,
-                           defaults=retrieval.RETRIEVAL_STUDY, quick=retrieval.RETRIEVAL_QUICK, fewshot=False,
+                           retrieval.RETRIEVAL_CLAIMS, defaults=retrieval.RETRIEVAL_STUDY,
+                           quick=retrieval.RETRIEVAL_QUICK, fewshot=False,
                            headline=("test_rsum", "RSUM {:.1f}"), write_report=retrieval.write_retrieval_report),
 }
 
@@ -45,3 +50,9 @@ def study_kind(task: str) -> StudyKind:
         from ..train.config import ConfigError
         raise ConfigError(f"train.task: no study is defined for task {task!r}; studies exist for {list(KINDS)}")
     return KINDS[task]
+
+
+def study_plan(cfg) -> Plan:
+    """A study config's pre-registration (its ``margins`` and ``baselines``) checked against its kind's claims."""
+    kind = study_kind(cfg.train.get("task", "classification"))
+    return make_plan(cfg.margins, cfg.baselines, kind.claims, kind.methods)

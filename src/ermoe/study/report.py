@@ -13,7 +13,9 @@ from typing import Any, Callable
 import numpy as np
 
 from .methods import EXPLORATORY, METHODS
-from .stats import Test, holm, welch
+from .plan import LOAD_CV_MARGIN, Plan, make_plan
+from .examples import BOOTSTRAP_DRAWS, collect_examples, sampling_variance
+from .stats import Test, holm, interval, paired
 
 PAPER_METHODS = ("ermoe", "emoe_parallel")
 # The straggler column's legend, shared by every study's report.
@@ -22,7 +24,8 @@ EP_WAIT_NOTE = ("EP wait = per training step, the busiest expert's assignments o
                 "docs/distributed.md), averaged over the steps")
 # (key, label, format, lower is better)
 COLUMNS = [
-    ("val_top1", "val top-1", ".4f"), ("test_top1", "test top-1", ".4f"), ("load_cv", "load CV", ".3f"),
+    ("val_top1", "val top-1", ".4f"), ("test_top1", "test top-1", ".4f"), ("val_load_cv", "val CV", ".3f"),
+    ("load_cv", "load CV", ".3f"),
     ("max_over_mean", "max/mean", ".2f"), ("train_ep_straggler", "EP wait", ".2f"), ("gini", "Gini", ".3f"),
     ("mi_bits", "MI bits", ".3f"), ("homogeneity", "homog.", ".3f"), ("probe_changed", "changed", ".3f"),
     ("probe_changed_rel", "/chance", ".3f"), ("fewshot_1", "1-shot", ".3f"), ("fewshot_5", "5-shot", ".3f"),
@@ -44,6 +47,8 @@ def run_measures(metrics: dict[str, Any]) -> dict[str, float]:
     for key in ("load_cv", "max_over_mean", "train_ep_straggler", "gini", "mi_bits", "homogeneity", "probe_changed",
                 "probe_changed_rel"):
         out[key] = _layer_mean(metrics, key)
+    # the validation tokens' load (runs evaluated before it was recorded have none: NaN)
+    out["val_load_cv"] = _layer_mean({"layers": metrics.get("val_layers", {})}, "load_cv")
     for shots, value in metrics.get("fewshot", {}).items():
         out[f"fewshot_{shots}"] = value["mean"]
     for key, value in metrics.get("model_metrics", {}).items():
@@ -64,11 +69,12 @@ def model_metrics_lines(table: dict[str, dict[str, list[float]]]) -> list[str]:
 
 def aggregate(results: dict[str, dict[int, dict[str, Any]]],
               measures: Callable[[dict[str, Any]], dict[str, float]] | None = None) -> dict[str, dict[str, list[float]]]:
-    """method -> measure -> the values over seeds (``measures``: one run's numbers, default :func:`run_measures`)."""
+    """method -> measure -> the values over seeds, in seed order, with the seeds themselves under ``seed``
+    (``measures``: one run's numbers, default :func:`run_measures`)."""
     measures = measures or run_measures
     table: dict[str, dict[str, list[float]]] = {}
     for method, runs in results.items():
-        per_seed = [measures(m) for _, m in sorted(runs.items())]
+        per_seed = [{**measures(m), "seed": float(seed)} for seed, m in sorted(runs.items())]
         table[method] = {k: [r.get(k, float("nan")) for r in per_seed] for k in per_seed[0]}
     return table
 
@@ -110,74 +116,108 @@ ALPHA = 0.05
 CLAIMS: list[tuple[str, str, list[Test]]] = [
     ("1", "flatter expert loads than a learned softmax gate without a balancing loss",
      [Test("load_cv", "softmax_noloss", "lower")]),
-    ("2", "load balance comparable to a balancing loss (load CV no higher than Switch's, within twice Switch's "
-          "seed-to-seed spread)", [Test("load_cv", "switch", "lower", parity=True)]),
-    ("3", "accuracy at least that of the balancing-loss baselines (top-1 no lower than the better of Switch and "
-          "V-MoE, within twice its seed-to-seed spread)", [Test("test_top1", "best_balanced", "higher", parity=True)]),
+    ("2", "load balance comparable to a balancing loss (load CV no higher than the balancing-loss baseline's by the "
+          "pre-registered margin or more)", [Test("load_cv", "switch", "lower", parity=True)]),
+    ("3", "accuracy at least that of the balancing-loss baseline (test top-1 no lower than its by the pre-registered "
+          "margin or more)", [Test("test_top1", "switch", "higher", parity=True)]),
     ("4", "more specialised (higher MI(expert; class)) and less homogeneous experts than Switch",
      [Test("mi_bits", "switch", "higher"), Test("homogeneity", "switch", "lower")]),
     ("5", "more stable routing than Switch: fewer probe tokens change experts between checkpoints, relative to what a "
-          "memoryless router with the same loads would change (a router less balanced than the no-loss softmax gate "
-          "is not compared: collapse is not stability)", [Test("probe_changed_rel", "switch", "lower")]),
+          "memoryless router with the same loads would change (a router significantly less balanced than the no-loss "
+          "softmax gate is not compared: collapse is not stability)", [Test("probe_changed_rel", "switch", "lower")]),
     ("6", "better few-shot features than Switch (1-, 5-, 10-shot linear probes on frozen features of data the "
           "backbone never saw)",
      [Test("fewshot_1", "switch", "higher"), Test("fewshot_5", "switch", "higher"),
       Test("fewshot_10", "switch", "higher")]),
 ]
-STABILITY_FLOOR = ("load_cv", "softmax_noloss")  # claim 5 compares only routers at least this balanced
+STABILITY_FLOOR = ("load_cv", "softmax_noloss")  # claim 5 compares only routers not significantly less balanced
+
+# "Ship what holds up" (issue 12): a loss-free eigen configuration becomes a named preset only if, on the
+# validation split alone, it balances better than the balancing-loss baseline and is at least as accurate.
+PRESET = ("preset", "a loss-free eigen variant balances better than the balancing-loss baseline on validation tokens "
+                    "and is at least as accurate on validation images",
+          [Test("val_load_cv", "switch", "lower"), Test("val_top1", "switch", "higher", parity=True)])
+
+# The image study's pre-registration (its config may restate or change it; docs/study.md, "Fixed in advance").
+IMAGE_MARGINS = {
+    "test_top1": {"value": 0.01, "reason": "twice the binomial standard error of top-1 on the study's 5,000 test "
+                                           "images at 85% (0.5 points): a smaller difference is below what the test "
+                                           "set resolves"},
+    "val_top1": {"value": 0.01, "reason": "the same for the 5,000 validation images"},
+    "load_cv": LOAD_CV_MARGIN, "val_load_cv": {"value": LOAD_CV_MARGIN["value"],
+                                               "reason": "as load_cv, on the validation tokens"},
+}
+IMAGE_BASELINES = {"1": "softmax_noloss", "2": "switch", "3": "switch", "4": "switch", "5": "switch", "6": "switch",
+                   "preset": "switch"}
 
 
-def _baseline(table, name: str, measure: str) -> tuple[str, list[float]] | None:
-    if name == "best_balanced":
-        options = [(n, table[n][measure]) for n in ("switch", "vmoe") if n in table and measure in table[n]]
-        if not options:
-            return None
-        return max(options, key=lambda item: mean_std(item[1])[0])
-    if name in table and measure in table[name]:
-        return name, table[name][measure]
-    return None
+def _seed_pairs(table, method: str, baseline: str, measure: str, scale: float = 1.0
+                ) -> tuple[list[float], list[float], list[float]]:
+    """The seeds both ran, and the method's and the baseline's values of ``measure`` on them, paired by seed
+    (``scale`` multiplies the baseline's)."""
+    mine, theirs = table[method], table[baseline]
+    if "seed" in mine and "seed" in theirs:
+        by_seed = dict(zip(theirs["seed"], theirs[measure]))
+        triples = [(s, v, by_seed[s]) for s, v in zip(mine["seed"], mine[measure]) if s in by_seed]
+    else:  # a table built by hand: its lists are in the same seed order
+        if len(mine[measure]) != len(theirs[measure]):
+            raise ValueError(f"{method} and {baseline} have {len(mine[measure])} and {len(theirs[measure])} values "
+                             f"of {measure} and no seeds to pair them by")
+        triples = [(float(i), a, b) for i, (a, b) in enumerate(zip(mine[measure], theirs[measure]))]
+    return [s for s, _, _ in triples], [a for _, a, _ in triples], [scale * b for _, _, b in triples]
 
 
-def _comparisons(table, methods: list[str], claim: str, tests: list[Test]) -> list[dict[str, Any]]:
-    """Every (method, test) of one claim that the study measured, with Welch's test; Holm-adjusted p over them."""
+def _comparisons(table, methods: list[str], claim: str, tests: list[Test], plan: Plan | None = None,
+                 examples=None) -> list[dict[str, Any]]:
+    """Every (method, test) the study measured, by a paired test over seeds (with the test set's sampling error
+    where the runs recorded per-example results: ``examples``, :func:`~ermoe.study.examples.collect_examples`);
+    Holm-adjusted p over all
+    of them (one family)."""
     rows = []
     for method in methods:
         for test in tests:
-            base = _baseline(table, test.baseline, test.measure)
-            if base is None or test.measure not in table.get(method, {}):
+            if test.baseline not in table or test.measure not in table[test.baseline] \
+                    or test.measure not in table.get(method, {}) or method == test.baseline:
                 continue
-            base_values = [test.scale * v for v in base[1]]
-            result = welch(table[method][test.measure], base_values)
+            seeds, values, base_values = _seed_pairs(table, method, test.baseline, test.measure, test.scale)
+            test_var = sampling_variance(examples, method, test.baseline, test.measure, seeds, values,
+                                         base_values, test.scale)
+            result = paired(values, base_values, test_var=test_var or 0.0)
             if result is not None:
-                rows.append({"method": method, "test": test, "baseline": base[0], "welch": result,
-                             "values": table[method][test.measure], "base_values": base_values})
-    for row, adjusted in zip(rows, holm([r["welch"].p for r in rows])):
+                rows.append({"method": method, "test": test, "baseline": test.baseline, "stat": result,
+                             "values": values, "base_values": base_values, "test_error": test_var is not None})
+    for row, adjusted in zip(rows, holm([r["stat"].p for r in rows])):
         row["p_holm"] = adjusted
-        row["outcome"], row["note"] = _outcome(table, claim, row, len(rows))
+        row["outcome"], row["note"] = _outcome(table, claim, row, len(rows), plan)
     return rows
 
 
-def _outcome(table, claim: str, row: dict[str, Any], family: int) -> tuple[str, str]:
+def _outcome(table, claim: str, row: dict[str, Any], family: int, plan: Plan | None) -> tuple[str, str]:
     """supported / contradicted / inconclusive for one comparison (the rule in docs/study.md)."""
-    test, w = row["test"], row["welch"]
+    test, w = row["test"], row["stat"]
     sign = 1.0 if test.better == "higher" else -1.0  # orient: positive = the way the claim says
     if claim == "5":
+        # collapse is not stability: a router whose load CV is significantly above the no-loss softmax gate's
+        # (paired test over seeds, level ALPHA) is not compared
         floor_measure, floor_method = STABILITY_FLOOR
-        if floor_method in table and row["method"] != floor_method:
+        if floor_method in table and row["method"] != floor_method and floor_measure in table[row["method"]]:
+            gate = paired(*_seed_pairs(table, row["method"], floor_method, floor_measure)[1:])
             mine, floor = mean_std(table[row["method"]][floor_measure])[0], mean_std(table[floor_method][floor_measure])[0]
-            if mine > floor:
-                return "inconclusive", f"not compared: load CV {mine:.3g} above `{floor_method}`'s {floor:.3g}"
+            if gate is not None and gate.diff > 0 and gate.p < ALPHA:
+                return "inconclusive", (f"not compared: load CV {mine:.3g} significantly above `{floor_method}`'s "
+                                        f"{floor:.3g} (paired p {_fmt_p(gate.p)})")
     if test.parity:
+        if plan is None:
+            raise ValueError(f"claim {claim}: a non-inferiority test of {test.measure} needs the study's plan (its "
+                             "pre-registered margin)")
         # Non-inferiority: the simultaneous (Bonferroni) interval of the oriented difference against the margin.
-        from scipy import stats as sps
-        margin = 2 * w.std_b
+        margin = plan.margin(test.measure).value
         level = 1 - ALPHA / family
-        half = 0.0 if w.se == 0 else float(sps.t.ppf(0.5 + level / 2, w.dof)) * w.se
-        low, high = w.diff - half, w.diff + half
+        low, high = interval(w, level)
         low, high = (low, high) if sign > 0 else (-high, -low)
         row["interval"], row["margin"] = (low, high), margin
-        note = (f"margin {margin:.3g} (twice the baseline's seed std); {100 * level:.1f}% interval of the difference "
-                f"in the claim's direction [{low:.3g}, {high:.3g}]")
+        note = (f"margin {margin:.3g} (pre-registered); {100 * level:.1f}% interval of the difference in the claim's "
+                f"direction [{low:.3g}, {high:.3g}]")
         if low > -margin:
             return "supported", note
         if high < -margin:
@@ -202,79 +242,92 @@ def _fmt_p(p: float) -> str:
 
 
 def verdicts(table: dict[str, dict[str, list[float]]], claims=None, paper_methods=None,
-             methods=None) -> list[dict[str, Any]]:
-    """For each claim: per paper method (read as written) supported / contradicted / inconclusive from Welch's
-    tests over seeds with Holm's correction across the claim's comparisons (docs/study.md, "Verdicts"); the
-    evidence; and the variants that would pass under the same rule (their own family). Defaults: the image
-    study's claims, paper methods and method table."""
+             methods=None, plan: Plan | None = None, examples=None) -> list[dict[str, Any]]:
+    """For each claim: per paper method (read as written) supported / contradicted / inconclusive from paired tests
+    over seeds with Holm's correction across the claim's comparisons, the variants' included (docs/study.md,
+    "Verdicts"); the evidence; and the variants that pass the same rule in that family (they do not change the
+    verdict). ``plan``: the baselines and margins fixed before the runs (:mod:`ermoe.study.plan`); ``examples``:
+    the runs' per-example test results (:func:`collect_examples`), for the test set's share of each comparison's
+    error. Defaults: the image study's claims, paper methods and method table, and its default plan."""
     claims, methods = claims or CLAIMS, methods or METHODS
+    plan = plan or default_plan()
     out = []
     papers = [m for m in (paper_methods or PAPER_METHODS) if m in table]
     variants = [m for m, (role, _, _) in methods.items() if role == "variant" and m in table]
-    for number, text, tests in claims:
-        rows = _comparisons(table, papers, number, tests)
+    for number, text, tests in plan.claims(claims):
+        rows = _comparisons(table, papers + variants, number, tests, plan, examples)
         per_method = {m: _method_verdict([r["outcome"] for r in rows if r["method"] == m]) for m in papers}
-        evidence = []
-        for r in rows:
-            w, test = r["welch"], r["test"]
-            mm, bm = mean_std(r["values"])[0], mean_std(r["base_values"])[0]
-            scaled = f"{test.scale:g} x " if test.scale != 1.0 else ""
-            evidence.append(
-                f"`{r['method']}` {test.measure} {mm:.4g} vs {scaled}`{r['baseline']}` {bm:.4g}: difference {w.diff:+.3g} "
-                f"(95% CI [{w.low:.3g}, {w.high:.3g}]), Welch p {_fmt_p(w.p)}, Holm {_fmt_p(r['p_holm'])}"
-                + (f"; {r['note']}" if r["note"] else "") + f": **{r['outcome']}**")
-        variant_rows = _comparisons(table, variants, number, tests)
+        evidence = [_evidence(r) for r in rows if r["method"] in papers]
         passing = [m for m in variants
-                   if _method_verdict([r["outcome"] for r in variant_rows if r["method"] == m]) == "supported"]
+                   if _method_verdict([r["outcome"] for r in rows if r["method"] == m]) == "supported"]
         verdict = ", ".join(f"`{m}` {v}" for m, v in per_method.items()) or "not measured"
         out.append({"claim": number, "text": text, "verdict": verdict, "per_method": per_method,
-                    "evidence": evidence, "variants": passing})
+                    "evidence": evidence, "variants": passing, "family": len(rows)})
     return out
 
 
-# "Ship what holds up" (issue 12): a loss-free eigen configuration becomes a named preset only if, on the
-# validation split, it balances better than Switch and is at least as accurate (the same rules as claims 1-3).
-PRESET_TESTS = [Test("load_cv", "switch", "lower"), Test("val_top1", "switch", "higher", parity=True)]
+def _evidence(r: dict[str, Any]) -> str:
+    w, test = r["stat"], r["test"]
+    mm, bm = mean_std(r["values"])[0], mean_std(r["base_values"])[0]
+    scaled = f"{test.scale:g} x " if test.scale != 1.0 else ""
+    error = (f"se {w.se:.3g} = seeds {w.seed_se:.3g} (+) test set {w.test_se:.3g}" if r["test_error"] else
+             f"se {w.se:.3g} from the seeds alone")
+    return (f"`{r['method']}` {test.measure} {mm:.4g} vs {scaled}`{r['baseline']}` {bm:.4g}: paired difference "
+            f"{w.diff:+.3g} over {w.n} seeds, {error} (95% CI [{w.low:.3g}, {w.high:.3g}]), p {_fmt_p(w.p)}, Holm "
+            f"{_fmt_p(r['p_holm'])}" + (f"; {r['note']}" if r["note"] else "") + f": **{r['outcome']}**")
 
 
-def preset_check(table: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
-    """For every eigen variant in the table: load CV on the validation probe below Switch's (Welch, Holm over the
-    two tests) and validation top-1 non-inferior to Switch's (margin twice Switch's seed std); test data unused."""
+def default_plan() -> Plan:
+    """The image study's pre-registration as the code states it (a study config may change it)."""
+    return make_plan(IMAGE_MARGINS, IMAGE_BASELINES, [*CLAIMS, PRESET], METHODS)
+
+
+def preset_check(table: dict[str, dict[str, list[float]]], plan: Plan | None = None) -> list[dict[str, Any]]:
+    """For every eigen variant in the table, the preset rule on validation data only: load CV of the validation
+    tokens below the baseline's (paired test) and validation top-1 non-inferior to the baseline's within the
+    pre-registered margin; one family over every variant (Holm for the load tests, the Bonferroni level for the
+    intervals)."""
+    plan = plan or default_plan()
+    (_, _, tests), = plan.claims([PRESET])
+    variants = [m for m, (role, _, _) in METHODS.items() if role == "variant" and m in table]
+    rows = _comparisons(table, variants, "preset", tests, plan)
     out = []
-    for method, (role, _, _) in METHODS.items():
-        if role != "variant" or method not in table or "switch" not in table:
-            continue
-        rows = _comparisons(table, [method], "preset", PRESET_TESTS)
-        if len(rows) == len(PRESET_TESTS):
-            out.append({"method": method, "outcomes": [r["outcome"] for r in rows],
-                        "passes": all(r["outcome"] == "supported" for r in rows), "rows": rows})
+    for method in variants:
+        mine = [r for r in rows if r["method"] == method]
+        if len(mine) == len(tests):
+            out.append({"method": method, "outcomes": [r["outcome"] for r in mine],
+                        "passes": all(r["outcome"] == "supported" for r in mine), "rows": mine})
     return out
 
 
-def _preset_lines(table) -> list[str]:
-    checks = preset_check(table)
+def _preset_lines(table, plan: Plan) -> list[str]:
+    checks = preset_check(table, plan)
     if not checks:
         return []
+    (_, _, (cv_test, acc_test)), = plan.claims([PRESET])
+    margin = plan.margin(acc_test.measure).value
     lines = ["## Which loss-free eigen configuration holds up (validation only)", "",
-             "A variant passes when its load CV on the validation probe is below Switch's (Welch, Holm over the two "
-             "tests, level 0.05) and its validation top-1 is at least Switch's within twice Switch's seed std "
-             "(simultaneous interval); the test split plays no part. docs/study.md says how a passing variant "
-             "becomes a named configuration.", "",
-             "| variant | load CV vs Switch | val top-1 vs Switch (interval, margin) | passes |", "|---|---|---|---|"]
+             f"A variant passes when the load CV of its validation tokens is below `{cv_test.baseline}`'s (paired "
+             f"test over seeds) and its validation top-1 is at least `{acc_test.baseline}`'s within the "
+             f"pre-registered margin of {margin:g} (simultaneous interval); Holm's correction and the Bonferroni "
+             f"level run over all {len(checks)} variants' tests together. Only validation tokens and images are "
+             "read: the test split plays no part. docs/study.md says how a passing variant becomes a named "
+             "configuration.", "",
+             "| variant | val load CV vs baseline | val top-1 vs baseline (interval, margin) | passes |",
+             "|---|---|---|---|"]
     for c in checks:
         cv, acc = c["rows"]
         lines.append(
-            f"| `{c['method']}` | {cv['welch'].diff:+.3f} (Holm p {_fmt_p(cv['p_holm'])}): {cv['outcome']} | "
-            f"{acc['welch'].diff:+.4f} ([{acc['interval'][0]:.4f}, {acc['interval'][1]:.4f}], margin "
+            f"| `{c['method']}` | {cv['stat'].diff:+.3f} (Holm p {_fmt_p(cv['p_holm'])}): {cv['outcome']} | "
+            f"{acc['stat'].diff:+.4f} ([{acc['interval'][0]:.4f}, {acc['interval'][1]:.4f}], margin "
             f"{acc['margin']:.4f}): {acc['outcome']} | {'yes' if c['passes'] else 'no'} |")
     return lines + [""]
 
 
-
 def ep_wait_lines(table: dict[str, dict[str, list[float]]], reference: str = "switch") -> list[str]:
     """What each router's loads would cost an expert-parallel deployment: every method's EP wait against the
-    balancing-loss baseline's (Welch's test, Holm's correction over the methods compared, level ALPHA). No lines when
-    the reference or the measure is missing (runs trained before it was measured)."""
+    balancing-loss baseline's (paired test over seeds, Holm's correction over the methods compared, level ALPHA). No
+    lines when the reference or the measure is missing (runs trained before it was measured)."""
     key = "train_ep_straggler"
 
     def measured(method: str) -> bool:
@@ -283,7 +336,7 @@ def ep_wait_lines(table: dict[str, dict[str, list[float]]], reference: str = "sw
 
     if not measured(reference):
         return []
-    rows = [(m, welch(table[m][key], table[reference][key])) for m in table if m != reference and measured(m)]
+    rows = [(m, paired(*_seed_pairs(table, m, reference, key)[1:])) for m in table if m != reference and measured(m)]
     if not rows:
         return []
     adjusted = holm([w.p if w is not None else None for _, w in rows])
@@ -292,7 +345,7 @@ def ep_wait_lines(table: dict[str, dict[str, list[float]]], reference: str = "sw
              "With one expert per rank, every rank waits in the token exchange for the busiest one, so the expert "
              "part of each step takes EP wait times as long as with flat loads (docs/distributed.md, \"The "
              f"straggler factor\"). Each method against `{reference}` (a balancing loss, {mean_std(table[reference][key])[0]:.2f}): "
-             f"Welch's test over seeds, Holm's correction over the {len(rows)} comparisons, level {ALPHA}.", "",
+             f"paired test over seeds, Holm's correction over the {len(rows)} comparisons, level {ALPHA}.", "",
              f"| method | EP wait | expert part vs `{reference}` | difference (95% CI) | Holm p | EP wait is |",
              "|---|---|---|---|---|---|"]
     for (method, w), p in zip(rows, adjusted):
@@ -444,9 +497,37 @@ def condition_line(train: dict[str, Any]) -> str:
             f"`{STEM_STUDY}` (docs/results_stem.md)")
 
 
+VERDICT_RULE = (
+    "per comparison a paired t-test over the seeds both ran (seed s of the method against seed s of the baseline: "
+    "the same initial data order and test set), Holm's correction across the comparisons of a claim, the variants' "
+    f"included, level {ALPHA} (docs/study.md, \"Verdicts\"). Where every paired run recorded its per-example test "
+    "results (test_examples.npz: top-1 correctness, absolute error, retrieval ranks, each example's expert loads), "
+    "the test set's "
+    "own sampling error joins the seeds' in the standard error: the variance of the seed-averaged difference over "
+    f"{BOOTSTRAP_DRAWS:,} bootstrap resamples of the test examples, one resample shared by every run; other "
+    "comparisons say they rest on the seeds alone. A comparison is supported when the corrected p-value "
+    "is below the level and the difference goes the claimed way, contradicted when it goes the other way, "
+    "inconclusive otherwise; for an 'at least as good' comparison, supported when the whole simultaneous "
+    "(Bonferroni) interval of the difference lies above minus the pre-registered margin, contradicted when it lies "
+    "below it. A method's verdict is contradicted if any of its comparisons is, supported if all are. Variants that "
+    "pass are listed but do not change the verdict.")
+
+
+def claim_lines(found: list[dict[str, Any]]) -> list[str]:
+    """Each claim's verdict, its evidence, and the variants that pass."""
+    lines = []
+    for v in found:
+        lines.append(f"**Claim {v['claim']}: {v['text']}. Verdict: {v['verdict']}.**")
+        lines.extend(f"- {e}" for e in v["evidence"])
+        lines.append(f"- Variants that pass: {', '.join(f'`{m}`' for m in v['variants']) or 'none'}")
+        lines.append("")
+    return lines
+
+
 def write_report(cfg, results, path: str | Path, command: str, wall_s: float,
                  atomic_write: Callable[[Path, str], None]) -> Path:
     path = Path(path)
+    plan = make_plan(cfg.margins, cfg.baselines, [*CLAIMS, PRESET], METHODS)
     table = aggregate(results)
     fig_dir = path.parent / "figures"
     figure = accuracy_vs_cv_figure(table, fig_dir / f"{path.stem}_accuracy_vs_cv.png")
@@ -475,6 +556,7 @@ def write_report(cfg, results, path: str | Path, command: str, wall_s: float,
         f"- Wall time: {summed}; this invocation {wall_s / 60:.1f} min (finished runs are reused, not retrained)",
         f"- Budget, the same for every method: `{t}`",
         "", "## Results", "", results_table(table), "",
+        "val CV (the load CV of the validation tokens: what the preset check reads), "
         "load CV, max/mean, Gini, MI (expert; class, bits), homogeneity (mean pairwise cosine of expert outputs), "
         "changed (probe tokens whose experts changed between the last two checkpoints, from the assignment each "
         "layer made) and /chance (changed over what a memoryless router with the same loads would change: 0 "
@@ -496,23 +578,13 @@ def write_report(cfg, results, path: str | Path, command: str, wall_s: float,
            *model_metrics_lines(table), ""] if model_metrics_lines(table) else []),
         f"![accuracy against load CV]({figure.relative_to(path.parent).as_posix()})", "",
         *[f"![{f.stem}]({f.relative_to(path.parent).as_posix()})\n" for f in extra_figures],
+        *plan.lines([*CLAIMS, PRESET]),
         "## The papers' claims", "",
         f"Verdicts compare the papers' methods read as written ({', '.join(f'`{m}`' for m in PAPER_METHODS)}) "
-        "with the baselines over seeds (docs/study.md, \"Verdicts\"): Welch's test per comparison, Holm's "
-        f"correction across the comparisons of a claim, level {ALPHA}. A comparison is supported when the corrected "
-        "p-value is below the level and the difference goes the claimed way, contradicted when it goes the other "
-        "way, inconclusive otherwise; for the two 'at least as good' claims (2, 3), supported when the whole "
-        "simultaneous (Bonferroni) interval of the difference lies above minus twice the baseline's seed-to-seed "
-        "std (what reruns of the baseline itself vary by), contradicted when it lies below it. A method's verdict is contradicted if any of its comparisons is, "
-        "supported if all are. Variants that would pass under the same rule (their own family) are listed but do "
-        "not change the verdict.", "",
+        f"with the baselines named above: {VERDICT_RULE}", "",
     ]
-    for v in verdicts(table):
-        lines.append(f"**Claim {v['claim']}: {v['text']}. Verdict: {v['verdict']}.**")
-        lines.extend(f"- {e}" for e in v["evidence"])
-        lines.append(f"- Variants that pass: {', '.join(f'`{m}`' for m in v['variants']) or 'none'}")
-        lines.append("")
-    lines.extend(_preset_lines(table))
+    lines += claim_lines(verdicts(table, plan=plan, examples=collect_examples(results)))
+    lines.extend(_preset_lines(table, plan))
     lines.extend(ep_wait_lines(table))
     if len(cfg.seeds) < 3:
         lines.append(f"With {len(cfg.seeds)} seed(s) no significance test is possible; treat every verdict as "
@@ -547,6 +619,7 @@ def write_claims_report(cfg, results, path: str | Path, command: str, wall_s: fl
     """A task study's report: the per-method table, figures, each claim's verdict with the study's rules, and the
     task's ``extra`` sections (lines from the aggregated table)."""
     path = Path(path)
+    plan = make_plan(cfg.margins, cfg.baselines, spec.claims, spec.methods)
     table = aggregate(results, spec.measures)
     fig_dir = path.parent / "figures"
     figures = [accuracy_vs_cv_figure(table, fig_dir / f"{path.stem}_{spec.figure[0]}_vs_cv.png", *spec.figure,
@@ -565,13 +638,11 @@ def write_claims_report(cfg, results, path: str | Path, command: str, wall_s: fl
         f"- Budget, the same for every method: `{cfg.train}`",
         "", "## Results", "", results_table(table, spec.columns, spec.methods, frozenset()), "", spec.notes, "",
         *[f"![{f.stem}]({f.relative_to(path.parent).as_posix()})\n" for f in figures if f is not None],
-        "## The papers' claims", "", spec.claims_intro, "",
+        *plan.lines(spec.claims),
+        "## The papers' claims", "", f"{spec.claims_intro} The rule: {VERDICT_RULE}", "",
     ]
-    for v in verdicts(table, spec.claims, spec.paper_methods, spec.methods):
-        lines.append(f"**Claim {v['claim']}: {v['text']}. Verdict: {v['verdict']}.**")
-        lines.extend(f"- {e}" for e in v["evidence"])
-        lines.append(f"- Variants that pass: {', '.join(f'`{m}`' for m in v['variants']) or 'none'}")
-        lines.append("")
+    lines += claim_lines(verdicts(table, spec.claims, spec.paper_methods, spec.methods, plan,
+                                  collect_examples(results)))
     lines += extra(table) if extra is not None else []
     lines += ep_wait_lines(table)
     if len(cfg.seeds) < 3:

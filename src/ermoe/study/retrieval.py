@@ -3,8 +3,9 @@ routed by ERMoE, its balanced variant (per-expert standardisation), a softmax ga
 one budget, several seeds, on the built-in caption set. A bag-of-words text tower with the dense image tower is the
 reference that word order must beat.
 
-Every MoE row routes both towers with the same router, in the same blocks, with the same expert count, top-1 (the
-same active parameters as the dense towers); rows differ in routing only.
+Every MoE row routes both towers with the same router, in the same blocks, with the same expert count, top-1; rows
+differ in routing, and the report states each row's active parameters against the dense towers' (ERMoE's eigen
+experts are smaller than the MLP experts at its default rank).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .methods import METHODS
+from .plan import LOAD_CV_MARGIN
 from .stats import Test
 
 # name -> (role, description, overrides of both towers' moe; "_dense": no MoE; "_bow": dense, bag-of-words text)
@@ -36,14 +38,23 @@ RETRIEVAL_TRAIN: dict[str, Any] = {
               "image": {"name": "vit_tiny", "embed_dim": 96, "num_heads": 3, "depth": 4, "patch_size": 8,
                         "moe": _TOWER_MOE},
               "text": {"width": 96, "depth": 2, "num_heads": 3, "moe": _TOWER_MOE}},
-    "data": {"name": "fashion_captions", "caption_set_size": 10000},
+    # the caption set where word order decides (no test caption shared between images; half the images in swapped
+    # pairs that only word order tells apart: docs/retrieval.md)
+    "data": {"name": "fashion_captions", "caption_set_size": 10000, "captions": "word_order"},
     "task_options": {"context_length": 40},
-    "optim": {"epochs": 5, "batch_size": 128, "eval_batch_size": 500, "lr": 1.0e-3, "weight_decay": 0.05,
+    "optim": {"epochs": 12, "batch_size": 128, "eval_batch_size": 500, "lr": 1.0e-3, "weight_decay": 0.05,
               "warmup_steps": 50},
     "probe_size": 64, "probe_every": 39, "tensorboard": False, "progress": False, "keep_checkpoints": 1,
 }
-RETRIEVAL_STUDY: dict[str, Any] = {"methods": RETRIEVAL_DEFAULT_METHODS, "out_dir": "runs/study-retrieval",
-                                   "report": "docs/results_retrieval.md", "train": RETRIEVAL_TRAIN}
+RETRIEVAL_STUDY: dict[str, Any] = {
+    "methods": RETRIEVAL_DEFAULT_METHODS, "out_dir": "runs/study-retrieval", "report": "docs/results_retrieval.md",
+    "train": RETRIEVAL_TRAIN,
+    "margins": {"test_rsum": {"value": 5.0, "reason": "about twice the binomial error of the sum of the six recalls "
+                                                      "on 1,000 test images and 5,000 captions (2.2 points if the "
+                                                      "recalls were independent): a smaller difference is below what "
+                                                      "the test set resolves"},
+                "load_cv": LOAD_CV_MARGIN},
+    "baselines": {"8": ["switch", "dense"], "1": "softmax_noloss", "2": "switch"}}
 RETRIEVAL_QUICK: dict[str, Any] = {
     "seeds": [0, 1],
     "out_dir": "runs/study-retrieval-quick",
@@ -69,12 +80,13 @@ _MEASURES = ("val_rsum", "test_i2t_r@1", "test_i2t_r@5", "test_i2t_r@10", "test_
 RETRIEVAL_CLAIMS: list[tuple[str, str, list[Test]]] = [
     ("8", "retrieval accuracy at least that of the balancing-loss baseline and above the dense towers (ERMoE "
           "abstract: 'state-of-the-art accuracy on cross-modal image-text retrieval'; RSUM, the sum of R@1/5/10 both "
-          "ways: non-inferior to Switch within twice its seed std, and higher than dense)",
+          "ways: non-inferior to the balancing-loss baseline within the pre-registered margin, and higher than "
+          "dense)",
      [Test("test_rsum", "switch", "higher", parity=True), Test("test_rsum", "dense", "higher")]),
     ("1", "flatter expert loads than a learned softmax gate without a balancing loss (both towers)",
      [Test("load_cv", "softmax_noloss", "lower")]),
-    ("2", "load balance comparable to a balancing loss (load CV no higher than Switch's, within twice Switch's "
-          "seed-to-seed spread)", [Test("load_cv", "switch", "lower", parity=True)]),
+    ("2", "load balance comparable to a balancing loss (load CV no higher than the balancing-loss baseline's by the "
+          "pre-registered margin or more)", [Test("load_cv", "switch", "lower", parity=True)]),
 ]
 
 
@@ -111,14 +123,36 @@ def retrieval_run_measures(metrics: dict[str, Any]) -> dict[str, float]:
 def _data_line(first: dict[str, Any]) -> str:
     what = ("the built-in caption set (canvases of 2-4 Fashion-MNIST items, five grammar captions each; "
             "docs/retrieval.md)" if first.get("dataset") == "fashion_captions" else f"`{first.get('dataset')}`")
+    shares = ""
+    if first.get("test_caption_order_decides") is not None:
+        shares = (f"; of the test captions {100 * first['test_caption_text_shared']:.1f}% are another test image's "
+                  f"word for word, {100 * first['test_caption_order_decides']:.1f}% have another image's words in "
+                  f"another order (only word order separates them), {100 * first['test_caption_bag_unique']:.1f}% "
+                  "are singled out by their words alone")
     return (f"{what}: {first.get('test_images')} test images x {first.get('test_captions')} captions; chance R@1 "
             f"{first.get('chance_i2t_r@1', float('nan')):.4f} image->text, {first.get('chance_t2i_r@1', float('nan')):.4f} "
-            "text->image")
+            f"text->image{shares}")
+
+
+def _active_lines(table) -> list[str]:
+    """Each method's parameters per token against the dense towers': the rows differ in routing, and where their
+    active sizes differ too, the report says by how much."""
+    from .report import mean_std
+
+    if "dense" not in table or "params_active" not in table["dense"]:
+        return []
+    dense = mean_std(table["dense"]["params_active"])[0]
+    active = {m: mean_std(t["params_active"])[0] for m, t in table.items() if "params_active" in t}
+    cells = [f"`{m}` {a:,.0f} ({100 * (a / dense - 1):+.1f}%)" for m, a in active.items()]
+    return ["## Active parameters", "",
+            "Parameters one image-caption pair uses (top-1 of the experts), against the dense towers' "
+            f"{dense:,.0f}: " + "; ".join(cells) + ". A row whose active size differs from dense's differs by more "
+            "than its routing.", ""]
 
 
 def write_retrieval_report(cfg, results, path, command: str, wall_s: float, atomic_write) -> Path:
     """docs/results_retrieval.md: the per-method table and claim 8 with the balance claims."""
-    from .report import ALPHA, EP_WAIT_NOTE, ClaimsReport, write_claims_report
+    from .report import EP_WAIT_NOTE, ClaimsReport, write_claims_report
 
     spec = ClaimsReport(
         title="Retrieval study results (claim 8)", data_line=_data_line,
@@ -131,11 +165,9 @@ def write_retrieval_report(cfg, results, path, command: str, wall_s: float, atom
               "= MI(expert; item class of the patch's cell) in the image tower, MI word = MI(expert; word) in the "
               "text tower, in bits; " + EP_WAIT_NOTE + ". pairs/s: training image-caption pairs per second.",
         claims=RETRIEVAL_CLAIMS, paper_methods=RETRIEVAL_PAPER_METHODS,
-        claims_intro="The papers' methods read as written against the baselines over seeds, with the rules of "
-                     f"docs/study.md (Welch's test, Holm's correction across a claim's comparisons, level {ALPHA}; "
-                     "non-inferiority with a margin of twice the baseline's seed std). A built-in set of "
+        claims_intro="The papers' methods read as written against the baselines named above. A built-in set of "
                      "Fashion-MNIST canvases is not COCO or Flickr30K: 'state of the art' cannot be tested here, so "
                      "claim 8 asks what can be: whether ERMoE towers retrieve at least as well as Switch's and better "
-                     "than dense ones at the same active size.",
+                     "than dense ones (their active sizes: the section below).",
         figure=("test_rsum", "test RSUM"), measures=retrieval_run_measures)
-    return write_claims_report(cfg, results, path, command, wall_s, atomic_write, spec)
+    return write_claims_report(cfg, results, path, command, wall_s, atomic_write, spec, _active_lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
@@ -17,7 +18,8 @@ from ..train.checkpoint import list_checkpoints
 from ..train.lock import RunLock
 from ..train.run import METRICS_FILE, Run
 from ..train.trainer import load_run, train
-from .kinds import StudyKind, study_kind
+from .kinds import StudyKind, study_kind, study_plan
+from .report import IMAGE_BASELINES, IMAGE_MARGINS
 from .methods import DEFAULT_METHODS
 
 
@@ -38,6 +40,11 @@ class StudyConfig:
     # A finished or started run whose config (or ermoe version) differs from what the study would run now:
     # "refuse" (an error naming the difference) or "rerun" (it is moved aside to <run>.stale-<time>, kept).
     stale: Literal["refuse", "rerun"] = "refuse"
+    # Fixed before any run (ermoe.study.plan): the non-inferiority margin of each measure, in its units, with the
+    # reason for its size ({measure: {value, reason}}), and the baseline of each claim ({claim: method, or a list of
+    # one method per comparison}). The report prints both; nothing is computed from the results.
+    margins: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(IMAGE_MARGINS))
+    baselines: dict[str, Any] = field(default_factory=lambda: dict(IMAGE_BASELINES))
     train: dict[str, Any] = field(default_factory=lambda: {
         "model": {"name": "vit_tiny", "embed_dim": 96, "num_heads": 3, "depth": 4, "patch_size": 7,
                   "moe": {"num_experts": 8, "top_k": 1, "blocks": "every_other"}},
@@ -78,11 +85,18 @@ def load_study_config(path: str | Path | None = None, quick: bool = False,
         if given:
             raise ConfigError(f"{', '.join(given)}: few-shot probes are part of the image-classification study; the "
                               f"{task} study has none")
-    merged = kind.defaults if kind.defaults is not None else {"train": StudyConfig().train}
+    defaults = StudyConfig()  # the image study's; a config's margins and baselines merge into the kind's own
+    merged = kind.defaults if kind.defaults is not None else {"train": defaults.train, "margins": defaults.margins,
+                                                              "baselines": defaults.baselines}
     merged = _merge(merged, values)
     if quick:
         merged = _merge(merged, kind.quick if kind.quick is not None else QUICK)
     merged = _merge(merged, overrides)
+    for given in (values, overrides):  # a margin the config states replaces the default whole: value and reason
+        stated = given.get("margins") or {}
+        if not isinstance(stated, dict):
+            raise ConfigError(f"study.margins: expected a mapping of measure -> {{value, reason}}, got {stated!r}")
+        merged["margins"].update(stated)
     cfg = _build(StudyConfig, merged)
     for name in cfg.methods:
         if name not in kind.methods:
@@ -98,6 +112,7 @@ def load_study_config(path: str | Path | None = None, quick: bool = False,
             raise ConfigError(f"study.fewshot_transfer {cfg.fewshot_transfer!r} is the training data: a transfer "
                               "probe needs data the backbone never saw (or 'in_domain', labelled as such)")
     run_config(cfg, cfg.methods[0], cfg.seeds[0])  # validates the training overrides before anything runs
+    study_plan(cfg)  # and the margins and baselines
     return cfg
 
 

@@ -1,5 +1,6 @@
-"""The statistics behind the study's verdicts: Welch's t-test with its confidence interval for a difference of
-means over seeds, and Holm's step-down correction for the several comparisons of one claim."""
+"""The statistics behind the study's verdicts: a paired t-test over seeds (each method's run of seed s against the
+baseline's run of seed s: same initial data order, same test set) whose standard error can also carry the test set's
+own sampling error, and Holm's step-down correction for the several comparisons of a claim."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import numpy as np
 
 
 @dataclass(frozen=True)
-class Welch:
-    """``diff = mean(a) - mean(b)``, its standard error, its confidence interval at ``level``, the two-sided
-    p-value, the degrees of freedom (Welch-Satterthwaite), and the sample standard deviations."""
+class Paired:
+    """``diff``: the mean over seeds of ``a_s - b_s``; ``se``: its standard error, from the seed-to-seed spread of
+    the differences (``seed_se``) and the test set's sampling error (``test_se``, 0 when not given) added in
+    quadrature; the confidence interval at ``level``, the two-sided p-value, the degrees of freedom (seeds - 1)
+    and the number of seed pairs."""
 
     diff: float
     se: float
@@ -21,26 +24,59 @@ class Welch:
     high: float
     p: float
     dof: float
-    std_a: float
-    std_b: float
+    n: int
+    seed_se: float
+    test_se: float = 0.0
 
 
-def welch(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Welch | None:
-    """Welch's unequal-variance t-test of ``mean(a) - mean(b)`` (None with fewer than 2 values a side or NaNs)."""
+def paired(a: Sequence[float], b: Sequence[float], level: float = 0.95, test_var: float = 0.0) -> Paired | None:
+    """Paired t-test of ``mean(a - b)`` (``a[i]`` and ``b[i]``: the same seed). ``test_var``: the variance of the
+    mean difference that comes from which examples the test set holds (:func:`resampled_variance`), added to the
+    seed part; the t quantile keeps the seeds' n - 1 degrees of freedom. None with fewer than 2 pairs or NaNs."""
     from scipy import stats
 
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if len(x) < 2 or len(y) < 2 or not (np.isfinite(x).all() and np.isfinite(y).all()):
+    if len(x) != len(y):
+        raise ValueError(f"paired: {len(x)} values against {len(y)}: pair them by seed first")
+    if len(x) < 2 or not (np.isfinite(x).all() and np.isfinite(y).all()):
         return None
-    va, vb = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
-    diff, se = float(x.mean() - y.mean()), math.sqrt(va + vb)
-    std_a, std_b = float(x.std(ddof=1)), float(y.std(ddof=1))
-    if se == 0.0:  # both samples constant: the difference is exact
-        return Welch(diff, 0.0, diff, diff, 1.0 if diff == 0 else 0.0, float("inf"), std_a, std_b)
-    dof = (va + vb) ** 2 / (va ** 2 / (len(x) - 1) + vb ** 2 / (len(y) - 1))
+    d = x - y
+    n, diff = len(d), float(d.mean())
+    seed_se = float(d.std(ddof=1)) / math.sqrt(n)
+    test_se = math.sqrt(max(test_var, 0.0))
+    se, dof = math.hypot(seed_se, test_se), float(n - 1)
+    if se == 0.0:  # every pair differs by the same amount and no test-set error is given: the difference is exact
+        return Paired(diff, 0.0, diff, diff, 1.0 if diff == 0 else 0.0, dof, n, 0.0, 0.0)
     half = float(stats.t.ppf(0.5 + level / 2, dof)) * se
     p = float(2 * stats.t.sf(abs(diff) / se, dof))
-    return Welch(diff, se, diff - half, diff + half, p, dof, std_a, std_b)
+    return Paired(diff, se, diff - half, diff + half, p, dof, n, seed_se, test_se)
+
+
+def interval(result: Paired, level: float) -> tuple[float, float]:
+    """The confidence interval of ``result``'s difference at another ``level`` (a simultaneous, Bonferroni level)."""
+    from scipy import stats
+
+    if result.se == 0.0:
+        return result.diff, result.diff
+    half = float(stats.t.ppf(0.5 + level / 2, result.dof)) * result.se
+    return result.diff - half, result.diff + half
+
+
+def bootstrap_weights(examples: int, draws: int = 1000, seed: int = 0) -> np.ndarray:
+    """``(draws, examples)`` resample counts: row b says how often each test example appears in bootstrap resample
+    b (multinomial, each example equally likely). Fixed by ``seed``: every run and every comparison of a report is
+    resampled the same way, so the runs stay paired at the example level too."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(examples, np.full(examples, 1.0 / examples), size=draws).astype(np.float64)
+
+
+def resampled_variance(pairs: Sequence[tuple[np.ndarray, np.ndarray]], scale: float = 1.0) -> float:
+    """The variance, over bootstrap resamples of the test examples, of the seed-averaged difference: ``pairs`` holds
+    per seed the method's and the baseline's statistic on each resample (``(draws,)`` each, from the same
+    :func:`bootstrap_weights`); ``scale`` multiplies the baseline's. The test set's part of a paired comparison's
+    error (:func:`paired`'s ``test_var``)."""
+    d = np.mean([a - scale * b for a, b in pairs], axis=0)
+    return float(d.var(ddof=1))
 
 
 def holm(pvalues: Sequence[float | None]) -> list[float | None]:
@@ -58,12 +94,11 @@ def holm(pvalues: Sequence[float | None]) -> list[float | None]:
 
 @dataclass(frozen=True)
 class Test:
-    """One comparison of a claim: ``measure`` of the method against ``baseline`` (a method, or ``best_balanced``:
-    the better of Switch and V-MoE on that measure), ``better`` = which way the claim says the method differs.
-    ``parity``: the claim is "at least as good" (non-inferiority) with a margin of two standard deviations of the
-    baseline's own seed-to-seed spread (a smaller difference is within what reruns of the baseline itself vary
-    by); otherwise it is "better" (superiority). ``scale``: the baseline's values are multiplied by it first (claim
-    7, "MAE more than 7% lower": the method's MAE against 0.93 x the baseline's)."""
+    """One comparison of a claim: ``measure`` of the method against ``baseline`` (a method of the study; a study
+    config may name another, :mod:`ermoe.study.plan`), ``better`` = which way the claim says the method differs.
+    ``parity``: the claim is "at least as good" (non-inferiority) with the margin the study config fixed for the
+    measure before it ran; otherwise it is "better" (superiority). ``scale``: the baseline's values are multiplied
+    by it first (claim 7, "MAE more than 7% lower": the method's MAE against 0.93 x the baseline's)."""
 
     measure: str
     baseline: str

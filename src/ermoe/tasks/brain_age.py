@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..analysis.brain_maps import draw_expert_maps
-from ..analysis.diagnostics import RoutingCounts, entropy_bits, evaluating, mutual_information, probe_routing
+from ..analysis.diagnostics import (TEST_EXAMPLES, ExampleLoads, RoutingCounts, entropy_bits, evaluating,
+                                   mutual_information, probe_routing)
+from ..data.cohort import PATTERNS
 from ..data.nifti import VolumeStore
 from ..data.volume_batches import VolumeBatches
 from ..models.registry import model_parameters
@@ -97,8 +99,9 @@ def cell_means(value_map: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
 def expert_anatomy(counts_EN: np.ndarray, tissue_N: np.ndarray, age_map_N: np.ndarray | None) -> dict[str, Any]:
     """What the experts cover: MI(expert; tissue class of the token's cell) in bits and over H(tissue); with a
     ground-truth ageing map, MI(expert; age-sensitive cell) where the sensitive cells are the top quarter of brain
-    cells by the map, and the largest enrichment of one expert in them (its share of sensitive tokens over the
-    overall share)."""
+    cells by the map, the largest enrichment of one expert in them (its share of sensitive tokens over the overall
+    share; blind to expert size and chance) and ``age_map_ami``: the AMI between the expert map and the
+    sensitive cells (:func:`map_agreement`)."""
     counts = torch.from_numpy(counts_EN.astype(np.int64))
     by_tissue = torch.zeros(counts.shape[0], len(TISSUES), dtype=torch.long)
     by_tissue.index_add_(1, torch.from_numpy(tissue_N.astype(np.int64)), counts)
@@ -118,8 +121,49 @@ def expert_anatomy(counts_EN: np.ndarray, tissue_N: np.ndarray, age_map_N: np.nd
         mi_age = mutual_information(joint)
         out.update(mi_age_bits=mi_age, mi_age_over_entropy=mi_age / h_age if h_age > 0 else float("nan"),
                    age_expert_enrichment=float((share / overall).max()) if overall > 0 else float("nan"),
-                   expert_age_counts=joint.tolist())
+                   expert_age_counts=joint.tolist(),
+                   age_map_ami=map_agreement(counts_EN, sensitive.numpy(), brain))
     return out
+
+
+def _ami(contingency: np.ndarray) -> float:
+    """Adjusted mutual information (scikit-learn's, arithmetic normalisation) of a ``(rows, columns)`` table of
+    counts: 0 for what chance and the row and column sizes alone give, 1 for a perfect match; NaN with one row or
+    column (nothing to tell apart)."""
+    from sklearn.metrics import adjusted_mutual_info_score
+
+    table = np.asarray(contingency, dtype=np.int64)
+    table = table[table.sum(1) > 0][:, table.sum(0) > 0]
+    if table.shape[0] < 2 or table.shape[1] < 2:
+        return float("nan")
+    rows, cols = np.nonzero(table)
+    weights = table[rows, cols]
+    return float(adjusted_mutual_info_score(np.repeat(rows, weights), np.repeat(cols, weights)))
+
+
+def pattern_routing(counts_EPN: np.ndarray, pattern_cells_N: np.ndarray, brain_N: np.ndarray) -> dict[str, Any]:
+    """On a heterogeneous cohort (``counts_EPN``: tokens per expert, subject pattern and cell, flattened as
+    ``(E, P * N)``): ``pattern_map_ami``, the AMI between the expert map and the ground-truth pattern map (which
+    pattern ages each cell, 0 where they age alike); ``pattern_subject_ami``, the AMI between a token's expert and
+    its subject's pattern over the cells where the patterns differ (does routing follow how the person ages?), with
+    the ``(E, P)`` table it comes from."""
+    counts = np.asarray(counts_EPN).reshape(counts_EPN.shape[0], -1, len(pattern_cells_N))
+    where = pattern_cells_N > 0
+    by_subject = counts[:, :, where].sum(2)
+    return {"pattern_map_ami": map_agreement(counts.sum(1), pattern_cells_N, brain_N),
+            "pattern_subject_ami": _ami(by_subject), "expert_pattern_counts": by_subject.tolist()}
+
+
+def map_agreement(counts_EN: np.ndarray, truth_N: np.ndarray, brain_N: np.ndarray) -> float:
+    """AMI between the expert map (each brain cell's majority expert) and a ground-truth label map over the same
+    brain cells (each cell counted once): chance-corrected and size-aware, unlike an enrichment of one expert."""
+    counts = np.asarray(counts_EN)
+    routed = brain_N & (counts.sum(0) > 0)
+    majority = counts[:, routed].argmax(0)
+    truth = np.asarray(truth_N)[routed].astype(np.int64)
+    table = np.zeros((counts.shape[0], int(truth.max(initial=0)) + 1), dtype=np.int64)
+    np.add.at(table, (majority, truth), 1)
+    return _ami(table)
 
 
 @dataclass
@@ -232,12 +276,26 @@ class BrainAge(Task):
         # a token's label: its cell of the layer's token grid (mapped to tissue and the ageing map below)
         counts = RoutingCounts(layers, {v.name: int(np.prod(grids[v.name])) for v in layers if v.name in grids})
         per_volume: dict[str, list[Tensor]] = {v.name: [] for v in layers if v.name not in grids}
+        cell_loads = ExampleLoads([v for v in layers if v.name in grids])  # each test volume's cells per expert
+        patterns = self.test_patterns()  # heterogeneous cohort: each test subject's ageing pattern
+        by_pattern = None if patterns is None else RoutingCounts(
+            [v for v in layers if v.name in grids],
+            {v.name: int(np.prod(grids[v.name])) * (int(patterns.max()) + 1) for v in layers if v.name in grids})
+        seen = 0
 
         def count(batch: Batch) -> None:
+            nonlocal seen
             for view in layers:
                 if view.name in per_volume:  # one token per volume (regional experts): its experts
                     per_volume[view.name].append(view.last_routing.expert_idx.cpu())
             counts.add(lambda info, tokens: tokens % (info.num_tokens // len(batch)))
+            cell_loads.add(len(batch))
+            if by_pattern is not None:  # label: pattern * cells + cell
+                def label(info, tokens, offset=seen):
+                    per = info.num_tokens // len(batch)
+                    return torch.from_numpy(patterns[offset + (tokens // per).numpy()]) * per + tokens % per
+                by_pattern.add(label)
+            seen += len(batch)
 
         test_age = self.stores["test"].ages if "test" in self.stores else None
         if test_age is None:
@@ -256,7 +314,8 @@ class BrainAge(Task):
             metrics.update(age_metrics(correct_age_bias(pred, test_age, fit), test_age, "test_corrected_"))
         if self.cohort_info is not None:
             metrics["cohort"] = self.cohort_info
-        metrics["layers"] = self._layer_metrics(model, counts, grids, probe, autocast)
+        metrics[TEST_EXAMPLES] = {"abs_error": np.abs(pred - test_age), **cell_loads.arrays()}
+        metrics["layers"] = self._layer_metrics(model, counts, grids, probe, autocast, by_pattern)
         experts = {v.name: v.num_experts for v in layers}
         for name, idx in per_volume.items():
             if idx:
@@ -264,8 +323,21 @@ class BrainAge(Task):
                                            **metrics["layers"].get(name, {})}
         return metrics
 
-    def _layer_metrics(self, model, counts, grids, probe, autocast) -> dict[str, Any]:
-        tissue = age_map = None
+    def test_patterns(self) -> np.ndarray | None:
+        """Each test subject's ageing pattern (index into the cohort's patterns) on a heterogeneous cohort, else
+        None."""
+        if not self.cohort_info or self.cohort_info.get("ageing") != "heterogeneous":
+            return None
+        import csv
+
+        from ..data.cohort import PATTERNS
+
+        with open(self.csv_path, newline="") as f:
+            pattern = {row["subject"]: row["pattern"] for row in csv.DictReader(f)}
+        return np.array([list(PATTERNS).index(pattern[s.subject]) for s in self.stores["test"].scans])
+
+    def _layer_metrics(self, model, counts, grids, probe, autocast, by_pattern=None) -> dict[str, Any]:
+        tissue = age_map = pattern_map = None
         if counts:
             import nibabel as nib
 
@@ -274,6 +346,8 @@ class BrainAge(Task):
             if tissue_img is not None and tissue_img.is_file():
                 tissue = np.asarray(nib.load(tissue_img).dataobj).astype(np.int64)
                 age_map = np.asarray(nib.load(root / "age_map.nii.gz").get_fdata(dtype=np.float32))
+                if (root / "pattern_map.nii.gz").is_file():
+                    pattern_map = np.asarray(nib.load(root / "pattern_map.nii.gz").dataobj).astype(np.int64)
             else:
                 from ..data.cohort import Templates
 
@@ -285,8 +359,11 @@ class BrainAge(Task):
             c = counts[name].counts.numpy()
             stats: dict[str, Any] = {**counts[name].load(), "token_grid": list(grid),
                                      "expert_cell_counts": c.tolist()}
-            stats.update(expert_anatomy(c, cell_labels(tissue, grid, len(TISSUES)),
-                                        None if age_map is None else cell_means(age_map, grid)))
+            tissue_cells = cell_labels(tissue, grid, len(TISSUES))
+            stats.update(expert_anatomy(c, tissue_cells, None if age_map is None else cell_means(age_map, grid)))
+            if pattern_map is not None and by_pattern is not None:
+                stats.update(pattern_routing(by_pattern[name].counts.numpy(), cell_labels(
+                    pattern_map, grid, len(PATTERNS) + 1), tissue_cells > 0))
             stats.update(probe_stats.get(name, {}))
             out[name] = stats
         for name, stats in probe_stats.items():  # layers without a grid (volume routing): the probe's measures

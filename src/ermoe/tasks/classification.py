@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..analysis.diagnostics import evaluate_classifier, evaluating
+from ..analysis.diagnostics import evaluate_classifier, evaluate_routed, evaluating
 from ..analysis.report import draw_figures, layers_table
 from ..data.folder import ImageFolderData
 from ..data.image_batches import FolderBatches, ImageBatches, image_batches
@@ -96,10 +96,23 @@ class ImageClassification(Task):
         metrics = evaluate_classifier(model, ((b.inputs, b.target) for b in self.eval_batches("test")),
                                       self.data.num_classes,
                                       probe=None if probe is None else probe.inputs, autocast=autocast)
-        metrics.update(dataset=self.data.name, classes=self.data.classes, **self.quick_eval(model, autocast))
+        metrics.update(dataset=self.data.name, classes=self.data.classes, **self.validation(model, autocast))
         if self.streamed:  # files left out as undecodable (data.skip_corrupt), by this process
             metrics.update(data_skipped_files=len(self.data.skipped), data_skipped=sorted(self.data.skipped))
         return metrics
+
+    def validation(self, model: nn.Module, autocast: Callable[[], Any]) -> dict[str, Any]:
+        """The validation split's top-1 and each routing layer's load on the validation tokens (``val_layers``),
+        in one pass: what a choice made on validation data reads (the study's preset check). Nothing without a
+        validation split."""
+        if self.data.val is None:
+            return {}
+        from torchmetrics.classification import MulticlassAccuracy
+
+        top1 = MulticlassAccuracy(self.data.num_classes, top_k=1, average="micro")
+        ev = evaluate_routed(model, ((b.inputs, b.target) for b in self.eval_batches("val")), {"top1": top1},
+                             autocast=autocast)
+        return {"val_top1": ev.measures["top1"], "val_layers": {name: ev.counts[name].load() for name in ev.counts}}
 
     @torch.no_grad()
     def quick_eval(self, model: nn.Module, autocast: Callable[[], Any]) -> dict[str, float]:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..analysis.diagnostics import RoutingCounts, evaluating, mutual_information, probe_routing
-from ..analysis.retrieval import caption_ambiguity, retrieval_metrics
+from ..analysis.diagnostics import TEST_EXAMPLES, RoutingCounts, evaluating, mutual_information, probe_routing
+from ..analysis.retrieval import caption_ambiguity, metrics_from_ranks, retrieval_metrics, retrieval_ranks
 from ..data.caption_batches import PAD_ID, CaptionBatches
 from ..data.karpathy import CaptionSplit
 from ..data.modules import KarpathyOptions
@@ -146,8 +146,13 @@ class Retrieval(Task):
             counts.add(lambda info, t: real[t], text_layers)
 
         images, texts, owner = self.embed(model, "test", autocast, on_image, on_text)
+        image_rank, text_rank = retrieval_ranks(images, texts, owner)
         metrics: dict[str, Any] = {"dataset": self.setup.data.name, "test_images": len(images),
-                                   "test_captions": len(texts), **retrieval_metrics(images, texts, owner),
+                                   "test_captions": len(texts), **metrics_from_ranks(image_rank, text_rank),
+                                   # per test image its rank; per caption (caption/*) its rank and its image
+                                   TEST_EXAMPLES: {"i2t_rank": image_rank.numpy(),
+                                                   "caption/t2i_rank": text_rank.numpy(),
+                                                   "caption/owner": owner.cpu().numpy()},
                                    "chance_t2i_r@1": 1 / len(images), "chance_i2t_r@1": float(
                                        np.mean([len(c) for c in self.splits["test"].captions]) / len(texts))}
         ids, owner, _ = self.batches.tokens["test"]

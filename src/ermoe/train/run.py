@@ -25,6 +25,7 @@ from .checkpoint import CheckpointError, atomic_write_text
 from .config import ConfigError, TrainConfig, config_from_dict, config_to_dict, dump_config
 
 CONFIG_FILE, METRICS_FILE, LOG_FILE = "config.yaml", "metrics.json", "log.jsonl"
+EXAMPLES_FILE = "test_examples.npz"  # per-example test results (Run.write_examples)
 
 # What an override on resume may change, and the loop applies for real from the step it resumes at: the schedule
 # and optimizer settings (the scheduler and the optimizer's groups are rebuilt from the config), the run's length,
@@ -197,3 +198,33 @@ class Run:
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         atomic_write_text(self.root / METRICS_FILE, json.dumps(strict_json(metrics), indent=1, allow_nan=False))
+
+    def write_examples(self, arrays: dict[str, Any]) -> None:
+        """The per-example test results (one row per test example; ``EXAMPLES_FILE``), written atomically."""
+        import os
+        import tempfile
+
+        import numpy as np
+
+        path = self.root / EXAMPLES_FILE
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def read_examples(self) -> dict[str, Any] | None:
+        """The per-example test results, or None for a run evaluated before they were recorded."""
+        import numpy as np
+
+        path = self.root / EXAMPLES_FILE
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except (ValueError, OSError) as err:
+            raise CheckpointError(f"{path} is corrupt ({err}): `ermoe eval {self.root}` writes it again") from None
