@@ -268,6 +268,13 @@ def test_tiny_heterogeneous_run_scores_experts_against_the_pattern_maps(tmp_path
     assert {"pattern_map_ami", "pattern_subject_ami", "age_map_ami"} <= set(layer)
     table = np.asarray(layer["expert_pattern_counts"])
     assert table.shape == (2, 2) and table.sum() > 0
+    from ermoe.study.examples import EXAMPLE_STATISTICS
+    from ermoe.train.run import Run
+    examples = Run(run).read_examples()  # per test volume: what the study's bootstrap resamples
+    ones = np.ones((1, 8))
+    assert EXAMPLE_STATISTICS["test_mae"](examples, ones)[0] == pytest.approx(metrics["test_mae"], rel=1e-12)
+    assert EXAMPLE_STATISTICS["load_cv"](examples, ones)[0] == pytest.approx(layer["load_cv"], rel=1e-12)
+    assert examples["load/cells.0"].sum(0).tolist() == layer["tokens_per_expert"]
     with pytest.raises(Exception, match="data.ageing must be one of"):
         load_config(None, {"task": "brain_age", "data": {"name": "brain_cohort", "ageing": "fast"}})
 

@@ -280,7 +280,7 @@ class BrainAge(Task):
         patterns = self.test_patterns()  # heterogeneous cohort: each test subject's ageing pattern
         by_pattern = None if patterns is None else RoutingCounts(
             [v for v in layers if v.name in grids],
-            {v.name: int(np.prod(grids[v.name])) * (int(patterns.max()) + 1) for v in layers if v.name in grids})
+            {v.name: int(np.prod(grids[v.name])) * len(PATTERNS) for v in layers if v.name in grids})
         seen = 0
 
         def count(batch: Batch) -> None:
@@ -314,7 +314,9 @@ class BrainAge(Task):
             metrics.update(age_metrics(correct_age_bias(pred, test_age, fit), test_age, "test_corrected_"))
         if self.cohort_info is not None:
             metrics["cohort"] = self.cohort_info
-        metrics[TEST_EXAMPLES] = {"abs_error": np.abs(pred - test_age), **cell_loads.arrays()}
+        # in float64, as the MAE is computed: the study's bootstrap checks that these give it back exactly
+        metrics[TEST_EXAMPLES] = {"abs_error": np.abs(pred.astype(np.float64) - test_age.astype(np.float64)),
+                                  **cell_loads.arrays()}
         metrics["layers"] = self._layer_metrics(model, counts, grids, probe, autocast, by_pattern)
         experts = {v.name: v.num_experts for v in layers}
         for name, idx in per_volume.items():
