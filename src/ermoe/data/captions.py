@@ -153,24 +153,19 @@ def token_key(text: str) -> tuple[str, ...]:
     return tuple(_TOKENS.findall(text.lower()))
 
 
-def _row_clause(names: dict[int, str], items: list[Item], row: int) -> str | None:
-    here = sorted((i for i in range(len(items)) if items[i].row == row), key=lambda i: items[i].col)
+def _line_clause(names: dict[int, str], items: list[Item], by_row: bool, line: int) -> str | None:
+    """The items of one row (``by_row``) or column, in order along it: "x to the left of y in the top row",
+    "x above y in the left column", or "x alone in the top row, on the left"; None for an empty line."""
+    along, across = ("col", "row") if by_row else ("row", "col")
+    here = sorted((i for i in range(len(items)) if getattr(items[i], across) == line),
+                  key=lambda i: getattr(items[i], along))
     if not here:
         return None
+    where = f"the {ROWS[line]} row" if by_row else f"the {COLUMNS[line]} column"
     if len(here) == 2:
-        return f"{names[here[0]]} to the left of {names[here[1]]} in the {ROWS[row]} row"
-    only = here[0]
-    return f"{names[only]} alone in the {ROWS[row]} row, on the {COLUMNS[items[only].col]}"
-
-
-def _column_clause(names: dict[int, str], items: list[Item], col: int) -> str | None:
-    here = sorted((i for i in range(len(items)) if items[i].col == col), key=lambda i: items[i].row)
-    if not here:
-        return None
-    if len(here) == 2:
-        return f"{names[here[0]]} above {names[here[1]]} in the {COLUMNS[col]} column"
-    only = here[0]
-    return f"{names[only]} alone in the {COLUMNS[col]} column, at the {ROWS[items[only].row]}"
+        return f"{names[here[0]]} {'to the left of' if by_row else 'above'} {names[here[1]]} in {where}"
+    side = (COLUMNS if by_row else ROWS)[getattr(items[here[0]], along)]
+    return f"{names[here[0]]} alone in {where}, {'on' if by_row else 'at'} the {side}"
 
 
 WHOLE_CANVAS_FORMS = 5
@@ -186,9 +181,9 @@ def whole_canvas_caption(form: int, names: dict[int, str], items: list[Item]) ->
     if form == 1:
         return ", ".join(f"{names[i]} at the {place[i]}" for i in order)
     if form == 2:
-        return ", and ".join(c for c in (_row_clause(names, items, r) for r in (0, 1)) if c)
+        return ", and ".join(c for c in (_line_clause(names, items, True, r) for r in (0, 1)) if c)
     if form == 3:
-        return ", and ".join(c for c in (_column_clause(names, items, c) for c in (0, 1)) if c)
+        return ", and ".join(c for c in (_line_clause(names, items, False, c) for c in (0, 1)) if c)
     if form == 4:
         return " and ".join(f"{names[i]} in the {place[i]} corner" for i in order)
     raise ValueError(f"caption form {form} of {WHOLE_CANVAS_FORMS}")
