@@ -481,14 +481,33 @@ def test_brain_methods_differ_in_routing_only():
         brain_method_model("dense", base)
 
 
+def test_the_brain_routing_section_carries_the_test_volumes_error():
+    """'Is it the routing?' compares with dense_ffn through the same paired test as the claims: with every run's
+    per-volume errors the se grows by the bootstrap's share; without them it says it rests on the seeds alone."""
+    import numpy as np
+
+    from ermoe.study.brain import _routing_lines
+
+    rng = np.random.default_rng(0)
+    examples = {m: {float(s): {"abs_error": rng.gamma(2.0, 1.5 + 0.1 * (m == "ermoe"), 100)} for s in range(3)}
+                for m in ("ermoe", "dense_ffn")}
+    table = {m: {"test_mae": [float(examples[m][float(s)]["abs_error"].mean()) for s in range(3)]}
+             for m in ("ermoe", "dense_ffn")}
+    with_error, = [line for line in _routing_lines(table, examples) if line.startswith("- `ermoe`")]
+    seeds_only, = [line for line in _routing_lines(table, {}) if line.startswith("- `ermoe`")]
+    assert "from the seeds alone" in seeds_only and "from the seeds alone" not in with_error
+    se = {k: float(line.split(", se ")[1].split()[0]) for k, line in (("with", with_error), ("seeds", seeds_only))}
+    assert se["with"] > se["seeds"]
+
+
 def test_the_retrieval_report_states_each_rows_active_size_against_dense():
     from ermoe.study.retrieval import _active_lines, _data_line
 
     table = {"dense": {"params_active": [1000.0, 1000.0]}, "ermoe": {"params_active": [930.0, 930.0]},
              "switch": {"params_active": [1000.0, 1000.0]}}
-    text = "\n".join(_active_lines(table))
+    text = "\n".join(_active_lines(table, {}))
     assert "`ermoe` 930 (-7.0%)" in text and "`switch` 1,000 (+0.0%)" in text
-    assert _active_lines({"ermoe": table["ermoe"]}) == []
+    assert _active_lines({"ermoe": table["ermoe"]}, {}) == []
     line = _data_line({"dataset": "fashion_captions", "test_images": 1000, "test_captions": 5000,
                        "chance_i2t_r@1": 0.001, "chance_t2i_r@1": 0.001, "test_caption_text_shared": 0.0,
                        "test_caption_order_decides": 0.656, "test_caption_bag_unique": 0.344})

@@ -149,22 +149,25 @@ ROUTING_OUTCOME = {"supported": "the MoE is more accurate", "contradicted": "the
                    "inconclusive": "no significant difference"}
 
 
-def _routing_lines(table) -> list[str]:
-    """Is it the routing? Every MoE row's test MAE against the dense FFN of the same active size."""
+def _routing_lines(table, examples) -> list[str]:
+    """Is it the routing? Every MoE row's test MAE against the dense FFN of the same active size (paired over seeds,
+    with the test volumes' sampling error where the runs recorded their per-volume errors)."""
     from .report import _comparisons, _fmt_p, mean_std
 
     moe = [m for m in table if m in BRAIN_METHODS and BRAIN_METHODS[m][0] != "reference"]
-    rows = _comparisons(table, moe, "routing", [Test("test_mae", "dense_ffn", "lower")])
+    rows = _comparisons(table, moe, "routing", [Test("test_mae", "dense_ffn", "lower")], examples=examples)
     if not rows:
         return []
     lines = ["## Is it the routing? (against the dense FFN of the same active size)", "",
              "Each MoE row's test MAE against `dense_ffn` (the same CNN with a dense token-wise FFN where the "
-             "MoE goes): paired test over seeds, Holm's correction over these rows. Not a claim of the papers; it says "
+             "MoE goes): paired test over seeds (se: the seeds' and, where every run recorded its per-volume "
+             "errors, the test volumes' bootstrap error), Holm's correction over these rows. Not a claim of the papers; it says "
              "whether a difference from the plain CNN comes from routing or from the extra layer.", ""]
     for r in rows:
         w = r["stat"]
         lines.append(f"- `{r['method']}` {mean_std(r['values'])[0]:.3f} vs {mean_std(r['base_values'])[0]:.3f}: "
-                     f"difference {w.diff:+.3f} years (95% CI [{w.low:.3f}, {w.high:.3f}]), Holm p "
+                     f"difference {w.diff:+.3f} years, se {w.se:.3f}{'' if r['test_error'] else ' from the seeds alone'} "
+                     f"(95% CI [{w.low:.3f}, {w.high:.3f}]), Holm p "
                      f"{_fmt_p(r['p_holm'])}: {ROUTING_OUTCOME[r['outcome']]}")
     return lines + [""]
 

@@ -615,9 +615,10 @@ class ClaimsReport:
 
 def write_claims_report(cfg, results, path: str | Path, command: str, wall_s: float,
                         atomic_write: Callable[[Path, str], None], spec: ClaimsReport,
-                        extra: Callable[[dict[str, dict[str, list[float]]]], list[str]] | None = None) -> Path:
+                        extra: Callable[[dict[str, dict[str, list[float]]], dict], list[str]] | None = None) -> Path:
     """A task study's report: the per-method table, figures, each claim's verdict with the study's rules, and the
-    task's ``extra`` sections (lines from the aggregated table)."""
+    task's ``extra`` sections (lines from the aggregated table and the runs' per-example test records,
+    :func:`~ermoe.study.examples.collect_examples`)."""
     path = Path(path)
     plan = make_plan(cfg.margins, cfg.baselines, spec.claims, spec.methods)
     table = aggregate(results, spec.measures)
@@ -641,9 +642,9 @@ def write_claims_report(cfg, results, path: str | Path, command: str, wall_s: fl
         *plan.lines(spec.claims),
         "## The papers' claims", "", f"{spec.claims_intro} The rule: {VERDICT_RULE}", "",
     ]
-    lines += claim_lines(verdicts(table, spec.claims, spec.paper_methods, spec.methods, plan,
-                                  collect_examples(results)))
-    lines += extra(table) if extra is not None else []
+    examples = collect_examples(results)
+    lines += claim_lines(verdicts(table, spec.claims, spec.paper_methods, spec.methods, plan, examples))
+    lines += extra(table, examples) if extra is not None else []
     lines += ep_wait_lines(table)
     if len(cfg.seeds) < 3:
         lines.append(f"With {len(cfg.seeds)} seed(s) the tests have little power; treat every verdict as provisional.")

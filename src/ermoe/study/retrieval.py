@@ -134,7 +134,7 @@ def _data_line(first: dict[str, Any]) -> str:
             f"text->image{shares}")
 
 
-def _active_lines(table) -> list[str]:
+def _active_lines(table, _examples) -> list[str]:
     """Each method's parameters per token against the dense towers': the rows differ in routing, and where their
     active sizes differ too, the report says by how much."""
     from .report import mean_std
