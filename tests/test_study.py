@@ -184,6 +184,30 @@ def test_a_run_records_its_per_example_test_results(tmp_path):
     loads = arrays["load/blocks.1.mlp"]
     assert loads.shape == (metrics["test_images"], 4) and (loads.sum(1) == 16).all()  # 4 x 4 patches an image
     assert loads.sum(0).tolist() == metrics["layers"]["blocks.1.mlp"]["tokens_per_expert"]
+    # the validation images likewise (what the preset check resamples): they give back its validation measures
+    import numpy as np
+    from ermoe.study.examples import EXAMPLE_STATISTICS
+    val = run.read_examples("val")
+    assert sorted(val) == ["correct", "load/blocks.1.mlp"] and len(val["correct"]) == 100
+    ones = np.ones((1, 100))
+    assert EXAMPLE_STATISTICS["val_top1"](val, ones)[0] == pytest.approx(metrics["val_top1"], rel=1e-6)
+    assert val["load/blocks.1.mlp"].sum(0).tolist() == metrics["val_layers"]["blocks.1.mlp"]["tokens_per_expert"]
+    assert EXAMPLE_STATISTICS["val_load_cv"](val, ones)[0] == pytest.approx(
+        metrics["val_layers"]["blocks.1.mlp"]["load_cv"], rel=1e-6)
+    # a run evaluated before they were kept gets them from its final checkpoint, the very same arrays
+    from ermoe.study.runner import record_validation_examples
+    (run.root / "val_examples.npz").unlink()
+    assert record_validation_examples(run.root)
+    again = run.read_examples("val")
+    assert all(np.array_equal(again[k], val[k]) for k in val) and sorted(again) == sorted(val)
+    assert not record_validation_examples(run.root)  # already there: nothing to do
+    # a checkpoint that does not give back the recorded measures: a warning, nothing written
+    (run.root / "val_examples.npz").unlink()
+    tampered = dict(metrics, val_top1=metrics["val_top1"] + 0.01)
+    run.write_metrics(tampered)
+    with pytest.warns(UserWarning, match="does not give back the validation measures"):
+        assert not record_validation_examples(run.root)
+    assert run.read_examples("val") is None
     (run.root / "test_examples.npz").write_bytes(b"not a zip")
     with pytest.raises(Exception, match="is corrupt"):
         run.read_examples()
@@ -246,6 +270,44 @@ def test_the_preset_check_reads_validation_data_only():
     again = {c["method"]: c for c in preset_check(garbage)}
     assert {m: (c["outcomes"], c["rows"][1]["interval"]) for m, c in again.items()} == \
         {m: (c["outcomes"], c["rows"][1]["interval"]) for m, c in checks.items()}
+
+
+def test_the_preset_check_carries_the_validation_sets_own_error():
+    """Two routers equally accurate on every seed's 400 validation images but right on different images: the seeds
+    alone put the difference inside the margin; the validation images' bootstrap error does not."""
+    import numpy as np
+    from ermoe.study.examples import EXAMPLE_STATISTICS, sampling_variance
+    from ermoe.study.report import preset_check
+
+    rng = np.random.default_rng(0)
+    n, seeds = 400, [0.0, 1.0, 2.0, 3.0, 4.0]
+
+    def run(right: int, skew: int) -> dict[str, np.ndarray]:
+        correct = np.zeros(n, bool)
+        correct[rng.permutation(n)[:right]] = True
+        loads = rng.integers(0, 8, (n, 4))
+        loads[:, 0] += skew  # expert 0 busier
+        return {"correct": correct, "load/b1": loads}
+
+    examples = {"switch": {s: run(340, 2) for s in seeds},
+                "emoe_standardize": {s: run(340 + d, 0) for s, d in zip(seeds, (-1, 0, 1, 0, -1))}}
+    ones = np.ones((1, n))
+    table = {m: {"seed": seeds,
+                 "val_top1": [float(EXAMPLE_STATISTICS["val_top1"](runs[s], ones)[0]) for s in seeds],
+                 "val_load_cv": [float(EXAMPLE_STATISTICS["val_load_cv"](runs[s], ones)[0]) for s in seeds]}
+             for m, runs in examples.items()}
+    alone, = preset_check(table)
+    assert alone["passes"] and not any(r["test_error"] for r in alone["rows"])
+    with_val, = preset_check(table, val_examples=examples)
+    cv, acc = with_val["rows"]
+    assert cv["test_error"] and acc["test_error"] and cv["outcome"] == "supported"
+    var = sampling_variance(examples, "emoe_standardize", "switch", "val_top1", seeds, table["emoe_standardize"]
+                            ["val_top1"], table["switch"]["val_top1"], 1.0)
+    assert acc["stat"].test_se == pytest.approx(var ** 0.5) and acc["stat"].test_se > 0.005
+    assert acc["outcome"] == "inconclusive" and not with_val["passes"]
+    # the report's table says which error each comparison carries
+    from ermoe.study.report import _se_text
+    assert "val set" in _se_text(acc) and "seeds alone" in _se_text(alone["rows"][1])
 
 
 def test_the_validation_pass_reads_no_test_image(tmp_path):

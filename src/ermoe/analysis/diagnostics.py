@@ -123,9 +123,11 @@ class RoutingCounts:
                 "mi_bits": mutual_information(table.counts)}
 
 
-# The key of a task's metrics under which it hands over per-example test results (arrays of one row per test
-# example: ``correct``, ``abs_error``, ``load/<layer>``); the run stores them beside metrics.json, not in it.
+# The keys of a task's metrics under which it hands over per-example results (arrays of one row per example:
+# ``correct``, ``abs_error``, ``load/<layer>``) of the test split and of the validation split; the run stores them
+# beside metrics.json, not in it.
 TEST_EXAMPLES = "per_example"
+VAL_EXAMPLES = "val_per_example"
 
 
 class ExampleLoads:

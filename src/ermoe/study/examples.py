@@ -1,7 +1,8 @@
-"""The test set's own sampling error of a study's comparisons: each run's per-example test results
+"""The evaluation set's own sampling error of a study's comparisons: each run's per-example results
 (``test_examples.npz``: one row per test example, caption-level arrays under ``caption/`` with their image in
-``caption/owner``) give the compared measure on bootstrap resamples of the test examples, and the variance of the
-seed-averaged difference over those resamples joins the seeds' in a paired test (:func:`ermoe.study.stats.paired`).
+``caption/owner``; ``val_examples.npz`` likewise for the validation images the preset check reads) give the compared
+measure on bootstrap resamples of the examples, and the variance of the seed-averaged difference over those
+resamples joins the seeds' in a paired test (:func:`ermoe.study.stats.paired`).
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ def _example_rsum(arrays: dict[str, np.ndarray], w: np.ndarray) -> np.ndarray | 
     return 100 * total
 
 
+# measure -> its statistic; a validation measure reads the runs' validation records (collect_examples(.., "val"))
 EXAMPLE_STATISTICS = {"test_top1": _weighted_mean("correct"), "test_mae": _weighted_mean("abs_error"),
-                      "load_cv": _example_load_cv, "test_rsum": _example_rsum}
+                      "load_cv": _example_load_cv, "test_rsum": _example_rsum,
+                      "val_top1": _weighted_mean("correct"), "val_load_cv": _example_load_cv}
 
 
 def examples_count(arrays: dict[str, np.ndarray]) -> int:
@@ -61,14 +64,15 @@ def examples_count(arrays: dict[str, np.ndarray]) -> int:
     return len(next(v for k, v in arrays.items() if not k.startswith("caption/")))
 
 
-def collect_examples(results) -> dict[str, dict[float, dict[str, np.ndarray]]]:
-    """method -> seed -> the per-example test results of its run (runs without the file are left out)."""
+def collect_examples(results, split: str = "test") -> dict[str, dict[float, dict[str, np.ndarray]]]:
+    """method -> seed -> the per-example results of its run on ``split`` (``test``, ``val``; runs without the file
+    are left out)."""
     from ..train.run import Run
 
     out: dict[str, dict[float, dict[str, np.ndarray]]] = {}
     for method, runs in results.items():
         for seed, metrics in runs.items():
-            arrays = Run(Path(metrics["run"])).read_examples() if metrics.get("run") else None
+            arrays = Run(Path(metrics["run"])).read_examples(split) if metrics.get("run") else None
             if arrays:
                 out.setdefault(method, {})[float(seed)] = arrays
     return out
@@ -76,7 +80,7 @@ def collect_examples(results) -> dict[str, dict[float, dict[str, np.ndarray]]]:
 
 def sampling_variance(examples, method: str, baseline: str, measure: str, seeds: list[float], values: list[float],
                       base_values: list[float], scale: float) -> float | None:
-    """The test set's variance of the seed-averaged paired difference by bootstrap over the test examples, when
+    """The evaluation set's variance of the seed-averaged paired difference by bootstrap over its examples, when
     every paired run recorded its per-example results, they cover the same examples, and they give back the very
     values the report compares (else None: the comparison rests on the seeds alone)."""
     statistic = EXAMPLE_STATISTICS.get(measure)

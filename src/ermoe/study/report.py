@@ -282,15 +282,17 @@ def default_plan() -> Plan:
     return make_plan(IMAGE_MARGINS, IMAGE_BASELINES, [*CLAIMS, PRESET], METHODS)
 
 
-def preset_check(table: dict[str, dict[str, list[float]]], plan: Plan | None = None) -> list[dict[str, Any]]:
+def preset_check(table: dict[str, dict[str, list[float]]], plan: Plan | None = None,
+                 val_examples=None) -> list[dict[str, Any]]:
     """For every eigen variant in the table, the preset rule on validation data only: load CV of the validation
     tokens below the baseline's (paired test) and validation top-1 non-inferior to the baseline's within the
     pre-registered margin; one family over every variant (Holm for the load tests, the Bonferroni level for the
-    intervals)."""
+    intervals). ``val_examples``: the runs' per-example validation results (:func:`collect_examples` with
+    ``"val"``), for the validation set's own share of each comparison's error."""
     plan = plan or default_plan()
     (_, _, tests), = plan.claims([PRESET])
     variants = [m for m, (role, _, _) in METHODS.items() if role == "variant" and m in table]
-    rows = _comparisons(table, variants, "preset", tests, plan)
+    rows = _comparisons(table, variants, "preset", tests, plan, val_examples)
     out = []
     for method in variants:
         mine = [r for r in rows if r["method"] == method]
@@ -300,8 +302,8 @@ def preset_check(table: dict[str, dict[str, list[float]]], plan: Plan | None = N
     return out
 
 
-def _preset_lines(table, plan: Plan) -> list[str]:
-    checks = preset_check(table, plan)
+def _preset_lines(table, plan: Plan, val_examples=None) -> list[str]:
+    checks = preset_check(table, plan, val_examples)
     if not checks:
         return []
     (_, _, (cv_test, acc_test)), = plan.claims([PRESET])
@@ -310,18 +312,27 @@ def _preset_lines(table, plan: Plan) -> list[str]:
              f"A variant passes when the load CV of its validation tokens is below `{cv_test.baseline}`'s (paired "
              f"test over seeds) and its validation top-1 is at least `{acc_test.baseline}`'s within the "
              f"pre-registered margin of {margin:g} (simultaneous interval); Holm's correction and the Bonferroni "
-             f"level run over all {len(checks)} variants' tests together. Only validation tokens and images are "
-             "read: the test split plays no part. docs/study.md says how a passing variant becomes a named "
-             "configuration.", "",
-             "| variant | val load CV vs baseline | val top-1 vs baseline (interval, margin) | passes |",
-             "|---|---|---|---|"]
+             f"level run over all {len(checks)} variants' tests together. As for the claims, the standard error "
+             "of each difference carries the validation set's own sampling error where every paired run recorded "
+             f"its per-example validation results (val_examples.npz; {BOOTSTRAP_DRAWS:,} bootstrap resamples of "
+             "the validation images), else the seeds' alone (the se column says which). Only validation tokens "
+             "and images are read: the test split plays no part. docs/study.md says how a passing variant becomes "
+             "a named configuration.", "",
+             "| variant | val load CV vs baseline | val top-1 vs baseline (interval, margin) | se of the top-1 "
+             "difference | passes |", "|---|---|---|---|---|"]
     for c in checks:
         cv, acc = c["rows"]
         lines.append(
             f"| `{c['method']}` | {cv['stat'].diff:+.3f} (Holm p {_fmt_p(cv['p_holm'])}): {cv['outcome']} | "
             f"{acc['stat'].diff:+.4f} ([{acc['interval'][0]:.4f}, {acc['interval'][1]:.4f}], margin "
-            f"{acc['margin']:.4f}): {acc['outcome']} | {'yes' if c['passes'] else 'no'} |")
+            f"{acc['margin']:.4f}): {acc['outcome']} | {_se_text(acc)} | {'yes' if c['passes'] else 'no'} |")
     return lines + [""]
+
+
+def _se_text(row: dict[str, Any]) -> str:
+    w = row["stat"]
+    return (f"{w.se:.4f} = seeds {w.seed_se:.4f} (+) val set {w.test_se:.4f}" if row["test_error"] else
+            f"{w.se:.4f}, seeds alone")
 
 
 def ep_wait_lines(table: dict[str, dict[str, list[float]]], reference: str = "switch") -> list[str]:
@@ -584,7 +595,7 @@ def write_report(cfg, results, path: str | Path, command: str, wall_s: float,
         f"with the baselines named above: {VERDICT_RULE}", "",
     ]
     lines += claim_lines(verdicts(table, plan=plan, examples=collect_examples(results)))
-    lines.extend(_preset_lines(table, plan))
+    lines.extend(_preset_lines(table, plan, collect_examples(results, "val")))
     lines.extend(ep_wait_lines(table))
     if len(cfg.seeds) < 3:
         lines.append(f"With {len(cfg.seeds)} seed(s) no significance test is possible; treat every verdict as "

@@ -6,6 +6,7 @@ import copy
 import json
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,7 @@ import yaml
 from ..train.config import ConfigError, _build, _merge, config_from_dict
 from ..train.checkpoint import list_checkpoints
 from ..train.lock import RunLock
-from ..train.run import METRICS_FILE, Run
+from ..train.run import EXAMPLES_FILES, METRICS_FILE, Run
 from ..train.trainer import load_run, train
 from .kinds import StudyKind, study_kind, study_plan
 from .report import IMAGE_BASELINES, IMAGE_MARGINS
@@ -174,6 +175,40 @@ def _add_fewshot(path: Path, cfg: StudyConfig) -> dict[str, Any]:
     return metrics
 
 
+def record_validation_examples(path: Path) -> bool:
+    """A finished run evaluated before its per-example validation results were kept (``val_examples.npz``) gets
+    them from its final checkpoint: the validation pass only, checked against the validation measures its
+    metrics.json holds (top-1 and every layer's tokens per expert, exactly) before they are written. Returns whether
+    they were written; a checkpoint that does not give back those measures warns and writes nothing (the report's
+    comparisons of that run then rest on the seeds alone)."""
+    import numpy as np
+
+    from ..analysis.diagnostics import VAL_EXAMPLES
+    from ..train.trainer import amp_dtype, autocast_ctx
+
+    if (path / EXAMPLES_FILES["val"]).exists() or "val_layers" not in (Run(path).read_metrics() or {}):
+        return False
+    with RunLock(path):
+        run = Run(path)
+        metrics = run.read_metrics()
+        train_cfg, task, model, _, device = load_run(path)
+        fresh = task.validation(model, autocast_ctx(device, amp_dtype(train_cfg, device)))
+        arrays = fresh[VAL_EXAMPLES]
+        recorded = metrics["val_layers"]
+        # top-1 as torchmetrics computed it (float32): the tolerance is far below one image in the split
+        same = (np.isclose(arrays["correct"].mean(), metrics["val_top1"], rtol=1e-6, atol=1e-9)
+                and set(recorded) == set(fresh["val_layers"])
+                and all(fresh["val_layers"][name]["tokens_per_expert"] == recorded[name]["tokens_per_expert"]
+                        for name in recorded))
+        if not same:
+            warnings.warn(f"{path}: its checkpoint does not give back the validation measures in its metrics.json "
+                          f"(top-1 {float(arrays['correct'].mean()):.6f} against {metrics['val_top1']:.6f}); no "
+                          "validation records written, its comparisons rest on the seeds alone", stacklevel=2)
+            return False
+        run.write_examples(arrays, "val")
+        return True
+
+
 def stale_reason(path: Path, train_cfg) -> str | None:
     """Why the run in ``path`` is not the run the study would make now (its config or the ermoe version that made
     it differ), or None."""
@@ -235,6 +270,8 @@ def run_study(cfg: StudyConfig, log=print) -> dict[str, dict[int, dict[str, Any]
                 status = f"{metrics['run_wall_s']:.0f} s"
             else:
                 status = "done before, skipped"
+                if record_validation_examples(path):  # evaluated before they were kept: no training, no timing
+                    status += "; validation records added from its final checkpoint"
             key, form = kind.headline
             log(f"[{done}/{total}] {method} seed {seed}: {form.format(metrics[key])} ({status})")
             results.setdefault(method, {})[seed] = metrics

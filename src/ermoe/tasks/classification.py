@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..analysis.diagnostics import evaluate_classifier, evaluate_routed, evaluating
+from ..analysis.diagnostics import VAL_EXAMPLES, evaluate_classifier, evaluate_routed, evaluating
 from ..analysis.report import draw_figures, layers_table
 from ..data.folder import ImageFolderData
 from ..data.image_batches import FolderBatches, ImageBatches, image_batches
@@ -103,16 +103,22 @@ class ImageClassification(Task):
 
     def validation(self, model: nn.Module, autocast: Callable[[], Any]) -> dict[str, Any]:
         """The validation split's top-1 and each routing layer's load on the validation tokens (``val_layers``),
-        in one pass: what a choice made on validation data reads (the study's preset check). Nothing without a
-        validation split."""
+        in one pass: what a choice made on validation data reads (the study's preset check), with its per-example
+        results (``VAL_EXAMPLES``: each image's correctness and expert counts, for the validation set's own sampling
+        error). Nothing without a validation split."""
         if self.data.val is None:
             return {}
+        import numpy as np
         from torchmetrics.classification import MulticlassAccuracy
 
         top1 = MulticlassAccuracy(self.data.num_classes, top_k=1, average="micro")
+        correct: list[Tensor] = []
         ev = evaluate_routed(model, ((b.inputs, b.target) for b in self.eval_batches("val")), {"top1": top1},
-                             autocast=autocast)
-        return {"val_top1": ev.measures["top1"], "val_layers": {name: ev.counts[name].load() for name in ev.counts}}
+                             autocast=autocast,
+                             on_output=lambda logits, labels: correct.append((logits.argmax(1) == labels).cpu()))
+        return {"val_top1": ev.measures["top1"], "val_layers": {name: ev.counts[name].load() for name in ev.counts},
+                VAL_EXAMPLES: {"correct": torch.cat(correct).numpy() if correct else np.zeros(0, bool),
+                               **ev.example_loads.arrays()}}
 
     @torch.no_grad()
     def quick_eval(self, model: nn.Module, autocast: Callable[[], Any]) -> dict[str, float]:

@@ -25,7 +25,8 @@ from .checkpoint import CheckpointError, atomic_write_text
 from .config import ConfigError, TrainConfig, config_from_dict, config_to_dict, dump_config
 
 CONFIG_FILE, METRICS_FILE, LOG_FILE = "config.yaml", "metrics.json", "log.jsonl"
-EXAMPLES_FILE = "test_examples.npz"  # per-example test results (Run.write_examples)
+# per-example results of a split (Run.write_examples): the test split's, the validation split's
+EXAMPLES_FILES = {"test": "test_examples.npz", "val": "val_examples.npz"}
 
 # What an override on resume may change, and the loop applies for real from the step it resumes at: the schedule
 # and optimizer settings (the scheduler and the optimizer's groups are rebuilt from the config), the run's length,
@@ -199,14 +200,14 @@ class Run:
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         atomic_write_text(self.root / METRICS_FILE, json.dumps(strict_json(metrics), indent=1, allow_nan=False))
 
-    def write_examples(self, arrays: dict[str, Any]) -> None:
-        """The per-example test results (one row per test example; ``EXAMPLES_FILE``), written atomically."""
+    def write_examples(self, arrays: dict[str, Any], split: str = "test") -> None:
+        """The per-example results of ``split`` (one row per example; ``EXAMPLES_FILES``), written atomically."""
         import os
         import tempfile
 
         import numpy as np
 
-        path = self.root / EXAMPLES_FILE
+        path = self.root / EXAMPLES_FILES[split]
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -216,11 +217,11 @@ class Run:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def read_examples(self) -> dict[str, Any] | None:
-        """The per-example test results, or None for a run evaluated before they were recorded."""
+    def read_examples(self, split: str = "test") -> dict[str, Any] | None:
+        """The per-example results of ``split``, or None for a run evaluated before they were recorded."""
         import numpy as np
 
-        path = self.root / EXAMPLES_FILE
+        path = self.root / EXAMPLES_FILES[split]
         if not path.exists():
             return None
         try:

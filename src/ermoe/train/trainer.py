@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
-from ..analysis.diagnostics import TEST_EXAMPLES, chance_changed_share, changed_share, probe_routing
+from ..analysis.diagnostics import (TEST_EXAMPLES, VAL_EXAMPLES, chance_changed_share, changed_share,
+                                   probe_routing)
 from ..data.loader import worker_death
 from ..models import RoutedModel, create_model, upcycle
 from ..moe import NonFiniteInputError
@@ -665,6 +666,7 @@ def ema_metrics(task: Task, ema_model: nn.Module, autocast: Callable[[], Any]) -
     """The task's measures (test and validation) of the EMA weights."""
     metrics = task.evaluate(ema_model, autocast)
     metrics.pop(TEST_EXAMPLES, None)
+    metrics.pop(VAL_EXAMPLES, None)
     return {k: v for k, v in metrics.items() if k.startswith(("test_", "val_")) and isinstance(v, float)}
 
 
@@ -687,9 +689,10 @@ def evaluate_run(run: Run, task: Task, model: RoutedModel, cfg: TrainConfig, aut
     t0 = time.perf_counter()
     metrics = task.evaluate(model, autocast, probe=task.probe())
     metrics["eval_time_s"] = time.perf_counter() - t0
-    examples = metrics.pop(TEST_EXAMPLES, None)  # per-example results: beside metrics.json, not in it
-    if examples and parallel.main:
-        run.write_examples(examples)
+    for split, key in (("test", TEST_EXAMPLES), ("val", VAL_EXAMPLES)):
+        examples = metrics.pop(key, None)  # per-example results: beside metrics.json, not in it
+        if examples and parallel.main:
+            run.write_examples(examples, split)
     for name, stats in metrics["layers"].items():
         stats.pop("probe_assignment", None)
         stats.pop("probe_load", None)
