@@ -159,6 +159,12 @@ class ExampleLoads:
                 if rows and name not in self.uneven}
 
 
+def classification_examples(correct: list[Tensor], loads: ExampleLoads) -> dict[str, np.ndarray]:
+    """The per-example records of a classification pass: each image's top-1 correctness (the batches' boolean
+    tensors, in order) and its tokens per expert per layer."""
+    return {"correct": torch.cat(correct).numpy() if correct else np.zeros(0, bool), **loads.arrays()}
+
+
 def mutual_information(joint_counts: Tensor) -> float:
     """I(X; Y) in bits from a table of co-occurrence counts (rows X, columns Y)."""
     p = joint_counts.double() / joint_counts.sum().clamp_min(1)
@@ -358,8 +364,7 @@ def evaluate_classifier(model: RoutedModel, batches: Iterable[tuple[Sequence[Ten
                          gather)
     result: dict[str, Any] = {**{k: (0.0 if math.isnan(v) else v) for k, v in ev.measures.items()},
                               "test_images": ev.examples, "class_images": class_images.tolist(), "layers": {},
-                              TEST_EXAMPLES: {"correct": torch.cat(correct).numpy() if correct else np.zeros(0, bool),
-                                              **ev.example_loads.arrays()}}
+                              TEST_EXAMPLES: classification_examples(correct, ev.example_loads)}
     if model_sums:
         result["model_metrics"] = {key: value / max(ev.examples, 1) for key, value in model_sums.items()}
     h_class = entropy_bits(class_images)

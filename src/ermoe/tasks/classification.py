@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..analysis.diagnostics import VAL_EXAMPLES, evaluate_classifier, evaluate_routed, evaluating
+from ..analysis.diagnostics import (VAL_EXAMPLES, classification_examples, evaluate_classifier, evaluate_routed,
+                                   evaluating)
 from ..analysis.report import draw_figures, layers_table
 from ..data.folder import ImageFolderData
 from ..data.image_batches import FolderBatches, ImageBatches, image_batches
@@ -108,7 +109,6 @@ class ImageClassification(Task):
         error). Nothing without a validation split."""
         if self.data.val is None:
             return {}
-        import numpy as np
         from torchmetrics.classification import MulticlassAccuracy
 
         top1 = MulticlassAccuracy(self.data.num_classes, top_k=1, average="micro")
@@ -117,8 +117,7 @@ class ImageClassification(Task):
                              autocast=autocast,
                              on_output=lambda logits, labels: correct.append((logits.argmax(1) == labels).cpu()))
         return {"val_top1": ev.measures["top1"], "val_layers": {name: ev.counts[name].load() for name in ev.counts},
-                VAL_EXAMPLES: {"correct": torch.cat(correct).numpy() if correct else np.zeros(0, bool),
-                               **ev.example_loads.arrays()}}
+                VAL_EXAMPLES: classification_examples(correct, ev.example_loads)}
 
     @torch.no_grad()
     def quick_eval(self, model: nn.Module, autocast: Callable[[], Any]) -> dict[str, float]:
