@@ -209,7 +209,8 @@ def test_caption_styles_keep_the_mixed_sets_cache_key_and_refuse_unknown_styles(
 
 # --- metrics, loss, towers ----------------------------------------------------------------------------------------
 
-from ermoe.analysis.retrieval import caption_ambiguity, retrieval_metrics, retrieval_ranks  # noqa: E402
+from ermoe.analysis.retrieval import (ORDER_DECIDES, TEXT_SHARED, caption_ambiguity, caption_kinds,  # noqa: E402
+                                      retrieval_metrics, retrieval_ranks, word_order_chance, word_order_correct)
 from ermoe.models import create_model  # noqa: E402
 from ermoe.models.dual import LOGIT_SCALE_INIT, clip_loss  # noqa: E402
 
@@ -413,6 +414,30 @@ def test_retrieval_study_quick_end_to_end(tmp_path, capsys):
     report = (tmp_path / "results_retrieval.md").read_text()
     assert "Claim 8:" in report and "| `bow` |" in report and "| `switch` |" in report
     assert "1000 test images" not in report and "100 test images x 500 captions" in report
+    # word order measured in every run; a run evaluated before it was gets it from its final checkpoint, the same
+    from ermoe.study.runner import record_word_order
+    from ermoe.train.run import Run
+
+    assert "| order acc |" in report and "order acc of a random ranking" in report
+    run = Run(tmp_path / "runs" / "switch" / "seed0")
+    metrics, examples = run.read_metrics(), run.read_examples()
+    owner, kind, correct = examples["caption/owner"], examples["caption/kind"], examples["caption/order_correct"]
+    assert len(kind) == len(correct) == len(owner) == 500 and ((correct >= 0) == (kind == ORDER_DECIDES)).all()
+    assert metrics["test_word_order_acc"] == pytest.approx(correct[kind == ORDER_DECIDES].mean())
+    assert metrics["test_caption_order_decides"] == pytest.approx((kind == ORDER_DECIDES).mean())
+    assert not record_word_order(run.root)  # measured already
+    old = {k: v for k, v in examples.items() if k not in ("caption/kind", "caption/order_correct")}
+    run.write_examples(old)
+    run.write_metrics({k: v for k, v in metrics.items() if not k.startswith("test_word_order")})
+    assert record_word_order(run.root)
+    again = run.read_examples()
+    assert sorted(again) == sorted(examples) and all(np.array_equal(again[k], examples[k]) for k in examples)
+    assert run.read_metrics() == metrics
+    # a checkpoint that does not give back the recorded ranks: a warning, nothing written
+    run.write_examples({**old, "i2t_rank": old["i2t_rank"] + 1})
+    with pytest.warns(UserWarning, match="does not give back the test ranks"):
+        assert not record_word_order(run.root)
+    assert "caption/kind" not in run.read_examples()
 
 
 def test_every_dual_encoder_parameter_learns_from_the_contrastive_loss():
@@ -443,6 +468,45 @@ def test_caption_ambiguity_by_hand():
     assert caption_ambiguity(torch.tensor([[1, 2], [1, 2]]), torch.tensor([0, 0]))["bag_unique"] == 1.0
     with pytest.raises(ValueError, match="M owners"):
         caption_ambiguity(ids, owner[:3])
+
+
+def test_word_order_accuracy_by_hand():
+    # images 0, 1, 2: "a b", "b a", "a b a" (a bag of its own); image 3: "b a" too (shared with image 1); images 4, 5
+    # and 6: "c d e", "e d c", "d c e" (three images with one bag: each has two rivals)
+    ids = torch.tensor([[1, 2, 0], [2, 1, 0], [1, 2, 1], [2, 1, 0], [3, 4, 5], [5, 4, 3], [4, 3, 5]])
+    owner = torch.arange(7)
+    kind, rivals = caption_kinds(ids, owner)
+    assert kind.tolist() == [ORDER_DECIDES, TEXT_SHARED, 0, TEXT_SHARED, ORDER_DECIDES, ORDER_DECIDES, ORDER_DECIDES]
+    assert rivals == [[1, 3], [], [], [], [5, 6], [4, 6], [4, 5]]
+    assert word_order_chance(rivals) == pytest.approx(1 / 3)
+    # one-dimensional embeddings: a caption's score for an image is the product of the two numbers
+    images = torch.tensor([[3.0], [1.0], [0.0], [2.0], [1.0], [2.0], [2.0]])
+    texts = torch.tensor([[1.0], [0.0], [0.0], [0.0], [1.0], [1.0], [-1.0]])
+    got = word_order_correct(images, texts, owner, rivals)
+    # caption 0: 3 > 1 and 3 > 2, right; caption 4: 1 < 2, wrong; caption 5: 2 ties image 6's 2, counted against it;
+    # caption 6: -2 against -1 and -2, wrong
+    assert got.tolist() == [1, -1, -1, -1, 0, 0, 0]
+    with pytest.raises(ValueError, match="one rival list per caption"):
+        word_order_correct(images, texts, owner, rivals[:3])
+
+
+def test_a_tower_blind_to_word_order_is_right_on_one_caption_of_each_swapped_pair():
+    """The order-acc floor the report names: a bag-of-words text tower embeds a caption and its twin's reordering
+    alike, so of the two it ranks exactly one right (random weights, random images, 20 swapped pairs); a
+    transformer text tower is not tied to that."""
+    kwargs = dict(img_size=16, in_chans=1, vocab_size=30, context_length=6,
+                  image={"name": "vit_tiny", "embed_dim": 16, "num_heads": 2, "depth": 1, "patch_size": 8})
+    torch.manual_seed(0)
+    bow = create_model("dual_encoder", text={"width": 16, "depth": 0, "positions": False}, **kwargs).eval()
+    bags = [torch.randperm(26)[:4] + 4 for _ in range(20)]
+    ids = torch.stack([row for bag in bags for row in (bag, bag.flip(0))])  # image 2i and its twin 2i + 1
+    owner = torch.arange(40)
+    kind, rivals = caption_kinds(ids, owner)
+    assert (kind == ORDER_DECIDES).all() and word_order_chance(rivals) == 0.5
+    with torch.no_grad():
+        images, texts = bow.encode_image(torch.randn(40, 1, 16, 16)), bow.encode_text(ids)
+    got = word_order_correct(images, texts, owner, rivals).reshape(20, 2)
+    assert (got.sum(1) == 1).all()
 
 
 def test_karpathy_images_decoded_per_batch_in_workers_train_as_images_held_in_memory(tmp_path):

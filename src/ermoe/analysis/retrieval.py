@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -64,18 +65,24 @@ def metrics_from_ranks(image_rank: Tensor, text_rank: Tensor, ks: Sequence[int] 
     return out
 
 
-def caption_ambiguity(ids_ML: Tensor, owner_M: Tensor, pad_id: int = 0) -> dict[str, float]:
-    """How much of a split's text-to-image retrieval word order can decide, from the captions as the text tower
-    sees them (token ids, padding dropped). Shares of the captions
+# The kind of a caption, as caption_kinds gives it
+BAG_UNIQUE, ORDER_DECIDES, TEXT_SHARED = 0, 1, 2
 
-    - ``text_shared``: whose exact token sequence is also a caption of another image (no text model can rank the
-      right image above that one);
-    - ``order_decides``: otherwise, whose bag of words is also a caption of another image, in another order (only
-      a model that reads word order can tell the two images apart);
-    - ``bag_unique``: the rest, whose words alone single out their image (a bag of words suffices).
+
+def caption_kinds(ids_ML: Tensor, owner_M: Tensor, pad_id: int = 0) -> tuple[np.ndarray, list[list[int]]]:
+    """Per caption of a split, from the captions as the text tower sees them (token ids, padding dropped), its kind
+    and its rivals, ``(kind_M, rivals)``. Kinds:
+
+    - ``TEXT_SHARED``: its exact token sequence is also a caption of another image (no text model can rank the right
+      image above that one);
+    - ``ORDER_DECIDES``: otherwise, its bag of words is also a caption of another image, in another order (only a
+      model that reads word order can tell the two images apart); its rivals are those other images, sorted;
+    - ``BAG_UNIQUE``: the rest, whose words alone single out their image (a bag of words suffices).
+
+    ``rivals[m]`` is empty for a caption that is not ``ORDER_DECIDES``.
     """
     if ids_ML.dim() != 2 or len(ids_ML) != len(owner_M) or len(ids_ML) == 0:
-        raise ValueError(f"caption_ambiguity needs (M, L) token ids and M owners, got {tuple(ids_ML.shape)} and "
+        raise ValueError(f"caption_kinds needs (M, L) token ids and M owners, got {tuple(ids_ML.shape)} and "
                          f"{tuple(owner_M.shape)}")
     seqs = [tuple(row[row != pad_id].tolist()) for row in ids_ML.cpu()]
     owners = owner_M.cpu().tolist()
@@ -84,12 +91,53 @@ def caption_ambiguity(ids_ML: Tensor, owner_M: Tensor, pad_id: int = 0) -> dict[
     for seq, owner in zip(seqs, owners):
         by_seq.setdefault(seq, set()).add(owner)
         by_bag.setdefault(tuple(sorted(seq)), set()).add(owner)
-    shared = order = 0
-    for seq, owner in zip(seqs, owners):
+    kind = np.full(len(seqs), BAG_UNIQUE, dtype=np.int8)
+    rivals: list[list[int]] = [[] for _ in seqs]
+    for m, (seq, owner) in enumerate(zip(seqs, owners)):
         if by_seq[seq] - {owner}:
-            shared += 1
+            kind[m] = TEXT_SHARED
         elif by_bag[tuple(sorted(seq))] - {owner}:
-            order += 1
-    total = len(seqs)
-    return {"text_shared": shared / total, "order_decides": order / total,
-            "bag_unique": (total - shared - order) / total}
+            kind[m] = ORDER_DECIDES
+            rivals[m] = sorted(by_bag[tuple(sorted(seq))] - {owner})
+    return kind, rivals
+
+
+def caption_ambiguity(ids_ML: Tensor, owner_M: Tensor, pad_id: int = 0) -> dict[str, float]:
+    """How much of a split's text-to-image retrieval word order can decide: the shares of its captions of each kind
+    :func:`caption_kinds` gives (``text_shared``, ``order_decides``, ``bag_unique``)."""
+    return kind_shares(caption_kinds(ids_ML, owner_M, pad_id)[0])
+
+
+def kind_shares(kind_M: np.ndarray) -> dict[str, float]:
+    """The share of captions of each kind (:func:`caption_kinds`) by name."""
+    shares = np.bincount(kind_M, minlength=3) / len(kind_M)
+    return {"text_shared": float(shares[TEXT_SHARED]), "order_decides": float(shares[ORDER_DECIDES]),
+            "bag_unique": float(shares[BAG_UNIQUE])}
+
+
+@torch.no_grad()
+def word_order_correct(image_NE: Tensor, text_ME: Tensor, owner_M: Tensor, rivals: Sequence[Sequence[int]]
+                       ) -> np.ndarray:
+    """Per caption whether the model tells its image from the images only word order separates it from: 1 when its
+    own image scores strictly above every one of its ``rivals`` (:func:`caption_kinds`; ties count against it, as in
+    the ranks), 0 when not, -1 for a caption without rivals. A text tower blind to word order embeds a caption and its
+    rival's reordering alike, so over a swapped pair it is right on at most one of the two (exactly one barring
+    ties): about 1/2 where each caption has one rival, as a random ranking (:func:`word_order_chance`)."""
+    image_NE, text_ME = image_NE.float(), text_ME.float()
+    if len(rivals) != len(text_ME) or len(owner_M) != len(text_ME):
+        raise ValueError(f"word_order_correct needs one owner and one rival list per caption: {len(text_ME)} "
+                         f"captions, {len(owner_M)} owners, {len(rivals)} rival lists")
+    out = np.full(len(text_ME), -1, dtype=np.int8)
+    rows = [m for m, r in enumerate(rivals) if len(r)]
+    for m in rows:
+        others = torch.as_tensor(list(rivals[m]), dtype=torch.long)
+        sims = image_NE[torch.cat([owner_M[m:m + 1].cpu(), others])] @ text_ME[m]
+        out[m] = int(bool((sims[0] > sims[1:]).all()))
+    return out
+
+
+def word_order_chance(rivals: Sequence[Sequence[int]]) -> float:
+    """What :func:`word_order_correct` averages to for a model that cannot read word order and ranks a caption's own
+    image and its rivals at random: the mean of 1 / (1 + rivals) over the captions that have rivals."""
+    counts = [len(r) for r in rivals if len(r)]
+    return float(np.mean([1 / (1 + c) for c in counts])) if counts else float("nan")

@@ -68,14 +68,15 @@ RETRIEVAL_QUICK: dict[str, Any] = {
 RETRIEVAL_COLUMNS = [
     ("val_rsum", "val RSUM", ".1f"), ("test_i2t_r@1", "i2t R@1", ".3f"), ("test_i2t_r@5", "i2t R@5", ".3f"),
     ("test_i2t_r@10", "i2t R@10", ".3f"), ("test_t2i_r@1", "t2i R@1", ".3f"), ("test_t2i_r@5", "t2i R@5", ".3f"),
-    ("test_t2i_r@10", "t2i R@10", ".3f"), ("test_rsum", "RSUM", ".1f"), ("image_load_cv", "img CV", ".3f"),
+    ("test_t2i_r@10", "t2i R@10", ".3f"), ("test_rsum", "RSUM", ".1f"), ("test_word_order_acc", "order acc", ".3f"),
+    ("image_load_cv", "img CV", ".3f"),
     ("text_load_cv", "text CV", ".3f"), ("load_cv", "load CV", ".3f"), ("train_ep_straggler", "EP wait", ".2f"),
     ("mi_item_bits", "MI item", ".3f"),
     ("mi_word_bits", "MI word", ".3f"), ("probe_changed_rel", "/chance", ".3f"), ("train_img_per_s", "pairs/s", ".0f"),
     ("params_total", "params", ",.0f"), ("params_active", "active", ",.0f"),
 ]
 _MEASURES = ("val_rsum", "test_i2t_r@1", "test_i2t_r@5", "test_i2t_r@10", "test_t2i_r@1", "test_t2i_r@5",
-             "test_t2i_r@10", "test_rsum", "train_img_per_s", "params_total", "params_active")
+             "test_t2i_r@10", "test_rsum", "test_word_order_acc", "train_img_per_s", "params_total", "params_active")
 
 RETRIEVAL_CLAIMS: list[tuple[str, str, list[Test]]] = [
     ("8", "retrieval accuracy at least that of the balancing-loss baseline and above the dense towers (ERMoE "
@@ -129,6 +130,8 @@ def _data_line(first: dict[str, Any]) -> str:
                   f"word for word, {100 * first['test_caption_order_decides']:.1f}% have another image's words in "
                   f"another order (only word order separates them), {100 * first['test_caption_bag_unique']:.1f}% "
                   "are singled out by their words alone")
+        if first.get("test_word_order_chance") is not None:
+            shares += f"; order acc of a random ranking: {first['test_word_order_chance']:.3f}"
     return (f"{what}: {first.get('test_images')} test images x {first.get('test_captions')} captions; chance R@1 "
             f"{first.get('chance_i2t_r@1', float('nan')):.4f} image->text, {first.get('chance_t2i_r@1', float('nan')):.4f} "
             f"text->image{shares}")
@@ -160,7 +163,11 @@ def write_retrieval_report(cfg, results, path, command: str, wall_s: float, atom
         methods=RETRIEVAL_METHODS, columns=RETRIEVAL_COLUMNS,
         notes="Recall@K (CLIP_benchmark's definition: a query is a hit when any of its positives is in its top K; "
               "ties count against it) on the test split, read once at the end of each run; RSUM: the six recalls "
-              "in percent, summed (val RSUM: the same on the validation split). Routing columns are means over the "
+              "in percent, summed (val RSUM: the same on the validation split). order acc: of the test captions only "
+              "word order separates from another test image's, the share whose own image the model scores above "
+              "every such rival image (a text tower blind to word order scores about the random ranking's, in the data "
+              "line). "
+              "Routing columns are means over the "
               "MoE layers of the image tower (img CV), the text tower (text CV) and both (load CV, /chance); MI item "
               "= MI(expert; item class of the patch's cell) in the image tower, MI word = MI(expert; word) in the "
               "text tower, in bits; " + EP_WAIT_NOTE + ". pairs/s: training image-caption pairs per second.",

@@ -209,6 +209,40 @@ def record_validation_examples(path: Path) -> bool:
         return True
 
 
+def record_word_order(path: Path) -> bool:
+    """A finished retrieval run evaluated before word order was measured gets it from its final checkpoint: the
+    test split embedded again, checked against the ranks its ``test_examples.npz`` holds (every image's and every
+    caption's, exactly), then ``test_word_order_acc`` and ``test_word_order_chance`` join its metrics.json and the
+    per-caption records (``caption/kind``, ``caption/order_correct``) its test examples (Retrieval.word_order).
+    Returns whether they were written; a checkpoint that does not give back the ranks warns and writes nothing."""
+    import numpy as np
+
+    from ..analysis.retrieval import retrieval_ranks
+    from ..train.trainer import amp_dtype, autocast_ctx
+
+    run = Run(path)
+    metrics = run.read_metrics() or {}
+    if metrics.get("task") != "retrieval" or not metrics.get("test_caption_order_decides"):
+        return False
+    examples = run.read_examples()
+    if examples is None or "caption/order_correct" in examples:
+        return False
+    with RunLock(path):
+        train_cfg, task, model, _, device = load_run(path)
+        images, texts, owner = task.embed(model, "test", autocast_ctx(device, amp_dtype(train_cfg, device)))
+        image_rank, text_rank = retrieval_ranks(images, texts, owner)
+        if not (np.array_equal(image_rank.numpy(), examples.get("i2t_rank"))
+                and np.array_equal(text_rank.numpy(), examples.get("caption/t2i_rank"))):
+            warnings.warn(f"{path}: its checkpoint does not give back the test ranks in its test_examples.npz; word "
+                          "order not measured, nothing written", stacklevel=2)
+            return False
+        order_metrics, records = task.word_order(images, texts, owner)
+        # metrics first: a run cut off between the two writes is measured again the next time (same numbers)
+        run.write_metrics({**metrics, **order_metrics})
+        run.write_examples({**examples, **records})
+        return True
+
+
 def stale_reason(path: Path, train_cfg) -> str | None:
     """Why the run in ``path`` is not the run the study would make now (its config or the ermoe version that made
     it differ), or None."""
@@ -272,6 +306,9 @@ def run_study(cfg: StudyConfig, log=print) -> dict[str, dict[int, dict[str, Any]
                 status = "done before, skipped"
                 if record_validation_examples(path):  # evaluated before they were kept: no training, no timing
                     status += "; validation records added from its final checkpoint"
+                if record_word_order(path):
+                    status += "; word order measured from its final checkpoint"
+                    metrics = Run(path).read_metrics()
             key, form = kind.headline
             log(f"[{done}/{total}] {method} seed {seed}: {form.format(metrics[key])} ({status})")
             results.setdefault(method, {})[seed] = metrics

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from ..analysis.diagnostics import TEST_EXAMPLES, RoutingCounts, evaluating, mutual_information, probe_routing
-from ..analysis.retrieval import caption_ambiguity, metrics_from_ranks, retrieval_metrics, retrieval_ranks
+from ..analysis.retrieval import (ORDER_DECIDES, caption_kinds, kind_shares, metrics_from_ranks, retrieval_metrics,
+                                  retrieval_ranks, word_order_chance, word_order_correct)
 from ..data.caption_batches import PAD_ID, CaptionBatches
 from ..data.karpathy import CaptionSplit
 from ..data.modules import KarpathyOptions
@@ -147,16 +148,16 @@ class Retrieval(Task):
 
         images, texts, owner = self.embed(model, "test", autocast, on_image, on_text)
         image_rank, text_rank = retrieval_ranks(images, texts, owner)
+        order_metrics, order_records = self.word_order(images, texts, owner)
         metrics: dict[str, Any] = {"dataset": self.setup.data.name, "test_images": len(images),
                                    "test_captions": len(texts), **metrics_from_ranks(image_rank, text_rank),
-                                   # per test image its rank; per caption (caption/*) its rank and its image
+                                   # per test image its rank; per caption (caption/*) its rank, its image, its kind
                                    TEST_EXAMPLES: {"i2t_rank": image_rank.numpy(),
                                                    "caption/t2i_rank": text_rank.numpy(),
-                                                   "caption/owner": owner.cpu().numpy()},
+                                                   "caption/owner": owner.cpu().numpy(), **order_records},
                                    "chance_t2i_r@1": 1 / len(images), "chance_i2t_r@1": float(
-                                       np.mean([len(c) for c in self.splits["test"].captions]) / len(texts))}
-        ids, owner, _ = self.batches.tokens["test"]
-        metrics.update({f"test_caption_{k}": v for k, v in caption_ambiguity(ids, owner).items()})
+                                       np.mean([len(c) for c in self.splits["test"].captions]) / len(texts)),
+                                   **order_metrics}
         if "val" in self.splits:
             metrics.update(self.quick_eval(model, autocast))
         probe_stats = probe_routing(model, probe.inputs, ctx=autocast) if probe is not None else {}
@@ -172,6 +173,24 @@ class Retrieval(Task):
             out[n] = stats
         metrics["layers"] = out
         return metrics
+
+    def word_order(self, images: Tensor, texts: Tensor, owner: Tensor) -> tuple[dict[str, float],
+                                                                                dict[str, np.ndarray]]:
+        """What word order decides on the test split and whether the model reads it (analysis.retrieval.caption_kinds,
+        word_order_correct), from the test embeddings: the metrics (the shares of each caption kind,
+        ``test_caption_*``; with any order-decided caption, ``test_word_order_acc``, the share of them whose image the
+        model scores above every rival image, and ``test_word_order_chance``, an order-blind model's) and the
+        per-caption records (``caption/kind``, ``caption/order_correct``: 1, 0, or -1 without rivals)."""
+        ids, token_owner, _ = self.batches.tokens["test"]
+        if not torch.equal(token_owner.cpu(), owner.cpu()):
+            raise RuntimeError("the test captions' tokens and embeddings are not in the same order")
+        kind, rivals = caption_kinds(ids, token_owner)
+        correct = word_order_correct(images, texts, owner, rivals)
+        metrics = {f"test_caption_{k}": v for k, v in kind_shares(kind).items()}
+        if (kind == ORDER_DECIDES).any():
+            metrics["test_word_order_acc"] = float(correct[kind == ORDER_DECIDES].mean())
+            metrics["test_word_order_chance"] = word_order_chance(rivals)
+        return metrics, {"caption/kind": kind, "caption/order_correct": correct}
 
     def _patch_labels(self, split: str, model: nn.Module) -> Tensor | None:
         """Per built-in canvas, the item class (or background) of the cell under each patch token, ``(N, P)``."""
