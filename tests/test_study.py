@@ -333,14 +333,14 @@ def test_the_validation_pass_reads_no_test_image(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["study_effnet_stem", "study_brainage", "study_brainage_heterogeneous",
-                                  "study_retrieval"])
+                                  "study_retrieval", "study_preset_confirm", "study_preset_confirm_stem"])
 def test_every_committed_study_config_states_its_margins_and_every_claims_baseline(name):
     import yaml
     from ermoe.study.kinds import study_kind, study_plan
 
     path = Path(__file__).parents[1] / "configs" / f"{name}.yaml"
     stated = yaml.safe_load(path.read_text())
-    kind = study_kind(stated["train"].get("task", "classification"))
+    kind = study_kind((stated.get("train") or {}).get("task", "classification"))
     assert sorted(str(k) for k in stated["baselines"]) == sorted(number for number, _, _ in kind.claims)
     parity = {t.measure for _, _, tests in kind.claims for t in tests if t.parity}
     assert parity <= set(stated["margins"]) and all(m["reason"] for m in stated["margins"].values())
