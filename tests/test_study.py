@@ -485,6 +485,24 @@ def test_study_config_errors(tmp_path):
     assert main(["study", "--seeds=[]"]) == 1
 
 
+def test_a_confirmation_study_marks_its_preregistered_methods_as_such(tmp_path):
+    """A study whose config chose its methods before its runs (study.preregistered) does not label them exploratory,
+    and says why; a name it does not run, or a task study (which labels nothing), is an error."""
+    base = ["study", "--quick", "--seeds=[0]", "--train.data.name=digits", "--train.model.patch_size=2",
+            "--fewshot_transfer=in_domain", f"--out_dir={tmp_path / 'runs'}",
+            "--methods=[switch,ermoe_standardize_prob]"]
+    assert main(base + [f"--report={tmp_path / 'plain.md'}"]) == 0
+    plain = (tmp_path / "plain.md").read_text()
+    assert "| `ermoe_standardize_prob` | variant (exploratory) |" in plain and "config pre-registered" not in plain
+    assert main(base + ["--preregistered=[ermoe_standardize_prob]", f"--report={tmp_path / 'confirm.md'}"]) == 0
+    confirm = (tmp_path / "confirm.md").read_text()  # the same runs, reused: only the label differs
+    assert "| `ermoe_standardize_prob` | variant |" in confirm
+    assert "the study config pre-registered `ermoe_standardize_prob`" in confirm
+    assert main(base + ["--preregistered=[emoe_standardize]"]) == 1
+    config = str(Path(__file__).parents[1] / "configs" / "study_retrieval.yaml")
+    assert main(["study", "--config", config, "--preregistered=[ermoe]"]) == 1
+
+
 def test_a_stale_run_is_never_reused(tmp_path, capsys):
     args = ["study", "--quick", "--methods=[switch]", "--seeds=[0]", "--train.data.name=digits",
             "--train.model.patch_size=2", "--fewshot_transfer=in_domain", f"--out_dir={tmp_path / 'runs'}",

@@ -41,6 +41,9 @@ class StudyConfig:
     # A finished or started run whose config (or ermoe version) differs from what the study would run now:
     # "refuse" (an error naming the difference) or "rerun" (it is moved aside to <run>.stale-<time>, kept).
     stale: Literal["refuse", "rerun"] = "refuse"
+    # Methods this study's config chose before its runs, on an earlier study's validation data (a confirmation):
+    # its report does not mark them exploratory where the method table does (ermoe.study.methods.EXPLORATORY).
+    preregistered: list[str] = field(default_factory=list)
     # Fixed before any run (ermoe.study.plan): the non-inferiority margin of each measure, in its units, with the
     # reason for its size ({measure: {value, reason}}), and the baseline of each claim ({claim: method, or a list of
     # one method per comparison}). The report prints both; nothing is computed from the results.
@@ -104,6 +107,12 @@ def load_study_config(path: str | Path | None = None, quick: bool = False,
             raise ConfigError(f"study.methods: unknown {task} study method {name!r}; choose from {list(kind.methods)}")
     if not cfg.seeds:
         raise ConfigError("study.seeds must name at least one seed")
+    if cfg.preregistered and kind.task != "classification":
+        raise ConfigError(f"study.preregistered: the {task} study marks no method exploratory, so there is nothing "
+                          "for it to change")
+    stray = [m for m in cfg.preregistered if m not in cfg.methods]
+    if stray:
+        raise ConfigError(f"study.preregistered: {stray} is not among this study's methods {cfg.methods}")
     if kind.fewshot and cfg.fewshot_transfer != "in_domain":
         from ..data.images import DATASETS
         if cfg.fewshot_transfer not in DATASETS:
