@@ -490,6 +490,48 @@ def test_word_order_accuracy_by_hand():
         word_order_correct(images, texts, owner, rivals[:3])
 
 
+def test_word_order_groups_by_hand_and_the_batches_that_keep_them():
+    from ermoe.analysis.retrieval import word_order_groups
+
+    # the images of test_word_order_accuracy_by_hand: 0 "a b" has the words of 1 and 3 ("b a") -> one group; 2 alone;
+    # 4, 5, 6 the same words in three orders; image 7 has no caption of its own kind and stays alone
+    ids = torch.tensor([[1, 2, 0], [2, 1, 0], [1, 2, 1], [2, 1, 0], [3, 4, 5], [5, 4, 3], [4, 3, 5], [6, 0, 0]])
+    assert word_order_groups(ids, torch.arange(8), 8) == [[0, 1, 3], [2], [4, 5, 6], [7]]
+    assert word_order_groups(ids[:3], torch.tensor([0, 0, 1]), 2) == [[0], [1]]  # one image's own captions: no rivals
+
+
+def test_word_order_batches_keep_the_built_in_sets_twins_together(tmp_path):
+    """task_options.word_order_batches: a training image whose captions only word order tells from another's shares
+    its batch with it (but where a batch ends); refused where no two images are such."""
+    from ermoe.data.images import DEBIAN_FASHION_MNIST
+    from ermoe.data.loader import grouped_epoch_order
+    from ermoe.train import ConfigError, create_task, train
+
+    if not DEBIAN_FASHION_MNIST.exists():
+        pytest.skip("needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+    cfg = _cfg(tmp_path, {"name": "fashion_captions", "caption_set_size": 64, "test_limit": 100,
+                          "captions": "word_order"},
+               task_options={"vocab_size": 60, "word_order_batches": True})
+    task = create_task(cfg, torch.device("cpu"))
+    task.load()
+    groups, n, size = task.batches.train_groups, task.batches.num_train, cfg.optim.batch_size
+    assert sorted(i for g in groups for i in g) == list(range(n)) and sum(len(g) > 1 for g in groups) >= n // 8
+    order = grouped_epoch_order([torch.tensor(g) for g in groups], cfg.seed, 0)
+    batches = list(task.batches.train_batches(0, n // size))
+    for step, batch in enumerate(batches):  # the batches are the grouped order's rows
+        rows = order[step * size:(step + 1) * size]
+        assert torch.equal(batch.inputs[0], task.batches._normalize(task.splits["train"].images[rows]))
+    together = [g for g in groups if len(g) > 1 and any(set(g) <= set(order[s * size:(s + 1) * size].tolist())
+                                                         for s in range(len(batches)))]
+    assert len(together) >= sum(len(g) > 1 for g in groups) - len(batches)  # a group is cut only at a batch end
+    entries = [_entry(f"{i}.jpg", "test" if i >= 40 else "val" if i >= 32 else "train",
+                      [f"a photo number {i}", f"picture {i} of a dog"]) for i in range(48)]
+    path, root = _karpathy(tmp_path, entries)
+    with pytest.raises((ConfigError, ValueError), match="nothing to keep in one batch"):
+        train(_cfg(tmp_path, {"name": "karpathy", "json": str(path), "image_root": str(root), "img_size": 16},
+                   task_options={"vocab_size": 60, "word_order_batches": True}), quiet=True)
+
+
 def test_a_tower_blind_to_word_order_is_right_on_one_caption_of_each_swapped_pair():
     """The order-acc floor the report names: a bag-of-words text tower embeds a caption and its twin's reordering
     alike, so of the two it ranks exactly one right (random weights, random images, 20 swapped pairs); a

@@ -70,6 +70,35 @@ def test_step_sampler_gives_each_rank_its_rows_of_the_global_batch_from_any_step
         StepBatchSampler(n, batch, seed, 0, 6, 0, 3)
 
 
+def test_grouped_steps_keep_each_group_in_one_batch_but_at_the_cuts():
+    """Groups (e.g. captions that only word order tells apart) are visited as a block in a seeded order of the
+    groups: every example once an epoch, a group split between two batches only where a batch ends; resumable and
+    sharded as the plain sampler."""
+    from ermoe.data.loader import grouped_epoch_order
+
+    n, batch, seed = 30, 8, 5
+    groups = [[0, 7], [1], [2, 3, 4], *[[i] for i in range(5, 7)], *[[i, i + 1] for i in range(8, 30, 2)]]
+    order = grouped_epoch_order([torch.tensor(g) for g in groups], seed, epoch=1)
+    by_group = epoch_order(len(groups), seed, 1)  # the groups' order: epoch_order over the groups
+    assert order.tolist() == [i for g in by_group.tolist() for i in groups[g]]
+    one = list(StepBatchSampler(n, batch, seed, 0, 9, groups=groups))  # 3 steps an epoch, 3 epochs
+    for step, keys in enumerate(one):
+        rows = grouped_epoch_order([torch.tensor(g) for g in groups], seed, step // 3)
+        assert [k.index for k in keys] == rows[(step % 3) * batch:(step % 3 + 1) * batch].tolist()
+    for e in range(3):
+        batches = [{k.index for k in keys} for keys in one[3 * e:3 * e + 3]]
+        split = [g for g in groups if len(g) > 1 and not any(set(g) <= b for b in batches)
+                 and any(set(g) & b for b in batches)]
+        assert len(split) <= 3  # at most one group cut at each of the epoch's batch ends
+    shards = [list(StepBatchSampler(n, batch, seed, 0, 9, rank, 2, groups)) for rank in range(2)]
+    assert all([k for shard in shards for k in shard[step]] == one[step] for step in range(9))
+    assert list(StepBatchSampler(n, batch, seed, 4, 9, groups=groups)) == one[4:]
+    overlapping, short, empty = [[0, 1], [1, 2], *[[i] for i in range(3, 30)]], [[i] for i in range(29)], [[]]
+    for bad in (overlapping, short, empty + [[i] for i in range(30)]):
+        with pytest.raises(ValueError, match="exactly once"):
+            StepBatchSampler(n, batch, seed, 0, 9, groups=bad)
+
+
 def test_seeded_draws_are_a_function_of_the_key_and_give_the_callers_state_back():
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     with seeded(example_seed(0, 7, 3)):

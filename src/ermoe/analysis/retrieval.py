@@ -108,6 +108,30 @@ def caption_ambiguity(ids_ML: Tensor, owner_M: Tensor, pad_id: int = 0) -> dict[
     return kind_shares(caption_kinds(ids_ML, owner_M, pad_id)[0])
 
 
+def word_order_groups(ids_ML: Tensor, owner_M: Tensor, num_images: int, pad_id: int = 0) -> list[list[int]]:
+    """The images of a split grouped by word order: two images share a group when a caption of one is a rival of the
+    other's (:func:`caption_kinds`: the same words in another order), transitively; every other image is a group of
+    its own. A partition of ``range(num_images)``, each group sorted, the groups in order of their first image."""
+    _, rivals = caption_kinds(ids_ML, owner_M, pad_id)
+    parent = list(range(num_images))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for owner, others in zip(owner_M.tolist(), rivals):
+        for other in others:
+            a, b = root(owner), root(other)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    groups: dict[int, list[int]] = {}
+    for i in range(num_images):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
 def kind_shares(kind_M: np.ndarray) -> dict[str, float]:
     """The share of captions of each kind (:func:`caption_kinds`) by name."""
     shares = np.bincount(kind_M, minlength=3) / len(kind_M)

@@ -28,6 +28,8 @@ class CaptionBatches(BatchSource):
                  num_workers: int = 0) -> None:
         super().__init__(sampling)
         self.splits, self.items, self.mean, self.std = data.splits, data.items, data.mean, data.std
+        # training images that should share a batch (a partition; None: none), e.g. word-order twins
+        self.train_groups: list[list[int]] | None = None
         self.context_length, self.num_workers = context_length, num_workers
         self.tokenizer = caption_tokenizer([c for caps in self.splits["train"].captions for c in caps], vocab_size)
         self.tokens: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
@@ -76,7 +78,8 @@ class CaptionBatches(BatchSource):
         """This rank's image-caption pairs of every step (images on disk decoded in the loader's workers); a
         contrastive loss then sees the global batch (``Objective.batch_coupled``)."""
         s = self.sampling
-        sampler = StepBatchSampler(self.num_train, s.batch_size, s.seed, start_step, stop_step, rank, world)
+        sampler = StepBatchSampler(self.num_train, s.batch_size, s.seed, start_step, stop_step, rank, world,
+                                   self.train_groups)
         ids, _, first = self.tokens["train"]
         counts = torch.tensor([len(c) for c in self.splits["train"].captions])
         pairs = _Pairs(self.splits["train"], ids, first, counts, s.seed)

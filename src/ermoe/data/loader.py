@@ -2,7 +2,8 @@
 augmentation, so that a batch is bitwise the same for any number of loader workers, any world size and any resume
 step.
 
-- :func:`epoch_order`: the seeded order of an epoch (the same formula for every task and dataset).
+- :func:`epoch_order`: the seeded order of an epoch (the same formula for every task and dataset);
+  :func:`grouped_epoch_order` the same over groups of examples that should share a batch.
 - :class:`StepBatchSampler`: for each step from a start step, this rank's rows of that step's global batch, as
   :class:`ExampleKey` s ``(index, step, row)``: the example, the step that reads it, its row in the global batch.
 - :func:`example_seed` and :func:`seeded`: the random state an example's augmentation draws from is a function of
@@ -40,6 +41,23 @@ def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
+def grouped_epoch_order(groups: list[Tensor], seed: int, epoch: int) -> Tensor:
+    """:func:`epoch_order` over ``groups`` (a partition of the examples, :func:`check_groups`): the groups in a
+    seeded order, each group's examples one after another, so that consecutive batches cut at most one group each."""
+    order = epoch_order(len(groups), seed, epoch)
+    return torch.cat([groups[int(g)] for g in order])
+
+
+def check_groups(groups: Iterable[Iterable[int]], n: int) -> list[Tensor]:
+    """``groups`` as index tensors, checked to hold each of the ``n`` examples exactly once (ValueError if not)."""
+    out = [torch.as_tensor(list(g), dtype=torch.long) for g in groups]
+    seen = torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    if any(len(g) == 0 for g in out) or len(seen) != n or not torch.equal(seen.sort().values, torch.arange(n)):
+        raise ValueError(f"batch groups must hold each of the {n} training examples exactly once, in non-empty "
+                         f"groups ({len(seen)} entries in {len(out)} groups)")
+    return out
+
+
 def shard_bounds(batch_size: int, rank: int, world: int) -> tuple[int, int]:
     """The rows ``[start, stop)`` of every global batch of ``batch_size`` that rank ``rank`` of ``world`` trains on."""
     if batch_size % world:
@@ -50,12 +68,15 @@ def shard_bounds(batch_size: int, rank: int, world: int) -> tuple[int, int]:
 
 class StepBatchSampler(Sampler[list[ExampleKey]]):
     """Steps ``start_step .. stop_step - 1`` of a run: each yields this rank's rows of the step's global batch of
-    ``batch_size`` examples, drawn in :func:`epoch_order` (the last partial batch of an epoch is dropped)."""
+    ``batch_size`` examples, drawn in :func:`epoch_order` (the last partial batch of an epoch is dropped).
+    ``groups``: a partition of the examples whose members should share a batch (hard negatives for a contrastive
+    loss); the epoch then visits them in :func:`grouped_epoch_order`."""
 
     def __init__(self, num_examples: int, batch_size: int, seed: int, start_step: int, stop_step: int,
-                 rank: int = 0, world: int = 1) -> None:
+                 rank: int = 0, world: int = 1, groups: Iterable[Iterable[int]] | None = None) -> None:
         if num_examples < batch_size:
             raise ValueError(f"batch size {batch_size} exceeds the {num_examples} training examples")
+        self.groups = None if groups is None else check_groups(groups, num_examples)
         self.n, self.batch_size, self.seed = num_examples, batch_size, seed
         self.start_step, self.stop_step = start_step, stop_step
         self.steps_per_epoch = num_examples // batch_size
@@ -74,7 +95,9 @@ class StepBatchSampler(Sampler[list[ExampleKey]]):
         for step in range(self.start_step, self.stop_step):
             epoch = step // self.steps_per_epoch
             if epoch != order_epoch:
-                order, order_epoch = epoch_order(self.n, self.seed, epoch), epoch
+                order = (epoch_order(self.n, self.seed, epoch) if self.groups is None
+                         else grouped_epoch_order(self.groups, self.seed, epoch))
+                order_epoch = epoch
             rows = self.global_rows(step, order)[self.lo:self.hi].tolist()
             yield [ExampleKey(int(idx), step, self.lo + j) for j, idx in enumerate(rows)]
 
