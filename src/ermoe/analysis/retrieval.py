@@ -152,11 +152,10 @@ def word_order_correct(image_NE: Tensor, text_ME: Tensor, owner_M: Tensor, rival
         raise ValueError(f"word_order_correct needs one owner and one rival list per caption: {len(text_ME)} "
                          f"captions, {len(owner_M)} owners, {len(rivals)} rival lists")
     out = np.full(len(text_ME), -1, dtype=np.int8)
-    rows = [m for m, r in enumerate(rivals) if len(r)]
-    for m in rows:
-        others = torch.as_tensor(list(rivals[m]), dtype=torch.long)
-        sims = image_NE[torch.cat([owner_M[m:m + 1].cpu(), others])] @ text_ME[m]
-        out[m] = int(bool((sims[0] > sims[1:]).all()))
+    for m, (owner, others) in enumerate(zip(owner_M.tolist(), rivals)):
+        if others:
+            sims = image_NE[torch.as_tensor([owner, *others])] @ text_ME[m]
+            out[m] = int(bool((sims[0] > sims[1:]).all()))
     return out
 
 

@@ -93,9 +93,10 @@ class Retrieval(Task):
                 raise ValueError("task_options.word_order_batches: no two training images have captions that only "
                                  "word order tells apart, so there is nothing to keep in one batch (the built-in "
                                  "set has them: data.captions word_order)")
-            if max(len(g) for g in groups) > self.setup.batch_size:
-                raise ValueError(f"task_options.word_order_batches: a group of {max(len(g) for g in groups)} images "
-                                 f"that only word order tells apart exceeds optim.batch_size {self.setup.batch_size}")
+            largest = max(len(g) for g in groups)
+            if largest > self.setup.batch_size:
+                raise ValueError(f"task_options.word_order_batches: a group of {largest} images that only word order "
+                                 f"tells apart exceeds optim.batch_size {self.setup.batch_size}")
             self.batches.train_groups = groups
         self.objective = Contrastive()
 
