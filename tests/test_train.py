@@ -414,6 +414,17 @@ def test_training_straggler_factor_is_the_mean_over_steps_of_the_busiest_expert_
         assert metrics["layers"][name]["train_ep_straggler"] == pytest.approx(sum(per_step) / 5, rel=1e-12)
 
 
+def test_gated_channels_have_no_straggler_factor(tmp_path):
+    """DeepMoE's gated channels are not experts a deployment shards (and keep routing only from eval forwards):
+    its layers report their channel loads but no straggler factor, which the study reports then show as -."""
+    cfg = tiny(tmp_path, **{"model": {"name": "deepmoe_cnn", "widths": [8, 8, 8], "embed_dim": 6},
+                            "data.train_limit": 128})  # two epochs of two steps, an evaluation between them
+    metrics = json.loads((train(cfg, quiet=True) / "metrics.json").read_text())
+    assert metrics["layers"]
+    for stats in metrics["layers"].values():
+        assert stats["train_ep_straggler"] is None and stats["load_cv"] is not None
+
+
 def test_log_sums_stay_on_the_device_and_are_read_once_per_log_window(tmp_path, monkeypatch):
     """The loss and the task's batch sums accumulate as tensors over the log window and reach the host in one
     read (Parallel.sum_stats) per logged step, not per step; what is logged is the window's mean."""

@@ -29,7 +29,10 @@ from .registry import register_model
 class GatedConv(RoutingLayer):
     """conv3x3 -> BatchNorm -> scale each output channel by its gate ``g = ReLU(W e)`` -> ReLU (g >= 0, so this is
     the gated channel's ReLU output). Keeps the last eval forward's gates as a :class:`RoutingInfo` (channels are
-    the experts, an image is routed to every channel with a non-zero gate) for the diagnostics."""
+    the experts, an image is routed to every channel with a non-zero gate) for the diagnostics. Channels of one
+    convolution are not shardable experts: no straggler factor."""
+
+    expert_parallel = False
 
     def __init__(self, in_channels: int, out_channels: int, embed_dim: int, stride: int = 1) -> None:
         super().__init__()

@@ -41,11 +41,14 @@ class RoutingLayer(nn.Module):
 
     ``num_experts``: how many experts (or gated channels) it chooses among; ``last_routing``: the
     :class:`~ermoe.RoutingInfo` of its last forward (None before one); :meth:`token_moe`: the token-routing
-    :class:`~ermoe.MoE` it applies, whose experts and router the expert-level diagnostics read.
+    :class:`~ermoe.MoE` it applies, whose experts and router the expert-level diagnostics read;
+    ``expert_parallel``: whether its experts are modules an expert-parallel deployment could place on ranks, so that
+    its loads have a straggler factor (False for gated channels).
     """
 
     num_experts: int
     last_routing: RoutingInfo | None
+    expert_parallel: bool = True
 
     def __getstate__(self) -> dict:
         return graph_free_state(self)  # per-forward tensors with a graph (gates kept for a loss) are not copied

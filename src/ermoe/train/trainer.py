@@ -352,10 +352,11 @@ class Trainer:
     def _track_straggler(self) -> None:
         """Add this step's straggler factor of every routing layer: the busiest expert's assignments over the mean
         in the global batch, i.e. what an expert-parallel deployment with one expert per rank (or even replicas of
-        each) would wait for. Accumulated on the device: no host sync per step."""
+        each) would wait for; not for layers whose experts no deployment shards (gated channels). Accumulated on
+        the device: no host sync per step."""
         for view in self.routed:
             info = view.last_routing
-            if info is None:
+            if info is None or not view.layer.expert_parallel:
                 continue
             factor = ep_straggler(self.parallel.sum_tensor(info.tokens_per_expert), view.num_experts)
             self.straggler[view.name] = self.straggler.get(view.name, 0.0) + factor
