@@ -237,6 +237,25 @@ def test_verdicts_follow_the_statistics():
     assert one["variants"] == ["ermoe_standardize"]
 
 
+def test_a_comparison_with_an_undefined_seed_is_said_to_be_untested():
+    """A measure undefined in one seed (a one-expert map has no AMI) leaves its comparison out, and the evidence
+    says so instead of the line vanishing; dropping that seed would drop exactly the run the measure fails on."""
+    table = _table(ermoe=0.2, emoe_parallel=0.3, softmax_noloss=0.5, switch=0.4, vmoe=0.4)
+    table["emoe_parallel"]["load_cv"] = [float("nan"), 0.31, 0.29, 0.30, 0.32]
+    claim1 = verdicts(table)[0]
+    assert claim1["per_method"] == {"ermoe": "supported", "emoe_parallel": "not measured"}
+    assert claim1["family"] == 1
+    assert claim1["evidence"][-1] == ("`emoe_parallel` load_cv vs `softmax_noloss`: not tested, undefined for "
+                                      "`emoe_parallel` in seed 0")
+    table["softmax_noloss"]["load_cv"][2:4] = [float("nan")] * 2
+    assert verdicts(table)[0]["evidence"][-1].endswith("undefined for `emoe_parallel` in seed 0 and for "
+                                                       "`softmax_noloss` in seeds 2, 3")
+    table["emoe_parallel"]["load_cv"] = [float("nan")] * 5  # a measure that does not apply: nothing to say
+    assert not any("not tested" in e for e in verdicts(table)[0]["evidence"] if "emoe_parallel" in e)
+    assert not any("not tested" in e for e in verdicts(_table(ermoe=0.2, emoe_parallel=0.3, softmax_noloss=0.5,
+                                                              switch=0.4, vmoe=0.4))[0]["evidence"])
+
+
 def test_each_report_names_its_condition_and_the_other_command():
     from ermoe.study.report import STEM_STUDY, condition_line
 

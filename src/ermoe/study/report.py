@@ -167,6 +167,12 @@ def _seed_pairs(table, method: str, baseline: str, measure: str, scale: float = 
     return [s for s, _, _ in triples], [a for _, a, _ in triples], [scale * b for _, _, b in triples]
 
 
+def _both_measured(table, method: str, test: Test) -> bool:
+    """Whether ``method`` and ``test``'s baseline (another method) both ran and recorded ``test``'s measure."""
+    return (method != test.baseline and test.measure in table.get(method, {})
+            and test.measure in table.get(test.baseline, {}))
+
+
 def _comparisons(table, methods: list[str], claim: str, tests: list[Test], plan: Plan | None = None,
                  examples=None) -> list[dict[str, Any]]:
     """Every (method, test) the study measured, by a paired test over seeds (with the test set's sampling error
@@ -176,8 +182,7 @@ def _comparisons(table, methods: list[str], claim: str, tests: list[Test], plan:
     rows = []
     for method in methods:
         for test in tests:
-            if test.baseline not in table or test.measure not in table[test.baseline] \
-                    or test.measure not in table.get(method, {}) or method == test.baseline:
+            if not _both_measured(table, method, test):
                 continue
             seeds, values, base_values = _seed_pairs(table, method, test.baseline, test.measure, test.scale)
             test_var = sampling_variance(examples, method, test.baseline, test.measure, seeds, values,
@@ -190,6 +195,28 @@ def _comparisons(table, methods: list[str], claim: str, tests: list[Test], plan:
         row["p_holm"] = adjusted
         row["outcome"], row["note"] = _outcome(table, claim, row, len(rows), plan)
     return rows
+
+
+def _untested(table, methods: list[str], tests: list[Test]) -> list[str]:
+    """The comparisons :func:`_comparisons` could not make although the measure applies to both sides: the seeds
+    where the method's or the baseline's value is undefined (a map with one expert has no AMI). Dropping those
+    seeds would drop the runs a measure fails on, so the comparison is left out and said so."""
+    out = []
+    for method in methods:
+        for test in tests:
+            if not _both_measured(table, method, test):
+                continue
+            seeds, values, base_values = _seed_pairs(table, method, test.baseline, test.measure)
+            sides = [(m, [int(s) for s, x in zip(seeds, xs) if not math.isfinite(x)])
+                     for m, xs in ((method, values), (test.baseline, base_values))]
+            if len(seeds) < 2 or any(len(bad) == len(seeds) for _, bad in sides):  # does not apply (pattern maps
+                continue                                                         # on a homogeneous cohort)
+            undefined = [f"for `{m}` in seed{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}"
+                         for m, bad in sides if bad]
+            if undefined:
+                out.append(f"`{method}` {test.measure} vs `{test.baseline}`: not tested, undefined "
+                           f"{' and '.join(undefined)}")
+    return out
 
 
 def _outcome(table, claim: str, row: dict[str, Any], family: int, plan: Plan | None) -> tuple[str, str]:
@@ -257,7 +284,7 @@ def verdicts(table: dict[str, dict[str, list[float]]], claims=None, paper_method
     for number, text, tests in plan.claims(claims):
         rows = _comparisons(table, papers + variants, number, tests, plan, examples)
         per_method = {m: _method_verdict([r["outcome"] for r in rows if r["method"] == m]) for m in papers}
-        evidence = [_evidence(r) for r in rows if r["method"] in papers]
+        evidence = [_evidence(r) for r in rows if r["method"] in papers] + _untested(table, papers, tests)
         passing = [m for m in variants
                    if _method_verdict([r["outcome"] for r in rows if r["method"] == m]) == "supported"]
         verdict = ", ".join(f"`{m}` {v}" for m, v in per_method.items()) or "not measured"
