@@ -166,7 +166,8 @@ def write_retrieval_report(cfg, results, path, command: str, wall_s: float, atom
               "in percent, summed (val RSUM: the same on the validation split). order acc: of the test captions only "
               "word order separates from another test image's, the share whose own image the model scores above "
               "every such rival image (a text tower blind to word order scores about the random ranking's, in the data "
-              "line). Routing columns are means over the MoE layers of the image tower (img CV), the text tower (text CV) and both (load CV, /chance); MI item "
+              "line). Routing columns are means over the MoE layers of the image tower (img CV), the text tower "
+              "(text CV) and both (load CV, /chance); MI item "
               "= MI(expert; item class of the patch's cell) in the image tower, MI word = MI(expert; word) in the "
               "text tower, in bits; " + EP_WAIT_NOTE + ". pairs/s: training image-caption pairs per second.",
         claims=RETRIEVAL_CLAIMS, paper_methods=RETRIEVAL_PAPER_METHODS,

@@ -249,6 +249,7 @@ class Trainer:
         self.straggler: dict[str, Tensor | float] = {}
         self.straggler_steps = 0
         self.routed = model.routed_layers()  # (fixed for the run: not re-walked every step)
+        self.sharded_routed = [v for v in self.routed if v.layer.expert_parallel]  # those with a straggler factor
         # the log's sums accumulate on the device in float64 (MPS has none: float32 there)
         self.sum_dtype = torch.float32 if device.type == "mps" else torch.float64
         self.last_aux: Tensor = torch.zeros(())
@@ -354,9 +355,9 @@ class Trainer:
         in the global batch, i.e. what an expert-parallel deployment with one expert per rank (or even replicas of
         each) would wait for; not for layers whose experts no deployment shards (gated channels). Accumulated on
         the device: no host sync per step."""
-        for view in self.routed:
+        for view in self.sharded_routed:
             info = view.last_routing
-            if info is None or not view.layer.expert_parallel:
+            if info is None:
                 continue
             factor = ep_straggler(self.parallel.sum_tensor(info.tokens_per_expert), view.num_experts)
             self.straggler[view.name] = self.straggler.get(view.name, 0.0) + factor
