@@ -111,6 +111,22 @@ def test_an_override_that_would_make_another_run_is_refused(tmp_path, key, value
     assert snapshot(run) == before
 
 
+def test_a_moved_run_resumes_where_it_is_now(tmp_path, capsys):
+    full = train(config(tmp_path / "a"), quiet=True)
+    part = train(config(tmp_path / "b", **{"optim.max_steps": 13}), quiet=True)
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    part.rename(moved)
+    # as `ermoe train --resume` builds it: the stored config, which still names the old place
+    run = train(resumed_config(moved, **{"optim.max_steps": None}), resume=moved, quiet=True)
+    assert run == moved and same_weights(full, moved)  # the same run as the uninterrupted one
+    saved = yaml.safe_load((moved / "config.yaml").read_text())
+    assert (saved["out_dir"], saved["run_name"]) == (str(moved.parent), "moved")
+    assert "out_dir" not in saved["history"][1]["changes"]  # where it lives is not a change of the run
+    assert main(["train", "--resume", str(moved), f"--out_dir={tmp_path}"]) == 1
+    assert "--out_dir does not apply with --resume" in capsys.readouterr().err
+
+
 def test_cli_refuses_a_config_file_with_resume(tmp_path, capsys):
     run = train(config(tmp_path, **{"optim.max_steps": 2}), quiet=True)
     other = tmp_path / "other.yaml"

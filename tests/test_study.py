@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -529,7 +530,11 @@ def test_a_stale_run_is_never_reused(tmp_path, capsys):
     assert main(args) == 0
     run = tmp_path / "runs" / "switch" / "seed0"
     first = json.loads((run / "metrics.json").read_text())
+    # the study's directory copied elsewhere (records restored on another machine) is the same study
+    shutil.copytree(tmp_path / "runs", tmp_path / "elsewhere")
     capsys.readouterr()
+    assert main([a for a in args if not a.startswith("--out_dir")] + [f"--out_dir={tmp_path / 'elsewhere'}"]) == 0
+    assert "switch seed 0: " in (out := capsys.readouterr().out) and "done before, skipped" in out
     # the same study with another budget: the finished run is not this study's run
     assert main(args + ["--train.optim.epochs=1"]) == 1
     assert "optim.epochs 2 -> 1" in capsys.readouterr().err

@@ -46,14 +46,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             if args.resume:
                 from .train.config import _merge, config_from_dict, config_to_dict, parse_overrides
+                from .train.run import LOCATION
                 from .train.trainer import resume_target
 
                 if args.config:
                     raise ConfigError("--config does not apply with --resume: a run keeps its own config.yaml; "
                                       "give the settings to change as overrides (--optim.lr=...)")
                 root, from_step = resume_target(args.resume, args.from_step)
+                overrides = parse_overrides(rest) if rest else {}
+                moved = [key for key in LOCATION if key in overrides]
+                if moved:
+                    raise ConfigError(f"--{moved[0]} does not apply with --resume: a run resumes where its directory "
+                                      f"is ({root}); move the directory to move the run")
                 base = config_to_dict(Run(root).read_config())
-                cfg = config_from_dict(_merge(base, parse_overrides(rest)) if rest else base)
+                cfg = config_from_dict(_merge(base, overrides) if overrides else base)
                 train(cfg, resume=root, from_step=from_step)
             elif args.from_step is not None:
                 raise ConfigError("--from-step applies with --resume RUN_DIR only")

@@ -254,17 +254,17 @@ def record_word_order(path: Path) -> bool:
 
 def stale_reason(path: Path, train_cfg) -> str | None:
     """Why the run in ``path`` is not the run the study would make now (its config or the ermoe version that made
-    it differ), or None."""
+    it differ; where it lives aside), or None."""
     from .. import __version__
     from ..train.config import config_to_dict
-    from ..train.run import CONFIG_FILE, flatten_config
+    from ..train.run import CONFIG_FILE, LOCATION, flatten_config
 
     if not (path / CONFIG_FILE).exists():
         return None
     run = Run(path)
     stored, wanted = flatten_config(config_to_dict(run.read_config())), flatten_config(config_to_dict(train_cfg))
     diff = [f"{k} {stored.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(stored) | set(wanted))
-            if stored.get(k) != wanted.get(k)]
+            if stored.get(k) != wanted.get(k) and k not in LOCATION]  # a study directory moved is the same study
     if diff:
         return "its config differs: " + ", ".join(diff)
     metrics = run.read_metrics()

@@ -38,6 +38,9 @@ RESUMABLE = {
     "progress", "tensorboard", "threads", "device", "ep_size", "dist_timeout_s", "data.num_workers", "optim.fused",
     "optim.compile", "model.grad_checkpointing",
 }
+# Where a run lives, not what it is: a run directory moved or copied elsewhere (another disk, another machine, a
+# study's records restored) is the same run. A resumed run takes them from where its directory is now.
+LOCATION = ("out_dir", "run_name")
 
 
 # Configs written before each dataset had its own options held one flat data section with every dataset's keys;
@@ -78,10 +81,11 @@ def flatten_config(tree: dict[str, Any]) -> dict[str, Any]:
 
 
 def resume_changes(stored: TrainConfig, requested: TrainConfig) -> dict[str, dict[str, Any]]:
-    """``{key: {"from": old, "to": new}}`` for every setting ``requested`` changes; a change to a key that cannot be
-    applied on resume is a :class:`ConfigError` naming it."""
+    """``{key: {"from": old, "to": new}}`` for every setting ``requested`` changes (the :data:`LOCATION` keys aside);
+    a change to a key that cannot be applied on resume is a :class:`ConfigError` naming it."""
     old, new = flatten_config(config_to_dict(stored)), flatten_config(config_to_dict(requested))
-    changes = {k: {"from": old.get(k), "to": new.get(k)} for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    changes = {k: {"from": old.get(k), "to": new.get(k)} for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and k not in LOCATION}
     refused = [k for k in changes if k not in RESUMABLE]
     if refused:
         detail = ", ".join(f"{k} ({changes[k]['from']!r} -> {changes[k]['to']!r})" for k in refused)

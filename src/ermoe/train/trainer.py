@@ -9,6 +9,7 @@ exact resume.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -613,6 +614,7 @@ def _train(cfg: TrainConfig, parallel: Parallel, resume: str | Path | None, quie
     if resume is not None:
         root, from_step = resume_target(resume, from_step)
         run = Run(root)
+        cfg = dataclasses.replace(cfg, out_dir=str(root.parent), run_name=root.name)  # where it is now (LOCATION)
     elif from_step is not None:
         raise ValueError("from_step applies to a resumed run only")
     else:
