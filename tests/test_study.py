@@ -16,7 +16,9 @@ from ermoe.data.images import DEBIAN_FASHION_MNIST
 from ermoe.experts import matched_eigen_hidden_dim
 from ermoe.models import create_model
 from ermoe.study import DEFAULT_METHODS, METHODS, method_model, verdicts
-from ermoe.study.runner import load_study_config, run_config
+from ermoe.study.runner import load_study_config, run_config, run_study
+from ermoe.study.examples import collect_examples
+from ermoe.train import CheckpointError
 
 pytest.importorskip("sklearn")
 
@@ -209,9 +211,10 @@ def test_a_run_records_its_per_example_test_results(tmp_path):
     with pytest.warns(UserWarning, match="does not give back the validation measures"):
         assert not record_validation_examples(run.root)
     assert run.read_examples("val") is None
-    (run.root / "test_examples.npz").write_bytes(b"not a zip")
-    with pytest.raises(Exception, match="is corrupt"):
-        run.read_examples()
+    for damaged in (b"not a zip", b"", b"PK\x03\x04 a zip cut short"):  # garbage, emptied, truncated
+        (run.root / "test_examples.npz").write_bytes(damaged)
+        with pytest.raises(CheckpointError, match="is corrupt"):
+            run.read_examples()
 
 
 def test_verdicts_follow_the_statistics():
@@ -530,11 +533,19 @@ def test_a_stale_run_is_never_reused(tmp_path, capsys):
     assert main(args) == 0
     run = tmp_path / "runs" / "switch" / "seed0"
     first = json.loads((run / "metrics.json").read_text())
-    # the study's directory copied elsewhere (records restored on another machine) is the same study
-    shutil.copytree(tmp_path / "runs", tmp_path / "elsewhere")
+    # the study's directory copied elsewhere (records restored on another machine) is the same study, read from there
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "runs", elsewhere)
     capsys.readouterr()
-    assert main([a for a in args if not a.startswith("--out_dir")] + [f"--out_dir={tmp_path / 'elsewhere'}"]) == 0
+    assert main([a for a in args if not a.startswith("--out_dir")] + [f"--out_dir={elsewhere}"]) == 0
     assert "switch seed 0: " in (out := capsys.readouterr().out) and "done before, skipped" in out
+    (elsewhere / "switch" / "seed0" / "test_examples.npz").write_bytes(b"")  # the copy's records, emptied
+    overrides = {"methods": ["switch"], "seeds": [0], "out_dir": str(elsewhere), "fewshot_transfer": "in_domain",
+                 "train": {"data": {"name": "digits"}, "model": {"patch_size": 2}}}
+    results = run_study(load_study_config(quick=True, overrides=overrides), log=lambda line: None)
+    assert results["switch"][0]["run"] == str(elsewhere / "switch" / "seed0")
+    with pytest.raises(CheckpointError, match="elsewhere"):  # the copy's (emptied) records, not the original run's
+        collect_examples(results)
     # the same study with another budget: the finished run is not this study's run
     assert main(args + ["--train.optim.epochs=1"]) == 1
     assert "optim.epochs 2 -> 1" in capsys.readouterr().err

@@ -320,5 +320,6 @@ def run_study(cfg: StudyConfig, log=print) -> dict[str, dict[int, dict[str, Any]
                     metrics = Run(path).read_metrics()
             key, form = kind.headline
             log(f"[{done}/{total}] {method} seed {seed}: {form.format(metrics[key])} ({status})")
+            metrics["run"] = str(path)  # where it is now (its records are read from there), not where it ran
             results.setdefault(method, {})[seed] = metrics
     return results

@@ -223,6 +223,8 @@ class Run:
 
     def read_examples(self, split: str = "test") -> dict[str, Any] | None:
         """The per-example results of ``split``, or None for a run evaluated before they were recorded."""
+        import zipfile
+
         import numpy as np
 
         path = self.root / EXAMPLES_FILES[split]
@@ -231,5 +233,5 @@ class Run:
         try:
             with np.load(path, allow_pickle=False) as data:
                 return {k: data[k] for k in data.files}
-        except (ValueError, OSError) as err:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # empty: EOFError; a bad archive
             raise CheckpointError(f"{path} is corrupt ({err}): `ermoe eval {self.root}` writes it again") from None
