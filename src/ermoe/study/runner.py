@@ -256,15 +256,13 @@ def stale_reason(path: Path, train_cfg) -> str | None:
     """Why the run in ``path`` is not the run the study would make now (its config or the ermoe version that made
     it differ; where it lives aside), or None."""
     from .. import __version__
-    from ..train.config import config_to_dict
-    from ..train.run import CONFIG_FILE, LOCATION, flatten_config
+    from ..train.run import CONFIG_FILE, config_changes
 
     if not (path / CONFIG_FILE).exists():
         return None
     run = Run(path)
-    stored, wanted = flatten_config(config_to_dict(run.read_config())), flatten_config(config_to_dict(train_cfg))
-    diff = [f"{k} {stored.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(stored) | set(wanted))
-            if stored.get(k) != wanted.get(k) and k not in LOCATION]  # a study directory moved is the same study
+    diff = [f"{k} {change['from']!r} -> {change['to']!r}"
+            for k, change in config_changes(run.read_config(), train_cfg).items()]
     if diff:
         return "its config differs: " + ", ".join(diff)
     metrics = run.read_metrics()

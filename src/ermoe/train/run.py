@@ -80,12 +80,18 @@ def flatten_config(tree: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resume_changes(stored: TrainConfig, requested: TrainConfig) -> dict[str, dict[str, Any]]:
-    """``{key: {"from": old, "to": new}}`` for every setting ``requested`` changes (the :data:`LOCATION` keys aside);
-    a change to a key that cannot be applied on resume is a :class:`ConfigError` naming it."""
+def config_changes(stored: TrainConfig, requested: TrainConfig) -> dict[str, dict[str, Any]]:
+    """``{key: {"from": old, "to": new}}`` for every flattened setting ``requested`` changes, the :data:`LOCATION`
+    keys aside: a run directory moved or copied is the same run."""
     old, new = flatten_config(config_to_dict(stored)), flatten_config(config_to_dict(requested))
-    changes = {k: {"from": old.get(k), "to": new.get(k)} for k in sorted(set(old) | set(new))
-               if old.get(k) != new.get(k) and k not in LOCATION}
+    return {k: {"from": old.get(k), "to": new.get(k)} for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and k not in LOCATION}
+
+
+def resume_changes(stored: TrainConfig, requested: TrainConfig) -> dict[str, dict[str, Any]]:
+    """:func:`config_changes`; a change to a key that cannot be applied on resume is a :class:`ConfigError` naming
+    it."""
+    changes = config_changes(stored, requested)
     refused = [k for k in changes if k not in RESUMABLE]
     if refused:
         detail = ", ".join(f"{k} ({changes[k]['from']!r} -> {changes[k]['to']!r})" for k in refused)
