@@ -5,7 +5,9 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from ermoe.cli import main
 from ermoe.data.images import DEBIAN_FASHION_MNIST
 from ermoe.experts import matched_eigen_hidden_dim
 from ermoe.models import create_model
-from ermoe.study import DEFAULT_METHODS, METHODS, method_model, verdicts
+from ermoe.study import DEFAULT_METHODS, METHODS, method_model, runner, verdicts
 from ermoe.study.runner import load_study_config, run_config, run_study
 from ermoe.study.examples import collect_examples
 from ermoe.train import CheckpointError
@@ -452,7 +454,7 @@ def test_few_shot_probe_separable_and_chance():
     assert mean < 0.45
 
 
-def test_study_quick_end_to_end_and_resumable(tmp_path, capsys):
+def test_study_quick_end_to_end_and_resumable(tmp_path, capsys, monkeypatch):
     args = ["study", "--quick", f"--out_dir={tmp_path / 'runs'}", f"--report={tmp_path / 'results.md'}"]
     if not DEBIAN_FASHION_MNIST.exists():  # CI installs it; elsewhere fall back to digits (8x8: patch 2)
         args += ["--train.data.name=digits", "--train.model.patch_size=2", "--fewshot_transfer=in_domain"]
@@ -467,13 +469,18 @@ def test_study_quick_end_to_end_and_resumable(tmp_path, capsys):
         assert f"figures/results_{fig}.png" in report
     capsys.readouterr()
 
-    # An interrupted run (checkpoint, no metrics) resumes; finished ones are skipped.
+    # An interrupted run (checkpoint, no metrics) resumes; finished ones are skipped. Its time counts its earlier
+    # part's training too: with the study's clock stopped, that is all the report's wall time holds.
     run = tmp_path / "runs" / "switch" / "seed0"
     (run / "metrics.json").unlink()
+    monkeypatch.setattr(runner, "time", SimpleNamespace(perf_counter=lambda: 0.0, strftime=time.strftime))
     assert main(args) == 0
     out = capsys.readouterr().out
     assert out.count("skipped") == 2 * len(DEFAULT_METHODS) - 1
-    assert "fewshot" in json.loads((run / "metrics.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "fewshot" in metrics
+    earlier = metrics["segments"][0]["train_time_s"]
+    assert len(metrics["segments"]) == 2 and earlier > 0 and metrics["run_wall_s"] == pytest.approx(earlier)
 
 
 def test_list_methods_follows_config_and_overrides(tmp_path, capsys):

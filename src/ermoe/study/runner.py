@@ -293,10 +293,12 @@ def run_study(cfg: StudyConfig, log=print) -> dict[str, dict[int, dict[str, Any]
             metrics = _finished(path, kind)
             t0 = time.perf_counter()
             if metrics is None:
+                resumed = False
                 if (path / METRICS_FILE).exists():
                     pass  # trained and evaluated; only the probes are missing
                 elif list_checkpoints(path / "checkpoints"):
                     train(train_cfg, resume=path, quiet=True)
+                    resumed = True
                 else:
                     if path.exists():  # started but never checkpointed: nothing worth keeping
                         with RunLock(path):  # unless another process is writing it
@@ -305,8 +307,12 @@ def run_study(cfg: StudyConfig, log=print) -> dict[str, dict[int, dict[str, Any]
                     train(train_cfg, quiet=True)
                 metrics = add_fewshot(path, cfg) if kind.fewshot else Run(path).read_metrics()
                 # Time of this run as it ran, kept for the report: a run re-evaluated by `ermoe eval` keeps its
-                # training time and adds the probes'; one resumed from a checkpoint counts its last part only.
-                metrics["run_wall_s"] = metrics.get("run_wall_s", 0.0) + time.perf_counter() - t0
+                # training time and adds the probes'; one resumed from a checkpoint adds its earlier parts' training
+                # time (their segments; the evaluation and setup of a part cut short left no record).
+                wall = time.perf_counter() - t0
+                if resumed:
+                    wall += sum(part["train_time_s"] for part in metrics.get("segments", [])[:-1])
+                metrics["run_wall_s"] = metrics.get("run_wall_s", 0.0) + wall
                 Run(path).write_metrics(metrics)
                 status = f"{metrics['run_wall_s']:.0f} s"
             else:
