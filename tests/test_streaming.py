@@ -16,7 +16,7 @@ import torch
 from ermoe.data.folder import FolderDataset, ImageAugment, ImageFolderData, cutmix_box, mix_pairs
 from ermoe.data.images import CorruptDatasetError, DatasetNotFoundError
 from ermoe.data.loader import (DataLoaderWorkerError, ExampleKey, StepBatchSampler, epoch_order, example_seed,
-                               seeded)
+                               iterate, seeded)
 from ermoe.train import ConfigError, load_config, train
 
 pytest.importorskip("PIL")
@@ -358,3 +358,40 @@ def test_mixed_soft_targets_train_by_timm_s_loss():
         (1 - lam) * torch.nn.functional.one_hot(labels.flip(0), 5).float()
     peer = SoftTargetCrossEntropy()(logits, mixup_target(labels, 5, lam=lam, smoothing=0.1))
     torch.testing.assert_close(CrossEntropy(label_smoothing=0.1).loss(logits, ours), peer)
+
+
+
+class _DeadWorkerIterator:
+    """What torch's multi-process iterator does when next() finds a worker gone before the SIGCHLD handler runs."""
+
+    def __init__(self) -> None:
+        self.shut_down = 0
+
+    def __iter__(self) -> "_DeadWorkerIterator":
+        return self
+
+    def __next__(self) -> None:
+        raise RuntimeError("DataLoader worker (pid(s) 12345) exited unexpectedly")
+
+    def _shutdown_workers(self) -> None:
+        self.shut_down += 1
+
+
+def test_a_dead_workers_iterator_is_shut_down_with_the_named_error():
+    """When next() finds the worker gone first, torch keeps the worker's pid until its iterator is shut down, and the
+    iterator lives on in the error's traceback: the SIGCHLD that follows then raised torch's raw "killed by signal"
+    error wherever the process was (once in the run lock's release, in place of the named error). The named error
+    shuts the iterator's workers down first; other errors leave them alone (a persistent loader keeps its workers)."""
+    dead = _DeadWorkerIterator()
+    with pytest.raises(DataLoaderWorkerError, match="worker died.*exited unexpectedly"):
+        next(iterate(dead))
+    assert dead.shut_down == 1
+
+    class _BadBatch(_DeadWorkerIterator):
+        def __next__(self) -> None:
+            raise RuntimeError("shape mismatch")
+
+    other = _BadBatch()
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        next(iterate(other))
+    assert other.shut_down == 0

@@ -161,8 +161,20 @@ def iterate(loader: Iterable[Any]) -> Iterator[Any]:
             named = worker_death(err) or worker_error(err)
             if named is None:
                 raise
+            if isinstance(named, DataLoaderWorkerError):
+                _shut_down(it)
             raise named from None
         yield batch
+
+
+def _shut_down(it: Iterator[Any]) -> None:
+    """Stop a loader iterator's workers now. Until its workers are shut down torch's SIGCHLD handler keeps their
+    pids and raises its raw "worker is killed" RuntimeError at any later child's exit, wherever this process is (in
+    a finally block that writes the run's lock, say), in place of the named error; the iterator itself lives on in
+    the error's traceback."""
+    shutdown = getattr(it, "_shutdown_workers", None)  # torch's multi-process iterator; in-process ones have none
+    if shutdown is not None:
+        shutdown()
 
 
 def worker_error(err: BaseException) -> BaseException | None:
