@@ -360,7 +360,6 @@ def test_mixed_soft_targets_train_by_timm_s_loss():
     torch.testing.assert_close(CrossEntropy(label_smoothing=0.1).loss(logits, ours), peer)
 
 
-
 class _DeadWorkerIterator:
     """What torch's multi-process iterator does when next() finds a worker gone before the SIGCHLD handler runs."""
 
