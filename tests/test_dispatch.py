@@ -159,8 +159,13 @@ def test_dispatch_then_combine_is_identity_with_unit_gates():
         assert torch.equal(block, x[tokens])
 
 
-@pytest.mark.parametrize("dims", [(16, 24), (6, 10)])  # aligned: grouped_mm; unaligned: the loop
-def test_grouped_matmul_matches_loop(dims):
+@pytest.mark.parametrize("dims", [(16, 24), (6, 10)])  # aligned; unaligned: K and N zero-padded for grouped_mm
+def test_grouped_matmul_matches_loop(dims, monkeypatch):
+    from ermoe import experts as experts_mod
+
+    calls = []
+    apply = experts_mod._GroupedMM.apply
+    monkeypatch.setattr(experts_mod._GroupedMM, "apply", lambda x, w, offs: calls.append(x.shape) or apply(x, w, offs))
     k, n = dims
     torch.manual_seed(0)
     counts = torch.tensor([5, 0, 7, 3])
@@ -175,6 +180,7 @@ def test_grouped_matmul_matches_loop(dims):
     assert torch.allclose(y, y_ref, atol=1e-5)
     assert torch.allclose(gx, gx_ref, atol=1e-5) and torch.allclose(gw, gw_ref, atol=1e-5)
     assert torch.all(gw[1] == 0)  # an expert with no rows gets a zero gradient
+    assert calls == [(15, 16 if k == 16 else 8)]  # grouped_mm, K padded to 16 bytes (4 floats) where unaligned
     # backward with a non-contiguous (stride-0) incoming gradient
     grouped_matmul(x, w, counts).sum().backward()
 

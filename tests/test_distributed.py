@@ -25,6 +25,7 @@ EXACT = {
                                                                                 "rank": 4}),
     "switch_top2": dict(router="softmax_topk", num_experts=4, top_k=2,
                         router_kwargs={"balance_weight": 0.5, "z_loss_weight": 0.1}),
+    "cosine": dict(router="cosine", num_experts=4, router_kwargs={"balance_weight": 0.5}),
     "loss_free_bias": dict(router="loss_free_bias", num_experts=4, router_kwargs={"update_rate": 0.05}),
     "vmoe_noiseless_dropless": dict(router="vmoe", num_experts=4, top_k=2, capacity_factor=float("inf"),
                                     router_kwargs={"noise_std": 0.0, "importance_weight": 0.5}),

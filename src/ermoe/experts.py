@@ -18,8 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import Function
 
-_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from .devices import autocast_dtype
+
+# The dtypes grouped_mm has kernels for, by device type: CUDA's are bf16 (and fp16 where the build has it); CPU's
+# fallback takes float32 too; "meta" (shapes only) follows CUDA. Elsewhere the experts run as a loop of matmuls.
+_GROUPED_DTYPES = {"cuda": (torch.bfloat16, torch.float16), "meta": (torch.bfloat16, torch.float16),
+                   "cpu": (torch.float32, torch.bfloat16, torch.float16)}
 _grouped_unsupported: set[tuple[str, torch.dtype]] = set()
+_loop_warned: set[tuple[str, torch.dtype]] = set()
 
 
 class _GroupedMM(Function):
@@ -55,31 +61,59 @@ def _unsupported(err: Exception) -> bool:
 
 
 def _grouped_ok(x: Tensor, w: Tensor) -> bool:
-    if x.dtype not in _GROUPED_DTYPES or w.dtype != x.dtype or (x.device.type, x.dtype) in _grouped_unsupported:
+    kind = x.device.type
+    if x.dtype not in _GROUPED_DTYPES.get(kind, ()) or w.dtype != x.dtype or (kind, x.dtype) in _grouped_unsupported:
         return False
-    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
-        # torch.compile traces grouped_mm through its meta kernel, which accepts bf16 only (eager CPU takes float32
-        # too): trace the loop instead of logging a failed meta call.
+    if torch.compiler.is_compiling() and x.dtype not in (torch.bfloat16, torch.float16):
+        # torch.compile traces grouped_mm through its meta kernel, which accepts bf16 and fp16 only (eager CPU takes
+        # float32 too): trace the loop instead of logging a failed meta call.
         return False
-    align = 16 // x.element_size()  # grouped_mm needs 16-byte aligned strides
-    return x.shape[1] % align == 0 and w.shape[1] % align == 0
+    return True
 
 
-def grouped_matmul(x_SK: Tensor, w_ENK: Tensor, counts_E: Tensor, offs_E: Tensor | None = None) -> Tensor:
+class RowGroups:
+    """``counts_E`` consecutive rows per expert, with the int32 offsets grouped_mm takes (on the device) and, only
+    where the loop of matmuls needs them, the counts read on the host once (a device sync) and shared by every
+    matmul of the same rows."""
+
+    def __init__(self, counts_E: Tensor, offs_E: Tensor | None = None) -> None:
+        self.counts_E, self._offs, self._sizes = counts_E, offs_E, None
+
+    @property
+    def offs_E(self) -> Tensor:
+        if self._offs is None:
+            self._offs = torch.cumsum(self.counts_E, 0, dtype=torch.int32)
+        return self._offs
+
+    def sizes(self, x: Tensor) -> list[int]:
+        if self._sizes is None:
+            key = (x.device.type, x.dtype)
+            if key[0] != "cpu" and key not in _loop_warned:
+                _loop_warned.add(key)
+                warnings.warn(f"MoE experts in {key[1]} on {key[0]}: grouped_mm has no kernel for it there, so the "
+                              "experts run as a loop of matmuls whose row counts are read on the host, one device "
+                              "sync per MoE layer per forward (bf16, e.g. optim.amp=bf16, takes the sync-free "
+                              "grouped path)", RuntimeWarning, stacklevel=4)
+            self._sizes = self.counts_E.tolist()
+        return self._sizes
+
+
+def grouped_matmul(x_SK: Tensor, w_ENK: Tensor, counts_E: Tensor | RowGroups, offs_E: Tensor | None = None) -> Tensor:
     """Row block e of ``x`` (``counts_E[e]`` rows, in order) times ``w[e]^T``; ``w`` is (E, out, in) as nn.Linear.
 
-    ``offs_E``: the int32 cumulative sum of ``counts_E`` (computed if not given).
+    ``offs_E``: the int32 cumulative sum of ``counts_E`` (computed if not given). Under autocast both run in the
+    autocast dtype. Widths that grouped_mm cannot take (rows must be 16-byte aligned: a multiple of 8 bf16 values)
+    are zero-padded for the product, which leaves its values as they are.
     """
-    if torch.is_autocast_enabled(x_SK.device.type):
-        dtype = torch.get_autocast_dtype(x_SK.device.type)
+    groups = counts_E if isinstance(counts_E, RowGroups) else RowGroups(counts_E, offs_E)
+    dtype = autocast_dtype(x_SK.device)
+    if dtype is not None:
         x_SK, w_ENK = x_SK.to(dtype), w_ENK.to(dtype)
     else:
         w_ENK = w_ENK.to(x_SK.dtype)
     if _grouped_ok(x_SK, w_ENK):
-        if offs_E is None:
-            offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         try:
-            return _GroupedMM.apply(x_SK.contiguous(), w_ENK, offs_E)
+            return _aligned_grouped_mm(x_SK, w_ENK, groups.offs_E)
         except torch.OutOfMemoryError:
             raise
         except (RuntimeError, NotImplementedError) as err:
@@ -89,9 +123,21 @@ def grouped_matmul(x_SK: Tensor, w_ENK: Tensor, counts_E: Tensor, offs_E: Tensor
             _grouped_unsupported.add(key)
             warnings.warn(f"grouped_mm is not supported here for {key[0]} {key[1]} ({str(err).strip()}): the experts "
                           "run as a loop of matmuls from now on (same values, slower)", RuntimeWarning, stacklevel=2)
-    parts = x_SK.split(counts_E.tolist())
+    parts = x_SK.split(groups.sizes(x_SK))
     weights = w_ENK.unbind(0)  # backward of unbind is one stack, not E full-size zero tensors
     return torch.cat([p @ w.T for p, w in zip(parts, weights)]) if parts else x_SK.new_zeros(0, w_ENK.shape[1])
+
+
+def _aligned_grouped_mm(x_SK: Tensor, w_ENK: Tensor, offs_E: Tensor) -> Tensor:
+    """grouped_mm with K and N zero-padded to its 16-byte alignment (e.g. ERMoE's rank 12 in bf16 -> 16)."""
+    align = 16 // x_SK.element_size()
+    pad_k, pad_n = -x_SK.shape[1] % align, -w_ENK.shape[1] % align
+    if pad_k:
+        x_SK, w_ENK = F.pad(x_SK, (0, pad_k)), F.pad(w_ENK, (0, pad_k))
+    if pad_n:
+        w_ENK = F.pad(w_ENK, (0, 0, 0, pad_n))
+    y_SN = _GroupedMM.apply(x_SK.contiguous(), w_ENK, offs_E)
+    return y_SN[:, :y_SN.shape[1] - pad_n] if pad_n else y_SN
 
 
 def expand_rows(param_EF: Tensor, counts_E: Tensor, num_rows: int) -> Tensor:
@@ -102,11 +148,11 @@ def expand_rows(param_EF: Tensor, counts_E: Tensor, num_rows: int) -> Tensor:
 def grouped_mlp(x_SI: Tensor, counts_E: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor,
                 b_out: Tensor | None, act: nn.Module) -> Tensor:
     """``act(x W_in^T + b_in) W_out^T + b_out`` with every weight chosen per row by its expert."""
-    offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-    h_SH = grouped_matmul(x_SI, w_in, counts_E, offs_E)
+    groups = RowGroups(counts_E)
+    h_SH = grouped_matmul(x_SI, w_in, groups)
     if b_in is not None:
         h_SH = h_SH + expand_rows(b_in, counts_E, h_SH.shape[0]).to(h_SH.dtype)
-    y_SO = grouped_matmul(act(h_SH), w_out, counts_E, offs_E)
+    y_SO = grouped_matmul(act(h_SH), w_out, groups)
     if b_out is not None:
         y_SO = y_SO + expand_rows(b_out, counts_E, y_SO.shape[0]).to(y_SO.dtype)
     return y_SO

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .devices import autocast_dtype
 from .dispatch import LocalDispatcher, TokenChoicePlan, recomputed_dispatch
 from .experts import EigenExperts, MLPExperts
 from .routing import Router, RoutingInfo, create_router
@@ -129,7 +130,7 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, self.dim)
         context_TD = None if context is None else context.reshape(-1, self.dim)
         dtype = self.experts.w2.dtype
-        if x_TD.dtype != dtype and not torch.is_autocast_enabled(x_TD.device.type):
+        if x_TD.dtype != dtype and autocast_dtype(x_TD.device) is None:
             # Input of another float dtype than the layer's (e.g. bf16 into a float32 layer, outside autocast): the
             # layer computes in its own dtype, the output comes back in the input's.
             x_TD = x_TD.to(dtype)

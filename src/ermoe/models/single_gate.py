@@ -138,10 +138,16 @@ class SingleGatedViT(RoutedModel):
         self.register_buffer("bank_filled", torch.zeros((), dtype=torch.long))
         self._base_logits: Tensor | None = None
         self._pooled: Tensor | None = None  # the last training batch's pooled trunk features, for the bank
+        # Host copies of the two phase buffers, read every step: reading the device buffers would sync a GPU
+        self._ready, self._filled = False, 0
+        self.register_load_state_dict_post_hook(lambda module, _: module._read_phase())
+
+    def _read_phase(self) -> None:
+        self._ready, self._filled = bool(self.experts_ready), int(self.bank_filled)
 
     @property
     def experts_active(self) -> bool:
-        return bool(self.experts_ready)
+        return self._ready
 
     def input_normalization(self, pretrained: bool):
         return self.vit.input_normalization(pretrained)
@@ -191,7 +197,7 @@ class SingleGatedViT(RoutedModel):
         h = self._trunk(x)
         pooled = self._pool(h)
         base = self._base(h)
-        if self.training and not self.experts_ready:
+        if self.training and not self._ready:
             self._pooled = pooled.detach().float()
             return torch.cat([base, base], dim=-1)
         probs_BE = torch.softmax(self.gate(pooled).float(), dim=-1)
@@ -205,14 +211,14 @@ class SingleGatedViT(RoutedModel):
         base, expert = x.chunk(2, dim=-1)
         base_logits = self.vit.head(base)
         self._base_logits = base_logits
-        if not self.experts_ready:
+        if not self._ready:
             return base_logits
         return ensemble(base_logits, self.expert_head(expert))
 
     def training_loss(self, output: Tensor, target: Tensor, criterion) -> Tensor:
         """The criterion on the ensemble plus ``base_loss_weight`` times the criterion on the base branch."""
         loss = criterion(output, target)
-        if self.experts_ready and self._base_logits is not None and self.base_loss_weight:
+        if self._ready and self._base_logits is not None and self.base_loss_weight:
             loss = loss + self.base_loss_weight * criterion(self._base_logits, target)
         return loss
 
@@ -223,7 +229,7 @@ class SingleGatedViT(RoutedModel):
     def after_step(self, step: int) -> None:
         """Keep the step's pooled trunk features; once ``kmeans_step`` steps are done, the k-means initialisation."""
         super().after_step(step)
-        if self.experts_ready:
+        if self._ready:
             return
         if isinstance(self.kmeans_step, float):
             raise RuntimeError("kmeans_step is a fraction of the run: call on_train_start(total_steps) first, or give "
@@ -262,7 +268,7 @@ class SingleGatedViT(RoutedModel):
         out = torch.log_softmax(self.vit.head(self._base(h)).float(), dim=-1)
         exited = out.exp().amax(-1) >= threshold
         rest = ~exited
-        if self.experts_ready and rest.any():
+        if self._ready and rest.any():
             hr = h[rest]
             probs_BE = torch.softmax(self.gate(self._pool(hr)).float(), dim=-1)
             out[rest] = ensemble(out[rest], self.expert_head(self._expert_branch(hr, probs_BE)))
@@ -273,7 +279,8 @@ class SingleGatedViT(RoutedModel):
         n = self.kmeans_samples
         b = min(len(pooled_BD), n)
         self.feature_bank.copy_(torch.cat([self.feature_bank[b:], pooled_BD[-b:].to(self.feature_bank)]))
-        self.bank_filled.fill_(min(n, int(self.bank_filled) + b))
+        self._filled = min(n, self._filled + b)
+        self.bank_filled.fill_(self._filled)
 
     @torch.no_grad()
     def init_from_clusters(self, features: Tensor | None = None) -> None:
@@ -282,7 +289,7 @@ class SingleGatedViT(RoutedModel):
         from sklearn.cluster import KMeans
 
         if features is None:
-            features = self.feature_bank[self.kmeans_samples - int(self.bank_filled):]
+            features = self.feature_bank[self.kmeans_samples - self._filled:]
         if len(features) < self.num_experts:
             raise RuntimeError(f"k-means needs at least {self.num_experts} features, has {len(features)}")
         km = KMeans(self.num_experts, n_init=4, random_state=self.seed).fit(features.double().cpu().numpy())
@@ -301,6 +308,7 @@ class SingleGatedViT(RoutedModel):
             experts.b2.copy_(mlp.fc2.bias.expand_as(experts.b2))
         self.expert_head.load_state_dict(self.vit.head.state_dict())
         self.experts_ready.fill_(True)
+        self._ready = True
 
 
 def ensemble(logits_a: Tensor, logits_b: Tensor) -> Tensor:

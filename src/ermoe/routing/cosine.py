@@ -38,5 +38,5 @@ class CosineRouter(Router):
         topk_idx_TK, gates_TK = topk_gates(probs_TE, self.top_k)
         aux = {}
         if self.balance_weight:
-            aux["balance"] = self.balance_weight * switch_balancing_loss(probs_TE, topk_idx_TK)
+            aux["balance"] = self.balance_weight * switch_balancing_loss(probs_TE, topk_idx_TK, self.sync_group)
         return RouterOutput(probs_TE=probs_TE, topk_idx_TK=topk_idx_TK, gates_TK=gates_TK, aux_losses=aux)

@@ -100,6 +100,6 @@ class LossFreeBiasRouter(Router):
         load = self.load_since_step
         if self.sync_group is not None:  # every rank moves the bias by the global batch's loads
             load.copy_(global_sum(load, self.sync_group))
-        if load.sum() > 0:
-            self.expert_bias += self.update_rate * torch.sign(load.mean() - load)
+        # No branch on the loads (a host read every step): with no load counted, sign(mean - load) is 0 throughout
+        self.expert_bias += self.update_rate * torch.sign(load.mean() - load)
         load.zero_()

@@ -9,7 +9,8 @@ from torch import Tensor
 
 
 def _as_float(counts_E: Tensor) -> Tensor:
-    counts = torch.as_tensor(counts_E).detach().to(torch.float64).reshape(-1)
+    # The statistics are host numbers: one copy to the host (a single sync for a device tensor), then CPU math
+    counts = torch.as_tensor(counts_E).detach().to("cpu", torch.float64).reshape(-1)
     if counts.numel() == 0:
         raise ValueError("load statistics need at least one expert")
     if (counts < 0).any():
@@ -48,7 +49,7 @@ def gini(counts_E: Tensor) -> float:
     n, total = c.numel(), c.sum()
     if total == 0:
         return 0.0
-    i = torch.arange(1, n + 1, dtype=torch.float64)
+    i = torch.arange(1, n + 1, dtype=torch.float64, device=c.device)
     return float(2.0 * (i * c).sum() / (n * total) - (n + 1) / n)
 
 

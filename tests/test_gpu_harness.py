@@ -1,0 +1,163 @@
+"""The GPU path on a machine without a GPU (issue 38): fake CUDA tensors (shapes, dtypes and devices, no data) for
+forward passes, the ``meta`` device for backward, and :class:`ermoe.host_traffic.HostTraffic`, which fails a test
+at any host read (``.item()``, ``.tolist()``, ``bool(t)``, ``nonzero``), host-to-device copy or host tensor mixed
+into device work, naming the op and the ermoe line, unless the line is in the documented allow-list
+(``ermoe.host_traffic.INHERENT``). tests/test_cuda.py is the same check on a real GPU."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import ermoe
+from ermoe import MoE
+from ermoe.host_traffic import INHERENT, FakeCuda, HostTraffic, HostTrafficError
+from ermoe.models import create_model, model_families
+from test_models import DATA, FAMILY_ARGS, VOLUME_ARGS
+
+# (dim, experts): the study ViT's layer, and the papers' ViT-S and ViT-B widths at 64 experts (ERMoE's default
+# ranks there, 12, 4 and 12, are not multiples of 8: grouped_mm needs them padded)
+SIZES = [(96, 8), (384, 64), (768, 64)]
+ROUTERS = ermoe.list_routers()
+
+
+@pytest.fixture(autouse=True)
+def quiet_fake_tensors():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*FakeTensor.*")
+        yield
+
+
+def layer_and_input(router: str, dim: int, experts: int, tokens: int = 64, **kwargs):
+    layer = MoE(dim, 4 * dim, experts, router=router, **kwargs).train()
+    return layer, torch.randn(2, tokens // 2, dim, requires_grad=True)
+
+
+@pytest.mark.parametrize("dim,experts", SIZES)
+@pytest.mark.parametrize("router", ROUTERS)
+def test_every_router_runs_forward_on_cuda_without_host_traffic(router, dim, experts):
+    """bf16 (the GPU's training dtype): forward, auxiliary loss, after_step; only V-MoE's capacity drops read."""
+    with FakeCuda(torch.bfloat16):
+        layer, x = layer_and_input(router, dim, experts)
+        with HostTraffic() as traffic:
+            y = layer(x)
+            loss = y.float().square().mean() + ermoe.aux_loss(layer)
+            ermoe.after_step(layer)
+        assert y.device.type == "cuda" and y.dtype == torch.bfloat16 and loss.device.type == "cuda"
+    allowed = [e for e in traffic.events]
+    if router == "vmoe":  # capacity 1.05: the kept count sizes the permutation
+        assert [e.key for e in allowed] == [("ermoe/dispatch.py", "__init__")]
+    else:
+        assert not allowed, traffic.summary()
+
+
+@pytest.mark.parametrize("dim,experts", SIZES[:2])
+@pytest.mark.parametrize("router", ROUTERS)
+def test_every_router_trains_a_step_on_the_meta_device_without_host_reads(router, dim, experts):
+    """Backward, which fake CUDA cannot run (autograd wants a CUDA context), on ``meta`` (no data either): forward,
+    loss, backward, after_step; every parameter gets a gradient."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            layer, x = layer_and_input(router, dim, experts)
+    finally:
+        torch.set_default_dtype(saved)
+    with HostTraffic(device="meta") as traffic:
+        loss = layer(x).float().square().mean() + ermoe.aux_loss(layer)
+        loss.backward()
+        ermoe.after_step(layer)
+    assert not [n for n, p in layer.named_parameters() if p.grad is None]
+    assert all(e.key in INHERENT for e in traffic.events)
+    assert len(traffic.events) == (1 if router == "vmoe" else 0), traffic.summary()
+
+
+def test_float32_experts_on_cuda_read_the_host_once_per_layer(monkeypatch):
+    """grouped_mm has no float32 kernel on CUDA: the experts loop over matmuls whose row counts are read on the host
+    once per layer (both matmuls share them; one warning). Fake CUDA names the read; a CPU layer with the kernel
+    taken away counts it."""
+    with FakeCuda(torch.float32):
+        layer, x = layer_and_input("softmax_topk", 96, 8)
+        with pytest.warns(RuntimeWarning, match="one device sync per MoE layer"), \
+                pytest.raises(HostTrafficError, match=r"ermoe/experts.py:\d+ \(sizes\)"), HostTraffic():
+            layer(x)
+    from ermoe import experts as experts_mod
+
+    monkeypatch.setattr(experts_mod, "_GROUPED_DTYPES", {})
+    layer, x = layer_and_input("ermoe", 32, 4, validate=False)  # (the CPU-only NaN scan reads too)
+    with HostTraffic(device="cpu", strict=False) as traffic:
+        layer(x).sum().backward()
+    assert [(e.op, e.key) for e in traffic.events] == [("tolist", ("ermoe/experts.py", "sizes"))]
+
+
+def test_routing_stats_of_a_cuda_model_mix_no_host_tensor():
+    """ermoe.routing_stats on a CUDA model: the statistics are host numbers, read in one copy per layer (a CPU
+    arange times the GPU counts crashed before)."""
+    layer, x = layer_and_input("softmax_topk", 96, 8)
+    with FakeCuda(default_device=False) as fake:  # as on a GPU machine: a tensor made without a device is a CPU one
+        fake.module(layer.to(torch.bfloat16))
+        layer(fake.tensor(x.detach().to(torch.bfloat16)))
+        with HostTraffic(strict=False) as traffic:
+            stats = ermoe.routing_stats(layer)
+    assert set(stats["moe"]) >= {"load_cv", "gini", "entropy", "max_over_mean"}
+    assert not [e for e in traffic.events if e.kind == "device mismatch"], traffic.summary()
+
+
+def _family_models():
+    for family, names in model_families().items():
+        name = names[0]
+        if family == "retrieval":
+            yield name, lambda name=name: create_model(
+                name, img_size=16, in_chans=1, vocab_size=20, context_length=6,
+                image={"name": "vit_tiny", "embed_dim": 16, "num_heads": 2, "depth": 1, "patch_size": 8,
+                       "moe": {"router": "ermoe", "num_experts": 4, "blocks": "all"}},
+                text={"width": 16, "depth": 1, "num_heads": 2,
+                      "moe": {"router": "ermoe", "num_experts": 4, "blocks": "all"}}), \
+                lambda: (torch.randn(2, 1, 16, 16), torch.tensor([[3, 4, 5, 0, 0, 0], [6, 7, 0, 0, 0, 0]]))
+        else:
+            for n in names:
+                if n in VOLUME_ARGS:
+                    yield n, (lambda n=n: create_model(n, **VOLUME_ARGS[n])), \
+                        (lambda n=n: (torch.randn(2, 2, *VOLUME_ARGS[n]["volume_shape"]),))
+            if family in FAMILY_ARGS:
+                yield name, (lambda name=name, family=family: create_model(name, **DATA, **FAMILY_ARGS[family])), \
+                    lambda: (torch.randn(2, 2, 16, 16),)
+
+
+FAMILY_MODELS = {name: (build, inputs) for name, build, inputs in _family_models()}
+
+
+@pytest.mark.parametrize("name", list(FAMILY_MODELS))
+def test_every_model_family_runs_forward_on_cuda(name):
+    """Each family's first model (and every volume model) built on the CPU, moved to fake CUDA in bf16, in
+    training mode: its forward makes no host traffic beyond the allow-list (the text tower's padding check, the
+    regional model's per-region experts)."""
+    build, inputs = FAMILY_MODELS[name]
+    torch.manual_seed(0)
+    model = build().to(torch.bfloat16).train()
+    with FakeCuda() as fake:
+        fake.module(model)
+        args = [fake.tensor(a.to(torch.bfloat16) if a.is_floating_point() else a) for a in inputs()]
+        with HostTraffic() as traffic:
+            out = model(*args)
+            model.after_step(0)  # (step 0: before the single-gated ViT's k-means, which runs on the host)
+    for o in (out if isinstance(out, tuple) else (out,)):
+        assert o.device.type == "cuda"
+    assert all(e.key in INHERENT for e in traffic.events), traffic.summary()
+
+
+def test_an_unlisted_host_read_fails_with_the_op_and_the_ermoe_line():
+    class Reader(torch.nn.Module):
+        def forward(self, x):
+            return x * float(x.sum())
+
+    with FakeCuda(torch.bfloat16):
+        x = torch.randn(4)
+        with pytest.raises(HostTrafficError, match=r"host read \(aten::_local_scalar_dense\) at outside ermoe"), \
+                HostTraffic():
+            Reader()(x)
+        with HostTraffic(strict=False) as traffic:
+            torch.randn(3, device="cpu").to("cuda")
+        assert [e.kind for e in traffic.events] == ["host-to-device copy"]
