@@ -223,3 +223,18 @@ def train_job(rank: int, world: int, overrides: dict[str, Any], resume: str | No
         return str(train(load_config(None, overrides), quiet=True))
     cfg = config_from_dict(_merge(config_to_dict(Run(Path(resume)).read_config()), overrides))
     return str(train(cfg, resume=resume, quiet=True))
+
+
+# -- host flags on a job whose backend takes no CPU tensors --------------------------------------------------------
+def host_flags_job(rank: int, world: int) -> dict[str, Any]:
+    """A plain NCCL job (its backend name faked on gloo): the groups get a gloo group for host flags beside it, and
+    a rank's divergence flag reaches every rank through it."""
+    from unittest import mock
+
+    from ermoe.train.parallel import Parallel
+
+    with mock.patch.object(dist, "get_backend", return_value="nccl"):
+        groups = init_parallel(1)
+    parallel = Parallel(groups)
+    return {"separate": groups.host is not groups.stats, "all_finite": parallel.all_finite(rank == 0),
+            "backend": dist.get_backend(groups.host)}

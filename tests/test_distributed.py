@@ -336,3 +336,48 @@ def test_whole_model_baselines_on_two_ranks_follow_the_one_process_curve(tmp_pat
         groups = ParallelGroups(world_size=2, rank=0, ep_size=2, dp=None, stats=None, ep=None, expert_dp=None)
         with pytest.raises(ValueError, match="ep_size=2: the model has no ermoe.MoE layer whose experts could be"):
             shard_experts(create_model(model["name"], **{k: v for k, v in model.items() if k != "name"}), groups)
+
+
+def test_host_flags_get_a_gloo_group_beside_a_plain_nccl_job():
+    """Issue 38, defect 6: a CPU flag (a rank's divergence) on a caller's plain NCCL group fails; the groups carry a
+    gloo group for host flags, so no flag is copied to a GPU and read back."""
+    from ermoe.distributed import serves_cpu
+
+    assert serves_cpu("gloo") and serves_cpu("cpu:gloo,cuda:nccl") and not serves_cpu("nccl")
+    results = run_local(cases.host_flags_job, 2)
+    assert [r["separate"] for r in results] == [True, True]
+    assert [r["all_finite"] for r in results] == [False, False]  # rank 1 said not finite: every rank stops
+    assert {r["backend"] for r in results} == {"gloo"}
+
+
+def test_torchrun_with_one_process_joins_a_process_group_when_asked(tmp_path, monkeypatch):
+    """Issue 38, defect 6: ``torchrun --nproc_per_node=1`` made no process group (NCCL never ran); with
+    ``distributed=true`` it does; without torchrun that setting is a named error, and ``cuda:N`` in a job must be
+    the rank's own GPU."""
+    import torch.distributed as dist
+
+    from ermoe.distributed import free_port
+    from ermoe.train import load_config
+    from ermoe.train.config import ConfigError
+    from ermoe.train.parallel import Parallel
+
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    cfg = load_config(None, {"out_dir": str(tmp_path), "distributed": True})
+    with pytest.raises(ConfigError, match="launch with torchrun"):
+        Parallel.from_config(cfg)
+    assert Parallel.from_config(load_config(None, {"out_dir": str(tmp_path)})).groups is None  # as before
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    parallel = Parallel.from_config(cfg)
+    try:
+        assert dist.is_initialized() and dist.get_world_size() == 1 and parallel.groups is not None
+        assert parallel.sum_stats({"loss": torch.tensor(2.0)}) == {"loss": 2.0}  # a real collective
+        with pytest.raises(ConfigError, match="LOCAL_RANK"):
+            parallel.device(torch.device("cuda", 1))
+    finally:
+        parallel.close()
+    assert not dist.is_initialized()

@@ -161,3 +161,16 @@ def test_an_unlisted_host_read_fails_with_the_op_and_the_ermoe_line():
         with HostTraffic(strict=False) as traffic:
             torch.randn(3, device="cpu").to("cuda")
         assert [e.kind for e in traffic.events] == ["host-to-device copy"]
+
+
+def test_the_checkpoint_finiteness_check_reads_the_host_once_per_device():
+    """Issue 38, defect 9: every weight and moment checked on the device and read back in one transfer."""
+    from ermoe.train.trainer import all_finite
+
+    with FakeCuda():
+        tensors = [torch.randn(3, 4), torch.randn(5), torch.randn(())]
+        with HostTraffic(strict=False) as traffic:
+            all_finite(tensors)
+    assert traffic.host_reads == 1, traffic.summary()
+    assert all_finite([torch.ones(2), torch.zeros(3)])
+    assert not all_finite([torch.ones(2), torch.tensor([1.0, float("nan")])])

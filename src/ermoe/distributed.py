@@ -54,7 +54,9 @@ class ParallelGroups:
     """The process groups of a data x expert parallel job (one per role, so their collectives never interleave).
 
     ``dp``: every rank (dense gradients, routing statistics); ``ep``: this rank's token-exchange group; ``expert_dp``:
-    the ranks holding the same expert shard. Groups of one rank are None.
+    the ranks holding the same expert shard; ``host``: every rank, for CPU tensors (host flags and counts, no device
+    sync): ``stats`` itself when the job's backend serves CPU tensors, else a gloo group beside it. Groups of one rank
+    are None.
     """
 
     world_size: int
@@ -64,6 +66,7 @@ class ParallelGroups:
     stats: Any
     ep: Any
     expert_dp: Any
+    host: Any = None
 
     @property
     def ep_rank(self) -> int:
@@ -107,7 +110,16 @@ def init_parallel(ep_size: int = 1, backend: str | None = None,
         group = dist.new_group(ranks) if len(ranks) > 1 else None
         if rank in ranks:
             expert_dp = group
-    return ParallelGroups(world, rank, ep_size, dp, stats, ep, expert_dp)
+    host = None
+    if world > 1:  # CPU flags and counts: on a plain NCCL job (a caller's own group), gloo beside it
+        host = stats if serves_cpu(dist.get_backend()) else dist.new_group(list(range(world)), backend="gloo")
+    return ParallelGroups(world, rank, ep_size, dp, stats, ep, expert_dp, host)
+
+
+def serves_cpu(backend: str) -> bool:
+    """Whether a process group of this backend (``dist.get_backend()``: "gloo", "nccl", "cpu:gloo,cuda:nccl", ...)
+    takes CPU tensors."""
+    return any(part.startswith("cpu:") or part in ("gloo", "mpi", "ucc") for part in str(backend).lower().split(","))
 
 
 class _Exchange(Function):
@@ -333,9 +345,9 @@ def reduce_expert_grads(model: nn.Module, groups: ParallelGroups) -> None:
     params = [p for n, p in model.named_parameters() if n in wanted and p.requires_grad]
     if not params:
         return
-    # Which parameters got a gradient on any rank (one small all-reduce over every rank).
-    ran = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
-    dist.all_reduce(ran, group=groups.stats)
+    # Which parameters got a gradient on any rank: a host fact of every rank, summed in host memory (no device sync)
+    ran = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+    dist.all_reduce(ran, group=groups.host)
     params = [p for p, n in zip(params, ran.tolist()) if n]
     if not params:
         return

@@ -64,7 +64,8 @@ def global_count(num: int, sync: SyncGroup | None, device: torch.device | None =
     """
     if sync is None:
         return num
-    return global_sum(torch.tensor(num, dtype=torch.long, device=device), sync)
+    # torch.full, not torch.tensor: a fill on the device, not a blocking copy from host memory
+    return global_sum(torch.full((), num, dtype=torch.long, device=device), sync)
 
 
 def at_least_one(num: int | Tensor) -> int | Tensor:

@@ -126,6 +126,9 @@ class TrainConfig:
     # ranks; the world size is torchrun's) and the timeout of every collective (a failed rank stops its peers).
     ep_size: int = 1
     dist_timeout_s: float = 600.0
+    # Join torchrun's process group even as its only process (torchrun --nproc_per_node=1): every collective then
+    # runs (NCCL on a GPU), as it would on more processes. With several processes the group is always joined.
+    distributed: bool = False
     tensorboard: bool = True
     progress: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)

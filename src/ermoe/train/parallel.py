@@ -36,6 +36,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (or another launcher of torch.distributed's environment) started this process."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
 class _GatherRows(Function):
     """All ranks' equal-sized blocks of rows, concatenated in rank order; backward: the sum over ranks of the
     gradient of this rank's block (every rank computes the loss from every block)."""
@@ -77,7 +82,11 @@ class Parallel:
             if cfg.ep_size > 1:
                 raise ConfigError(f"ep_size={cfg.ep_size} shards experts over that many processes: launch with "
                                   f"torchrun --nproc_per_node={cfg.ep_size} -m ermoe train ... (docs/distributed.md)")
-            return cls()
+            if not cfg.distributed:
+                return cls()
+            if not launched_by_torchrun():
+                raise ConfigError("distributed=true joins torchrun's process group: launch with torchrun "
+                                  "--nproc_per_node=N -m ermoe train ... (this process has no RANK/MASTER_ADDR)")
         world = dist.get_world_size() if dist.is_initialized() else world
         if world % cfg.ep_size:
             raise ConfigError(f"ep_size={cfg.ep_size} must divide the world size {world}")
@@ -95,9 +104,13 @@ class Parallel:
 
     # setup --------------------------------------------------------------------------------------------------------
     def device(self, device: torch.device) -> torch.device:
-        """This rank's GPU when the job runs on CUDA (LOCAL_RANK), else ``device``."""
-        if self.groups and device.type == "cuda" and device.index is None:
+        """This rank's GPU when the job runs on CUDA (LOCAL_RANK), else ``device``. ``cuda:N`` in a job is this
+        rank's GPU only: a number that is not LOCAL_RANK would put several ranks on one GPU."""
+        if self.groups and device.type == "cuda":
             local = int(os.environ.get("LOCAL_RANK", "0"))
+            if device.index is not None and device.index != local:
+                raise ConfigError(f"device={device}: under torchrun each process takes the GPU of its LOCAL_RANK "
+                                  f"(this one: cuda:{local}); give device=cuda (or auto)")
             torch.cuda.set_device(local)
             return torch.device("cuda", local)
         return device
@@ -198,11 +211,12 @@ class Parallel:
         return norm
 
     def all_finite(self, finite: bool) -> bool:
-        """Whether every rank says so (a divergence stops every rank at the same step)."""
-        if self.groups is None:
+        """Whether every rank says so (a divergence stops every rank at the same step); a host flag, summed in host
+        memory (the groups' gloo side)."""
+        if self.groups is None or self.world_size == 1:
             return finite
         flag = torch.tensor(0.0 if finite else 1.0)
-        dist.all_reduce(flag, group=self.groups.stats)
+        dist.all_reduce(flag, group=self.groups.host)
         return float(flag) == 0.0
 
     # checkpoints --------------------------------------------------------------------------------------------------

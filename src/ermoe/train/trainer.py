@@ -491,9 +491,8 @@ class Trainer:
                 if skipped:
                     self._raise_skipped()
                 raise self._diverged("another rank skipped a step with a non-finite loss or gradient")
-        finite = all(torch.isfinite(t).all() for t in _tensors([self.model.state_dict(),
-                                                                 self.optimizer.state_dict()["state"]]))
-        if not self.parallel.all_finite(bool(finite)):
+        finite = all_finite(_tensors([self.model.state_dict(), self.optimizer.state_dict()["state"]]))
+        if not self.parallel.all_finite(finite):
             raise self._diverged("non-finite weights or optimizer moments")
         if self.cfg.bn_recalibration:
             size = self.cfg.optim.batch_size
@@ -532,6 +531,15 @@ def _detached(output: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...
     """A model's output without its graph: a tensor, or a tuple of them (a dual encoder's two embeddings and
     scale)."""
     return output.detach() if isinstance(output, Tensor) else tuple(o.detach() for o in output)
+
+
+def all_finite(tensors) -> bool:
+    """Whether every tensor is finite, read to the host once per device (not once per tensor: a sync each on a
+    GPU)."""
+    flags: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return all(bool(torch.stack(f).all()) for f in flags.values())
 
 
 def _tensors(trees: list[Any]):
