@@ -23,7 +23,9 @@ design, so the whole peak is reported but not compared.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import functools
 import json
 import platform
 import statistics
@@ -63,20 +65,22 @@ def dense_reference(layer: ermoe.MoE) -> nn.Module:
                          nn.Linear(layer.hidden_dim, layer.dim, bias=bias))
 
 
-def time_fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, sync) -> float:
+def time_fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, sync, amp=contextlib.nullcontext) -> float:
     module.train()
     x.grad = None
     module.zero_grad(set_to_none=True)
     sync()
     start = time.perf_counter()
-    module(x).backward(grad)
+    with amp():
+        y = module(x)
+    y.backward(grad.to(y.dtype))
     sync()
     return time.perf_counter() - start
 
 
-def time_fwd(module: nn.Module, x: torch.Tensor, sync) -> float:
+def time_fwd(module: nn.Module, x: torch.Tensor, sync, amp=contextlib.nullcontext) -> float:
     module.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), amp():
         sync()
         start = time.perf_counter()
         module(x)
@@ -132,6 +136,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--router-kwargs", type=json.loads, default={},
                         help='JSON keyword arguments for every router, e.g. \'{"rank": 32}\'')
+    parser.add_argument("--amp", action="store_true", help="float32 weights and input, bf16 autocast (as training "
+                        "runs with optim.amp=bf16); --dtype must be float32")
+    parser.add_argument("--compile", default=None, metavar="BACKEND", help="torch.compile both modules with this "
+                        "backend (inductor, aot_eager, ...); the warm-up includes the compilation")
     parser.add_argument("--json", action="store_true", help="print the results as a JSON list (table to stderr)")
     parser.add_argument("--memory", action="store_true", help="also the peak memory of fwd+bwd (module docstring)")
     parser.add_argument("--no-time", action="store_true", help="skip the timings (with --memory: memory only)")
@@ -142,6 +150,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.amp and dtype != torch.float32:
+        parser.error("--amp keeps float32 weights under bf16 autocast: leave --dtype at float32")
+    amp = functools.partial(torch.autocast, device.type, torch.bfloat16) if args.amp else contextlib.nullcontext
     if device.type == "cuda":
         def sync() -> None:
             torch.cuda.synchronize()
@@ -153,7 +164,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"# {platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()} "
           f"torch={torch.__version__} device={device} dtype={args.dtype} {MALLOC_NOTE}", file=table)
     print(f"# tokens={args.tokens} dim={args.dim} hidden={args.hidden} top_k={args.top_k} "
-          f"repeats={args.repeats} seed={args.seed}", file=table)
+          f"repeats={args.repeats} seed={args.seed} amp={'bf16' if args.amp else 'none'} compile={args.compile}",
+          file=table)
     header = f"{'router':<15} {'E':>4} {'fwd+bwd ms':>11} {'dense ms':>9} {'ratio':>6} {'fwd ms':>8} {'dense ms':>9} {'ratio':>6}"
     if args.memory:
         header += f" {'peak MiB':>9} {'dense':>7} {'work MiB':>9} {'dense':>7} {'mem ratio':>9}"
@@ -166,14 +178,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             moe = ermoe.MoE(args.dim, args.hidden, num_experts, router=name, top_k=args.top_k,
                              router_kwargs=args.router_kwargs or None).to(device, dtype)
             dense = dense_reference(moe).to(device, dtype)
+            if args.compile:
+                moe, dense = torch.compile(moe, backend=args.compile), torch.compile(dense, backend=args.compile)
             x = torch.randn(args.tokens, args.dim, device=device, dtype=dtype, requires_grad=True)
             grad = torch.randn_like(x)
 
             def fwd_bwd(m: nn.Module) -> float:
-                return time_fwd_bwd(m, x, grad, sync)
+                return time_fwd_bwd(m, x, grad, sync, amp)
 
             def fwd(m: nn.Module) -> float:
-                return time_fwd(m, x, sync)
+                return time_fwd(m, x, sync, amp)
 
             nan = float("nan")
             fb_ratio, fb_moe, fb_dense = (nan,) * 3 if args.no_time else \
@@ -185,6 +199,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "dense_fwd_bwd_ms": round(fb_dense * 1e3, 2), "fwd_ms": round(f_moe * 1e3, 2),
                    "dense_fwd_ms": round(f_dense * 1e3, 2), "tokens": args.tokens, "dim": args.dim,
                    "hidden": args.hidden, "top_k": args.top_k, "dtype": args.dtype, "device": str(device),
+                   "amp": "bf16" if args.amp else None, "compile": args.compile,
                    "threads": torch.get_num_threads()}
             line = (f"{name:<15} {num_experts:>4} {row['fwd_bwd_ms']:>11.1f} {row['dense_fwd_bwd_ms']:>9.1f} "
                     f"{fb_ratio:>6.2f} {row['fwd_ms']:>8.1f} {row['dense_fwd_ms']:>9.1f} {f_ratio:>6.2f}")

@@ -149,3 +149,25 @@ def test_train_throughput_benchmark_at_a_tiny_size(tmp_path, capsys):
     assert row["active_params_moe"] != row["active_params_dense"]  # the dense reference is another model
     assert json.loads((tmp_path / "out.json").read_text())["rows"] == rows
     assert "| classification | 32 |" in capsys.readouterr().out
+
+
+def test_gpu_check_dry_run_runs_every_stage_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.py --dry-run: every stage of the GPU check (tests, a bf16 run with loader workers, torchrun
+    with a process group at world 1, the layer table and the throughput, eager and compiled) on this CPU at toy
+    sizes, so that the script is ready when a GPU is at hand."""
+    import subprocess
+    import sys
+
+    script = BENCH.parent / "gpu_check.py"
+    proc = subprocess.run([sys.executable, str(script), "--dry-run", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=600)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert proc.returncode == 0, summary + proc.stderr[-2000:]
+    stages = [line.split(":")[0].removeprefix("STAGE ") for line in summary.splitlines() if line.startswith("STAGE")]
+    assert stages == ["environment", "tests", "imagefolder_data", "train_bf16_workers", "torchrun_world1",
+                      "layer_table_eager", "layer_table_compiled", "train_throughput_eager",
+                      "train_throughput_compiled"]
+    assert "failed: none" in summary and "ema True" in summary
+    rows = json.loads((tmp_path / "layer_table_compiled.json").read_text())
+    assert {r["router"] for r in rows} == {"ermoe", "softmax_topk"} and {r["amp"] for r in rows} == {"bf16"}
+    assert json.loads((tmp_path / "train_throughput_eager.json").read_text())["rows"][0]["task"] == "classification"
