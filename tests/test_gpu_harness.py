@@ -174,3 +174,33 @@ def test_the_checkpoint_finiteness_check_reads_the_host_once_per_device():
     assert traffic.host_reads == 1, traffic.summary()
     assert all_finite([torch.ones(2), torch.zeros(3)])
     assert not all_finite([torch.ones(2), torch.tensor([1.0, float("nan")])])
+
+
+def test_the_in_memory_batch_source_copies_nothing_from_the_host_per_step(tmp_path):
+    """Issue 38, defect 4: digits, Fashion-MNIST and CIFAR (the main job) live on the device as uint8 with their
+    statistics after the first step; a step indexes device memory (no host-to-device copy), and each epoch's order
+    is copied once. (The augmentation's generator is a CUDA one, which fake CUDA cannot make: no crop or flip.)"""
+    from ermoe.train import create_task, load_config
+
+    cfg = load_config(None, {"out_dir": str(tmp_path), "data": {"name": "digits", "train_limit": 256, "hflip": False,
+                                                                 "crop_padding": 0},
+                             "optim": {"batch_size": 64}})
+    task = create_task(cfg, torch.device("cuda"))
+    task.load()
+    with FakeCuda(default_device=False):
+        batches = task.train_batches(0, 8)  # 4 steps an epoch
+        with HostTraffic(strict=False) as first:
+            next(batches)
+        with HostTraffic() as steps:
+            later = [next(batches) for _ in range(3)]
+        with HostTraffic(strict=False) as new_epoch:
+            next(batches)
+        batches.close()
+        with HostTraffic() as evaluation:
+            evaluated = next(task.eval_batches("test", 32))
+    assert all(e.kind == "host-to-device copy" for e in first.events) and first.events  # the data, once
+    assert not steps.events and not evaluation.events
+    assert [e.kind for e in new_epoch.events] == ["host-to-device copy"]  # the new epoch's order
+    for batch in (*later, evaluated):
+        assert batch.inputs[0].device.type == batch.target.device.type == "cuda"
+        assert batch.inputs[0].dtype == torch.float32

@@ -32,7 +32,8 @@ def random_hflip(x_BCHW: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def train_transform(images_BCHW: Tensor, mean: Tensor, std: Tensor, *, crop_padding: int, hflip: bool,
-                    generator: torch.Generator) -> Tensor:
+                    generator: torch.Generator | None) -> Tensor:
+    """Normalise, then the random crop and flip drawn from ``generator`` (needed only for those)."""
     x = normalize(images_BCHW, mean, std)
     x = random_crop(x, crop_padding, generator)
     if hflip:

@@ -52,6 +52,9 @@ class Sampling:
 class BatchSource(ABC):
     """A dataset's splits as batches on ``sampling.device``."""
 
+    # Whether :meth:`train_batch` takes its indices on the device (data resident there: no copy per step)
+    indices_on_device: bool = False
+
     def __init__(self, sampling: Sampling) -> None:
         self.sampling = sampling
 
@@ -92,8 +95,10 @@ class BatchSource(ABC):
         data held in memory. A source that reads from disk reads only its rows, in loader workers."""
         size = self.sampling.batch_size
         lo, hi = shard_bounds(size, rank, world)
-        for keys in StepBatchSampler(self.num_train, size, self.sampling.seed, start_step, stop_step):
-            batch = self.train_batch(torch.tensor([k.index for k in keys]), keys[0].step)
+        sampler = StepBatchSampler(self.num_train, size, self.sampling.seed, start_step, stop_step)
+        device = self.device if self.indices_on_device else torch.device("cpu")
+        for step, rows in sampler.global_batches(device):
+            batch = self.train_batch(rows, step)
             yield batch if world == 1 else batch.rows(lo, hi)
 
     def probe(self, size: int) -> Batch:

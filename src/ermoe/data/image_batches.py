@@ -3,6 +3,7 @@ decoded in loader workers (:class:`FolderBatches`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterator
 
 import torch
@@ -25,6 +26,25 @@ class ImageBatches(BatchSource):
         self.data, self.crop_padding, self.hflip = data, crop_padding, hflip
         self.features: dict[str, Tensor] | None = None
         self.stem: nn.Module | None = None
+        self._resident: tuple[tuple[int, ...], ImageData] | None = None
+
+    @property
+    def indices_on_device(self) -> bool:  # the images live on the device; cached features where they were made
+        return self.features is None
+
+    def on_device(self) -> ImageData:
+        """The data with every split (uint8) and the normalisation on the training device, copied once (again only
+        if a split or the statistics are replaced, as a pretrained model's normalisation replaces them): a step
+        then indexes device memory, with no copy from the host. On the CPU, the data itself."""
+        d = self.data
+        key = tuple(map(id, (d.train, d.val, d.test, d.mean, d.std)))
+        if self._resident is None or self._resident[0] != key:
+            def move(split: ImageSet | None) -> ImageSet | None:
+                return None if split is None else ImageSet(split.images.to(self.device), split.labels.to(self.device))
+            resident = dataclasses.replace(d, train=move(d.train), val=move(d.val), test=move(d.test),
+                                           mean=d.mean.to(self.device), std=d.std.to(self.device))
+            self._resident = key, resident
+        return self._resident[1]
 
     def splits(self) -> dict[str, ImageSet]:
         return {name: split for name, split in (("train", self.data.train), ("val", self.data.val),
@@ -45,19 +65,26 @@ class ImageBatches(BatchSource):
         return {"num_classes": self.data.num_classes, "img_size": self.data.img_size, "in_chans": self.data.in_chans}
 
     def train_batch(self, indices: Tensor, step: int) -> Batch:
-        labels = self.data.train.labels[indices].to(self.device)
         if self.features is not None:  # no augmentation with cached features (the config refuses it)
-            return Batch((self.features["train"][indices].to(self.device),), labels)
-        gen = torch.Generator(device=self.device).manual_seed(self.sampling.seed * 1_000_003 + step)
-        x = train_transform(self.data.train.images[indices].to(self.device), self.data.mean, self.data.std,
-                            crop_padding=self.crop_padding, hflip=self.hflip, generator=gen)
-        return Batch((x,), labels)
+            return Batch((self.features["train"][indices].to(self.device),),
+                         self.data.train.labels[indices].to(self.device))
+        data = self.on_device()
+        indices = indices.to(self.device)
+        gen = None
+        if self.crop_padding > 0 or self.hflip:
+            gen = torch.Generator(device=self.device).manual_seed(self.sampling.seed * 1_000_003 + step)
+        x = train_transform(data.train.images[indices], data.mean, data.std, crop_padding=self.crop_padding,
+                            hflip=self.hflip, generator=gen)
+        return Batch((x,), data.train.labels[indices])
 
     def eval_batches(self, split: str, batch_size: int | None = None, limit: int | None = None) -> Iterator[Batch]:
         self._require(split, " (data.val_size holds one out)")
         subset = self.splits()[split]
         if self.features is None:
-            yield from self.image_batches(subset.subset(limit), batch_size)
+            data = self.on_device()
+            resident = {"train": data.train, "val": data.val, "test": data.test}[split]
+            yield from image_batches(resident.subset(limit), data, self.device,
+                                     batch_size or self.sampling.eval_batch_size, self.stem)
             return
         features, labels = self.features[split][:limit], subset.labels[:limit]
         batch_size = batch_size or self.sampling.eval_batch_size

@@ -90,14 +90,26 @@ class StepBatchSampler(Sampler[list[ExampleKey]]):
         i = step % self.steps_per_epoch
         return order[i * self.batch_size:(i + 1) * self.batch_size]
 
+    def _order(self, epoch: int) -> Tensor:
+        return (epoch_order(self.n, self.seed, epoch) if self.groups is None
+                else grouped_epoch_order(self.groups, self.seed, epoch))
+
+    def global_batches(self, device: torch.device) -> Iterator[tuple[int, Tensor]]:
+        """``(step, dataset indices of the step's whole global batch)``, the indices on ``device``: each epoch's
+        order is copied there once, so a step costs no copy from the host (data held on the device)."""
+        order, order_epoch = None, -1
+        for step in range(self.start_step, self.stop_step):
+            epoch = step // self.steps_per_epoch
+            if epoch != order_epoch:
+                order, order_epoch = self._order(epoch).to(device), epoch
+            yield step, self.global_rows(step, order)
+
     def __iter__(self) -> Iterator[list[ExampleKey]]:
         order, order_epoch = None, -1
         for step in range(self.start_step, self.stop_step):
             epoch = step // self.steps_per_epoch
             if epoch != order_epoch:
-                order = (epoch_order(self.n, self.seed, epoch) if self.groups is None
-                         else grouped_epoch_order(self.groups, self.seed, epoch))
-                order_epoch = epoch
+                order, order_epoch = self._order(epoch), epoch
             rows = self.global_rows(step, order)[self.lo:self.hi].tolist()
             yield [ExampleKey(int(idx), step, self.lo + j) for j, idx in enumerate(rows)]
 
