@@ -238,3 +238,28 @@ def host_flags_job(rank: int, world: int) -> dict[str, Any]:
     parallel = Parallel(groups)
     return {"separate": groups.host is not groups.stats, "all_finite": parallel.all_finite(rank == 0),
             "backend": dist.get_backend(groups.host)}
+
+
+def autocast_exchange_job(rank: int, world: int) -> dict[str, Any]:
+    """An expert-parallel layer under bf16 autocast: the dtypes its token exchanges send, forward and backward."""
+    from unittest import mock
+
+    import ermoe.distributed as ed
+
+    groups = init_parallel(world)
+    torch.manual_seed(0)
+    layer = MoE(16, 32, 4, router="softmax_topk")
+    shard_experts(layer, groups)
+    sent = []
+    exchange = ed._Exchange.apply
+
+    def spy(x, *args):
+        sent.append(x.dtype)
+        return exchange(x, *args)
+
+    with mock.patch.object(ed._Exchange, "apply", spy):
+        x = torch.randn(10, 16, requires_grad=True)
+        with torch.autocast("cpu", torch.bfloat16):
+            y = layer(x)
+        y.float().sum().backward()
+    return {"sent": [str(d) for d in sent], "grad": str(x.grad.dtype)}

@@ -252,3 +252,67 @@ def test_the_dispatched_copy_is_gathered_again_for_backward_not_kept(monkeypatch
         assert torch.equal(a, b)
     copy = 4096 * 64 * 4  # the dispatched rows, float32
     assert kept - gathered >= 0.9 * copy, (kept, gathered)
+
+
+def test_under_autocast_the_dispatched_copy_is_gathered_again_too(monkeypatch):
+    """Issue 38, defect 8: under autocast the experts saved their bf16 copy of the dispatched rows, which the
+    recompute hook did not recognise (it looked for the float32 rows): the layer casts first, so the bf16 copy is
+    the one recomputed; gradients unchanged to the bit."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    import ermoe.dispatch as dispatch
+
+    def fwd_bwd(recompute: bool):
+        monkeypatch.setattr(dispatch, "RECOMPUTE_DISPATCHED", recompute)
+        torch.manual_seed(0)
+        layer = ermoe.MoE(64, 128, 4, router="softmax_topk")
+        x = torch.randn(4096, 64, requires_grad=True)
+        tracker = MemTracker()
+        tracker.track_external(layer, x)
+        with tracker:
+            with torch.autocast("cpu", torch.bfloat16):
+                y = layer(x)
+            y.float().sum().backward()
+        return tracker.get_tracker_snapshot("peak")[x.device]["Total"], [x.grad] + [p.grad for p in layer.parameters()]
+
+    kept, grads_kept = fwd_bwd(False)
+    gathered, grads_gathered = fwd_bwd(True)
+    for a, b in zip(grads_kept, grads_gathered):
+        assert torch.equal(a, b)
+    assert kept - gathered >= 0.9 * 4096 * 64 * 2, (kept, gathered)  # the dispatched rows, bf16
+
+
+@pytest.mark.parametrize("cls", [MLPExperts, EigenExperts])
+def test_expert_weights_are_cast_once_per_optimizer_step_under_autocast(cls):
+    """Issue 38, defect 8: micro-batches reuse one bf16 copy of the expert weights until the weights move (an
+    optimizer step) or the layer's after_step clears it; gradients are the uncached ones; a deep copy takes none."""
+    import copy
+
+    torch.manual_seed(0)
+    experts = cls(4, 16, 32) if cls is MLPExperts else cls(4, 8, 32, 16)
+    rows = torch.randn(12, 16 if cls is MLPExperts else 8)
+    counts = torch.tensor([3, 4, 0, 5])
+
+    def micro_batches(module):
+        module.zero_grad(set_to_none=True)
+        for _ in range(2):
+            with torch.autocast("cpu", torch.bfloat16):
+                module(rows, counts).float().square().sum().backward()
+        return [p.grad.clone() for p in module.parameters() if p.grad is not None]
+
+    twin = copy.deepcopy(experts)
+    grads = micro_batches(experts)
+    first = dict(experts._casts)
+    assert set(first) == ({"w1", "w2"} if cls is MLPExperts else {"w2"})
+    micro_batches(experts)
+    assert all(experts._casts[k][1] is first[k][1] for k in first)  # the same copies, no new cast
+    twin.cast_weight = lambda name, make, *params: make().to(torch.bfloat16)  # no cache: one cast per forward
+    for a, b in zip(grads, micro_batches(twin)):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        experts.w2.mul_(0.5)  # as an optimizer step: the version moves, the copy is stale
+    micro_batches(experts)
+    assert experts._casts["w2"][1] is not first["w2"][1]
+    assert copy.deepcopy(experts)._casts == {}
+    experts.clear_casts()
+    assert experts._casts == {}

@@ -381,3 +381,12 @@ def test_torchrun_with_one_process_joins_a_process_group_when_asked(tmp_path, mo
     finally:
         parallel.close()
     assert not dist.is_initialized()
+
+
+def test_the_token_exchange_sends_the_autocast_dtype():
+    """Issue 38, defect 8: under bf16 autocast the experts compute in bf16, so the tokens travel in bf16 (half the
+    bytes of float32), both ways and in backward; the layer's input gradient is float32 as its input."""
+    results = run_local(cases.autocast_exchange_job, 2)
+    for r in results:
+        assert set(r["sent"]) == {"torch.bfloat16"} and len(r["sent"]) == 4, r  # 2 forward, 2 backward
+        assert r["grad"] == "torch.float32"

@@ -177,12 +177,14 @@ RECOMPUTE_DISPATCHED = True
 
 
 @contextlib.contextmanager
-def recomputed_dispatch(x_SF: Tensor, plan: Plan, source: Tensor) -> Iterator[None]:
+def recomputed_dispatch(x_SF: Tensor, plan: Plan, source: Tensor,
+                        dtype: torch.dtype | None = None) -> Iterator[None]:
     """Within the block, autograd keeps no copy of ``x_SF`` (``plan.dispatch(source)``, the expert-ordered copy
     of the tokens) for backward: whatever saves it (the experts' first matmul, for its weight gradient) keeps a
     recipe, and backward gathers the rows from ``source`` again, a cheap row gather, when it needs them. Frees
     T x K x D values between forward and backward (``source``, the layer's input, is kept anyway: the router's
-    projection saves it). Off without gradients and under torch.compile (which traces no saved-tensor hooks)."""
+    projection saves it). ``dtype``: ``x_SF`` is ``plan.dispatch(source)`` cast to it (autocast). Off without
+    gradients and under torch.compile (which traces no saved-tensor hooks)."""
     if not (RECOMPUTE_DISPATCHED and x_SF.requires_grad) or torch.compiler.is_compiling():
         yield
         return
@@ -196,7 +198,8 @@ def recomputed_dispatch(x_SF: Tensor, plan: Plan, source: Tensor) -> Iterator[No
         if packed is not recipe:
             return packed
         with torch.no_grad():
-            return plan.dispatch(source)
+            rows = plan.dispatch(source)
+            return rows if dtype is None else rows.to(dtype)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield

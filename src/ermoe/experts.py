@@ -158,12 +158,44 @@ def grouped_mlp(x_SI: Tensor, counts_E: Tensor, w_in: Tensor, b_in: Tensor | Non
     return y_SO
 
 
+class AutocastWeights(nn.Module):
+    """Expert weights cast to the autocast dtype once per optimizer step, not once per forward: micro-batches of
+    gradient accumulation and activation checkpointing's second forward reuse the copy. A copy is valid while its
+    parameters' version counters stand still (an optimizer step updates them in place, which moves them) and for
+    the grad mode it was made in; :meth:`clear_casts` (the layer's ``after_step``) frees them after each step.
+    (torch's own autocast cache does this for ``nn.Linear`` within one autocast region only.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._casts: dict[str, tuple[tuple, Tensor]] = {}
+
+    def cast_weight(self, name: str, make, *params: Tensor) -> Tensor:
+        """``make()`` (a leaf weight, or a function of ``params`` whose backward keeps no tensor: a second micro-batch
+        backpropagates through the same copy) in the autocast dtype, cached; as it is outside autocast."""
+        dtype = autocast_dtype(params[0].device)
+        if dtype is None or torch.compiler.is_compiling():
+            return make()
+        key = (dtype, torch.is_grad_enabled(), tuple(p._version for p in params))
+        cached = self._casts.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        weight = make().to(dtype)
+        self._casts[name] = (key, weight)
+        return weight
+
+    def clear_casts(self) -> None:
+        self._casts = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_casts": {}}  # a copy (EMA, snapshot) takes no cast copy, nor its graph
+
+
 def _kaiming_uniform_(w_EOI: Tensor) -> None:
     bound = 1.0 / math.sqrt(w_EOI.shape[-1])  # nn.Linear's default init, per expert
     nn.init.uniform_(w_EOI, -bound, bound)
 
 
-class MLPExperts(nn.Module):
+class MLPExperts(AutocastWeights):
     """E two-layer MLPs ``Linear(D, H) -> act -> Linear(H, D)``, weights stored (E, out, in) as nn.Linear's."""
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, act_layer: type[nn.Module] = nn.GELU,
@@ -183,7 +215,9 @@ class MLPExperts(nn.Module):
         _kaiming_uniform_(self.w2)
 
     def forward(self, x_SD: Tensor, counts_E: Tensor) -> Tensor:
-        return grouped_mlp(x_SD, counts_E, self.w1, self.b1, self.w2, self.b2, self.act)
+        w1 = self.cast_weight("w1", lambda: self.w1, self.w1)
+        w2 = self.cast_weight("w2", lambda: self.w2, self.w2)
+        return grouped_mlp(x_SD, counts_E, w1, self.b1, w2, self.b2, self.act)
 
     def no_weight_decay(self) -> set[str]:
         """The per-expert biases (stored as (E, H) tables, not decayed as nn.Linear's biases are not)."""
@@ -193,7 +227,7 @@ class MLPExperts(nn.Module):
         return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, bias={self.b1 is not None}"
 
 
-class EigenExperts(nn.Module):
+class EigenExperts(AutocastWeights):
     """ERMoE's eigen-reparameterised experts after their basis projection (docs/method.md, section 2):
 
         Expert_e(h) = W2_e GELU(V_e (s_e * z) + c_e) + d_e,   z = U_e^T h
@@ -221,7 +255,11 @@ class EigenExperts(nn.Module):
         _kaiming_uniform_(self.w2)
 
     def forward(self, z_SR: Tensor, counts_E: Tensor) -> Tensor:
-        return grouped_mlp(z_SR, counts_E, self.v * self.scales.unsqueeze(1), self.c, self.w2, self.d, self.act)
+        # (V_e diag(s_e) is made every forward: a cached product would keep its factors for a second backward; at
+        # H x R it is small beside W2's D x H, whose cast is cached)
+        w2 = self.cast_weight("w2", lambda: self.w2, self.w2)
+        v = self.v * self.scales.unsqueeze(1)
+        return grouped_mlp(z_SR, counts_E, v, self.c, w2, self.d, self.act)
 
     def no_weight_decay(self) -> set[str]:
         """The per-expert eigen-direction scales and biases ((E, R) and (E, H) tables)."""

@@ -144,9 +144,13 @@ class MoE(nn.Module):
             source = route.expert_inputs_TKR.reshape(-1, self.router.expert_input_dim)
         x_SF = plan.dispatch(source)
         # The experts' input is not kept for backward but gathered again from the layer's input (local dispatch of
-        # the tokens themselves: an exchanged or projected input would have to be kept instead)
-        recompute = isinstance(self.dispatcher, LocalDispatcher) and source is x_TD
-        with recomputed_dispatch(x_SF, plan, source) if recompute else contextlib.nullcontext():
+        # the tokens themselves: an exchanged or projected input would have to be kept instead). Under autocast the
+        # experts save the input in the autocast dtype: cast here, so that the copy saved is the one recomputed
+        recompute = type(self.dispatcher) is LocalDispatcher and source is x_TD
+        cast = autocast_dtype(x_SF.device) if recompute else None
+        if cast is not None:
+            x_SF = x_SF.to(cast)
+        with recomputed_dispatch(x_SF, plan, source, cast) if recompute else contextlib.nullcontext():
             y_SD = self.dispatcher.run_experts(self.experts, x_SF, plan.counts_E)
         out_TD = plan.combine(y_SD, route.gates_EC if route.expert_choice else route.gates_TK)
         if self.alpha is not None:
@@ -169,6 +173,9 @@ class MoE(nn.Module):
 
     def after_step(self) -> None:
         self.router.after_step()
+        clear = getattr(self.experts, "clear_casts", None)
+        if clear is not None:  # the weights moved: their autocast copies are stale
+            clear()
 
     @torch.no_grad()
     def expert_outputs(self, x: Tensor) -> Tensor:
