@@ -74,6 +74,18 @@ def run_steps(trainer, batches, steps: int) -> float:
     return time.perf_counter() - t0
 
 
+def count_host_reads(trainer, batches) -> int:
+    """Reads of device values by the host in one training step (``ermoe.host_traffic.HostTraffic``): each would
+    stall a GPU's queue; on a CPU they cost little but are counted all the same, so a change that adds one shows in
+    this benchmark's rows (the CPU's own are the loss check without a fused optimizer and the MoE layers' NaN scan)."""
+    from ermoe.host_traffic import HostTraffic
+
+    kind = "cpu" if trainer.device.type == "cpu" else trainer.device.type
+    with HostTraffic(device=kind, strict=False) as traffic:
+        run_steps(trainer, batches, 1)
+    return traffic.host_reads
+
+
 def measure(task_name: str, steps: int, repeats: int, compile_model: bool, extra: list[str] = ()) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
@@ -83,6 +95,7 @@ def measure(task_name: str, steps: int, repeats: int, compile_model: bool, extra
         for kind, (trainer, batches, _) in runs.items():  # warm-up (and compilation)
             run_steps(trainer, batches, max(3, steps // 2))
         warmup_s = time.perf_counter() - t_build
+        host_reads = {kind: count_host_reads(trainer, batches) for kind, (trainer, batches, _) in runs.items()}
         ratios, times = [], {"dense": [], "moe": []}
         for r in range(repeats):
             order = ("dense", "moe") if r % 2 == 0 else ("moe", "dense")
@@ -100,7 +113,8 @@ def measure(task_name: str, steps: int, repeats: int, compile_model: bool, extra
     return {"task": task_name, "batch": batch, "steps": steps, "repeats": repeats, "compile": compile_model,
             "dense_img_per_s": batch / dense_s, "moe_img_per_s": batch / moe_s, "throughput_ratio": 1 / ratio,
             "step_time_ratio": ratio, "ratios": ratios, "active_params_dense": active["dense"],
-            "active_params_moe": active["moe"], "warmup_s": warmup_s}
+            "active_params_moe": active["moe"], "warmup_s": warmup_s,
+            "host_reads_per_step_dense": host_reads["dense"], "host_reads_per_step_moe": host_reads["moe"]}
 
 
 def profile_steps(task_name: str, steps: int, extra: list[str] = ()) -> None:
@@ -140,14 +154,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             profile_steps(name, args.steps, args.override)
         return []
     rows = []
-    print("| task | batch | dense img/s | MoE img/s | MoE / dense throughput | active params dense / MoE |")
-    print("|---|---|---|---|---|---|")
+    print("| task | batch | dense img/s | MoE img/s | MoE / dense throughput | active params dense / MoE | "
+          "host reads / step dense / MoE |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.tasks:
         row = measure(name, args.steps, args.repeats, args.compile, args.override)
         rows.append(row)
         print(f"| {name} | {row['batch']} | {row['dense_img_per_s']:.1f} | {row['moe_img_per_s']:.1f} | "
               f"{row['throughput_ratio']:.2f} (paired ratios {min(row['ratios']):.2f}-{max(row['ratios']):.2f} in "
-              f"step time) | {row['active_params_dense']:,} / {row['active_params_moe']:,} |", flush=True)
+              f"step time) | {row['active_params_dense']:,} / {row['active_params_moe']:,} | "
+              f"{row['host_reads_per_step_dense']} / {row['host_reads_per_step_moe']} |", flush=True)
     if args.json is not None:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
         args.json.write_text(json.dumps({"machine": {"device": device, "threads": torch.get_num_threads(),

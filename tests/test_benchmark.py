@@ -147,6 +147,8 @@ def test_train_throughput_benchmark_at_a_tiny_size(tmp_path, capsys):
     assert row["task"] == "classification" and row["batch"] == 32 and len(row["ratios"]) == 2
     assert row["throughput_ratio"] == pytest.approx(1 / row["step_time_ratio"])
     assert row["active_params_moe"] != row["active_params_dense"]  # the dense reference is another model
+    # the host-read counter: on the CPU at least the loss and gradient-norm checks of a non-fused optimizer
+    assert row["host_reads_per_step_dense"] >= 2 and row["host_reads_per_step_moe"] >= 2
     assert json.loads((tmp_path / "out.json").read_text())["rows"] == rows
     assert "| classification | 32 |" in capsys.readouterr().out
 

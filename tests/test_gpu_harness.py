@@ -204,3 +204,76 @@ def test_the_in_memory_batch_source_copies_nothing_from_the_host_per_step(tmp_pa
     for batch in (*later, evaluated):
         assert batch.inputs[0].device.type == batch.target.device.type == "cuda"
         assert batch.inputs[0].dtype == torch.float32
+
+
+STEP_MODEL = {"patch_size": 2, "depth": 2, "embed_dim": 32, "num_heads": 2, "moe": {"num_experts": 4, "blocks": "all"}}
+STEP_TASKS = {
+    "classification": {"data": {"name": "digits", "train_limit": 256, "hflip": False},
+                       "optim": {"batch_size": 64}},
+    "brain_age": {"task": "brain_age", "data": {"name": "brain_cohort", "cohort_size": 24, "spacing": 8.0,
+                                                "val_size": 4, "test_size": 4},
+                  "model": {"name": "sfcn3d", "channels": [4, 8, 8], "moe": {"router": "ermoe", "num_experts": 2}},
+                  "optim": {"batch_size": 8}},
+    "retrieval": {"task": "retrieval", "data": {"name": "fashion_captions", "caption_set_size": 64},
+                  "model": {"name": "dual_encoder",
+                            "image": {"name": "vit_tiny", "embed_dim": 16, "num_heads": 2, "depth": 2,
+                                      "patch_size": 16, "moe": {"router": "ermoe", "num_experts": 2, "blocks": [1]}},
+                            "text": {"width": 16, "depth": 1, "num_heads": 2,
+                                     "moe": {"router": "softmax_topk", "num_experts": 2, "blocks": "all"}}},
+                  "task_options": {"vocab_size": 60}, "optim": {"batch_size": 16}},
+}
+STEPS = [("classification", r) for r in ROUTERS] + [("brain_age", None), ("retrieval", None)]
+
+
+@pytest.mark.parametrize("task_name,router", STEPS)
+def test_a_whole_training_step_of_the_loop_makes_no_host_traffic(tmp_path, monkeypatch, task_name, router):
+    """The loop's own step (``Trainer._train_step`` and ``_update``: the batch from the task's source, forward,
+    loss, backward, clipping, AdamW, after_step, the straggler and log sums) on ``meta`` with the non-finite guard on
+    the device, as a CUDA run with fused AdamW has it. Autocast has no ``meta`` kind: ermoe's own autocast check
+    answers bf16 there (so the experts take the bf16 grouped path); AdamW stands in for the fused kernel, which
+    alone takes the guard's found_inf flag. Only V-MoE's capacity drops read (the allow-list); the text tower of
+    the dual encoder checks its padding on the host (also listed)."""
+    from ermoe import devices
+    from ermoe.train import create_task, load_config
+    from ermoe.train import trainer as trainer_mod
+    from ermoe.train.run import Run
+
+    pytest.importorskip("sklearn")
+    if task_name == "brain_age":
+        pytest.importorskip("scipy")
+    monkeypatch.setattr(devices, "autocast_dtype", lambda device: torch.bfloat16 if device.type == "meta" else None)
+    spec = STEP_TASKS[task_name]
+    model = spec.get("model", {**STEP_MODEL, "moe": {**STEP_MODEL["moe"], "router": router}})
+    cfg = load_config(None, {"out_dir": str(tmp_path), "run_name": "step", "progress": False, "tensorboard": False,
+                             "probe_size": 4, **spec, "model": model,
+                             "optim": {"epochs": 2, "warmup_steps": 1, "clip_grad": 1.0, **spec["optim"]}})
+    meta = torch.device("meta")
+    task = create_task(cfg, meta)
+    task.load()
+    model = trainer_mod.build_model(cfg, task).to(meta)
+    trainer = trainer_mod.Trainer(cfg, Run.new(cfg), task, model, meta, quiet=True)
+
+    class GuardedAdamW(torch.optim.AdamW):  # takes the guard's flag as the fused kernel does (ignored on meta)
+        found_inf = property(lambda self: None, lambda self, flag: None)
+
+    trainer.optimizer.__class__ = GuardedAdamW
+    trainer.device_guard = True
+    batches = task.train_batches(0, 3)
+    try:
+        with HostTraffic(device="meta", strict=False):  # a first step (lazy state: the optimizer's moments)
+            trainer._train_step(next(batches), epoch=0)
+            trainer._update()
+        # (the backward of the text tower's padding mask runs in autograd's engine: its innermost ermoe frame is the
+        # loop's backward call)
+        backward = ("ermoe/train/trainer.py", "_micro_step")
+        with HostTraffic(device="meta", allow=set(INHERENT) | {backward}) as traffic:
+            trainer._train_step(next(batches), epoch=0)
+            trainer._update()
+    finally:
+        batches.close()
+        trainer.close()
+    assert trainer.step == 2
+    kinds = {e.key for e in traffic.events}
+    assert kinds == ({("ermoe/dispatch.py", "__init__")} if router == "vmoe" else
+                     {("ermoe/models/text.py", "forward"), backward} if task_name == "retrieval" else set()), \
+        traffic.summary()

@@ -10,7 +10,8 @@ _AUTOCAST_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia", "i
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype autocast computes matmuls in on ``device`` right now, or None where autocast is off (or the device
-    type has none, e.g. ``meta``)."""
+    type has none, e.g. ``meta``). ermoe's layers ask here (as ``devices.autocast_dtype``), so a harness can stand
+    in for autocast where torch has none (tests/test_gpu_harness.py, on ``meta``)."""
     kind = device.type
     if kind not in _AUTOCAST_TYPES or not torch.is_autocast_enabled(kind):
         return None

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.autograd import Function
 from torch.nn import functional as F
 
-from .devices import autocast_dtype
+from . import devices
 from .dispatch import LocalDispatcher
 from .moe import MoE, moe_layers
 from .routing.sync import SyncGroup, global_sum
@@ -163,7 +163,7 @@ class ExpertParallelDispatcher(LocalDispatcher):
         dist.all_to_all_single(recv_PL, send_PL, group=group)  # rows it receives from (rank p, for expert l)
         sizes = torch.stack([send_PL.sum(1), recv_PL.sum(1)]).tolist()  # the splits live on the host: one sync
         send_sizes, recv_sizes = sizes
-        dtype = autocast_dtype(x_SF.device)
+        dtype = devices.autocast_dtype(x_SF.device)
         if dtype is not None:  # the experts compute in the autocast dtype: send that (half the bytes of float32)
             x_SF = x_SF.to(dtype)
         x_recv = _exchange(x_SF, recv_sizes, send_sizes, group)

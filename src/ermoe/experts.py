@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import Function
 
-from .devices import autocast_dtype
+from . import devices
 
 # The dtypes grouped_mm has kernels for, by device type: CUDA's are bf16 (and fp16 where the build has it); CPU's
 # fallback takes float32 too; "meta" (shapes only) follows CUDA. Elsewhere the experts run as a loop of matmuls.
@@ -106,7 +106,7 @@ def grouped_matmul(x_SK: Tensor, w_ENK: Tensor, counts_E: Tensor | RowGroups, of
     are zero-padded for the product, which leaves its values as they are.
     """
     groups = counts_E if isinstance(counts_E, RowGroups) else RowGroups(counts_E, offs_E)
-    dtype = autocast_dtype(x_SK.device)
+    dtype = devices.autocast_dtype(x_SK.device)
     if dtype is not None:
         x_SK, w_ENK = x_SK.to(dtype), w_ENK.to(dtype)
     else:
@@ -172,7 +172,7 @@ class AutocastWeights(nn.Module):
     def cast_weight(self, name: str, make, *params: Tensor) -> Tensor:
         """``make()`` (a leaf weight, or a function of ``params`` whose backward keeps no tensor: a second micro-batch
         backpropagates through the same copy) in the autocast dtype, cached; as it is outside autocast."""
-        dtype = autocast_dtype(params[0].device)
+        dtype = devices.autocast_dtype(params[0].device)
         if dtype is None or torch.compiler.is_compiling():
             return make()
         key = (dtype, torch.is_grad_enabled(), tuple(p._version for p in params))

@@ -3,7 +3,8 @@
 A GPU runs ahead of Python as long as nothing reads a device value back (``.item()``, ``.tolist()``, ``bool(t)``,
 a data-dependent shape such as ``nonzero``) and nothing copies host memory to the device in the middle of a step:
 each of those stalls the queue. :class:`HostTraffic` is a ``TorchDispatchMode`` that sees every ATen call and
-records those that would, with the ermoe source line that made them:
+records those that would, with the ermoe source line that made them (a ``non_blocking`` copy from the host is
+taken to come from pinned memory, as the loaders' batches do on CUDA, and so to make nothing wait):
 
     with HostTraffic() as traffic:          # on a CPU: counts what a GPU would stall on
         train_step(batch)
@@ -148,6 +149,8 @@ class HostTraffic(TorchDispatchMode):
             dst_type = src.device.type if dst is None else torch.device(dst).type
         src_type = src.device.type
         if src_type == "cpu" and dst_type == self.device:
+            if kwargs.get("non_blocking") or (func is aten.copy_.default and len(args) > 2 and args[2]):
+                return  # asynchronous: from pinned memory (the loaders pin on CUDA) the device does not wait
             self._record("host-to-device copy", func)
         elif src_type == self.device and dst_type == "cpu":
             self._record("device-to-host copy", func)
@@ -180,6 +183,13 @@ class _ListReads(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in (torch.Tensor.tolist, torch.Tensor.numpy) and not self.inside:
+            source = args[0]
+            if source.device.type == "cpu" and self.traffic.device != "cpu":  # host memory: free to read
+                self.inside = True
+                try:
+                    return func(*args, **kwargs)
+                finally:
+                    self.inside = False
             self.traffic._record("host read", func.__name__)
             self.inside = True
             try:

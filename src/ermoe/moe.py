@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .devices import autocast_dtype
+from . import devices
 from .dispatch import LocalDispatcher, TokenChoicePlan, recomputed_dispatch
 from .experts import EigenExperts, MLPExperts
 from .routing import Router, RoutingInfo, create_router
@@ -130,7 +130,7 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, self.dim)
         context_TD = None if context is None else context.reshape(-1, self.dim)
         dtype = self.experts.w2.dtype
-        if x_TD.dtype != dtype and autocast_dtype(x_TD.device) is None:
+        if x_TD.dtype != dtype and devices.autocast_dtype(x_TD.device) is None:
             # Input of another float dtype than the layer's (e.g. bf16 into a float32 layer, outside autocast): the
             # layer computes in its own dtype, the output comes back in the input's.
             x_TD = x_TD.to(dtype)
@@ -147,7 +147,7 @@ class MoE(nn.Module):
         # the tokens themselves: an exchanged or projected input would have to be kept instead). Under autocast the
         # experts save the input in the autocast dtype: cast here, so that the copy saved is the one recomputed
         recompute = type(self.dispatcher) is LocalDispatcher and source is x_TD
-        cast = autocast_dtype(x_SF.device) if recompute else None
+        cast = devices.autocast_dtype(x_SF.device) if recompute else None
         if cast is not None:
             x_SF = x_SF.to(cast)
         with recomputed_dispatch(x_SF, plan, source, cast) if recompute else contextlib.nullcontext():

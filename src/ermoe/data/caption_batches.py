@@ -55,7 +55,9 @@ class CaptionBatches(BatchSource):
                 "context_length": self.context_length, "pad_id": PAD_ID}
 
     def _normalize(self, x: Tensor) -> Tensor:
-        return normalize(x.to(self.device, non_blocking=True), self.mean.to(self.device), self.std.to(self.device))
+        if self.mean.device != self.device:  # the statistics moved to the device once, not copied every step
+            self.mean, self.std = self.mean.to(self.device), self.std.to(self.device)
+        return normalize(x.to(self.device, non_blocking=True), self.mean, self.std)
 
     def image_chunks(self, split: str, size: int | None = None, limit: int | None = None
                      ) -> Iterator[tuple[Tensor, Tensor]]:
