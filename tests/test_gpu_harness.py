@@ -277,3 +277,26 @@ def test_a_whole_training_step_of_the_loop_makes_no_host_traffic(tmp_path, monke
     assert kinds == ({("ermoe/dispatch.py", "__init__")} if router == "vmoe" else
                      {("ermoe/models/text.py", "forward"), backward} if task_name == "retrieval" else set()), \
         traffic.summary()
+
+
+def test_the_expert_parallel_dispatcher_reads_only_its_split_sizes(monkeypatch):
+    """The expert-parallel path on fake CUDA (one rank; the all-to-all a local copy): the first host read of the
+    layer is the exchange's split sizes (allow-listed: all_to_all_single takes them as host integers; a data-less
+    tensor cannot answer them, so the forward stops there)."""
+    import torch.distributed as dist
+
+    from ermoe.distributed import ExpertParallelDispatcher
+
+    def local_all_to_all(out, inp, out_sizes=None, in_sizes=None, group=None):
+        out.copy_(inp)
+
+    monkeypatch.setattr(dist, "all_to_all_single", local_all_to_all)
+    layer, x = layer_and_input("softmax_topk", 96, 8)
+    layer.dispatcher = ExpertParallelDispatcher(None, 1, 0, 8)
+    with FakeCuda(default_device=False) as fake:
+        fake.module(layer.to(torch.bfloat16))
+        x = fake.tensor(x.detach().to(torch.bfloat16))
+        with pytest.raises(HostTrafficError, match=r"host read \(.+\) at ermoe/distributed.py:\d+ \(run_experts\)"), \
+                HostTraffic(allow=set()) as traffic:
+            layer(x)
+    assert len(traffic.events) == 1 and traffic.events[0].key in INHERENT
