@@ -31,8 +31,9 @@ from .common import ScoreStandardizer, Temperature
 
 
 def default_eigen_rank(dim: int, num_experts: int) -> int:
-    """``min(32, dim // E)`` rounded down to a multiple of 4 (aligned for grouped matmul), at least 4, below dim
-    (for ``dim <= 4``: ``max(1, dim // E)``).
+    """``min(32, dim // E)`` rounded down to a multiple of 4, at least 4, below dim (for ``dim <= 4``:
+    ``max(1, dim // E)``). (The experts' grouped matmul pads a rank that is not a multiple of its alignment, 8 in
+    bf16, with zeros: any rank takes the grouped path.)
 
     ``dim // E`` lets the E bases be mutually orthogonal; the cap of 32 bounds the router's projection (a D x E*R
     matmul that every token pays for), which keeps ERMoE's cost near a dense FFN's (docs/performance.md). A basis
