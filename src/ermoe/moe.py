@@ -173,9 +173,7 @@ class MoE(nn.Module):
 
     def after_step(self) -> None:
         self.router.after_step()
-        clear = getattr(self.experts, "clear_casts", None)
-        if clear is not None:  # the weights moved: their autocast copies are stale
-            clear()
+        self.experts.clear_casts()  # the weights moved: their autocast copies are stale
 
     @torch.no_grad()
     def expert_outputs(self, x: Tensor) -> Tensor:
