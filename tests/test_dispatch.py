@@ -316,3 +316,33 @@ def test_expert_weights_are_cast_once_per_optimizer_step_under_autocast(cls):
     assert copy.deepcopy(experts)._casts == {}
     experts.clear_casts()
     assert experts._casts == {}
+
+
+@pytest.mark.parametrize("width,experts", [(6, 4), (64, 16)])  # folded into the product; added as a table
+def test_grouped_mlp_biases_match_a_per_row_reference_in_float64(width, experts, monkeypatch):
+    """The first bias enters either as a column of ones folded into the product (narrow inputs) or as a per-row
+    table (wide inputs, many experts): both equal ``act(x W1_e^T + b1_e) W2_e^T + b2_e`` row by row, with the
+    gradients of every weight and bias."""
+    from ermoe import experts as experts_mod
+
+    tables = []
+    expand = experts_mod.expand_rows
+    monkeypatch.setattr(experts_mod, "expand_rows", lambda p, c, n: tables.append(p.shape) or expand(p, c, n))
+    torch.manual_seed(0)
+    counts = torch.zeros(experts, dtype=torch.long)
+    counts[:3] = torch.tensor([40, 0, 50])
+    x = torch.randn(90, width, dtype=torch.float64, requires_grad=True)
+    w1, b1 = torch.randn(experts, 32, width, dtype=torch.float64), torch.randn(experts, 32, dtype=torch.float64)
+    w2, b2 = torch.randn(experts, 8, 32, dtype=torch.float64), torch.randn(experts, 8, dtype=torch.float64)
+    params = [p.requires_grad_() for p in (w1, b1, w2, b2)]
+    y = experts_mod.grouped_mlp(x, counts, w1, b1, w2, b2, torch.nn.GELU())
+    # folded iff width * (S + E H) < 2 S H: 6 * (90 + 128) < 5760; 64 * (90 + 512) is not
+    assert tables == ([(experts, 8)] if width == 6 else [(experts, 32), (experts, 8)])
+    owner = torch.repeat_interleave(torch.arange(experts), counts)
+    ref = torch.stack([torch.nn.functional.gelu(x[i] @ w1[e].T + b1[e]) @ w2[e].T + b2[e]
+                       for i, e in enumerate(owner.tolist())])
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    grads, ref_grads = (torch.autograd.grad((out * g).sum(), [x, *params]) for out in (y, ref))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)

@@ -149,13 +149,18 @@ def grouped_mlp(x_SI: Tensor, counts_E: Tensor, w_in: Tensor, b_in: Tensor | Non
                 b_out: Tensor | None, act: nn.Module) -> Tensor:
     """``act(x W_in^T + b_in) W_out^T + b_out`` with every weight chosen per row by its expert."""
     groups = RowGroups(counts_E)
-    if b_in is not None:
+    (num_experts, hidden, width), rows = w_in.shape, x_SI.shape[0]
+    fold = b_in is not None and width * (rows + num_experts * hidden) < 2 * rows * hidden
+    if fold:
         # The first bias folded into the product as one more input column of ones (x W^T + b = [x, 1] [W, b]^T):
-        # a copy of the S x I input instead of an S x H table of per-row biases and its addition (H >> I for
-        # ERMoE's rank-R inputs; the extra column falls within grouped_mm's alignment padding there)
-        x_SI = torch.cat([x_SI, x_SI.new_ones(x_SI.shape[0], 1)], dim=1)
+        # copies of the S x I input and the E x H x I weights instead of an S x H table of per-row biases and its
+        # addition; cheaper where the input is narrow (ERMoE's rank-R coordinates, whose extra column falls within
+        # grouped_mm's alignment padding)
+        x_SI = torch.cat([x_SI, x_SI.new_ones(rows, 1)], dim=1)
         w_in = torch.cat([w_in, b_in.unsqueeze(-1).to(w_in.dtype)], dim=-1)
     h_SH = grouped_matmul(x_SI, w_in, groups)
+    if b_in is not None and not fold:
+        h_SH = h_SH + expand_rows(b_in, counts_E, h_SH.shape[0]).to(h_SH.dtype)
     y_SO = grouped_matmul(act(h_SH), w_out, groups)
     if b_out is not None:
         y_SO = y_SO + expand_rows(b_out, counts_E, y_SO.shape[0]).to(y_SO.dtype)
