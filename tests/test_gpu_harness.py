@@ -300,3 +300,22 @@ def test_the_expert_parallel_dispatcher_reads_only_its_split_sizes(monkeypatch):
                 HostTraffic(allow=set()) as traffic:
             layer(x)
     assert len(traffic.events) == 1 and traffic.events[0].key in INHERENT
+
+
+def test_the_resident_copy_follows_replaced_statistics(tmp_path):
+    """A pretrained model's normalisation replaces the data's mean and std after loading (Task.prepare): the
+    device copy is made again with them, and the batches are normalised by them."""
+    from ermoe.train import create_task, load_config
+
+    cfg = load_config(None, {"out_dir": str(tmp_path), "data": {"name": "digits", "train_limit": 256, "hflip": False},
+                             "optim": {"batch_size": 64}})
+    task = create_task(cfg, torch.device("cpu"))
+    task.load()
+    before = next(task.eval_batches("test", 8)).inputs[0]
+    first = task.batches.on_device()
+    assert task.batches.on_device() is first  # made once
+    task.data.mean, task.data.std = task.data.mean + 0.5, task.data.std * 2
+    after = next(task.eval_batches("test", 8)).inputs[0]
+    assert task.batches.on_device() is not first
+    torch.testing.assert_close(after, (before * first.std.view(1, -1, 1, 1) + first.mean.view(1, -1, 1, 1)
+                                       - task.data.mean.view(1, -1, 1, 1)) / task.data.std.view(1, -1, 1, 1))

@@ -26,7 +26,7 @@ class ImageBatches(BatchSource):
         self.data, self.crop_padding, self.hflip = data, crop_padding, hflip
         self.features: dict[str, Tensor] | None = None
         self.stem: nn.Module | None = None
-        self._resident: tuple[tuple[int, ...], ImageData] | None = None
+        self._resident: tuple[tuple, ImageData] | None = None
 
     @property
     def indices_on_device(self) -> bool:  # the images live on the device; cached features where they were made
@@ -37,13 +37,13 @@ class ImageBatches(BatchSource):
         if a split or the statistics are replaced, as a pretrained model's normalisation replaces them): a step
         then indexes device memory, with no copy from the host. On the CPU, the data itself."""
         d = self.data
-        key = tuple(map(id, (d.train, d.val, d.test, d.mean, d.std)))
-        if self._resident is None or self._resident[0] != key:
+        sources = (d.train, d.val, d.test, d.mean, d.std)  # held, so compared by identity without reuse of an id
+        if self._resident is None or any(a is not b for a, b in zip(self._resident[0], sources)):
             def move(split: ImageSet | None) -> ImageSet | None:
                 return None if split is None else ImageSet(split.images.to(self.device), split.labels.to(self.device))
             resident = dataclasses.replace(d, train=move(d.train), val=move(d.val), test=move(d.test),
                                            mean=d.mean.to(self.device), std=d.std.to(self.device))
-            self._resident = key, resident
+            self._resident = sources, resident
         return self._resident[1]
 
     def splits(self) -> dict[str, ImageSet]:
