@@ -346,3 +346,27 @@ def test_grouped_mlp_biases_match_a_per_row_reference_in_float64(width, experts,
     grads, ref_grads = (torch.autograd.grad((out * g).sum(), [x, *params]) for out in (y, ref))
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "ermoe"])
+def test_float32_experts_compile_to_one_graph_on_the_cpu(router):
+    """grouped_mm's meta kernel refuses float32, so compiled float32 experts took the loop of matmuls with a host
+    read of the row counts: a graph break per layer and a recompilation as loads change. Through the opaque
+    ermoe::grouped_mm they compile to one graph and equal eager."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    layer = ermoe.MoE(32, 64, 4, router=router, validate=False)
+    compiled = torch.compile(layer, backend="aot_eager")
+    for step in range(2):  # other loads in the second step
+        x = torch.randn(2, 24, 32, requires_grad=True)
+        y_eager = layer(x)
+        gx_eager, = torch.autograd.grad(y_eager.square().sum(), x)
+        y = compiled(x)
+        gx, = torch.autograd.grad(y.square().sum(), x)
+        torch.testing.assert_close(y, y_eager)
+        torch.testing.assert_close(gx, gx_eager)
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1, dict(counters["graph_break"])
+    torch._dynamo.reset()

@@ -28,6 +28,26 @@ _grouped_unsupported: set[tuple[str, torch.dtype]] = set()
 _loop_warned: set[tuple[str, torch.dtype]] = set()
 
 
+@torch.library.custom_op("ermoe::grouped_mm", mutates_args=())
+def _opaque_grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    """``F.grouped_mm`` as one opaque op for torch.compile, whose meta kernel refuses float32 (CPU's eager kernel
+    takes it): compiled float32 experts on the CPU stay grouped, with no graph break."""
+    return F.grouped_mm(a, b, offs=offs)
+
+
+@_opaque_grouped_mm.register_fake
+def _(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    if b.dim() == 3:  # (S, K) x (E, K, N) -> (S, N)
+        return a.new_empty(a.shape[0], b.shape[-1])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[1])  # (N, S) x (S, K) -> (E, N, K)
+
+
+def _grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    if a.dtype == torch.float32 and a.device.type == "cpu" and torch.compiler.is_compiling():
+        return _opaque_grouped_mm(a, b, offs)
+    return F.grouped_mm(a, b, offs=offs)
+
+
 class _GroupedMM(Function):
     """``y[rows of e] = x[rows of e] @ w[e]^T`` through ``grouped_mm``, with its backward spelled out.
 
@@ -39,14 +59,14 @@ class _GroupedMM(Function):
     @staticmethod
     def forward(ctx, x_SK: Tensor, w_ENK: Tensor, offs_E: Tensor) -> Tensor:
         ctx.save_for_backward(x_SK, w_ENK, offs_E)
-        return F.grouped_mm(x_SK, w_ENK.transpose(-2, -1), offs=offs_E)
+        return _grouped_mm(x_SK, w_ENK.transpose(-2, -1), offs_E)
 
     @staticmethod
     def backward(ctx, grad_SN: Tensor):
         x_SK, w_ENK, offs_E = ctx.saved_tensors
         grad_SN = grad_SN.contiguous()
-        grad_x = F.grouped_mm(grad_SN, w_ENK, offs=offs_E) if ctx.needs_input_grad[0] else None
-        grad_w = F.grouped_mm(grad_SN.T, x_SK, offs=offs_E) if ctx.needs_input_grad[1] else None
+        grad_x = _grouped_mm(grad_SN, w_ENK, offs_E) if ctx.needs_input_grad[0] else None
+        grad_w = _grouped_mm(grad_SN.T, x_SK, offs_E) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None
 
 
@@ -64,9 +84,9 @@ def _grouped_ok(x: Tensor, w: Tensor) -> bool:
     kind = x.device.type
     if x.dtype not in _GROUPED_DTYPES.get(kind, ()) or w.dtype != x.dtype or (kind, x.dtype) in _grouped_unsupported:
         return False
-    if torch.compiler.is_compiling() and x.dtype not in (torch.bfloat16, torch.float16):
-        # torch.compile traces grouped_mm through its meta kernel, which accepts bf16 and fp16 only (eager CPU takes
-        # float32 too): trace the loop instead of logging a failed meta call.
+    if torch.compiler.is_compiling() and x.dtype not in (torch.bfloat16, torch.float16) and kind != "cpu":
+        # torch.compile traces grouped_mm through its meta kernel, which accepts bf16 and fp16 only (CPU float32
+        # goes through the opaque ermoe::grouped_mm): trace the loop instead of logging a failed meta call.
         return False
     return True
 
