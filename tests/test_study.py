@@ -20,7 +20,7 @@ from ermoe.models import create_model
 from ermoe.study import DEFAULT_METHODS, METHODS, method_model, runner, verdicts
 from ermoe.study.runner import load_study_config, run_config, run_study
 from ermoe.study.examples import collect_examples
-from ermoe.train import CheckpointError
+from ermoe.train import CheckpointError, ConfigError
 
 pytest.importorskip("sklearn")
 
@@ -513,6 +513,19 @@ def test_study_config_errors(tmp_path):
     assert main(["study", "--methods=[ermoe,nope]"]) == 1
     assert main(["study", "--train.optim.lr=-1"]) == 1
     assert main(["study", "--seeds=[]"]) == 1
+    for bad in ("train: [unclosed", "- a list"):
+        (tmp_path / "bad.yaml").write_text(bad)
+        with pytest.raises(ConfigError, match="bad.yaml"):
+            load_study_config(tmp_path / "bad.yaml")
+
+
+def test_a_study_config_reads_numbers_as_a_train_config_does(tmp_path):
+    """``lr: 3e-4`` is a float in a train config (YAML 1.2) and was a string in a study config (PyYAML's YAML 1.1
+    reader): one reader for both now."""
+    (tmp_path / "study.yaml").write_text("train:\n  optim:\n    lr: 3e-4\n    weight_decay: 5e-2\n")
+    cfg = load_study_config(tmp_path / "study.yaml")
+    assert cfg.train["optim"]["lr"] == 3e-4 and cfg.train["optim"]["weight_decay"] == 0.05
+    assert run_config(cfg, "ermoe", 0).optim.lr == 3e-4
 
 
 def test_a_confirmation_study_marks_its_preregistered_methods_as_such(tmp_path):

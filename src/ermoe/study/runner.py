@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from ..settings import yaml_load
 from ..train.config import ConfigError, _build, _merge, config_from_dict
 from ..train.checkpoint import list_checkpoints
 from ..train.lock import RunLock
@@ -79,7 +80,12 @@ def load_study_config(path: str | Path | None = None, quick: bool = False,
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"study config {path} not found")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml_load(path.read_text()) or {}  # the train configs' reader (YAML 1.2 floats: 3e-4)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"study config {path} is not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"study config {path} must hold a mapping, got {type(values).__name__}")
     overrides = overrides or {}
     task = ((overrides.get("train") or {}).get("task") or (values.get("train") or {}).get("task")
             or "classification")

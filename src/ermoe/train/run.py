@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from ..data.modules import dataset_keys
+from ..settings import yaml_load
 from .checkpoint import CheckpointError, atomic_write_text
 from .config import ConfigError, TrainConfig, config_from_dict, config_to_dict, dump_config
 
@@ -149,7 +150,7 @@ class Run:
         if not path.exists():
             raise FileNotFoundError(f"{self.root} is not a run directory: {CONFIG_FILE} not found")
         try:
-            tree = yaml.safe_load(path.read_text())
+            tree = yaml_load(path.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
         if not isinstance(tree, dict):
