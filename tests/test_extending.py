@@ -88,3 +88,41 @@ def test_a_fourth_task_is_a_data_module_an_objective_and_a_label_function(tmp_pa
     assert {p.name for p in (run / "figures").iterdir()} == {"load.png"}
     table = Parity.results_table(metrics)
     assert "test_parity_acc" in table and "360 test examples" in table and "blocks.0.mlp" in table
+
+
+def test_a_router_registered_by_decorator_is_found_by_name_everywhere(monkeypatch):
+    """docs/extending.md's router: ``@ermoe.register_router`` with a ``name``, no ermoe file edited; the layer, the
+    factory, the models' moe spec and the config check know it; a name taken twice and an unknown name are errors
+    that name the choices."""
+    import torch
+
+    import ermoe
+    from ermoe.models import create_model
+    from ermoe.routing import ROUTERS
+
+    monkeypatch.setattr(ROUTERS, "_by_name", dict(ROUTERS._by_name))  # registered for this test only
+
+    @ermoe.register_router
+    class HashRouter(ermoe.Router):
+        name = "hash"
+
+        def forward(self, x_TD, context_TD=None):
+            idx_TK = (x_TD.detach().sum(-1, keepdim=True) * 1e3).long().remainder(self.num_experts)
+            probs_TE = torch.nn.functional.one_hot(idx_TK[:, 0], self.num_experts).to(x_TD.dtype)
+            return ermoe.RouterOutput(probs_TE=probs_TE, topk_idx_TK=idx_TK,
+                                      gates_TK=torch.ones_like(idx_TK, dtype=x_TD.dtype))
+
+    assert ermoe.list_routers()[-1] == "hash"
+    layer = ermoe.MoE(dim=16, hidden_dim=32, num_experts=4, router="hash")
+    x = torch.randn(10, 16)
+    expected = torch.stack([layer.experts.w2[e] @ torch.nn.functional.gelu(layer.experts.w1[e] @ x[t])
+                            for t, e in enumerate(layer.router(x).topk_idx_TK[:, 0].tolist())])
+    torch.testing.assert_close(layer(x), expected)
+    assert isinstance(ermoe.create_router("hash", 16, 4), HashRouter)
+    model = create_model("vit_tiny", num_classes=3, img_size=16, in_chans=1, patch_size=8, depth=2, embed_dim=16,
+                         num_heads=2, moe={"router": "hash", "num_experts": 4, "blocks": "all"})
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 3)
+    with pytest.raises(ValueError, match="router 'hash' is registered twice"):
+        ermoe.register_router(HashRouter)
+    with pytest.raises(ValueError, match="unknown router 'hsah'.*hash"):
+        ermoe.create_router("hsah", 16, 4)

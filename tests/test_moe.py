@@ -22,7 +22,7 @@ VARIANTS = [(name, {}) for name in ROUTERS] + [
 
 
 def test_list_routers_names_all_seven():
-    assert ROUTERS == ["emoe", "ermoe", "softmax_topk", "vmoe", "loss_free_bias", "cosine", "expert_choice"]
+    assert ROUTERS == ["emoe", "ermoe", "softmax_topk", "loss_free_bias", "vmoe", "cosine", "expert_choice"]
 
 
 @pytest.mark.parametrize("router,kwargs", VARIANTS)

@@ -1,8 +1,9 @@
-"""Classes found by the name a config gives (``data.name``, ``task``): one registry per kind."""
+"""Classes found by the name a config gives (``data.name``, ``task``, ``moe.router``): one registry per kind, filled
+by a class decorator (``@register_router`` on a class with a ``name``), read like a mapping."""
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from typing import Generic, Iterator, TypeVar
 
 T = TypeVar("T", bound=type)
 
@@ -23,6 +24,18 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return list(self._by_name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
 
     def get(self, name: str) -> T:
         """The class registered as ``name``; an unknown name is an error listing the known ones."""

@@ -1,4 +1,5 @@
-"""Routers by name. ``create_router(name, dim, num_experts, top_k, **kwargs)``; ``list_routers()``."""
+"""Routers by name. ``create_router(name, dim, num_experts, top_k, **kwargs)``; ``list_routers()``; a new router
+class registers itself with ``@register_router`` (and a ``name``)."""
 
 from __future__ import annotations
 
@@ -6,23 +7,14 @@ import typing
 from typing import Any
 
 from ..settings import check
-from .base import Router, RouterOutput, RoutingInfo
-from .cosine import CosineRouter
-from .eigenbasis import EigenbasisRouter, default_eigen_rank
+from .base import ROUTERS, Router, RouterOutput, RoutingInfo, register_router
+# Importing each router family registers its routers (@register_router), in this order
 from .energy import EigenEnergyRouter
-from .expert_choice import ExpertChoiceRouter
+from .eigenbasis import EigenbasisRouter, default_eigen_rank
 from .softmax import LossFreeBiasRouter, SoftmaxTopKRouter
 from .vmoe import VMoERouter
-
-ROUTERS: dict[str, type[Router]] = {
-    "emoe": EigenEnergyRouter,
-    "ermoe": EigenbasisRouter,
-    "softmax_topk": SoftmaxTopKRouter,
-    "vmoe": VMoERouter,
-    "loss_free_bias": LossFreeBiasRouter,
-    "cosine": CosineRouter,
-    "expert_choice": ExpertChoiceRouter,
-}
+from .cosine import CosineRouter
+from .expert_choice import ExpertChoiceRouter
 
 
 def list_routers() -> list[str]:
@@ -54,5 +46,6 @@ def create_router(name: str, dim: int, num_experts: int, top_k: int = 1, **kwarg
 
 
 __all__ = ["ROUTERS", "Router", "RouterOutput", "RoutingInfo", "check_router_kwargs", "create_router", "list_routers",
+           "register_router",
            "CosineRouter", "EigenbasisRouter", "EigenEnergyRouter", "ExpertChoiceRouter", "LossFreeBiasRouter",
            "SoftmaxTopKRouter", "VMoERouter", "default_eigen_rank"]

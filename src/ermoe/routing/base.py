@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ..registry import Registry
 from .sync import SyncGroup
 
 
@@ -70,13 +71,15 @@ class RoutingInfo:
 class Router(nn.Module):
     """Base class: ``forward(x_TD, context_TD=None) -> RouterOutput``.
 
-    Subclasses set ``num_experts`` and ``top_k``; ``capacity_factor`` is the router's default for the layer (None:
+    Subclasses set ``num_experts`` and ``top_k``; a router that models and configs find by name has a ``name`` and the
+    decorator :func:`register_router`; ``capacity_factor`` is the router's default for the layer (None:
     dropless); ``layer_capacity=False`` marks a router that sets its own capacity (expert choice), so the layer's
     ``capacity_factor`` does not apply to it; ``learn_alpha`` is whether its paper scales the layer's output by a
     learned alpha (EMoE). State that changes outside gradient descent changes in :meth:`after_step`, which the trainer
     calls after ``optimizer.step()`` through ``ermoe.after_step(model)``.
     """
 
+    name: str  # the name configs give (``moe.router``), for a registered router
     num_experts: int
     top_k: int
     capacity_factor: float | None = None
@@ -108,6 +111,15 @@ class Router(nn.Module):
 
     def forward(self, x_TD: Tensor, context_TD: Tensor | None = None) -> RouterOutput:  # pragma: no cover
         raise NotImplementedError
+
+
+ROUTERS: Registry[type[Router]] = Registry("router")
+
+
+def register_router(cls: type[Router]) -> type[Router]:
+    """Class decorator: ``MoE(router=cls.name)``, every model's ``moe.router`` and ``ermoe.list_routers()`` know the
+    router from then on (a name registered twice is an error)."""
+    return ROUTERS.register(cls)
 
 
 def graph_free_state(module: nn.Module) -> dict:

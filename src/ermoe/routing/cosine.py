@@ -12,12 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Router, RouterOutput, topk_gates, upcast
+from .base import Router, RouterOutput, register_router, topk_gates, upcast
 from .common import Temperature
 from .losses import switch_balancing_loss
 
 
+@register_router
 class CosineRouter(Router):
+    name = "cosine"
     def __init__(self, dim: int, num_experts: int, top_k: int = 1, *, route_dim: int = 16, tau: float = 0.07,
                  learn_tau: bool = True, balance_weight: float = 0.01) -> None:
         super().__init__(dim, num_experts, top_k)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..orthogonal import OrthoMode, OrthonormalBasis, pca_basis
-from .base import Router, RouterOutput, overflow_safe_scale, upcast
+from .base import Router, RouterOutput, overflow_safe_scale, register_router, upcast
 from .common import ScoreStandardizer, Temperature
 
 
@@ -43,7 +43,9 @@ def default_eigen_rank(dim: int, num_experts: int) -> int:
     return rank if rank < dim else max(1, min(dim - 1, dim // num_experts))
 
 
+@register_router
 class EigenbasisRouter(Router):
+    name = "ermoe"
     accepts_context = True
 
     def __init__(

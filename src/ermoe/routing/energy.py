@@ -26,12 +26,14 @@ import torch
 from torch import Tensor, nn
 
 from ..orthogonal import OrthoMode, OrthonormalBasis, pca_basis, top_eigenvectors
-from .base import Router, RouterOutput, overflow_safe_scale, topk_gates, upcast
+from .base import Router, RouterOutput, overflow_safe_scale, register_router, topk_gates, upcast
 from .common import EnergyWhitener, ScoreStandardizer, Temperature
 from .sync import at_least_one, global_count, global_sum, update_weight
 
 
+@register_router
 class EigenEnergyRouter(Router):
+    name = "emoe"
     learn_alpha = True  # h <- h + alpha * sum_k p_k Expert_k(h), alpha learned (EMoE)
 
     def __init__(

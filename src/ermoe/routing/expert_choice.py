@@ -15,11 +15,13 @@ import math
 import torch
 from torch import Tensor
 
-from .base import Router, RouterOutput, upcast
+from .base import Router, RouterOutput, register_router, upcast
 from .softmax import linear_gate
 
 
+@register_router
 class ExpertChoiceRouter(Router):
+    name = "expert_choice"
     layer_capacity = False  # its capacity is its own keyword capacity_factor, above
 
     def __init__(self, dim: int, num_experts: int, top_k: int = 1, *, capacity_factor: float = 1.0,

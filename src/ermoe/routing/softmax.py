@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .base import Router, RouterOutput, tokens_per_expert, topk_gates, upcast
+from .base import Router, RouterOutput, register_router, tokens_per_expert, topk_gates, upcast
 from .losses import router_z_loss, switch_balancing_loss
 from .sync import global_sum
 
@@ -22,6 +22,7 @@ def linear_gate(dim: int, num_experts: int, std: float = 0.02) -> nn.Linear:
     return gate
 
 
+@register_router
 class SoftmaxTopKRouter(Router):
     """Switch (Fedus et al. 2021) / GShard (Lepikhin et al. 2020): ``p = softmax(W x)``, top-k, gate = p.
 
@@ -29,6 +30,7 @@ class SoftmaxTopKRouter(Router):
     router z-loss (ST-MoE). ``jitter_eps``: multiplicative uniform noise ``U(1-eps, 1+eps)`` on the router input in
     training (Switch). ``renormalize``: gates renormalised over the k selected experts (GShard top-2).
     """
+    name = "softmax_topk"
 
     def __init__(self, dim: int, num_experts: int, top_k: int = 1, *, balance_weight: float = 0.01,
                  z_loss_weight: float = 0.0, jitter_eps: float = 0.0, renormalize: bool = False,
@@ -58,6 +60,7 @@ class SoftmaxTopKRouter(Router):
         return RouterOutput(probs_TE=probs_TE, topk_idx_TK=topk_idx_TK, gates_TK=gates_TK, aux_losses=aux)
 
 
+@register_router
 class LossFreeBiasRouter(Router):
     """Auxiliary-loss-free balancing (Wang et al. 2024; DeepSeek-V3).
 
@@ -66,6 +69,7 @@ class LossFreeBiasRouter(Router):
     optimizer step, :meth:`after_step` applies ``b_i += update_rate * sign(mean load - load_i)`` with the loads
     counted over the training forwards since the last step. Evaluation neither counts loads nor moves the bias.
     """
+    name = "loss_free_bias"
 
     def __init__(self, dim: int, num_experts: int, top_k: int = 1, *, update_rate: float = 1e-3,
                  score_fn: Literal["softmax", "sigmoid"] = "softmax", renormalize: bool | None = None,

@@ -12,12 +12,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Router, RouterOutput, topk_gates, upcast
+from .base import Router, RouterOutput, register_router, topk_gates, upcast
 from .losses import importance_loss, vmoe_load_loss
 from .softmax import linear_gate
 
 
+@register_router
 class VMoERouter(Router):
+    name = "vmoe"
     def __init__(self, dim: int, num_experts: int, top_k: int = 1, *, noise_std: float = 1.0,
                  importance_weight: float = 0.005, load_weight: float = 0.005,
                  capacity_factor: float | None = 1.05, batch_prioritized: bool = True,
