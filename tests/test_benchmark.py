@@ -32,7 +32,7 @@ def test_moe_layer_benchmark_json(capsys):
                                "--warmup", "0", "--threads", "1", "--json")
     printed = json.loads(capsys.readouterr().out)
     assert printed == rows
-    assert [r["router"] for r in rows] == ["emoe", "ermoe", "softmax_topk", "vmoe", "loss_free_bias", "cosine",
+    assert [r["router"] for r in rows] == ["emoe", "ermoe", "softmax_topk", "loss_free_bias", "vmoe", "cosine",
                                            "expert_choice"]
     for r in rows:
         assert {"router", "num_experts", "fwd_bwd_ratio", "fwd_ratio"} <= set(r)
