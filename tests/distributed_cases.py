@@ -201,9 +201,9 @@ def bn_job(rank: int, world: int, splits: list[int]) -> dict[str, Any]:
 def tiny_digits(out_dir: str, **extra: Any) -> dict[str, Any]:
     """A seconds-long digits run, with random crops (drawn for the global batch, so a rank's share is augmented as
     the same rows in one process); ``extra``: config sections to merge in (``optim={"max_steps": 8}``)."""
-    from ermoe.train.config import _merge
+    from ermoe.train.config import merge_settings
 
-    return _merge({
+    return merge_settings({
         "out_dir": out_dir, "run_name": "run", "progress": False, "tensorboard": False, "log_every": 1,
         "probe_size": 32,
         "data": {"name": "digits", "train_limit": 512, "hflip": True, "crop_padding": 1},
@@ -216,12 +216,12 @@ def tiny_digits(out_dir: str, **extra: Any) -> dict[str, Any]:
 
 def train_job(rank: int, world: int, overrides: dict[str, Any], resume: str | None = None) -> str:
     from ermoe.train import load_config, train
-    from ermoe.train.config import _merge, config_from_dict, config_to_dict
+    from ermoe.train.config import merge_settings, config_from_dict, config_to_dict
     from ermoe.train.run import Run
 
     if resume is None:
         return str(train(load_config(None, overrides), quiet=True))
-    cfg = config_from_dict(_merge(config_to_dict(Run(Path(resume)).read_config()), overrides))
+    cfg = config_from_dict(merge_settings(config_to_dict(Run(Path(resume)).read_config()), overrides))
     return str(train(cfg, resume=resume, quiet=True))
 
 

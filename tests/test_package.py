@@ -94,6 +94,24 @@ def test_imports_flow_one_way():
     assert not wrong, wrong
 
 
+def test_no_private_name_is_imported_from_another_package():
+    """A name with a leading underscore is its package's own: study/runner.py imported train.config's _build and
+    _merge (issue 39); they are public now (build_section, merge_settings)."""
+    wrong = []
+    for path in SRC.rglob("*.py"):
+        own = _module_name(path).split(".")[:2]
+        package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not node.level:
+                continue
+            base = package.split(".")
+            target = base[:len(base) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+            private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+            if private and target[:2] != own:
+                wrong.append(f"{path.relative_to(SRC)}:{node.lineno} imports {private} from {'.'.join(target)}")
+    assert not wrong, wrong
+
+
 def test_no_capability_probing_in_the_loop_and_the_diagnostics():
     probes = []
     for folder in ("train", "analysis", "tasks"):

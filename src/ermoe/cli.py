@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             if args.resume:
-                from .train.config import _merge, config_from_dict, config_to_dict, parse_overrides
+                from .train.config import config_from_dict, config_to_dict, merge_settings, parse_overrides
                 from .train.run import LOCATION
                 from .train.trainer import resume_target
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise ConfigError(f"--{moved[0]} does not apply with --resume: a run resumes where its directory "
                                       f"is ({root}); move the directory to move the run")
                 base = config_to_dict(Run(root).read_config())
-                cfg = config_from_dict(_merge(base, overrides) if overrides else base)
+                cfg = config_from_dict(merge_settings(base, overrides) if overrides else base)
                 train(cfg, resume=root, from_step=from_step)
             elif args.from_step is not None:
                 raise ConfigError("--from-step applies with --resume RUN_DIR only")

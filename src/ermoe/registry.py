@@ -3,20 +3,22 @@ by a class decorator (``@register_router`` on a class with a ``name``), read lik
 
 from __future__ import annotations
 
-from typing import Generic, Iterator, TypeVar
+from typing import Any, Generic, Iterator, TypeVar
 
-T = TypeVar("T", bound=type)
+T = TypeVar("T", bound=Any)
 
 
 class Registry(Generic[T]):
-    """Classes of one ``kind`` (e.g. ``"dataset"``) registered under their ``name`` attribute."""
+    """Entries of one ``kind`` (e.g. ``"dataset"``: classes; ``"study kind"``: instances) registered under their
+    ``name`` attribute."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._by_name: dict[str, T] = {}
 
     def register(self, cls: T) -> T:
-        """Class decorator: register ``cls`` under ``cls.name``; a name taken twice is an error."""
+        """Register ``cls`` under ``cls.name`` (as a class decorator, or called on an instance); a name taken twice is
+        an error."""
         if cls.name in self._by_name:
             raise ValueError(f"{self.kind} {cls.name!r} is registered twice")
         self._by_name[cls.name] = cls

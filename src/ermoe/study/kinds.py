@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..registry import Registry
 from . import brain, retrieval
 from .methods import METHODS, method_model
 from .plan import Claims, Plan, make_plan
@@ -22,7 +23,7 @@ class StudyKind:
     get few-shot probes, the measure logged per run, and the report writer (``None``: the image study's).
     ``claims``: what its report decides (the baselines and margins of its plan are checked against them)."""
 
-    task: str
+    task: str  # the training task it studies, and the name it is registered under
     methods: dict[str, tuple[str, str, dict[str, Any]]]
     method_model: Callable[[str, dict[str, Any]], dict[str, Any]]
     claims: Claims
@@ -32,17 +33,21 @@ class StudyKind:
     headline: tuple[str, str] = ("test_top1", "top-1 {:.4f}")
     write_report: Callable[..., Any] | None = None
 
+    @property
+    def name(self) -> str:
+        return self.task
 
-KINDS = {
-    "classification": StudyKind("classification", METHODS, method_model, [*CLAIMS, PRESET]),
-    "brain_age": StudyKind("brain_age", brain.BRAIN_METHODS, brain.brain_method_model, brain.BRAIN_CLAIMS,
-                           defaults=brain.BRAIN_STUDY, quick=brain.BRAIN_QUICK, fewshot=False,
-                           headline=("test_mae", "MAE {:.3f} years"), write_report=brain.write_brain_report),
-    "retrieval": StudyKind("retrieval", retrieval.RETRIEVAL_METHODS, retrieval.retrieval_method_model,
-                           retrieval.RETRIEVAL_CLAIMS, defaults=retrieval.RETRIEVAL_STUDY,
-                           quick=retrieval.RETRIEVAL_QUICK, fewshot=False,
-                           headline=("test_rsum", "RSUM {:.1f}"), write_report=retrieval.write_retrieval_report),
-}
+
+# The studies by task (ermoe.registry, as routers, tasks and datasets): a new task's study registers one more
+KINDS: Registry[StudyKind] = Registry("study kind")
+KINDS.register(StudyKind("classification", METHODS, method_model, [*CLAIMS, PRESET]))
+KINDS.register(StudyKind("brain_age", brain.BRAIN_METHODS, brain.brain_method_model, brain.BRAIN_CLAIMS,
+                         defaults=brain.BRAIN_STUDY, quick=brain.BRAIN_QUICK, fewshot=False,
+                         headline=("test_mae", "MAE {:.3f} years"), write_report=brain.write_brain_report))
+KINDS.register(StudyKind("retrieval", retrieval.RETRIEVAL_METHODS, retrieval.retrieval_method_model,
+                         retrieval.RETRIEVAL_CLAIMS, defaults=retrieval.RETRIEVAL_STUDY,
+                         quick=retrieval.RETRIEVAL_QUICK, fewshot=False,
+                         headline=("test_rsum", "RSUM {:.1f}"), write_report=retrieval.write_retrieval_report))
 
 
 def study_kind(task: str) -> StudyKind:

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from ..settings import yaml_load
-from ..train.config import ConfigError, _build, _merge, config_from_dict
+from ..train.config import ConfigError, build_section, config_from_dict, merge_settings
 from ..train.checkpoint import list_checkpoints
 from ..train.lock import RunLock
 from ..train.run import EXAMPLES_FILES, METRICS_FILE, Run
@@ -98,16 +98,16 @@ def load_study_config(path: str | Path | None = None, quick: bool = False,
     defaults = StudyConfig()  # the image study's; a config's margins and baselines merge into the kind's own
     merged = kind.defaults if kind.defaults is not None else {"train": defaults.train, "margins": defaults.margins,
                                                               "baselines": defaults.baselines}
-    merged = _merge(merged, values)
+    merged = merge_settings(merged, values)
     if quick:
-        merged = _merge(merged, kind.quick if kind.quick is not None else QUICK)
-    merged = _merge(merged, overrides)
+        merged = merge_settings(merged, kind.quick if kind.quick is not None else QUICK)
+    merged = merge_settings(merged, overrides)
     for given in (values, overrides):  # a margin the config states replaces the default whole: value and reason
         stated = given.get("margins") or {}
         if not isinstance(stated, dict):
             raise ConfigError(f"study.margins: expected a mapping of measure -> {{value, reason}}, got {stated!r}")
         merged["margins"].update(stated)
-    cfg = _build(StudyConfig, merged)
+    cfg = build_section(StudyConfig, merged)
     for name in cfg.methods:
         if name not in kind.methods:
             raise ConfigError(f"study.methods: unknown {task} study method {name!r}; choose from {list(kind.methods)}")
@@ -140,7 +140,8 @@ def kind_of(cfg: StudyConfig) -> StudyKind:
 def run_config(cfg: StudyConfig, method: str, seed: int):
     """The training config of one run: the shared budget, the method's whole model section, the seed."""
     values = {**cfg.train, "model": kind_of(cfg).method_model(method, cfg.train.get("model", {}))}
-    values = _merge(values, {"seed": seed, "out_dir": str(Path(cfg.out_dir) / method), "run_name": f"seed{seed}"})
+    values = merge_settings(values, {"seed": seed, "out_dir": str(Path(cfg.out_dir) / method),
+                                     "run_name": f"seed{seed}"})
     return config_from_dict(values)
 
 

@@ -159,7 +159,7 @@ def _build_model(values: Any, key: str) -> ModelConfig:
     values = dict(values)
     name = _check(values.pop("name", MAIN_MODEL), str, f"{key}.name")
     loop = {k: values.pop(k) for k in LOOP_MODEL_KEYS if k in values}
-    raw = _merge(MAIN_MODEL_ARGS, values) if name == MAIN_MODEL else values
+    raw = merge_settings(MAIN_MODEL_ARGS, values) if name == MAIN_MODEL else values
     try:
         accepted = model_parameters(name, raw)
     except ValueError as err:
@@ -192,8 +192,9 @@ def _build_data(values: Any, key: str) -> DataOptions:
     return _check(values, options, key)
 
 
-def _build(cls: type, values: Any, prefix: str = "") -> Any:
-    """A dataclass section from a mapping: unknown keys named with the valid ones, every value checked."""
+def build_section(cls: type, values: Any, prefix: str = "") -> Any:
+    """A dataclass section (or a whole config: TrainConfig, a study's) from a mapping: unknown keys named with the
+    valid ones, every value checked."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {values!r}")
     names = [f.name for f in dataclasses.fields(cls)]
@@ -325,7 +326,7 @@ def _check_data(cfg: TrainConfig) -> type:
         if cfg.task_options:
             raise ConfigError(f"task_options do not apply to task {cfg.task!r} (it takes none)")
     else:
-        _build(task.Options, cfg.task_options, "task_options")
+        build_section(task.Options, cfg.task_options, "task_options")
     d = cfg.data
     if d.name not in task.datasets:
         raise ConfigError(f"data.name must be one of {list(task.datasets)} for task {cfg.task!r}, got {d.name!r}")
@@ -368,15 +369,18 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_settings(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` laid over it, nested mappings merged key by key (what an override or a study's budget
+    does to a config tree)."""
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge_settings(out[key], value) if nested else value
     return out
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    cfg = _build(TrainConfig, values or {})
+    cfg = build_section(TrainConfig, values or {})
     _check_ranges(cfg)
     return cfg
 
@@ -397,7 +401,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     if overrides:
         extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
-        values = _merge(_switch_dataset(values, extra), extra)
+        values = merge_settings(_switch_dataset(values, extra), extra)
     return config_from_dict(values)
 
 
