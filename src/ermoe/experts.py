@@ -165,18 +165,24 @@ def expand_rows(param_EF: Tensor, counts_E: Tensor, num_rows: int) -> Tensor:
     return param_EF.repeat_interleave(counts_E, dim=0, output_size=num_rows)
 
 
+def fold_first_bias(rows: int, num_experts: int, hidden: int, width: int) -> bool:
+    """Whether the first bias goes into the product as a column of ones (copies of the S x I input and the
+    E x H x I weights) rather than as an S x H table of per-row biases added after it: where that moves fewer
+    values, ``I (S + E H) < 2 S H``."""
+    return width * (rows + num_experts * hidden) < 2 * rows * hidden
+
+
 def grouped_mlp(x_SI: Tensor, counts_E: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor,
                 b_out: Tensor | None, act: nn.Module) -> Tensor:
     """``act(x W_in^T + b_in) W_out^T + b_out`` with every weight chosen per row by its expert."""
     groups = RowGroups(counts_E)
-    (num_experts, hidden, width), rows = w_in.shape, x_SI.shape[0]
-    fold = b_in is not None and width * (rows + num_experts * hidden) < 2 * rows * hidden
+    fold = b_in is not None and fold_first_bias(x_SI.shape[0], *w_in.shape)
     if fold:
         # The first bias folded into the product as one more input column of ones (x W^T + b = [x, 1] [W, b]^T):
         # copies of the S x I input and the E x H x I weights instead of an S x H table of per-row biases and its
         # addition; cheaper where the input is narrow (ERMoE's rank-R coordinates, whose extra column falls within
         # grouped_mm's alignment padding)
-        x_SI = torch.cat([x_SI, x_SI.new_ones(rows, 1)], dim=1)
+        x_SI = torch.cat([x_SI, x_SI.new_ones(x_SI.shape[0], 1)], dim=1)
         w_in = torch.cat([w_in, b_in.unsqueeze(-1).to(w_in.dtype)], dim=-1)
     h_SH = grouped_matmul(x_SI, w_in, groups)
     if b_in is not None and not fold:
