@@ -146,8 +146,7 @@ def run(out: Path, dry_run: bool) -> int:
     check = Check(out, dry_run)
     py = sys.executable
     install_wheels(check)
-    device = "cpu" if dry_run else "cuda"
-    small = dry_run
+    device, small = ("cpu", True) if dry_run else ("cuda", False)  # small: toy sizes
     check.stage("environment", [py, "-c", ENVIRONMENT], 60, tail=1)
 
     tests = ["tests/test_gpu_harness.py"]

@@ -165,7 +165,7 @@ def test_an_unlisted_host_read_fails_with_the_op_and_the_ermoe_line():
 
 def test_the_checkpoint_finiteness_check_reads_the_host_once_per_device():
     """Issue 38, defect 9: every weight and moment checked on the device and read back in one transfer."""
-    from ermoe.train.trainer import all_finite
+    from ermoe.train.trainer import tensors_finite as all_finite
 
     with FakeCuda():
         tensors = [torch.randn(3, 4), torch.randn(5), torch.randn(())]

@@ -131,7 +131,7 @@ class HostTraffic(TorchDispatchMode):
             if not on_host:  # (reading a host tensor costs the device nothing)
                 self._record("host read" if func in _READS else "data-dependent shape", func)
             if _is_fake_or_meta(source):  # allowed (else _record raised): an answer that lets the code run on
-                return _placeholder(func, source, *args[1:])
+                return _placeholder(func, args)
         elif self.device == "cpu":  # the work itself is on the host: only reads are counted
             pass
         elif func in _COPIES:
@@ -182,23 +182,18 @@ class _ListReads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in (torch.Tensor.tolist, torch.Tensor.numpy) and not self.inside:
-            source = args[0]
-            if source.device.type == "cpu" and self.traffic.device != "cpu":  # host memory: free to read
-                self.inside = True
-                try:
-                    return func(*args, **kwargs)
-                finally:
-                    self.inside = False
+        if func not in (torch.Tensor.tolist, torch.Tensor.numpy) or self.inside:
+            return func(*args, **kwargs)
+        source = args[0]
+        if source.device.type != "cpu" or self.traffic.device == "cpu":  # (host memory is free to read)
             self.traffic._record("host read", func.__name__)
-            self.inside = True
-            try:
-                if _is_fake_or_meta(args[0]):  # allowed (else _record raised): zeros of its shape
-                    return torch.zeros(args[0].shape, dtype=args[0].dtype, device="cpu").tolist()
-                return func(*args, **kwargs)
-            finally:
-                self.inside = False
-        return func(*args, **kwargs)
+        self.inside = True
+        try:
+            if _is_fake_or_meta(source):  # allowed (else _record raised): zeros of its shape
+                return torch.zeros(source.shape, dtype=source.dtype, device="cpu").tolist()
+            return func(*args, **kwargs)
+        finally:
+            self.inside = False
 
 
 def _is_fake_or_meta(t) -> bool:
@@ -214,16 +209,18 @@ def _mask_index(func, args) -> bool:
     return func is aten.index.Tensor and any(_is_mask(i) for i in args[1])
 
 
-def _placeholder(func, t: torch.Tensor, *args):
+def _placeholder(func, args):
     """What a data-less tensor answers to a read: 0, or the largest output shape (every element selected)."""
+    t = args[0]
     if func in _READS:
         return False if t.dtype == torch.bool else 0.0 if t.is_floating_point() else 0
     if func is aten.nonzero.default or func is aten.argwhere.default:
         return torch.empty((t.numel(), t.dim()), dtype=torch.long, device=t.device)
-    if _mask_index(func, (t,) + tuple(args)):  # every element selected: each mask as long indices of all its elements
-        indices = [torch.zeros(i.numel(), dtype=torch.long, device=i.device) if _is_mask(i) else i for i in args[0]]
-        return func(t, [i for j, i in enumerate(indices) for _ in range(args[0][j].dim() if _is_mask(args[0][j])
-                                                                              else 1)])
+    if _mask_index(func, args):  # every element selected: a k-dim mask as k long indices over all its elements
+        indices = []
+        for i in args[1]:
+            indices += [torch.zeros(i.numel(), dtype=torch.long, device=i.device)] * i.dim() if _is_mask(i) else [i]
+        return func(t, indices)
     if func is aten.masked_select.default:
         return torch.empty(t.numel(), dtype=t.dtype, device=t.device)
     raise HostTrafficError(f"{func} of a tensor without data: no placeholder answer")

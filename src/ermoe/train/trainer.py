@@ -491,7 +491,7 @@ class Trainer:
                 if skipped:
                     self._raise_skipped()
                 raise self._diverged("another rank skipped a step with a non-finite loss or gradient")
-        finite = all_finite(_tensors([self.model.state_dict(), self.optimizer.state_dict()["state"]]))
+        finite = tensors_finite(_tensors([self.model.state_dict(), self.optimizer.state_dict()["state"]]))
         if not self.parallel.all_finite(finite):
             raise self._diverged("non-finite weights or optimizer moments")
         if self.cfg.bn_recalibration:
@@ -533,7 +533,7 @@ def _detached(output: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...
     return output.detach() if isinstance(output, Tensor) else tuple(o.detach() for o in output)
 
 
-def all_finite(tensors) -> bool:
+def tensors_finite(tensors) -> bool:
     """Whether every tensor is finite, read to the host once per device (not once per tensor: a sync each on a
     GPU)."""
     flags: dict[torch.device, list[Tensor]] = {}
