@@ -58,7 +58,7 @@ def build(task_name: str, dense: bool, out_dir: str, compile_model: bool, extra:
     cfg = load_config(ROOT / config, overrides)
     task, model, device = trainer_mod.setup(cfg)
     trainer = trainer_mod.Trainer(cfg, Run.new(cfg), task, model, device, quiet=True)
-    batches = task.train_batches(0, trainer.total_steps)
+    batches = task.train_batches(0, trainer.position.total)
     return trainer, batches, cfg.optim.batch_size
 
 

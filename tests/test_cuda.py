@@ -102,4 +102,4 @@ def test_a_training_step_makes_no_host_sync(tmp_path, router):
     finally:
         batches.close()
         trainer.close()
-    assert int(trainer.skipped) == 0 and trainer.step == 3
+    assert int(trainer.guard.skipped) == 0 and trainer.step == 3

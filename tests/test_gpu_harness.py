@@ -165,7 +165,7 @@ def test_an_unlisted_host_read_fails_with_the_op_and_the_ermoe_line():
 
 def test_the_checkpoint_finiteness_check_reads_the_host_once_per_device():
     """Issue 38, defect 9: every weight and moment checked on the device and read back in one transfer."""
-    from ermoe.train.trainer import tensors_finite as all_finite
+    from ermoe.train.components import tensors_finite as all_finite
 
     with FakeCuda():
         tensors = [torch.randn(3, 4), torch.randn(5), torch.randn(())]
@@ -257,7 +257,7 @@ def test_a_whole_training_step_of_the_loop_makes_no_host_traffic(tmp_path, monke
         found_inf = property(lambda self: None, lambda self, flag: None)
 
     trainer.optimizer.__class__ = GuardedAdamW
-    trainer.device_guard = True
+    trainer.guard.on_device = True
     batches = task.train_batches(0, 3)
     try:
         with HostTraffic(device="meta", strict=False):  # a first step (lazy state: the optimizer's moments)

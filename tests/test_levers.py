@@ -9,6 +9,7 @@ import torch
 from ermoe.data.batches import Batch
 from ermoe.train import ConfigError, evaluate, load_checkpoint, load_config, train
 from ermoe.train import trainer as trainer_mod
+from ermoe.train.components import build_optimizer
 from ermoe.train.run import Run
 
 pytest.importorskip("sklearn")
@@ -96,9 +97,10 @@ def test_ema_is_evaluated_beside_the_raw_weights_and_resumes_exactly(tmp_path):
     resumed = train(tiny(tmp_path / "part", ema=0.9), resume=part, quiet=True)
     _, state_full = load_checkpoint(full)
     _, state_resumed = load_checkpoint(resumed)
-    assert state_full["ema"].keys() == state_resumed["ema"].keys()
-    for key, value in state_full["ema"].items():
-        torch.testing.assert_close(state_resumed["ema"][key], value, rtol=0, atol=1e-6, msg=key)
+    ema_full, ema_resumed = (s["components"]["ema"]["weights"] for s in (state_full, state_resumed))
+    assert ema_full.keys() == ema_resumed.keys()
+    for key, value in ema_full.items():
+        torch.testing.assert_close(ema_resumed[key], value, rtol=0, atol=1e-6, msg=key)
     again = evaluate(full, quiet=True)  # `ermoe eval` reads the checkpoint's EMA weights back
     assert again["ema"]["test_top1"] == pytest.approx(metrics["ema"]["test_top1"])
 
@@ -168,8 +170,8 @@ def test_the_backend_on_a_cuda_machine_serves_cpu_and_cuda_tensors():
 def test_adamw_is_fused_on_cuda(tmp_path):
     cfg = tiny(tmp_path)
     model = torch.nn.Linear(4, 4)
-    assert trainer_mod.build_optimizer(model, cfg).defaults["fused"] is None  # CPU: PyTorch's default (foreach)
-    assert trainer_mod.build_optimizer(model.cuda(), cfg).defaults["fused"] is True
+    assert build_optimizer(model, cfg.optim).defaults["fused"] is None  # CPU: PyTorch's default (foreach)
+    assert build_optimizer(model.cuda(), cfg.optim).defaults["fused"] is True
 
 
 def test_compiled_training_follows_the_eager_curve_and_does_not_recompile_as_expert_loads_change(tmp_path):

@@ -20,7 +20,7 @@ from ermoe.train import (CheckpointError, ConfigError, NonFiniteLossError, Run, 
                          load_checkpoint, load_config, train)
 from ermoe.train import checkpoint as checkpoint_mod
 from ermoe.train import trainer as trainer_mod
-from ermoe.train.trainer import lr_lambda
+from ermoe.train.components import lr_lambda
 
 pytest.importorskip("sklearn")
 

@@ -263,7 +263,8 @@ def test_bf16_autocast_training_on_cpu(tmp_path):
 
 
 def test_lr_schedule_warmup_then_cosine():
-    f = trainer_mod.lr_lambda
+    from ermoe.train.components import lr_lambda
+    f = lr_lambda
     assert f(0, 10, 110, 0.01) == pytest.approx(0.1)
     assert f(9, 10, 110, 0.01) == pytest.approx(1.0)
     assert f(60, 10, 110, 0.01) == pytest.approx(0.01 + 0.99 * 0.5)
@@ -290,7 +291,7 @@ def test_a_small_moe_vit_learns_digits_well_above_chance(tmp_path):
 
 def test_weight_decay_applies_to_linear_maps_only():
     from ermoe.models import create_model
-    from ermoe.train.trainer import build_optimizer
+    from ermoe.train.components import build_optimizer
     from ermoe.weight_decay import decayed_parameter_names
 
     model = create_model("vit_tiny", num_classes=3, img_size=8, patch_size=4, in_chans=1, depth=2, embed_dim=16,
@@ -308,7 +309,7 @@ def test_weight_decay_applies_to_linear_maps_only():
                  moe + "experts.scales", moe + "experts.c", moe + "experts.d", moe + "router.basis.weight",
                  emoe + "router.basis.weight", emoe + "router.gamma", emoe + "router.bias", emoe + "alpha"):
         assert name not in decayed, name
-    groups = build_optimizer(model, tiny(Path("/nonexistent"))).param_groups
+    groups = build_optimizer(model, tiny(Path("/nonexistent")).optim).param_groups
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
     params = dict(model.named_parameters())
     assert {id(p) for p in groups[0]["params"]} == {id(params[n]) for n in decayed}

@@ -200,7 +200,7 @@ def record_validation_examples(path: Path) -> bool:
     import numpy as np
 
     from ..analysis.diagnostics import VAL_EXAMPLES
-    from ..train.trainer import amp_dtype, autocast_ctx
+    from ..train.components import amp_dtype, autocast_ctx
 
     if (path / EXAMPLES_FILES["val"]).exists() or "val_layers" not in (Run(path).read_metrics() or {}):
         return False
@@ -208,7 +208,7 @@ def record_validation_examples(path: Path) -> bool:
         run = Run(path)
         metrics = run.read_metrics()
         train_cfg, task, model, _, device = load_run(path)
-        fresh = task.validation(model, autocast_ctx(device, amp_dtype(train_cfg, device)))
+        fresh = task.validation(model, autocast_ctx(device, amp_dtype(train_cfg.optim.amp, device)))
         arrays = fresh[VAL_EXAMPLES]
         recorded = metrics["val_layers"]
         # top-1 as torchmetrics computed it (float32): the tolerance is far below one image in the split
@@ -234,7 +234,7 @@ def record_word_order(path: Path) -> bool:
     import numpy as np
 
     from ..analysis.retrieval import retrieval_ranks
-    from ..train.trainer import amp_dtype, autocast_ctx
+    from ..train.components import amp_dtype, autocast_ctx
 
     run = Run(path)
     metrics = run.read_metrics() or {}
@@ -245,7 +245,7 @@ def record_word_order(path: Path) -> bool:
         return False
     with RunLock(path):
         train_cfg, task, model, _, device = load_run(path)
-        images, texts, owner = task.embed(model, "test", autocast_ctx(device, amp_dtype(train_cfg, device)))
+        images, texts, owner = task.embed(model, "test", autocast_ctx(device, amp_dtype(train_cfg.optim.amp, device)))
         image_rank, text_rank = retrieval_ranks(images, texts, owner)
         if not (np.array_equal(image_rank.numpy(), examples.get("i2t_rank"))
                 and np.array_equal(text_rank.numpy(), examples.get("caption/t2i_rank"))):

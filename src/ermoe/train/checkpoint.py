@@ -22,6 +22,9 @@ import torch
 from torch import nn
 
 WEIGHTS, STATE, MANIFEST, LATEST = "model.safetensors", "state.pt", "manifest.json", "latest"
+# state.pt's layout: 1 (up to commit d7f2353) a flat dict the trainer wrote key by key; 2 the trainer's parts by
+# name, {"format_version": 2, "step": N, "components": {name: part.state_dict()}} (ermoe.train.components)
+STATE_FORMAT = 2
 
 
 class CheckpointError(RuntimeError):
@@ -216,7 +219,38 @@ def read_checkpoint(ckpt: Path, map_location: str | torch.device = "cpu"
         state = torch.load(ckpt / STATE, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a corrupt file
         raise CheckpointError(f"cannot read {ckpt / STATE}: {err}") from None
-    return weights, state
+    return weights, upgrade_state(state, ckpt / STATE)
+
+
+def trainer_state(step: int, parts: dict[str, Any]) -> dict[str, Any]:
+    """What state.pt holds: the trainer's parts by name (format :data:`STATE_FORMAT`)."""
+    return {"format_version": STATE_FORMAT, "step": step, "components": parts}
+
+
+def upgrade_state(state: dict[str, Any], source: Path | str = STATE) -> dict[str, Any]:
+    """A checkpoint's state in the current format: format 1 (no ``format_version``: the keys the trainer wrote
+    one by one until the trainer was split into parts) converted; a format newer than this ermoe knows refused,
+    naming it."""
+    version = state.get("format_version", 1)
+    if version == STATE_FORMAT:
+        return state
+    if version != 1:
+        raise CheckpointError(f"{source} is checkpoint format {version}; this ermoe reads formats 1 to "
+                              f"{STATE_FORMAT}: it was written by a newer ermoe (upgrade: pip install -U ermoe)")
+    step = state["step"]
+    parts: dict[str, Any] = {
+        "position": {"step": step}, "logger": {"step": step}, "guard": {},
+        "clock": {"train_time_s": state.get("train_time_s", 0.0), "segments": state.get("segments", [])},
+        # (older checkpoints kept each token's argmax expert under "probe_top1": not comparable, not read)
+        "routing": {"assignment": state.get("probe_assignment"), "changed": state.get("probe_changed", {})},
+        "straggler": {"sums": state.get("straggler", {}), "steps": state.get("straggler_steps", 0)}}
+    if "optimizer" in state:
+        parts["optimization"] = {"optimizer": state["optimizer"], "scaler": state["scaler"], "schedule_step": step}
+    if "rng" in state:
+        parts["rng"] = state["rng"]
+    if "ema" in state:
+        parts["ema"] = {"weights": state["ema"]}
+    return trainer_state(step, parts)
 
 
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:

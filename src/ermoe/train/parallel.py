@@ -25,7 +25,7 @@ from torch.autograd import Function
 from torch.nn.parallel import DistributedDataParallel
 
 from ..distributed import (ParallelGroups, expert_parameter_names, full_state_dict, init_parallel,
-                           reduce_expert_grads, shard_experts, sync_batchnorm, sync_routing,
+                           load_full_state_dict, reduce_expert_grads, shard_experts, sync_batchnorm, sync_routing,
                            wrap_data_parallel)
 from ..models.protocol import RoutedModel
 from .config import ConfigError, TrainConfig
@@ -223,6 +223,13 @@ class Parallel:
     def model_state(self, model: nn.Module) -> dict[str, Tensor]:
         """The whole model's state dict (gathered on every rank; rank 0 writes it)."""
         return full_state_dict(model, self.groups) if self.sharded else model.state_dict()
+
+    def load_model_state(self, model: nn.Module, state: dict[str, Tensor]) -> None:
+        """Load a whole-model state dict into ``model``, cut to this rank's experts."""
+        if self.sharded:
+            load_full_state_dict(model, state, self.groups)
+        else:
+            model.load_state_dict(state)
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
         """The optimizer's state dict as one process holding the whole model would have it: the expert parameters'
