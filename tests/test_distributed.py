@@ -247,8 +247,8 @@ def test_expert_parallel_without_torchrun_is_a_named_error(tmp_path):
     with pytest.raises(ConfigError, match="torchrun --nproc_per_node=2"):
         train(load_config(None, cases.tiny_digits(str(tmp_path), ep_size=2)), quiet=True)
     for key, value, message in (("ep_size", 0, "ep_size must be >= 1"), ("dist_timeout_s", 0, "dist_timeout_s must be > 0")):
-        with pytest.raises(ConfigError, match=message):
-            train(load_config(None, cases.tiny_digits(str(tmp_path), **{key: value})), quiet=True)
+        with pytest.raises(ConfigError, match=message):  # when the config is read, before any process group
+            load_config(None, cases.tiny_digits(str(tmp_path), **{key: value}))
 
 
 def test_contrastive_retrieval_on_two_ranks_follows_the_one_process_curve(tmp_path):

@@ -290,12 +290,12 @@ def test_a_torn_last_log_line_is_dropped_and_a_corrupt_one_named(tmp_path):
     (["--model.depth=0"], "depth must be a positive int, got 0"),
     (["--model.embed_dim=-8"], "embed_dim must be a positive int, got -8"),
     (["--model.mlp_ratio=0"], "mlp_ratio must be > 0"),
-    (["--data.name=imagefolder", "--data.img_size=0", "--data.data_dir=/tmp"], "data.img_size must be a positive"),
+    (["--data.name=imagefolder", "--data.img_size=0", "--data.data_dir=/tmp"], "data.img_size must be >= 1, got 0"),
     (["--optim.lr=.inf"], "optim.lr must be a finite number, got inf"),
     (["--optim.weight_decay=.inf"], "optim.weight_decay must be a finite number, got inf"),
     (["--device=cuda"], "no CUDA GPU"),
     (["--device=cpu:abc"], "device must be auto, cpu, cuda[:N] or mps, got 'cpu:abc'"),
-    (["--threads=-1"], "threads must be a positive integer or null, got -1"),
+    (["--threads=-1"], "threads must be >= 1, got -1"),
     (["--data.crop_padding=true"], "data.crop_padding: expected int, got bool True"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_key(tmp_path, capsys, args, message):

@@ -132,3 +132,37 @@ def test_every_settings_dataclass_refuses_unknown_keys():
         assert dataclasses.is_dataclass(cls) and cls.__pydantic_config__ == FORBID_EXTRA, cls
         hints = typing.get_type_hints(cls)
         assert "__pydantic_config__" not in hints  # a class attribute, not a field
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--optim.lr=.inf", "optim.lr must be a finite number, got inf"),
+    ("--optim.lr=0", "optim.lr must be > 0, got 0"),
+    ("--optim.weight_decay=-0.1", "optim.weight_decay must be >= 0, got -0.1"),
+    ("--optim.min_lr_ratio=1.5", "optim.min_lr_ratio must be <= 1, got 1.5"),
+    ("--optim.label_smoothing=1.0", "optim.label_smoothing must be < 1, got 1.0"),
+    ("--optim.betas=[0.9]", r"optim.betas must hold 2 values, got \[0.9\]"),
+    ("--optim.betas=[0.9, 1.0]", r"optim.betas\[1\] must be < 1, got 1.0"),
+    ("--optim.amp=fp8", r"optim.amp: expected one of \['auto', 'bf16', 'fp16', 'none'\], got 'fp8'"),
+    ("--optim.clip_grad=0", "optim.clip_grad must be > 0, got 0"),
+    ("--log_every=0", "log_every must be >= 1, got 0"),
+    ("--checkpoint_every=-1", "checkpoint_every must be >= 0, got -1"),
+    ("--dist_timeout_s=0", "dist_timeout_s must be > 0, got 0"),
+    ("--ep_size=0", "ep_size must be >= 1, got 0"),
+    ("--data.train_limit=0", "data.train_limit must be >= 1, got 0"),
+    ("--model.moe_init_batches=0", "model.moe_init_batches must be >= 1, got 0"),
+])
+def test_ranges_are_field_constraints_named_when_the_config_is_read(override, message):
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        load_config(None, [override])
+
+
+def test_a_dataset_says_what_it_needs_of_the_rest_of_the_run():
+    """Cross-section rules live with the section that needs them (``DataOptions.check_run``), not in generic code
+    naming dataset classes."""
+    with pytest.raises(ConfigError, match="data.stem_cache caches a frozen stem's features: model 'vit_tiny' has none"):
+        load_config(None, {"data": {"name": "digits", "stem_cache": True}})
+    with pytest.raises(ConfigError, match="optim.batch_size must be even with data.augment's mixup"):
+        load_config(None, {"data": {"name": "imagefolder", "data_dir": "/x", "augment": {}}, "optim": {"batch_size": 7}})
+    assert load_config(None, {"data": {"name": "imagefolder", "data_dir": "/x", "augment": {"mixup_alpha": 0,
+                                                                                       "cutmix_alpha": 0}},
+                              "optim": {"batch_size": 7}}).optim.batch_size == 7

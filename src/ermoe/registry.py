@@ -1,5 +1,6 @@
-"""Classes found by the name a config gives (``data.name``, ``task``, ``moe.router``): one registry per kind, filled
-by a class decorator (``@register_router`` on a class with a ``name``), read like a mapping."""
+"""What a config names (``model.name``, ``data.name``, ``task``, ``moe.router``, a study's ``kind``), found by that
+name: one registry per kind, filled by a decorator (``@register_router`` on a class with a ``name``,
+``@register_model(name, ...)`` on a builder), read like a mapping; the one registration mechanism of ermoe."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._by_name)
+
+    def items(self) -> Iterator[tuple[str, T]]:
+        return iter(self._by_name.items())
 
     def __getitem__(self, name: str) -> T:
         return self.get(name)

@@ -28,13 +28,27 @@ import json
 import re
 import types
 import typing
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.errors import PydanticSchemaGenerationError
 
 FORBID_EXTRA = ConfigDict(extra="forbid")
+
+# Field constraints, checked where a value is read (``optim.lr must be > 0, got -1``)
+Positive = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[int, Field(ge=0)]
+
+
+def finite(**bounds: float) -> Any:
+    """A finite float within ``bounds`` (pydantic's ``gt``, ``ge``, ``lt``, ``le``)."""
+    return Annotated[float, Field(allow_inf_nan=False, **bounds)]
+
+
+Fraction = finite(ge=0, le=1)
+_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<"),
+           "less_than_equal": ("le", "<=")}
 
 _EXPECTED = {"int_type": "int", "int_parsing": "int", "int_from_float": "int", "float_type": "float",
              "float_parsing": "float", "bool_type": "bool", "bool_parsing": "bool", "string_type": "str",
@@ -137,6 +151,13 @@ def _message(err: ValidationError, value: Any, annotation: Any, key: str) -> str
         return f"{_path(key, common)}: expected {type_name(tp)}, got {_described(here)}"
     e = errors[0]
     where = _path(key, _fields(e["loc"]))
+    if e["type"] in _BOUNDS:
+        name, sign = _BOUNDS[e["type"]]
+        return f"{where} must be {sign} {e['ctx'][name]:g}, got {e['input']!r}"
+    if e["type"] == "finite_number":
+        return f"{where} must be a finite number, got {e['input']!r}"
+    if e["type"] in ("too_short", "too_long"):
+        return f"{where} must hold {e['ctx'].get('min_length') or e['ctx'].get('max_length')} values, got {e['input']!r}"
     if e["type"] == "literal_error":
         _, tp = _walk(value, annotation, _fields(e["loc"]))
         arms = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)

@@ -13,7 +13,6 @@ Which task reads a dataset is the task's to say (``ermoe.tasks``, ``Task.dataset
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..registry import Registry
-from ..settings import FORBID_EXTRA
+from ..settings import FORBID_EXTRA, NonNegative, Positive, finite
 from .folder import IMAGENET_MEAN, IMAGENET_STD, ImageAugment, ImageFolderData
 from .images import ImageData, load_cifar, load_digits, load_fashion_mnist
 from .karpathy import CaptionData, read_karpathy
@@ -47,11 +46,6 @@ def dataset_keys(name: str) -> list[str]:
     return [f.name for f in dataclasses.fields(data_options(name))]
 
 
-def _require(ok: bool, key: str, what: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"data.{key} must be {what}, got {value!r}")
-
-
 @dataclass
 class DataOptions:
     """What every dataset's section has: its name (the registry's key, not a field)."""
@@ -60,12 +54,10 @@ class DataOptions:
     name: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        for key in ("train_limit", "test_limit"):
-            value = getattr(self, key, None)
-            _require(value is None or value >= 1, key, "a positive integer or null", value)
-        for key in ("val_size", "test_size", "crop_padding", "num_workers"):
-            if hasattr(self, key):
-                _require(getattr(self, key) >= 0, key, ">= 0", getattr(self, key))
+        """Rules across the section's fields (each field's own range is its annotation's constraint)."""
+
+    def check_run(self, batch_size: int, model_name: str, model_args: dict[str, Any]) -> None:
+        """What this dataset needs of the rest of a run's config (``ValueError`` naming it); nothing by default."""
 
     def to_dict(self) -> dict[str, Any]:
         """The section as in YAML: ``name`` first, then the options."""
@@ -74,14 +66,14 @@ class DataOptions:
 
 @dataclass
 class _Limits(DataOptions):
-    train_limit: int | None = None  # the first N training examples (quick runs), after validation is held out
-    test_limit: int | None = None
+    train_limit: Positive | None = None  # the first N training examples (quick runs), after validation is held out
+    test_limit: Positive | None = None
 
 
 @dataclass
 class _Splits(_Limits):
     # Training examples held out as a validation split (0: none), drawn by split_seed: the same for every run.
-    val_size: int = 0
+    val_size: NonNegative = 0
     split_seed: int = 0
 
 
@@ -90,7 +82,7 @@ class InMemoryImageOptions(_Splits):
     # Compute a frozen pretrained stem's features once per image and cache them (ermoe.tasks.features).
     stem_cache: bool = False
     # Off by default: in the 4-epoch main job augmentation cost accuracy (docs/vision.md has the measurement).
-    crop_padding: int = 0
+    crop_padding: NonNegative = 0
     hflip: bool = False
 
     def __post_init__(self) -> None:
@@ -98,6 +90,11 @@ class InMemoryImageOptions(_Splits):
         if self.stem_cache and (self.crop_padding or self.hflip):
             raise ValueError("data.stem_cache precomputes the features of unaugmented images: data.crop_padding "
                              "and data.hflip do not apply with it")
+
+    def check_run(self, batch_size: int, model_name: str, model_args: dict[str, Any]) -> None:
+        if self.stem_cache and not model_args.get("stem"):
+            raise ValueError(f"data.stem_cache caches a frozen stem's features: model {model_name!r} has none "
+                             "(set model.stem)")
 
     def read(self) -> ImageData:
         """The dataset's train and test splits in memory (before the validation split and the limits)."""
@@ -175,18 +172,18 @@ class ImageFolderOptions(_Splits):
 
     name: ClassVar[str] = "imagefolder"
     data_dir: str | None = None
-    img_size: int | None = None  # the training and evaluation crop (224 when null)
+    img_size: Positive | None = None  # the training and evaluation crop (224 when null)
     # centre crop's share of the resized image at evaluation (0.875: 256 -> 224)
-    crop_pct: float = 0.875
+    crop_pct: finite(gt=0, le=1) = 0.875
     # training augmentation: null none, {} DeiT's (ermoe.data.folder.ImageAugment)
     augment: ImageAugment | None = None
-    num_workers: int = 0  # loader worker processes that decode (0: in the training process)
+    num_workers: NonNegative = 0  # loader worker processes that decode (0: in the training process)
     skip_corrupt: bool = False  # leave undecodable files out with a warning instead of stopping the run
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _require(self.img_size is None or self.img_size >= 1, "img_size", "a positive integer or null", self.img_size)
-        _require(0 < self.crop_pct <= 1, "crop_pct", "in (0, 1]", self.crop_pct)
+    def check_run(self, batch_size: int, model_name: str, model_args: dict[str, Any]) -> None:
+        if self.augment is not None and self.augment.mixes and batch_size % 2:
+            raise ValueError(f"optim.batch_size must be even with data.augment's mixup / CutMix (pairs of rows), got "
+                             f"{batch_size}")
 
     def load(self) -> ImageFolderData:
         """The tree's file lists (its images are decoded when a step asks for them)."""
@@ -199,11 +196,7 @@ class ImageFolderOptions(_Splits):
 @dataclass
 class _Cap:
     # decoded examples are held in memory up to this many GiB, else read per example (in the loader's workers)
-    memory_cap_gb: float = 2.0
-
-    def _check_cap(self) -> None:
-        _require(self.memory_cap_gb >= 0 and math.isfinite(self.memory_cap_gb), "memory_cap_gb",
-                 "a finite number >= 0", self.memory_cap_gb)
+    memory_cap_gb: finite(ge=0) = 2.0
 
 
 @register_data
@@ -214,13 +207,8 @@ class KarpathyOptions(_Limits, _Cap):
     name: ClassVar[str] = "karpathy"
     json: str | None = None
     image_root: str | None = None
-    img_size: int | None = None  # 224 when null
-    num_workers: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._check_cap()
-        _require(self.img_size is None or self.img_size >= 1, "img_size", "a positive integer or null", self.img_size)
+    img_size: Positive | None = None  # 224 when null
+    num_workers: NonNegative = 0
 
     def load(self) -> CaptionData:
         """The split file's images (held up to ``memory_cap_gb``, else decoded per batch) and captions; photographs
@@ -239,7 +227,7 @@ class FashionCaptionsOptions(_Limits, _Downloadable):
     """The built-in caption set, generated once from Fashion-MNIST (docs/retrieval.md)."""
 
     name: ClassVar[str] = "fashion_captions"
-    caption_set_size: int = 10000  # training canvases (+ 1,000 validation, 1,000 test)
+    caption_set_size: Positive = 10000  # training canvases (+ 1,000 validation, 1,000 test)
     # "mixed": relations, scene, counts and places; "word_order": whole-canvas captions, none shared between two
     # images of a split, half the images in swapped pairs that only word order tells apart (docs/retrieval.md)
     captions: str = "mixed"
@@ -247,9 +235,9 @@ class FashionCaptionsOptions(_Limits, _Downloadable):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_mirror()
-        _require(self.caption_set_size >= 1, "caption_set_size", "a positive integer", self.caption_set_size)
         from .captions import CAPTION_STYLES
-        _require(self.captions in CAPTION_STYLES, "captions", f"one of {CAPTION_STYLES}", self.captions)
+        if self.captions not in CAPTION_STYLES:
+            raise ValueError(f"data.captions must be one of {CAPTION_STYLES}, got {self.captions!r}")
 
     def load(self) -> CaptionData:
         """The built-in caption set (generated once from Fashion-MNIST, cached), its 64-pixel grey canvases held in
@@ -277,15 +265,11 @@ class _Volumes(_Splits, _Cap):
     ``val_size`` for validation) unless the CSV has a split column. For volumes ``crop_padding`` is the largest
     random shift in voxels, ``hflip`` a random left-right flip."""
 
-    spacing: float = 2.0
-    test_size: int = 0
-    crop_padding: int = 0
+    spacing: finite(gt=0) = 2.0
+    test_size: NonNegative = 0
+    crop_padding: NonNegative = 0
     hflip: bool = False
-    num_workers: int = 0  # processes that build the cache, and loader workers that read it
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._check_cap()
+    num_workers: NonNegative = 0  # processes that build the cache, and loader workers that read it
 
     def scans_csv(self) -> tuple[Path, dict[str, Any] | None]:
         """The CSV of scans (``path``, ``age``, ...) and, for a generated cohort, its ground truth."""
@@ -322,7 +306,8 @@ class BrainCohortOptions(_Volumes):
     def __post_init__(self) -> None:
         super().__post_init__()
         from .cohort import AGEING
-        _require(self.ageing in AGEING, "ageing", f"one of {AGEING}", self.ageing)
+        if self.ageing not in AGEING:
+            raise ValueError(f"data.ageing must be one of {AGEING}, got {self.ageing!r}")
 
     def scans_csv(self) -> tuple[Path, dict[str, Any] | None]:
         """The generated cohort's CSV (made once, cached) and what is known of it: the error floor its biological

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from ..registry import Registry
 from ..settings import check
 
 
@@ -34,7 +35,7 @@ class ModelEntry:
     excludes: tuple[str, ...] = ()
 
 
-_MODELS: dict[str, ModelEntry] = {}
+_MODELS: Registry[ModelEntry] = Registry("model")
 TIMM_VIT = "timm_vit"
 
 
@@ -42,9 +43,7 @@ def register_model(name: str, *, family: str, description: str,
                    extends: Callable[[dict[str, Any]], str] | None = None, excludes: tuple[str, ...] = ()) -> Callable:
     """Decorator: register ``builder`` under ``name``."""
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} is registered twice")
-        _MODELS[name] = ModelEntry(name, builder, family, description, extends, excludes)
+        _MODELS.register(ModelEntry(name, builder, family, description, extends, excludes))
         return builder
     return wrap
 

@@ -14,19 +14,18 @@ Options. Nothing here repeats their rules.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import Field
 
-from ..data.modules import (DataOptions, FashionMNISTOptions, ImageFolderOptions, InMemoryImageOptions, data_options,
-                            dataset_keys)
+from ..data.modules import DataOptions, FashionMNISTOptions, data_options, dataset_keys
 from ..models import MoESpec, model_parameters, router_has_data_init
-from ..settings import FORBID_EXTRA, check, yaml_load
+from ..settings import FORBID_EXTRA, Fraction, NonNegative, Positive, check, finite, yaml_load
 from ..tasks import task_class
 
 
@@ -56,7 +55,7 @@ class ModelConfig:
     name: str = MAIN_MODEL
     args: dict[str, Any] = field(default_factory=lambda: {**MAIN_MODEL_ARGS, "moe": MoESpec()})
     moe_init: Literal["random", "pca"] = "random"
-    moe_init_batches: int = 4
+    moe_init_batches: Positive = 4
     # Recompute the blocks' activations in backward instead of keeping them (ViT blocks, the text tower's blocks,
     # 3D CNN stages: ermoe.models.checkpointing); a model without it is an error.
     grad_checkpointing: bool = False
@@ -77,22 +76,23 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     __pydantic_config__ = FORBID_EXTRA
-    epochs: int = 5
-    max_steps: int | None = None  # stop early after this many steps (the schedule still spans ``epochs``)
-    batch_size: int = 128
-    eval_batch_size: int = 500
-    lr: float = 5e-4
-    min_lr_ratio: float = 0.01
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 200
-    clip_grad: float | None = 1.0
-    label_smoothing: float = 0.0
-    amp: str = "auto"  # auto: bf16 on CUDA GPUs that support it, off on CPU; or bf16, fp16, none
+    epochs: Positive = 5
+    max_steps: Positive | None = None  # stop early after this many steps (the schedule still spans ``epochs``)
+    batch_size: Positive = 128
+    eval_batch_size: Positive = 500
+    lr: finite(gt=0) = 5e-4
+    min_lr_ratio: Fraction = 0.01
+    weight_decay: finite(ge=0) = 0.05
+    betas: Annotated[list[finite(ge=0, lt=1)], Field(min_length=2, max_length=2)] = field(
+        default_factory=lambda: [0.9, 0.999])
+    warmup_steps: NonNegative = 200
+    clip_grad: finite(gt=0) | None = 1.0
+    label_smoothing: finite(ge=0, lt=1) = 0.0
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto: bf16 on CUDA GPUs that support it, else off
     # Gradient accumulation: each step's batch (each rank's share) in this many equal micro-batches, a backward
     # each, one optimizer step (docs/runs.md: the same gradient as the whole batch, except through BatchNorm and
     # auxiliary losses, which see micro-batches).
-    accum_steps: int = 1
+    accum_steps: Positive = 1
     # PyTorch's fused AdamW (one kernel for every parameter): null = where every parameter is on a CUDA device.
     # With it the non-finite guard runs on the device (a step with a non-finite loss or gradient is skipped there
     # and reported at the next log line: no host sync per step).
@@ -103,7 +103,12 @@ class OptimConfig:
     compile: str | None = None
     # An exponential moving average of the weights with this decay (timm's ModelEmaV3, e.g. 0.9998), evaluated
     # beside the raw weights at the end; null: none.
-    ema: float | None = None
+    ema: finite(gt=0, lt=1) | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"optim.batch_size must be divisible by optim.accum_steps ({self.accum_steps}), got "
+                             f"{self.batch_size}")
 
 
 @dataclass
@@ -113,19 +118,19 @@ class TrainConfig:
     device: str = "auto"
     out_dir: str = "runs"
     run_name: str | None = None
-    log_every: int = 50
-    checkpoint_every: int = 0  # steps; 0: at the end of every epoch only
-    keep_checkpoints: int = 2
-    probe_size: int = 256  # test examples whose routing is tracked across checkpoints (stability)
-    probe_every: int = 0  # steps; also log the probe's load (CV, max/mean, Gini) between checkpoints
-    threads: int | None = None
+    log_every: Positive = 50
+    checkpoint_every: NonNegative = 0  # steps; 0: at the end of every epoch only
+    keep_checkpoints: Positive = 2
+    probe_size: Positive = 256  # test examples whose routing is tracked across checkpoints (stability)
+    probe_every: NonNegative = 0  # steps; also log the probe's load (CV, max/mean, Gini) between checkpoints
+    threads: Positive | None = None
     # Training batches over which BatchNorm statistics are recomputed before every checkpoint (precise BN,
     # ermoe.train.precise_bn); 0 keeps the running averages. Only for models with BatchNorm layers.
-    bn_recalibration: int = 0
+    bn_recalibration: NonNegative = 0
     # Distributed runs (torchrun, docs/distributed.md): the expert-parallel size (experts sharded over that many
     # ranks; the world size is torchrun's) and the timeout of every collective (a failed rank stops its peers).
-    ep_size: int = 1
-    dist_timeout_s: float = 600.0
+    ep_size: Positive = 1
+    dist_timeout_s: finite(gt=0) = 600.0
     # Join torchrun's process group even as its only process (torchrun --nproc_per_node=1): every collective then
     # runs (NCCL on a GPU), as it would on more processes. With several processes the group is always joined.
     distributed: bool = False
@@ -169,7 +174,7 @@ def _build_model(values: Any, key: str) -> ModelConfig:
         if arg not in accepted:
             raise ConfigError(f"{key}.{arg} does not apply to model {name!r}; it takes: {', '.join(accepted)}")
         args[arg] = _check(value, accepted[arg], f"{key}.{arg}")
-    hints = typing.get_type_hints(ModelConfig)
+    hints = typing.get_type_hints(ModelConfig, include_extras=True)
     loop = {k: _check(v, hints[k], f"{key}.{k}") for k, v in loop.items()}
     return ModelConfig(name=name, args=args, **loop)
 
@@ -202,7 +207,7 @@ def build_section(cls: type, values: Any, prefix: str = "") -> Any:
         if k not in names:
             full = f"{prefix}.{k}" if prefix else k
             raise ConfigError(f"unknown config key {full!r}; valid keys here: {', '.join(names)}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     if cls is not TrainConfig:
         return _check(values, cls, prefix)
     sections = {"model": _build_model, "data": _build_data}
@@ -236,19 +241,9 @@ def _check_start(m: ModelConfig) -> None:
 
 
 def _check_ranges(cfg: TrainConfig) -> None:
-    def require(ok: bool, key: str, what: str, value: Any) -> None:
-        if not ok:
-            raise ConfigError(f"{key} must be {what}, got {value!r}")
-
+    """The rules across sections (each section's own are its fields' constraints and its ``__post_init__``)."""
     m, d, o = cfg.model, cfg.data, cfg.optim
     _check_device(cfg.device)
-    for key, value in [("log_every", cfg.log_every), ("keep_checkpoints", cfg.keep_checkpoints),
-                       ("probe_size", cfg.probe_size), ("optim.epochs", o.epochs), ("optim.batch_size", o.batch_size),
-                       ("optim.eval_batch_size", o.eval_batch_size), ("model.moe_init_batches", m.moe_init_batches)]:
-        require(value >= 1, key, "a positive integer", value)
-    require(cfg.checkpoint_every >= 0, "checkpoint_every", ">= 0", cfg.checkpoint_every)
-    require(cfg.probe_every >= 0, "probe_every", ">= 0", cfg.probe_every)
-    require(cfg.bn_recalibration >= 0, "bn_recalibration", ">= 0", cfg.bn_recalibration)
     if m.moe_init == "pca" and not (m.moe is not None and router_has_data_init(m.moe.router)):
         router = "no MoE layers" if m.moe is None else f"router {m.moe.router!r}"
         raise ConfigError(f"model.moe_init: pca sets the bases of eigen routers (emoe, ermoe) from the data; model "
@@ -258,27 +253,6 @@ def _check_ranges(cfg: TrainConfig) -> None:
     for key in task.model_data_args:
         if key in m.args:
             raise ConfigError(f"model.{key} is set from the data by task {cfg.task!r}, not in the config")
-    for key, value in [("optim.max_steps", o.max_steps), ("threads", cfg.threads)]:
-        require(value is None or value >= 1, key, "a positive integer or null", value)
-    for key, value in [("optim.lr", o.lr), ("optim.weight_decay", o.weight_decay), ("optim.min_lr_ratio",
-                       o.min_lr_ratio), ("optim.label_smoothing", o.label_smoothing)] + \
-            [(f"optim.betas[{i}]", b) for i, b in enumerate(o.betas)] + [("optim.clip_grad", o.clip_grad or 1.0)]:
-        require(math.isfinite(value), key, "a finite number", value)
-    if isinstance(d, ImageFolderOptions) and d.augment is not None and d.augment.mixes:
-        require(o.batch_size % 2 == 0, "optim.batch_size", "even with data.augment's mixup / CutMix (pairs of rows)",
-                o.batch_size)
-    require(o.lr > 0, "optim.lr", "> 0", o.lr)
-    require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]", o.min_lr_ratio)
-    require(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
-    require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two values in [0, 1)", o.betas)
-    require(o.warmup_steps >= 0, "optim.warmup_steps", ">= 0", o.warmup_steps)
-    require(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", "> 0 or null", o.clip_grad)
-    require(0 <= o.label_smoothing < 1, "optim.label_smoothing", "in [0, 1)", o.label_smoothing)
-    require(o.amp in ("auto", "bf16", "fp16", "none"), "optim.amp", "auto, bf16, fp16 or none", o.amp)
-    require(o.accum_steps >= 1, "optim.accum_steps", "a positive integer", o.accum_steps)
-    require(o.batch_size % o.accum_steps == 0, "optim.batch_size", f"divisible by optim.accum_steps "
-            f"({o.accum_steps})", o.batch_size)
-    require(o.ema is None or 0 < o.ema < 1, "optim.ema", "in (0, 1) or null", o.ema)
     if o.compile is not None and m.grad_checkpointing:
         raise ConfigError("model.grad_checkpointing with optim.compile: torch.compile cannot trace a checkpoint whose "
                           "recomputation restores the block's buffers (ermoe.models.checkpointing); use one of them")
@@ -286,8 +260,9 @@ def _check_ranges(cfg: TrainConfig) -> None:
         import torch._dynamo
 
         backends = torch._dynamo.list_backends(exclude_tags=())
-        require(o.compile in backends, "optim.compile", f"null or a torch.compile backend ({', '.join(backends)})",
-                o.compile)
+        if o.compile not in backends:
+            raise ConfigError(f"optim.compile must be null or a torch.compile backend ({', '.join(backends)}), "
+                              f"got {o.compile!r}")
 
 
 def _check_device(name: str) -> None:
@@ -330,9 +305,10 @@ def _check_data(cfg: TrainConfig) -> type:
     d = cfg.data
     if d.name not in task.datasets:
         raise ConfigError(f"data.name must be one of {list(task.datasets)} for task {cfg.task!r}, got {d.name!r}")
-    if isinstance(d, InMemoryImageOptions) and d.stem_cache and not cfg.model.args.get("stem"):
-        raise ConfigError(f"data.stem_cache caches a frozen stem's features: model {cfg.model.name!r} has none "
-                          "(set model.stem)")
+    try:
+        d.check_run(cfg.optim.batch_size, cfg.model.name, cfg.model.args)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return task
 
 
