@@ -121,3 +121,19 @@ def test_no_capability_probing_in_the_loop_and_the_diagnostics():
                                                                                                         "getattr"):
                     probes.append(f"{path.relative_to(SRC)}:{node.lineno}")
     assert not probes, probes
+
+
+def test_the_trainer_stays_a_short_loop_and_every_kind_registers_one_way():
+    """Issue 39's targets, measured as docs/architecture.md does (benchmarks/code_shape.py): the loop's methods
+    within 150 lines, no class in ermoe/train over 250, one registration mechanism for every kind."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "code_shape.py"
+    spec = importlib.util.spec_from_file_location("code_shape", path)
+    shape = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shape)
+    measured = shape.measure(Path(__file__).resolve().parents[1] / "src" / "ermoe")
+    assert measured["trainer loop (lines)"] <= 150
+    assert measured["largest class in train/"][1] <= 250, measured["largest class in train/"]
+    assert measured["registries (ermoe.registry.Registry)"] == "dataset, model, router, study kind, task"
+    assert measured["other registration dicts"] == "none"

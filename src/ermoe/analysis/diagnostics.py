@@ -244,18 +244,17 @@ def basis_geometry(router: nn.Module, inputs_TD: Tensor, top1_T: Tensor) -> dict
             "principal_angle_deg_mean": sum(finite) / len(finite) if finite else float("nan")}
 
 
-class _InputRecorder:
-    """Forward pre-hooks keeping the tokens each token-routing MoE of ``layers`` receives, flattened to (T, D)."""
+class InputRecorder:
+    """Forward pre-hooks on ``modules`` (name -> a routing layer's token MoE) handing each input to
+    :meth:`record`: by default kept flattened to ``(T, D)`` in ``inputs``."""
 
-    def __init__(self, layers: list[RoutedLayer]) -> None:
-        self.inputs: dict[str, list[Tensor]] = {view.name: [] for view in layers}
-        self.handles = [view.moe.register_forward_pre_hook(self._hook(view.name)) for view in layers
-                        if view.moe is not None]
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.inputs: dict[str, list[Tensor]] = {name: [] for name in modules}
+        self.handles = [m.register_forward_pre_hook(lambda _m, args, name=name: self.record(name, args[0]))
+                        for name, m in modules.items()]
 
-    def _hook(self, name: str) -> Callable:
-        def hook(_m, args):
-            self.inputs[name].append(args[0].detach().reshape(-1, args[0].shape[-1]))
-        return hook
+    def record(self, name: str, x: Tensor) -> None:
+        self.inputs[name].append(x.detach().reshape(-1, x.shape[-1]))
 
     def close(self) -> None:
         for h in self.handles:
@@ -402,7 +401,7 @@ def probe_routing(model: RoutedModel, probe: Sequence[Tensor], max_tokens: int =
 def _probe_routing(model: RoutedModel, probe: Sequence[Tensor], max_tokens: int, ctx: Callable[[], Any]
                    ) -> dict[str, dict[str, Any]]:
     layers = model.routed_layers()
-    rec = _InputRecorder(layers)
+    rec = InputRecorder({view.name: view.moe for view in layers if view.moe is not None})
     try:
         with ctx():
             model(*probe)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ..orthogonal import pca_basis, principal_angles
 from ..routing.eigenbasis import EigenbasisRouter
 from ..routing.energy import EigenEnergyRouter
+from .diagnostics import InputRecorder
 
 
 @dataclass
@@ -112,37 +113,30 @@ def explain_layer(name: str, router: nn.Module, x_TD: Tensor, expert_T: Tensor, 
     return LayerDirections(name, type(router).__name__, share, directions, example_T, position_T, chance)
 
 
-class TokenRecorder:
-    """Forward pre-hooks on the MoE of each named routing layer: the tokens it receives, with the example and
-    position each came from. The layer's input is ``(B, N, D)``: the MoE gets all N tokens of each example, or
-    those its layer's :meth:`~ermoe.models.RoutingLayer.token_mask` marks (the text tower's real tokens)."""
+class TokenRecorder(InputRecorder):
+    """The tokens the MoE of each named routing layer receives, with the example and position each came from. The
+    layer's input is ``(B, N, D)``: the MoE gets all N tokens of each example, or those its layer's
+    :meth:`~ermoe.models.RoutingLayer.token_mask` marks (the text tower's real tokens)."""
 
     def __init__(self, layers: dict[str, nn.Module]) -> None:
-        self.tokens: dict[str, list[Tensor]] = {n: [] for n in layers}
+        self.layers = layers
         self.places: dict[str, list[Tensor]] = {n: [] for n in layers}  # (T, 2): example in batch, position
         self.batch_sizes: dict[str, list[int]] = {n: [] for n in layers}
-        self.handles = [layer.token_moe().register_forward_pre_hook(self._hook(n, layer))
-                        for n, layer in layers.items()]
+        super().__init__({n: layer.token_moe() for n, layer in layers.items()})
+        self.tokens = self.inputs
 
-    def _hook(self, name: str, layer: nn.Module):
-        def hook(_module, args):
-            x = args[0]
-            if x.dim() == 3:
-                mask = torch.ones(x.shape[:2], dtype=torch.bool)
-            else:
-                mask = layer.token_mask()
-                if x.dim() != 2 or mask is None or int(mask.sum()) != x.shape[0]:
-                    raise ValueError(f"explain: layer {name} receives tokens of shape {tuple(x.shape)} without "
-                                     "a (examples, tokens) mask placing them; it needs (examples, tokens, dim) "
-                                     "input or a layer with token_mask()")
-            self.tokens[name].append(x.detach().reshape(-1, x.shape[-1]).float().cpu())
-            self.places[name].append(mask.cpu().nonzero())
-            self.batch_sizes[name].append(mask.shape[0])
-        return hook
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
+    def record(self, name: str, x: Tensor) -> None:
+        if x.dim() == 3:
+            mask = torch.ones(x.shape[:2], dtype=torch.bool)
+        else:
+            mask = self.layers[name].token_mask()
+            if x.dim() != 2 or mask is None or int(mask.sum()) != x.shape[0]:
+                raise ValueError(f"explain: layer {name} receives tokens of shape {tuple(x.shape)} without "
+                                 "a (examples, tokens) mask placing them; it needs (examples, tokens, dim) "
+                                 "input or a layer with token_mask()")
+        super().record(name, x.float().cpu())
+        self.places[name].append(mask.cpu().nonzero())
+        self.batch_sizes[name].append(mask.shape[0])
 
     def table(self, name: str) -> tuple[Tensor, Tensor, Tensor]:
         """``(x_TD, example_T, position_T)`` of a layer over every batch recorded."""

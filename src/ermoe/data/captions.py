@@ -17,13 +17,12 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .cache import cache_root
+from .cache import cache_root, start_build
 
 CAPTIONS_VERSION = 1
 CELL, CANVAS = 32, 64
@@ -289,11 +288,8 @@ def build_caption_set(spec: CaptionSetSpec, train_pool: tuple[np.ndarray, np.nda
         raise ValueError(f"the caption set's twin_share must be in [0, 1], got {spec.twin_share}")
     root = caption_set_dir(spec)
     json_path = root / "dataset_fashion_captions.json"
-    if json_path.is_file():
+    if start_build(root, json_path.name) is not None:
         return json_path
-    if root.exists():
-        shutil.rmtree(root)
-    (root / "images").mkdir(parents=True)
     rng = np.random.default_rng(spec.seed)
     entries = []
     sent_id = 0

@@ -37,7 +37,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cache import cache_root
+from .cache import cache_root, start_build
 from .nifti import mni_grid
 
 COHORT_VERSION = "2"  # bumped whenever the generator changes: cached cohorts are keyed by it
@@ -294,11 +293,8 @@ def build_cohort(spec: CohortSpec, log=None) -> Path:
         raise ValueError(f"data.ageing must be one of {AGEING}, got {spec.ageing!r}")
     root = cohort_dir(spec)
     csv_path = root / "participants.csv"
-    if csv_path.is_file():
+    if start_build(root, csv_path.name) is not None:
         return csv_path
-    if root.exists():
-        shutil.rmtree(root)
-    (root / "images").mkdir(parents=True)
     t = Templates(spec.spacing)
     world = t.world_mm()
     rng = np.random.default_rng(spec.seed)

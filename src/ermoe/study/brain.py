@@ -13,7 +13,7 @@ from typing import Any
 
 from .methods import METHODS
 from .plan import LOAD_CV_MARGIN
-from .stats import Test
+from .stats import Test, load_claims
 
 # name -> (role, description, overrides of model.moe; "_no_moe": the plain CNN; "_dense_ffn": the dense reference)
 BRAIN_METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -89,10 +89,7 @@ BRAIN_CLAIMS: list[tuple[str, str, list[Test]]] = [
            "person ages (AMI of a token's expert with its subject's pattern)",
      [Test("mi_tissue_bits", "switch", "higher"), Test("age_map_ami", "switch", "higher"),
       Test("pattern_map_ami", "switch", "higher"), Test("pattern_subject_ami", "switch", "higher")]),
-    ("1", "flatter expert loads than a learned softmax gate without a balancing loss",
-     [Test("load_cv", "softmax_noloss", "lower")]),
-    ("2", "load balance comparable to a balancing loss (load CV no higher than the balancing-loss baseline's by the "
-          "pre-registered margin or more)", [Test("load_cv", "switch", "lower", parity=True)]),
+    *load_claims(),
 ]
 
 

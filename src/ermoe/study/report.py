@@ -15,7 +15,7 @@ import numpy as np
 from .methods import EXPLORATORY, METHODS
 from .plan import LOAD_CV_MARGIN, Plan, make_plan
 from .examples import BOOTSTRAP_DRAWS, collect_examples, sampling_variance
-from .stats import Test, holm, interval, paired
+from .stats import Test, holm, interval, load_claims, paired
 
 PAPER_METHODS = ("ermoe", "emoe_parallel")
 # The straggler column's legend, shared by every study's report.
@@ -114,10 +114,7 @@ ALPHA = 0.05
 
 
 CLAIMS: list[tuple[str, str, list[Test]]] = [
-    ("1", "flatter expert loads than a learned softmax gate without a balancing loss",
-     [Test("load_cv", "softmax_noloss", "lower")]),
-    ("2", "load balance comparable to a balancing loss (load CV no higher than the balancing-loss baseline's by the "
-          "pre-registered margin or more)", [Test("load_cv", "switch", "lower", parity=True)]),
+    *load_claims(),
     ("3", "accuracy at least that of the balancing-loss baseline (test top-1 no lower than its by the pre-registered "
           "margin or more)", [Test("test_top1", "switch", "higher", parity=True)]),
     ("4", "more specialised (higher MI(expert; class)) and less homogeneous experts than Switch",

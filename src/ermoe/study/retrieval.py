@@ -15,7 +15,7 @@ from typing import Any
 
 from .methods import METHODS
 from .plan import LOAD_CV_MARGIN
-from .stats import Test
+from .stats import Test, load_claims
 
 # name -> (role, description, overrides of both towers' moe; "_dense": no MoE; "_bow": dense, bag-of-words text)
 RETRIEVAL_METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -84,10 +84,7 @@ RETRIEVAL_CLAIMS: list[tuple[str, str, list[Test]]] = [
           "ways: non-inferior to the balancing-loss baseline within the pre-registered margin, and higher than "
           "dense)",
      [Test("test_rsum", "switch", "higher", parity=True), Test("test_rsum", "dense", "higher")]),
-    ("1", "flatter expert loads than a learned softmax gate without a balancing loss (both towers)",
-     [Test("load_cv", "softmax_noloss", "lower")]),
-    ("2", "load balance comparable to a balancing loss (load CV no higher than the balancing-loss baseline's by the "
-          "pre-registered margin or more)", [Test("load_cv", "switch", "lower", parity=True)]),
+    *load_claims(" (both towers)"),
 ]
 
 

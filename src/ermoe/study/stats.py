@@ -105,3 +105,11 @@ class Test:
     better: str
     parity: bool = False
     scale: float = 1.0
+
+
+def load_claims(where: str = "") -> list[tuple[str, str, list[Test]]]:
+    """Claims 1 and 2, the same in every study (the routers' loads); ``where`` completes claim 1's text."""
+    return [("1", f"flatter expert loads than a learned softmax gate without a balancing loss{where}",
+             [Test("load_cv", "softmax_noloss", "lower")]),
+            ("2", "load balance comparable to a balancing loss (load CV no higher than the balancing-loss baseline's "
+                  "by the pre-registered margin or more)", [Test("load_cv", "switch", "lower", parity=True)])]

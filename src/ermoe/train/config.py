@@ -242,7 +242,7 @@ def _check_start(m: ModelConfig) -> None:
 
 def _check_ranges(cfg: TrainConfig) -> None:
     """The rules across sections (each section's own are its fields' constraints and its ``__post_init__``)."""
-    m, d, o = cfg.model, cfg.data, cfg.optim
+    m, o = cfg.model, cfg.optim
     _check_device(cfg.device)
     if m.moe_init == "pca" and not (m.moe is not None and router_has_data_init(m.moe.router)):
         router = "no MoE layers" if m.moe is None else f"router {m.moe.router!r}"
