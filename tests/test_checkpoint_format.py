@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ermoe.train import CheckpointError, load_checkpoint, train
-from ermoe.train.run import Run
+from ermoe.train import CheckpointError, evaluate, load_checkpoint, train
 from ermoe.train.checkpoint import STATE_FORMAT, save_checkpoint, upgrade_state
+from ermoe.train.run import Run
 
 pytest.importorskip("sklearn")
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -80,3 +80,47 @@ def test_format_1_maps_every_key_to_its_part():
     assert parts["clock"] == {"train_time_s": 2.5, "segments": old["segments"]}
     assert parts["straggler"] == {"sums": {"l": 8.4}, "steps": 7}
     assert upgrade_state(new) is new
+
+
+def test_ermoe_eval_reads_a_format_1_checkpoint_with_its_ema(tmp_path, keep_threads):
+    run = tmp_path / "checkpoint_v1"
+    shutil.copytree(FIXTURES / "checkpoint_v1", run)
+    metrics = evaluate(run, quiet=True)
+    assert metrics["step"] == 10 and set(metrics["ema"]) == {"test_top1", "test_top5", "test_loss"}
+    assert metrics["ema"]["test_loss"] != metrics["test_loss"]  # the EMA's own weights, read from the old "ema" key
+
+
+def test_a_checkpoint_whose_parts_are_not_the_trainers_is_refused(tmp_path, keep_threads):
+    from ermoe.train import trainer as trainer_mod
+
+    run = tmp_path / "checkpoint_v1"
+    shutil.copytree(FIXTURES / "checkpoint_v1", run)
+    cfg = Run(run).read_config()
+    _, state = load_checkpoint(run)
+    task, model, device = trainer_mod.setup(cfg)
+    trainer = trainer_mod.Trainer(cfg, Run(run), task, model, device, quiet=True)
+    try:
+        without_ema = {**state, "components": {k: v for k, v in state["components"].items() if k != "ema"}}
+        with pytest.raises(CheckpointError, match=r"holds the parts \[.*\]; this run's trainer has \[.*'ema'"):
+            trainer.load_state_dict(without_ema)
+    finally:
+        trainer.close()
+
+
+def test_the_log_is_cut_back_to_the_checkpoint_before_its_first_record(tmp_path):
+    from ermoe.train.components import Logger, Position
+
+    run = Run(tmp_path / "run")
+    run.root.mkdir()
+    (run.root / "log.jsonl").write_text("".join(json.dumps({"kind": "train", "step": s}) + "\n" for s in (1, 2, 3)))
+    position = Position(steps_per_epoch=10, epochs=1, max_steps=None)
+    logger = Logger(run, tensorboard=False, position=position)
+    logger.load_state_dict({"step": 2})
+    logger.log({"kind": "train", "step": 3, "loss": 0.5})
+    with pytest.raises(RuntimeError, match="restored before its first record"):
+        logger.load_state_dict({"step": 1})
+    logger.close()
+    assert [json.loads(line) for line in (run.root / "log.jsonl").read_text().splitlines()] == [
+        {"kind": "train", "step": 1}, {"kind": "train", "step": 2}, {"kind": "train", "step": 3, "loss": 0.5}]
+    position.step = 3
+    assert logger.state_dict() == {"step": 3}
