@@ -367,6 +367,9 @@ def test_tiny_brain_age_run_end_to_end(tmp_path, model, layer_name):
     assert metrics["test_scans"] == 4 and metrics["step"] == 4
     for key in ("test_mae", "test_rmse", "test_r", "test_corrected_mae", "val_mae", "test_mae_mean_predictor"):
         assert math.isfinite(metrics[key]), key
+    # the end of epoch 0 logs the headline measure (the MAE) through the Task's shared quick_eval
+    epoch_end = [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r["kind"] == "eval"][0]
+    assert epoch_end["step"] == 2 and math.isfinite(epoch_end["val_mae"]) and epoch_end["val_mae"] > 0
     layer = metrics["layers"][layer_name]
     assert sum(layer["tokens_per_expert"]) == 4 * int(np.prod(layer["token_grid"]))
     assert "mi_age_bits" in layer and "probe_changed" in layer

@@ -126,3 +126,24 @@ def test_a_router_registered_by_decorator_is_found_by_name_everywhere(monkeypatc
         ermoe.register_router(HashRouter)
     with pytest.raises(ValueError, match="unknown router 'hsah'.*hash"):
         ermoe.create_router("hsah", 16, 4)
+
+
+def test_the_built_in_classifier_logs_its_headline_through_the_shared_quick_eval():
+    """Classification declares its measures (top-1 first) and token labels and takes the Task's quick_eval: the
+    validation top-1 it logs is the share of validation images whose argmax is their class, counted here by hand."""
+    import contextlib
+
+    from ermoe.train import trainer as trainer_mod
+    from ermoe.tasks.classification import ImageClassification
+
+    assert "quick_eval" not in ImageClassification.__dict__
+    cfg = load_config(None, {"data": {"name": "digits", "val_size": 100, "train_limit": 300}, "progress": False,
+                             "model": {"patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2,
+                                       "moe": {"router": "ermoe", "num_experts": 4, "blocks": "all"}},
+                             "optim": {"batch_size": 50}})
+    task, model, _ = trainer_mod.setup(cfg)
+    assert task.token_labels()[0] == 10 and list(task.measures()) == ["top1", "top5", "loss"]
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((model(*b.inputs).argmax(1) == b.target).sum()) for b in task.eval_batches("val"))
+    assert task.quick_eval(model, contextlib.nullcontext) == {"val_top1": pytest.approx(correct / 100, abs=1e-7)}

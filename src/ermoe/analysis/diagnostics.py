@@ -332,22 +332,30 @@ def evaluate_routed(model: RoutedModel, batches: Iterable[tuple[Sequence[Tensor]
     return Evaluation(values, examples, counts, probe_stats, loads)
 
 
+def classification_measures(num_classes: int) -> dict[str, Any]:
+    """A classifier's test measures: top-1 (the headline), top-5 (torchmetrics, micro averages over images) and the
+    cross-entropy."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    return {**{f"top{k}": MulticlassAccuracy(num_classes, top_k=min(k, num_classes), average="micro") for k in (1, 5)},
+            "loss": PerExample(lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none"))}
+
+
 def evaluate_classifier(model: RoutedModel, batches: Iterable[tuple[Sequence[Tensor], Tensor]], num_classes: int,
                         probe: Sequence[Tensor] | None = None, max_probe_tokens: int = 4096,
-                        autocast: Callable[[], Any] | None = None) -> dict[str, Any]:
-    """Accuracy (top-1/top-5, torchmetrics), loss, and per routing layer: load, expert x class counts (a token's
-    label: its image's class), MI, and on the probe inputs the routing (for stability), homogeneity and basis
-    geometry. The model's ``batch_metrics`` (sums over the batch), if it has any, give ``model_metrics``: those sums
-    over the test set per image.
+                        autocast: Callable[[], Any] | None = None, measures: dict[str, Any] | None = None
+                        ) -> dict[str, Any]:
+    """:func:`evaluate_routed` of a classifier, a token labelled by its image's class: ``measures`` (by default
+    :func:`classification_measures`) as ``test_<name>``, and per routing layer load, expert x class counts, MI and
+    on the probe inputs the routing (for stability), homogeneity and basis geometry; with what a classifier adds:
+    images per class, MI over the class entropy, each image's correctness and expert loads (``TEST_EXAMPLES``), and
+    the model's ``batch_metrics`` (sums over the batch), if it has any, as ``model_metrics``: those sums over the
+    test set per image.
 
     ``batches`` yields ``(inputs, labels)``: the model's positional inputs and the labels, on the model's device and
     preprocessed; ``probe``: the probe's model inputs.
     """
-    from torchmetrics.classification import MulticlassAccuracy
-
-    measures = {f"test_top{k}": MulticlassAccuracy(num_classes, top_k=min(k, num_classes), average="micro")
-                for k in (1, 5)}
-    measures["test_loss"] = PerExample(lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none"))
+    measures = classification_measures(num_classes) if measures is None else measures
     class_images = torch.zeros(num_classes, dtype=torch.long)
     model_sums: dict[str, float] = {}  # models with a batch_metrics(logits, labels) method: per-image sums
     correct: list[Tensor] = []
@@ -361,7 +369,7 @@ def evaluate_classifier(model: RoutedModel, batches: Iterable[tuple[Sequence[Ten
 
     ev = evaluate_routed(model, batches, measures, num_classes, example_labels, probe, max_probe_tokens, autocast,
                          gather)
-    result: dict[str, Any] = {**{k: (0.0 if math.isnan(v) else v) for k, v in ev.measures.items()},
+    result: dict[str, Any] = {**{f"test_{k}": (0.0 if math.isnan(v) else v) for k, v in ev.measures.items()},
                               "test_images": ev.examples, "class_images": class_images.tolist(), "layers": {},
                               TEST_EXAMPLES: classification_examples(correct, ev.example_loads)}
     if model_sums:

@@ -141,9 +141,11 @@ class Task(ABC):
         return self.batches.probe(self.setup.probe_size)
 
     # evaluation -------------------------------------------------------------------------------------------------
-    # What the defaults below read: the task's test measures and the label of each routed token. A task with
-    # measures these cannot express (retrieval's embeddings of every caption, brain age's bias correction)
-    # overrides evaluate, quick_eval, results_table and draw_figures instead.
+    # What the defaults below read: the task's test measures and the label of each routed token. The built-in
+    # tasks declare theirs where they can be said this way and override only what is theirs: classification its
+    # evaluate (class statistics, the validation split's loads), results table and heatmaps; brain age its
+    # evaluate (a token's label is its cell of a per-layer grid; the bias correction needs every prediction),
+    # table and brain maps; retrieval everything (Recall@K needs every embedding at once: no per-batch measure).
 
     def measures(self) -> dict[str, Any]:
         """The task's measures, fresh for one pass: name -> torchmetrics metric (or anything with

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..analysis.brain_maps import draw_expert_maps
-from ..analysis.diagnostics import (TEST_EXAMPLES, ExampleLoads, RoutingCounts, entropy_bits, evaluating,
+from ..analysis.diagnostics import (TEST_EXAMPLES, ExampleLoads, PerExample, RoutingCounts, entropy_bits, evaluating,
                                    mutual_information, probe_routing)
 from ..data.cohort import PATTERNS
 from ..data.nifti import VolumeStore
@@ -372,13 +372,10 @@ class BrainAge(Task):
             out.setdefault(name, stats)
         return out
 
-    @torch.no_grad()
-    def quick_eval(self, model: nn.Module, autocast: Callable[[], Any]) -> dict[str, float]:
-        """MAE on the validation split (nothing without one: the test split is read once, at the end)."""
-        if "val" not in self.stores:
-            return {}
-        pred = self.predict(model, "val", autocast)
-        return {"val_mae": float(np.abs(pred - self.stores["val"].ages).mean())}
+    def measures(self) -> dict[str, Any]:
+        """The mean absolute error in years (the headline; the test split's other measures need every prediction
+        at once: :meth:`evaluate`)."""
+        return {"mae": PerExample(lambda out, age: (self.years(out) - age).abs())}
 
     @staticmethod
     def results_table(metrics: dict[str, Any]) -> str:

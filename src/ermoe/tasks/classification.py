@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..analysis.diagnostics import (VAL_EXAMPLES, classification_examples, evaluate_classifier, evaluate_routed,
-                                   evaluating)
+from ..analysis.diagnostics import (VAL_EXAMPLES, LabelFn, classification_examples, classification_measures,
+                                   evaluate_classifier, evaluate_routed, example_labels)
 from ..analysis.report import draw_figures, layers_table
 from ..data.folder import ImageFolderData
 from ..data.image_batches import FolderBatches, ImageBatches, image_batches
@@ -93,10 +93,19 @@ class ImageClassification(Task):
         stem = None if self.streamed else self.batches.stem
         return image_batches(images, self.data, self.device, batch_size or self.setup.eval_batch_size, stem)
 
+    def measures(self) -> dict[str, Any]:
+        return classification_measures(self.data.num_classes)
+
+    def token_labels(self) -> tuple[int, Callable[[Tensor | None], LabelFn]]:
+        """A token's label: its image's class."""
+        return self.data.num_classes, example_labels
+
     def evaluate(self, model: nn.Module, autocast: Callable[[], Any], probe: Batch | None = None) -> dict[str, Any]:
+        """The shared pass over the test split with the class statistics a classifier adds (images per class,
+        MI over the class entropy, per-image correctness), and the validation split's top-1 and loads."""
         metrics = evaluate_classifier(model, ((b.inputs, b.target) for b in self.eval_batches("test")),
-                                      self.data.num_classes,
-                                      probe=None if probe is None else probe.inputs, autocast=autocast)
+                                      self.data.num_classes, probe=None if probe is None else probe.inputs,
+                                      autocast=autocast, measures=self.measures())
         metrics.update(dataset=self.data.name, classes=self.data.classes, **self.validation(model, autocast))
         if self.streamed:  # files left out as undecodable (data.skip_corrupt), by this process
             metrics.update(data_skipped_files=len(self.data.skipped), data_skipped=sorted(self.data.skipped))
@@ -118,18 +127,6 @@ class ImageClassification(Task):
                              on_output=lambda logits, labels: correct.append((logits.argmax(1) == labels).cpu()))
         return {"val_top1": ev.measures["top1"], "val_layers": {name: ev.counts[name].load() for name in ev.counts},
                 VAL_EXAMPLES: classification_examples(correct, ev.example_loads)}
-
-    @torch.no_grad()
-    def quick_eval(self, model: nn.Module, autocast: Callable[[], Any]) -> dict[str, float]:
-        """Top-1 on the validation split (nothing without one: the test split is read once, at the end)."""
-        if self.data.val is None:
-            return {}
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        with evaluating(model):
-            for batch in self.eval_batches("val"):
-                with autocast():
-                    correct += (model(*batch.inputs).argmax(1) == batch.target).sum()
-        return {"val_top1": int(correct) / len(self.data.val)}
 
     @staticmethod
     def results_table(metrics: dict[str, Any]) -> str:
