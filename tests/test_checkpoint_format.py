@@ -59,8 +59,8 @@ def test_a_format_this_version_does_not_know_is_refused_naming_it(tmp_path):
     weights, state = load_checkpoint(run)
     future = {**state, "format_version": STATE_FORMAT + 1}
     ckpt = save_checkpoint(tmp_path / "future" / "checkpoints", 10, weights, future)
-    with pytest.raises(CheckpointError, match=f"checkpoint format {STATE_FORMAT + 1}; this ermoe reads formats 1 to "
-                                              f"{STATE_FORMAT}"):
+    with pytest.raises(CheckpointError,
+                       match=f"checkpoint format {STATE_FORMAT + 1}; this ermoe reads formats 1 to {STATE_FORMAT}"):
         load_checkpoint(ckpt)
 
 

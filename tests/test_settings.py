@@ -159,10 +159,11 @@ def test_ranges_are_field_constraints_named_when_the_config_is_read(override, me
 def test_a_dataset_says_what_it_needs_of_the_rest_of_the_run():
     """Cross-section rules live with the section that needs them (``DataOptions.check_run``), not in generic code
     naming dataset classes."""
-    with pytest.raises(ConfigError, match="data.stem_cache caches a frozen stem's features: model 'vit_tiny' has none"):
+    with pytest.raises(ConfigError, match="data.stem_cache caches a frozen stem's features: model 'vit_tiny' has"):
         load_config(None, {"data": {"name": "digits", "stem_cache": True}})
     with pytest.raises(ConfigError, match="optim.batch_size must be even with data.augment's mixup"):
-        load_config(None, {"data": {"name": "imagefolder", "data_dir": "/x", "augment": {}}, "optim": {"batch_size": 7}})
+        load_config(None, {"data": {"name": "imagefolder", "data_dir": "/x", "augment": {}},
+                           "optim": {"batch_size": 7}})
     assert load_config(None, {"data": {"name": "imagefolder", "data_dir": "/x", "augment": {"mixup_alpha": 0,
                                                                                        "cutmix_alpha": 0}},
                               "optim": {"batch_size": 7}}).optim.batch_size == 7

@@ -1,4 +1,4 @@
-"""The ``ermoe`` command: ``train``, ``eval``, ``report``, ``study``, ``explain``."""
+"""The ``ermoe`` command: ``train``, ``eval``, ``report``, ``export``, ``study``, ``explain``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     p_eval = sub.add_parser("eval", help="evaluate a run's latest checkpoint, rewrite metrics.json and figures")
     p_eval.add_argument("run_dir")
     p_eval.add_argument("--checkpoint", help="a checkpoint directory (default: the latest)")
+    p_export = sub.add_parser("export", help="write a run's model in the Hugging Face Hub's layout with a model card "
+                              "(docs/hub.md)")
+    p_export.add_argument("run_dir")
+    p_export.add_argument("out_dir")
+    p_export.add_argument("--checkpoint", help="a checkpoint directory (default: the latest intact one)")
+    p_export.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder to this Hub repository")
     p_report = sub.add_parser("report", help="print the results table and redraw figures from metrics.json")
     p_report.add_argument("run_dir")
     p_explain = sub.add_parser("explain", help="draw what each eigen router's basis directions respond to "
@@ -71,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         elif args.command == "eval":
             evaluate(args.run_dir, args.checkpoint)
+        elif args.command == "export":
+            from .train.export import export_run
+            print(f"exported to {export_run(args.run_dir, args.out_dir, args.checkpoint, args.push_to_hub)}")
         elif args.command == "explain":
             from .train.explain import explain
             explain(args.run_dir, args.examples, args.split, args.directions)

@@ -10,6 +10,7 @@ from .dual import DualEncoder
 from .regional import RegionalSFCN
 from .text import TextTransformer
 from .protocol import RoutedLayer, RoutedModel, RoutingLayer, router_has_data_init
+from .hub import HubError, from_pretrained, push_to_hub, save_pretrained
 from .registry import create_model, describe, list_models, model_families, model_parameters, register_model
 from .single_gate import ImageGateRouter, SingleGatedViT
 from .upcycling import DenseFFN, UpcycledMoE, find_dense_ffns, upcycle
@@ -20,4 +21,5 @@ __all__ = ["PLACEMENTS", "VIT_SIZES", "SFCN3d", "ViT3d", "DeepMoECNN", "DualEnco
            "PatchMoE", "RegionalSFCN", "RoutedLayer", "RoutedModel", "RoutingLayer", "SingleGatedViT", "TextTransformer", "create_model", "describe",
            "inject_moe", "list_models", "model_families", "model_parameters", "register_model", "router_has_data_init",
            "select_blocks", "DenseFFN", "UpcycledMoE", "find_dense_ffns", "upcycle",
-           "LoadReport", "WeightShapeError", "load_matching"]
+           "LoadReport", "WeightShapeError", "load_matching", "HubError", "from_pretrained", "push_to_hub",
+           "save_pretrained"]

@@ -123,7 +123,9 @@ def create_model(name: str = "vit_tiny", **kwargs: Any) -> nn.Module:
     # checked as that dataclass
     kwargs = {k: check(v, accepted[k], f"create_model({name!r}): {k}") for k, v in kwargs.items()}
     entry, positional = resolve(name)
-    return entry.builder(*positional, **kwargs)
+    model = entry.builder(*positional, **kwargs)
+    model.ermoe_build = {"name": name, "args": kwargs, "upcycle": None}  # how to rebuild it (ermoe.models.hub)
+    return model
 
 
 def describe(name: str) -> str:

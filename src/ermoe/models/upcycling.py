@@ -281,6 +281,10 @@ def upcycle(model: nn.Module, router: str = "ermoe", num_experts: int = 8, *, to
         installed.append(ffn.install(moe))
     if data_init:
         init_from_samples(model, installed, sample_inputs)
+    if getattr(model, "ermoe_build", None) is not None:  # how to rebuild it (ermoe.models.hub)
+        model.ermoe_build = {**model.ermoe_build, "upcycle": {
+            "router": router, "num_experts": num_experts, "top_k": top_k, "blocks": blocks, "bases": bases,
+            "capacity_factor": capacity_factor, "learn_alpha": learn_alpha, "router_kwargs": dict(router_kwargs)}}
     return model
 
 

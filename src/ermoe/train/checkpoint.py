@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..files import atomic_write_text
+
 WEIGHTS, STATE, MANIFEST, LATEST = "model.safetensors", "state.pt", "manifest.json", "latest"
 # state.pt's layout: 1 (up to commit d7f2353) a flat dict the trainer wrote key by key; 2 the trainer's parts by
 # name, {"format_version": 2, "step": N, "components": {name: part.state_dict()}} (ermoe.train.components)
@@ -48,22 +50,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def model_tensors(model: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .. import __version__
+from ..version import __version__
 from ..analysis.diagnostics import TEST_EXAMPLES, VAL_EXAMPLES
 from ..data.loader import worker_death
 from ..models import RoutedModel, create_model, upcycle
@@ -426,7 +426,8 @@ def _train(cfg: TrainConfig, parallel: Parallel, resume: str | Path | None, quie
             if trainer.ema is not None:
                 metrics["ema"] = ema_metrics(task, trainer.ema.module, trainer.autocast)
             trained, seconds = trainer.step * cfg.optim.batch_size, trainer.clock.total
-            metrics.update(step=trainer.step, train_time_s=seconds, train_img_per_s=trained / seconds if seconds else None,
+            metrics.update(step=trainer.step, train_time_s=seconds,
+                           train_img_per_s=trained / seconds if seconds else None,
                            segments=trainer.clock.segments_so_far(), world_size=parallel.world_size,
                            ep_size=cfg.ep_size)
             if parallel.main:
