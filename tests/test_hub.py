@@ -136,5 +136,16 @@ def test_a_run_exports_with_a_card_of_its_numbers_and_starts_another_run(tmp_pat
                          num_heads=2, moe=dict(router="ermoe", num_experts=2, blocks="all"))
     report = init_from_checkpoint(fresh, str(tmp_path / "hub"))[0]
     assert not report.missing and not report.unexpected
+    capsys.readouterr()
+    # ermoe eval of a Hub folder on data a config names: the run's own test numbers
+    data = ["--data.name=digits", "--data.train_limit=128", "--probe_size=16"]
+    assert main(["eval", str(tmp_path / "hub"), *data]) == 0
+    assert f"test top-1 {metrics['test_top1']:.4f}" in capsys.readouterr().out
+    config = json.loads((tmp_path / "hub" / "config.json").read_text())
+    config["model"]["args"]["num_classes"] = 5  # as if built for another dataset
+    (tmp_path / "hub" / "config.json").write_text(json.dumps(config))
+    assert main(["eval", str(tmp_path / "hub"), *data]) == 1
+    assert "was built for other data than 'digits': num_classes: the model's 5, the data's 10" in \
+        capsys.readouterr().err
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 1
     assert "ermoe export: error:" in capsys.readouterr().err

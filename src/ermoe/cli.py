@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,8 +17,9 @@ def main(argv: list[str] | None = None) -> int:
                          "give RUN_DIR/checkpoints/step_N); overrides of the schedule, length and logging apply from "
                          "there, others are refused (docs/runs.md)")
     p_train.add_argument("--from-step", type=int, metavar="N", help="with --resume: from the checkpoint of step N")
-    p_eval = sub.add_parser("eval", help="evaluate a run's latest checkpoint, rewrite metrics.json and figures")
-    p_eval.add_argument("run_dir")
+    p_eval = sub.add_parser("eval", help="evaluate a run's latest checkpoint, rewrite metrics.json and figures; or a "
+                            "Hub folder on the data its overrides name (--data.name=imagefolder --data.data_dir=...)")
+    p_eval.add_argument("run_dir", help="a run directory, or a Hub folder (docs/hub.md)")
     p_eval.add_argument("--checkpoint", help="a checkpoint directory (default: the latest)")
     p_export = sub.add_parser("export", help="write a run's model in the Hugging Face Hub's layout with a model card "
                               "(docs/hub.md)")
@@ -73,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
                 train(load_config(args.config, rest))
         elif args.command == "study":
             study(args, rest, argv)
+        elif args.command == "eval" and (Path(args.run_dir) / "config.json").is_file():  # a Hub folder
+            from .train.trainer import evaluate_pretrained
+            evaluate_pretrained(args.run_dir, load_config(None, rest))
         elif rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         elif args.command == "eval":
@@ -94,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def study(args, rest: list[str], argv: list[str] | None) -> None:
     import time
-    from pathlib import Path
 
     from .study import kind_of, load_study_config, run_study, write_report
     from .train.checkpoint import atomic_write_text

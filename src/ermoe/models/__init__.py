@@ -10,6 +10,7 @@ from .dual import DualEncoder
 from .regional import RegionalSFCN
 from .text import TextTransformer
 from .protocol import RoutedLayer, RoutedModel, RoutingLayer, router_has_data_init
+from .emoe_release import ReleaseError, load_emoe_release
 from .hub import HubError, from_pretrained, push_to_hub, save_pretrained
 from .registry import create_model, describe, list_models, model_families, model_parameters, register_model
 from .single_gate import ImageGateRouter, SingleGatedViT
@@ -22,4 +23,4 @@ __all__ = ["PLACEMENTS", "VIT_SIZES", "SFCN3d", "ViT3d", "DeepMoECNN", "DualEnco
            "inject_moe", "list_models", "model_families", "model_parameters", "register_model", "router_has_data_init",
            "select_blocks", "DenseFFN", "UpcycledMoE", "find_dense_ffns", "upcycle",
            "LoadReport", "WeightShapeError", "load_matching", "HubError", "from_pretrained", "push_to_hub",
-           "save_pretrained"]
+           "save_pretrained", "ReleaseError", "load_emoe_release"]

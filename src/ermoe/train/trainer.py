@@ -533,6 +533,35 @@ def evaluate(run_dir: str | Path, checkpoint: str | Path | None = None, quiet: b
     return metrics
 
 
+def evaluate_pretrained(folder: str | Path, cfg: TrainConfig, quiet: bool = False) -> dict[str, Any]:
+    """``ermoe eval HUB_FOLDER [--data.name=... overrides]``: a model saved in the Hub's layout (``ermoe export``,
+    ``ermoe.save_pretrained``, an EMoE release converted by ``ermoe.load_emoe_release``) on the test split of the
+    config's data (and its validation split), printed and returned; nothing is written. The data must be what the
+    model was built for (classes, image size, channels): a difference is an error naming it."""
+    from ..models.hub import from_pretrained, read_config
+
+    device = resolve_device(cfg.device)
+    task = create_task(cfg, device)
+    task.load()
+    args = read_config(Path(folder))["model"]["args"]
+    wrong = [f"{k}: the model's {args[k]!r}, the data's {v!r}" for k, v in task.model_args().items()
+             if k in args and args[k] != v]
+    if wrong:
+        raise ConfigError(f"{folder} was built for other data than {cfg.data.name!r}: " + "; ".join(wrong))
+    model = from_pretrained(folder).to(device)
+    task.prepare(model)
+    metrics = task.evaluate(model, autocast_ctx(device, amp_dtype(cfg.optim.amp, device)), probe=task.probe())
+    metrics.pop(TEST_EXAMPLES, None)
+    metrics.pop(VAL_EXAMPLES, None)
+    for stats in metrics["layers"].values():  # (no training: no stability between checkpoints, no straggler)
+        stats.pop("probe_assignment", None)
+        stats.pop("probe_load", None)
+        stats.update(probe_changed=None, probe_changed_chance=None, probe_changed_rel=None, train_ep_straggler=None)
+    if not quiet:
+        print(results_text(task, metrics))
+    return metrics
+
+
 def report(run_dir: str | Path, quiet: bool = False) -> dict[str, Any]:
     """``ermoe report``: redraw the figures and print the table from metrics.json."""
     run = Run(Path(run_dir))
