@@ -177,6 +177,11 @@ class RoutedModel(nn.Module):
         update (basis retraction, loss-free bias, basis re-estimation)."""
         moe_after_step(self)
 
+    def shard_units(self) -> list[nn.Module]:
+        """The submodules FSDP2 shards as units of their own (``shard: fsdp``): each one's weights are gathered for
+        its forward and freed after; the rest of the model is one unit. None by default (the whole model is one)."""
+        return []
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the activations of the model's blocks (ViT blocks, CNN stages) in backward instead of keeping
         them (``model.grad_checkpointing``; :mod:`ermoe.models.checkpointing`). A model without it says so."""

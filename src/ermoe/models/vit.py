@@ -243,6 +243,9 @@ class MoEViT(VisionTransformer, RoutedModel):
     methods only (no state of its own).
     """
 
+    def shard_units(self) -> list[nn.Module]:
+        return list(self.blocks)
+
     def frozen_stem(self) -> PretrainedStem | None:
         return self.patch_embed if isinstance(self.patch_embed, PretrainedStem) else None
 

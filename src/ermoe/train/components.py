@@ -204,8 +204,7 @@ class Optimization:
                 "scaler": self.scaler.state_dict(), "schedule_step": self.scheduler.last_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(self.parallel.local_optimizer_state(state["optimizer"], self.optimizer,
-                                                                           self.model))
+        self.parallel.load_optimizer_state(self.optimizer, self.model, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self._schedule_from(state["schedule_step"])
 
@@ -288,8 +287,11 @@ class NonFiniteGuard:
 def tensors_finite(tensors) -> bool:
     """Whether every tensor is finite, read to the host once per device (not once per tensor: a sync each on a
     GPU)."""
+    from torch.distributed.tensor import DTensor
+
     flags: dict[torch.device, list[Tensor]] = {}
     for t in tensors:
+        t = t.to_local() if isinstance(t, DTensor) else t  # (FSDP2: this rank's shard; every rank checks its own)
         flags.setdefault(t.device, []).append(torch.isfinite(t).all())
     return all(bool(torch.stack(f).all()) for f in flags.values())
 

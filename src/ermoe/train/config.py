@@ -131,6 +131,10 @@ class TrainConfig:
     # ranks; the world size is torchrun's) and the timeout of every collective (a failed rank stops its peers).
     ep_size: Positive = 1
     dist_timeout_s: finite(gt=0) = 600.0
+    # How the data-parallel side holds the weights: ddp (a whole copy per process, gradients all-reduced) or fsdp
+    # (FSDP2's fully_shard: weights, gradients and optimizer moments sharded over the processes, each ViT block a
+    # unit; not yet beside expert parallelism or with optim.ema). docs/distributed.md.
+    shard: Literal["ddp", "fsdp"] = "ddp"
     # Join torchrun's process group even as its only process (torchrun --nproc_per_node=1): every collective then
     # runs (NCCL on a GPU), as it would on more processes. With several processes the group is always joined.
     distributed: bool = False
@@ -253,6 +257,9 @@ def _check_ranges(cfg: TrainConfig) -> None:
     for key in task.model_data_args:
         if key in m.args:
             raise ConfigError(f"model.{key} is set from the data by task {cfg.task!r}, not in the config")
+    if cfg.shard == "fsdp" and (cfg.ep_size > 1 or o.ema is not None):
+        raise ConfigError("shard: fsdp " + ("beside expert parallelism (ep_size > 1)" if cfg.ep_size > 1 else
+                          "with optim.ema") + " is not built yet (issue 40): use shard: ddp")
     if o.compile is not None and m.grad_checkpointing:
         raise ConfigError("model.grad_checkpointing with optim.compile: torch.compile cannot trace a checkpoint whose "
                           "recomputation restores the block's buffers (ermoe.models.checkpointing); use one of them")

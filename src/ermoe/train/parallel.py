@@ -28,6 +28,7 @@ from ..distributed import (ParallelGroups, expert_parameter_names, full_state_di
                            load_full_state_dict, reduce_expert_grads, shard_experts, sync_batchnorm, sync_routing,
                            wrap_data_parallel)
 from ..models.protocol import RoutedModel
+from . import fsdp
 from .config import ConfigError, TrainConfig
 
 
@@ -60,15 +61,18 @@ class _GatherRows(Function):
 
 
 class Parallel:
-    """One process (``groups`` None) or one rank of a data x expert parallel job."""
+    """One process (``groups`` None) or one rank of a data x expert parallel job; ``fsdp``: the data-parallel side
+    shards the weights with FSDP2 (``shard: fsdp``) instead of replicating them under DDP."""
 
-    def __init__(self, groups: ParallelGroups | None = None, owns_process_group: bool = False) -> None:
-        self.groups, self.owns_process_group = groups, owns_process_group
+    def __init__(self, groups: ParallelGroups | None = None, owns_process_group: bool = False,
+                 fsdp: bool = False) -> None:
+        self.groups, self.owns_process_group, self.fsdp = groups, owns_process_group, fsdp and groups is not None
         self.world_size = groups.world_size if groups else 1
         self.rank = groups.rank if groups else 0
         self.main = self.rank == 0
         self.sharded = bool(groups and groups.ep_size > 1)
         self.param_counts: dict[str, int] | None = None  # the whole model's, counted before sharding
+        self.sharded_root: nn.Module | None = None  # the model FSDP2 sharded (shard: fsdp)
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "Parallel":
@@ -78,6 +82,9 @@ class Parallel:
             if cfg.ep_size > 1:
                 raise ConfigError(f"ep_size={cfg.ep_size} shards experts over that many processes: launch with "
                                   f"torchrun --nproc_per_node={cfg.ep_size} -m ermoe train ... (docs/distributed.md)")
+            if cfg.shard == "fsdp" and not cfg.distributed:
+                raise ConfigError("shard: fsdp shards the weights over the processes of a torchrun job: launch with "
+                                  "torchrun --nproc_per_node=N -m ermoe train ... (docs/distributed.md)")
             if not cfg.distributed:
                 return cls()
             if not launched_by_torchrun():
@@ -90,7 +97,8 @@ class Parallel:
             raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} must be divisible by the world size {world}: "
                               "each rank trains on an equal share of every global batch")
         owns = not dist.is_initialized()
-        return cls(init_parallel(cfg.ep_size, timeout_s=cfg.dist_timeout_s), owns_process_group=owns)
+        return cls(init_parallel(cfg.ep_size, timeout_s=cfg.dist_timeout_s), owns_process_group=owns,
+                   fsdp=cfg.shard == "fsdp")
 
     def close(self) -> None:
         """Leave the job if this object joined it (a caller's own process group is the caller's to end)."""
@@ -119,11 +127,20 @@ class Parallel:
                              "active": model.active_parameters()}
         if self.groups is None:
             return model
+        if self.fsdp:  # every weight sharded over the data-parallel processes, each unit gathered for its forward
+            sync_routing(model, self.groups)
+            sync_batchnorm(model, self.groups)
+            self.sharded_root = fsdp.shard(model)
+            return self.sharded_root
         shard_experts(model, self.groups)
         sync_routing(model, self.groups)
         sync_batchnorm(model, self.groups)
         return wrap_data_parallel(model, self.groups,
                                   find_unused_parameters=isinstance(model, RoutedModel) and model.may_skip_parameters)
+
+    def gathered(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Under FSDP2 every weight gathered for the block (:func:`fsdp.gathered`); otherwise nothing."""
+        return fsdp.gathered(model) if self.fsdp else contextlib.nullcontext()
 
     def shard(self, model: nn.Module) -> None:
         """Cut a copy of the whole model to this rank's experts, as :meth:`prepare` cut the model (an EMA copy)."""
@@ -156,6 +173,9 @@ class Parallel:
     def accumulating(self, module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
         """The context of a micro-batch's backward: before the step's last one, DDP does not all-reduce the
         gradients (they accumulate locally; the last backward reduces their sum)."""
+        if self.fsdp:  # FSDP2: the gradients' reduce-scatter waits for the step's last backward
+            self.sharded_root.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
         if last or not isinstance(module, DistributedDataParallel):
             return contextlib.nullcontext()
         return module.no_sync()
@@ -182,13 +202,15 @@ class Parallel:
         return out
 
     def after_backward(self, model: nn.Module) -> None:
-        if self.groups is not None:
+        if self.groups is not None and not self.fsdp:  # (FSDP2 reduce-scatters every gradient, the experts' too)
             reduce_expert_grads(model, self.groups)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> Tensor:
         """``clip_grad_norm_`` with the norm of the whole model's gradient: dense gradients are the same on every
         rank, the experts' norm is summed over their shards."""
         params = [p for p in model.parameters() if p.grad is not None]
+        if self.fsdp:  # sharded gradients: the norm of the whole one, every rank's shards summed
+            return torch.nn.utils.clip_grad_norm_(params, max_norm).full_tensor()
         if not self.sharded:
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
         expert_names = set(expert_parameter_names(model))
@@ -217,7 +239,10 @@ class Parallel:
 
     # checkpoints --------------------------------------------------------------------------------------------------
     def model_state(self, model: nn.Module) -> dict[str, Tensor]:
-        """The whole model's state dict (gathered on every rank; rank 0 writes it)."""
+        """The whole model's state dict (gathered on every rank; rank 0 writes it; under FSDP2 rank 0 alone holds
+        it, in CPU memory)."""
+        if self.fsdp:
+            return fsdp.full_model_state(model)
         return full_state_dict(model, self.groups) if self.sharded else model.state_dict()
 
     def load_model_state(self, model: nn.Module, state: dict[str, Tensor]) -> None:
@@ -230,6 +255,8 @@ class Parallel:
     def optimizer_state(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
         """The optimizer's state dict as one process holding the whole model would have it: the expert parameters'
         moments gathered over the expert-parallel group (parameter indices are the same on every world size)."""
+        if self.fsdp:
+            return fsdp.full_optimizer_state(optimizer, model)
         state = optimizer.state_dict()
         if not self.sharded:
             return state
@@ -245,6 +272,14 @@ class Parallel:
                     gathered[key] = torch.cat(parts)
             state["state"][index] = gathered
         return state
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, model: nn.Module, state: dict[str, Any]) -> None:
+        """Load a whole-model optimizer state (one process's layout, from any world size) into this rank's
+        optimizer: its experts' rows under expert parallelism, its shards under FSDP2."""
+        if self.fsdp:
+            fsdp.load_full_optimizer_state(optimizer, model, state)
+        else:
+            optimizer.load_state_dict(self.local_optimizer_state(state, optimizer, model))
 
     def local_optimizer_state(self, state: dict[str, Any], optimizer: torch.optim.Optimizer,
                               model: nn.Module) -> dict[str, Any]:

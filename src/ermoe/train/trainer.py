@@ -208,10 +208,12 @@ class Trainer:
                 if step == position.last or end_of_epoch or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                     self.checkpoint()
                 elif cfg.probe_every and step % cfg.probe_every == 0:
-                    self.routing.log(step)
+                    with self.parallel.gathered(model):
+                        self.routing.log(step)
                 if end_of_epoch and step != position.last:
-                    self.logger.log({"kind": "eval", "step": step, "epoch": epoch,
-                                     **self.task.quick_eval(model, self.autocast)})
+                    with self.parallel.gathered(model):
+                        record = self.task.quick_eval(model, self.autocast)
+                    self.logger.log({"kind": "eval", "step": step, "epoch": epoch, **record})
                 t0 = time.perf_counter()  # the next step's time includes waiting for its batch
         except RuntimeError as err:  # a loader worker's death surfaces wherever this process is
             named = worker_death(err)
@@ -299,12 +301,13 @@ class Trainer:
         """Check, probe the routing (load, and stability against the previous checkpoint), save every part; a state
         with non-finite weights or optimizer moments is never saved."""
         self.guard.check_before_saving(self.model, self.optimizer)
-        if self.cfg.bn_recalibration:
-            size = self.cfg.optim.batch_size
-            with self.autocast():
-                recalibrate_batchnorm(self.model, (b.inputs for b in self.task.eval_batches(
-                    "train", size, limit=self.cfg.bn_recalibration * size)))
-        self.routing.at_checkpoint(self.step)
+        with self.parallel.gathered(self.model):
+            if self.cfg.bn_recalibration:
+                size = self.cfg.optim.batch_size
+                with self.autocast():
+                    recalibrate_batchnorm(self.model, (b.inputs for b in self.task.eval_batches(
+                        "train", size, limit=self.cfg.bn_recalibration * size)))
+            self.routing.at_checkpoint(self.step)
         weights = self.parallel.model_state(self.model)  # whole-model states: collectives on every rank
         parts = self.state_dict()
         if self.parallel.main:
@@ -421,8 +424,9 @@ def _train(cfg: TrainConfig, parallel: Parallel, resume: str | Path | None, quie
             if changes:
                 trainer.logger.log({"kind": "config_change", "step": trainer.step, "changes": changes})
             trainer.fit()
-            metrics = evaluate_run(run, task, model, cfg, trainer.autocast, trainer.routing.changed, parallel,
-                                   trainer.straggler.mean())
+            with parallel.gathered(model):
+                metrics = evaluate_run(run, task, model, cfg, trainer.autocast, trainer.routing.changed, parallel,
+                                       trainer.straggler.mean())
             if trainer.ema is not None:
                 metrics["ema"] = ema_metrics(task, trainer.ema.module, trainer.autocast)
             trained, seconds = trainer.step * cfg.optim.batch_size, trainer.clock.total

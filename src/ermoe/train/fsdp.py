@@ -1,0 +1,71 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for ``shard: fsdp``: weights, gradients and optimizer moments
+sharded over the data-parallel processes, each of the model's :meth:`~ermoe.models.RoutedModel.shard_units` (the ViT
+blocks) a unit gathered for its own forward. Checkpoints stay in one process's layout (the whole model, the
+optimizer indexed by parameter order), so a sharded run resumes on any world size, sharded or not, and back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+from ..models.protocol import RoutedModel
+
+_FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """Shard ``model`` in place: its shard units first, then the rest as the root unit."""
+    for unit in model.shard_units() if isinstance(model, RoutedModel) else []:
+        fully_shard(unit)
+    return fully_shard(model)
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """Every unit's weights gathered (and kept through forwards) for the block: the routing probes read experts'
+    and bases' weights outside a forward, which sharded they are not."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on rank 0, in CPU memory (a collective; the other ranks get nothing)."""
+    return get_model_state_dict(model, options=_FULL_ON_RANK0)
+
+
+def _flat_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
+    """The whole optimizer state on rank 0 in one process's layout (by parameter index; FSDP2 gives it by name)."""
+    full = get_optimizer_state_dict(model, optimizer, options=_FULL_ON_RANK0)
+    if not full:  # (ranks other than 0 hold nothing)
+        return {}
+    index = {name: i for i, name in enumerate(_flat_names(optimizer, model))}
+    return {"state": {index[name]: s for name, s in full["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]}
+
+
+def load_full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, state: dict[str, Any]) -> None:
+    """Load a whole optimizer state in one process's layout (every rank holds it) into this rank's shards."""
+    names = _flat_names(optimizer, model)
+    by_name = {"state": {names[i]: s for i, s in state["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
