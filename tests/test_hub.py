@@ -85,6 +85,9 @@ def test_broken_or_foreign_folders_are_refused_naming_the_problem(tmp_path):
     write(model={**config["model"], "args": {**config["model"]["args"], "moe": {"router": "hsah"}}})
     with pytest.raises(HubError, match="unknown router 'hsah'"):
         from_pretrained(folder)
+    write(upcycle={"bases": "split"})
+    with pytest.raises(HubError, match="'upcycle' must be null or upcycle's settings with 'router' and 'num_experts'"):
+        from_pretrained(folder)
     write(model={**config["model"], "args": {**config["model"]["args"], "depth": 3}})
     with pytest.raises(HubError, match=r"does not fit model 'vit_tiny' .*missing \['blocks.2"):
         from_pretrained(folder)

@@ -145,6 +145,10 @@ def read_config(folder: Path) -> dict[str, Any]:
     if not isinstance(model, dict) or not isinstance(model.get("name"), str) or not isinstance(model.get("args"),
                                                                                                 dict):
         raise HubError(f"{path}: 'model' must be {{'name': ..., 'args': {{...}}}}, got {model!r}")
+    spec = config.get("upcycle")
+    if spec is not None and not (isinstance(spec, dict) and {"router", "num_experts"} <= set(spec)):
+        raise HubError(f"{path}: 'upcycle' must be null or upcycle's settings with 'router' and 'num_experts', got "
+                       f"{spec!r}")
     return config
 
 
