@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..files import atomic_write_text
+from ..files import atomic_path, atomic_write_text
 from ..version import __version__
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
@@ -64,15 +62,9 @@ def save_pretrained(model: nn.Module, out_dir: str | Path, card: str | None = No
     config = {"format": HUB_FORMAT, "ermoe_version": __version__, "model": plain({"name": build["name"],
                                                                                   "args": build["args"]}),
               "upcycle": plain(build.get("upcycle"))}
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{WEIGHTS}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, tmp,
+    with atomic_path(out / WEIGHTS) as tmp:
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, str(tmp),
                   metadata={"format": "pt"})
-        os.replace(tmp, out / WEIGHTS)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     atomic_write_text(out / CONFIG, json.dumps(config, indent=1) + "\n")
     atomic_write_text(out / CARD, card if card is not None else default_card(config))
     return out

@@ -462,6 +462,20 @@ def results_text(task: Task | type[Task], metrics: dict[str, Any]) -> str:
     return text
 
 
+def training_layer_stats(metrics: dict[str, Any], probe_changed: dict[str, tuple[float, float]],
+                         straggler: dict[str, float] | None) -> None:
+    """Per routing layer of ``metrics``, what training measured in place of the probe's raw assignments: the
+    stability between the last two checkpoints (changed, what a memoryless router would change, their ratio) and
+    the straggler factor (None where training did not measure them)."""
+    for name, stats in metrics["layers"].items():
+        stats.pop("probe_assignment", None)
+        stats.pop("probe_load", None)
+        changed, chance = probe_changed.get(name, (None, None))
+        stats.update(probe_changed=changed, probe_changed_chance=chance,
+                     probe_changed_rel=changed / chance if changed is not None and chance else None,
+                     train_ep_straggler=(straggler or {}).get(name))
+
+
 def evaluate_run(run: Run, task: Task, model: RoutedModel, cfg: TrainConfig, autocast: Callable[[], Any],
                  probe_changed: dict[str, tuple[float, float]], parallel: Parallel | None = None,
                  straggler: dict[str, float] | None = None) -> dict[str, Any]:
@@ -477,13 +491,7 @@ def evaluate_run(run: Run, task: Task, model: RoutedModel, cfg: TrainConfig, aut
         examples = metrics.pop(key, None)  # per-example results: beside metrics.json, not in it
         if examples and parallel.main:
             run.write_examples(examples, split)
-    for name, stats in metrics["layers"].items():
-        stats.pop("probe_assignment", None)
-        stats.pop("probe_load", None)
-        changed, chance = probe_changed.get(name, (None, None))
-        stats.update(probe_changed=changed, probe_changed_chance=chance,
-                     probe_changed_rel=changed / chance if changed is not None and chance else None,
-                     train_ep_straggler=(straggler or {}).get(name))
+    training_layer_stats(metrics, probe_changed, straggler)
     counts = parallel.param_counts or {"total": sum(p.numel() for p in model.parameters()),
                                        "active": model.active_parameters(),
                                        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
@@ -557,10 +565,7 @@ def evaluate_pretrained(folder: str | Path, cfg: TrainConfig, quiet: bool = Fals
     metrics = task.evaluate(model, autocast_ctx(device, amp_dtype(cfg.optim.amp, device)), probe=task.probe())
     metrics.pop(TEST_EXAMPLES, None)
     metrics.pop(VAL_EXAMPLES, None)
-    for stats in metrics["layers"].values():  # (no training: no stability between checkpoints, no straggler)
-        stats.pop("probe_assignment", None)
-        stats.pop("probe_load", None)
-        stats.update(probe_changed=None, probe_changed_chance=None, probe_changed_rel=None, train_ep_straggler=None)
+    training_layer_stats(metrics, {}, None)  # (no training: no stability between checkpoints, no straggler)
     if not quiet:
         print(results_text(task, metrics))
     return metrics
