@@ -1,6 +1,8 @@
 """Memory per rank of DDP and FSDP2 (``shard: ddp`` / ``shard: fsdp``, docs/distributed.md) for a ViT-B-sized ERMoE
 model on this CPU: each rank's bytes of weights, gradients and AdamW moments after one training step, and its peak
-resident memory, at each world size (gloo processes, one thread each).
+resident memory, at each world size (gloo processes, one thread each); then one checkpoint written in each format
+(``checkpoint_format``: single, the whole model and optimizer gathered on rank 0; sharded, each rank its part through
+torch.distributed.checkpoint): its seconds, what rank 0 wrote, and rank 0's peak resident memory after it.
 
     python benchmarks/fsdp_memory.py                         # ViT-B/16 width and depth, ERMoE in every other block
     python benchmarks/fsdp_memory.py --worlds 2 4 --batch 2 --json
@@ -12,6 +14,10 @@ import argparse
 import json
 import platform
 import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
 
 import torch
 
@@ -48,11 +54,43 @@ def _job(rank: int, world: int, args: argparse.Namespace) -> dict:
     optimizer.step()
     params = list(model.parameters())
     moments = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
-    return {"shard": args.shard, "world": world, "rank": rank, "weights_mb": _bytes(params) / 2 ** 20,
-            "grads_mb": _bytes(p.grad for p in params if p.grad is not None) / 2 ** 20,
-            "moments_mb": _bytes(moments) / 2 ** 20,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "params_total": parallel.param_counts["total"]}
+    row = {"shard": args.shard, "format": args.format, "world": world, "rank": rank,
+           "weights_mb": _bytes(params) / 2 ** 20,
+           "grads_mb": _bytes(p.grad for p in params if p.grad is not None) / 2 ** 20,
+           "moments_mb": _bytes(moments) / 2 ** 20,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "params_total": parallel.param_counts["total"]}
+    return {**row, **_checkpoint(model, optimizer, parallel, args)}
+
+
+def _checkpoint(model, optimizer, parallel, args: argparse.Namespace) -> dict:
+    """Write one checkpoint as the trainer does (a collective) into a fresh folder: its seconds, rank 0's bytes on
+    disk and peak resident memory afterwards."""
+    from ermoe.train.checkpoint import save_checkpoint, trainer_state
+    from ermoe.train.shards import optimizer_layout, save_sharded_checkpoint, shard_tensors
+
+    folder = Path(parallel.broadcast(tempfile.mkdtemp(prefix="ermoe_ckpt_") if parallel.main else None))
+    parallel.barrier()
+    t0 = time.perf_counter()
+    if args.format == "sharded":
+        state = trainer_state(1, {"optimization": {"optimizer": optimizer_layout(optimizer, model)}})
+        save_sharded_checkpoint(folder, 1, shard_tensors(model, optimizer, None, parallel), state, 1, parallel)
+    else:
+        weights = parallel.model_state(model)
+        state = trainer_state(1, {"optimization": {"optimizer": parallel.optimizer_state(optimizer, model)}})
+        if parallel.main:
+            save_checkpoint(folder, 1, weights, state, 1)
+        parallel.barrier()
+    seconds = time.perf_counter() - t0
+    ckpt = folder / "step_00000001"
+    mine = [f for f in ckpt.rglob("*") if f.is_file() and not f.name.startswith("__") or f.name.startswith("__0_")]
+    out = {"save_s": seconds, "rank0_wrote_mb": sum(f.stat().st_size for f in mine) / 2 ** 20,
+           "checkpoint_mb": sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) / 2 ** 20,
+           "peak_rss_after_save_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    parallel.barrier()
+    if parallel.main:
+        shutil.rmtree(folder)
+    return out
 
 
 def main() -> None:
@@ -65,19 +103,21 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for world in args.worlds:
-        for shard in ("ddp", "fsdp"):
-            args.shard = shard
-            rows.append(run_local(_job, world, args, timeout_s=600)[0])  # rank 0's (the ranks hold alike)
+        for shard, fmt in (("ddp", "single"), ("fsdp", "single"), ("fsdp", "sharded")):
+            args.shard, args.format = shard, fmt
+            rows.append(run_local(_job, world, args, timeout_s=900)[0])  # rank 0's (the ranks hold alike)
     if args.json:
         print(json.dumps(rows, indent=1))
         return
     print(f"ViT-B/16 width and depth, ERMoE with 8 experts in every other block ({rows[0]['params_total'] / 1e6:.1f} M "
           f"parameters), AdamW, {args.batch} images per rank; rank 0 after one step; {platform.machine()}, torch "
           f"{torch.__version__}, gloo")
-    print(f"{'shard':>5}  {'world':>5}  {'weights MB':>10}  {'grads MB':>8}  {'moments MB':>10}  {'peak RSS MB':>11}")
+    print(f"{'shard':>5}  {'checkpoint':>10}  {'world':>5}  {'weights MB':>10}  {'grads MB':>8}  {'moments MB':>10}  "
+          f"{'peak RSS MB':>11}  {'save s':>6}  {'rank 0 wrote MB':>15}  {'peak RSS after save MB':>22}")
     for r in rows:
-        print(f"{r['shard']:>5}  {r['world']:>5}  {r['weights_mb']:>10.0f}  {r['grads_mb']:>8.0f}  "
-              f"{r['moments_mb']:>10.0f}  {r['peak_rss_mb']:>11.0f}")
+        print(f"{r['shard']:>5}  {r['format']:>10}  {r['world']:>5}  {r['weights_mb']:>10.0f}  {r['grads_mb']:>8.0f}  "
+              f"{r['moments_mb']:>10.0f}  {r['peak_rss_mb']:>11.0f}  {r['save_s']:>6.1f}  {r['rank0_wrote_mb']:>15.0f}  "
+              f"{r['peak_rss_after_save_mb']:>22.0f}")
 
 
 if __name__ == "__main__":

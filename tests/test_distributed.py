@@ -4,6 +4,8 @@ of a whole-model state, and a failing rank that brings the job down instead of h
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -399,32 +401,69 @@ FSDP_RTOL = 1e-6
 
 def test_fsdp2_follows_the_one_process_curve_and_resumes_at_another_world_size(tmp_path):
     """shard: fsdp (FSDP2's fully_shard per ViT block: weights, gradients and AdamW moments sharded over 2 gloo
-    ranks): the same loss curve as one process to 1e-6; its checkpoint (the whole model, one process's optimizer
-    layout) resumes on one process to the same curve, and a one-process checkpoint resumes sharded over 4 ranks."""
+    ranks): the same loss curve as one process to 1e-6; its sharded checkpoint (DCP, each rank its shards) resumes
+    over 4 sharded ranks to the same curve and reads whole to the one process's weights, and a one-process
+    single-file checkpoint resumes sharded over 2 ranks."""
     pytest.importorskip("sklearn")
+    import shutil
+
     from ermoe.train import ConfigError, load_config, train
+    from ermoe.train.checkpoint import read_checkpoint
+    from ermoe.train.checkpoint import SHARDS
 
     one = train(load_config(None, cases.tiny_digits(str(tmp_path / "one"))), quiet=True)
     curve_one, metrics_one = _train_log(one)
-    # 2 sharded ranks for the first epoch (8 steps), then on to the end in one process from their checkpoint
+    # 2 sharded ranks for the first epoch (8 steps), then on to the end over 4 from their sharded checkpoint
     part = run_local(cases.train_job, 2, cases.tiny_digits(str(tmp_path / "part"), shard="fsdp",
                                                           optim={"max_steps": 8}))[0]
     curve, metrics = _train_log(part)
     _same_curve(curve, curve_one[:8], FSDP_RTOL)
     assert metrics["world_size"] == 2 and metrics["params_total"] == metrics_one["params_total"]
-    resumed = cases.train_job(0, 1, {"shard": "ddp", "optim": {"max_steps": None}}, resume=part)
+    shards = Path(part) / "checkpoints" / "step_00000008" / SHARDS
+    assert sorted(p.name for p in shards.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    resumed = run_local(cases.train_job, 4, {"optim": {"max_steps": None}}, part)[0]
     curve, metrics = _train_log(resumed)
     _same_curve(curve, curve_one, FSDP_RTOL)
     assert metrics["test_top1"] == pytest.approx(metrics_one["test_top1"], abs=2 / metrics_one["test_images"])
-    # the one-process run's checkpoint of step 8 (a copy of the run without its later one), resumed over 4 ranks
-    import shutil
+    whole, _ = read_checkpoint(Path(resumed) / "checkpoints" / "step_00000016")
+    expected, _ = read_checkpoint(Path(one) / "checkpoints" / "step_00000016")
+    assert whole.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(whole[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+    # the one-process run's single-file checkpoint of step 8 (a copy of the run without its later one), resumed
+    # over 2 sharded ranks
     single = tmp_path / "single" / "run"
     shutil.copytree(one, single)
     shutil.rmtree(single / "checkpoints" / "step_00000016")
     (single / "checkpoints" / "latest").write_text("step_00000008\n")
-    resumed = run_local(cases.train_job, 4, {"shard": "fsdp", "optim": {"max_steps": None}}, str(single))[0]
+    resumed = run_local(cases.train_job, 2, {"shard": "fsdp", "optim": {"max_steps": None}}, str(single))[0]
     _same_curve(_train_log(resumed)[0], curve_one, FSDP_RTOL)
     with pytest.raises(ConfigError, match="shard: fsdp beside expert parallelism .* is not built yet"):
         load_config(None, cases.tiny_digits(str(tmp_path), shard="fsdp", ep_size=2))
     with pytest.raises(ConfigError, match="shard: fsdp shards the weights over the processes of a torchrun job"):
         train(load_config(None, cases.tiny_digits(str(tmp_path / "alone"), shard="fsdp")), quiet=True)
+
+
+def test_expert_parallel_shards_are_written_once_and_resume_in_one_process(tmp_path):
+    """checkpoint_format: sharded under expert parallelism (4 ranks, ep_size 2: each expert shard held by 2
+    replicas): each rank's experts' rows written as a DTensor over its expert group, once per shard, with the EMA
+    weights; one process resumes them to the one-process curve."""
+    pytest.importorskip("sklearn")
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from ermoe.train import load_config, train
+    from ermoe.train.checkpoint import SHARDS
+
+    curve_one, _ = _train_log(train(load_config(None, cases.tiny_digits(str(tmp_path / "one"))), quiet=True))
+    part = run_local(cases.train_job, 4, cases.tiny_digits(str(tmp_path / "ep"), ep_size=2, checkpoint_format="sharded",
+                                                          optim={"max_steps": 8, "ema": 0.99}))[0]
+    meta = FileSystemReader(str(Path(part) / "checkpoints" / "step_00000008" / SHARDS)).read_metadata()
+    for key in ("model/blocks.0.mlp.moe.experts.w2", "optimizer/blocks.0.mlp.moe.experts.w2/exp_avg",
+                "ema/blocks.0.mlp.moe.experts.w2"):
+        chunks = meta.state_dict_metadata[key].chunks
+        assert meta.state_dict_metadata[key].size[0] == 4  # the whole layer's experts
+        assert sorted((tuple(c.offsets), tuple(c.sizes)[0]) for c in chunks) == [((0, 0, 0), 2), ((2, 0, 0), 2)]
+    resumed = cases.train_job(0, 1, {"ep_size": 1, "optim": {"max_steps": None}}, resume=part)
+    curve, metrics = _train_log(resumed)
+    _same_curve(curve, curve_one, CURVE_RTOL)
+    assert set(metrics["ema"]) >= {"test_top1", "test_loss"}

@@ -455,9 +455,10 @@ def test_few_shot_probe_separable_and_chance():
 
 
 def test_study_quick_end_to_end_and_resumable(tmp_path, capsys, monkeypatch):
-    args = ["study", "--quick", f"--out_dir={tmp_path / 'runs'}", f"--report={tmp_path / 'results.md'}"]
-    if not DEBIAN_FASHION_MNIST.exists():  # CI installs it; elsewhere fall back to digits (8x8: patch 2)
-        args += ["--train.data.name=digits", "--train.model.patch_size=2", "--fewshot_transfer=in_domain"]
+    # on digits (8x8: patch 2): half the time of Fashion-MNIST's quick study here (the transfer of the few-shot
+    # probes: test_fewshot_probes_transfer_to_a_dataset_the_backbone_never_saw)
+    args = ["study", "--quick", f"--out_dir={tmp_path / 'runs'}", f"--report={tmp_path / 'results.md'}",
+            "--train.data.name=digits", "--train.model.patch_size=2", "--fewshot_transfer=in_domain"]
     assert main(args) == 0
     report = (tmp_path / "results.md").read_text()
     assert "do not edit by hand" in report and "ermoe study --quick" in report
@@ -478,9 +479,30 @@ def test_study_quick_end_to_end_and_resumable(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert out.count("skipped") == 2 * len(DEFAULT_METHODS) - 1
     metrics = json.loads((run / "metrics.json").read_text())
-    assert "fewshot" in metrics
+    assert "fewshot" in metrics and metrics["fewshot_transfer"] == "in_domain"
     earlier = metrics["segments"][0]["train_time_s"]
     assert len(metrics["segments"]) == 2 and earlier > 0 and metrics["run_wall_s"] == pytest.approx(earlier)
+
+
+def test_fewshot_probes_transfer_to_a_dataset_the_backbone_never_saw(tmp_path):
+    """study.fewshot_transfer: a digits backbone's pooled features of Fashion-MNIST (resized to its 8x8 input),
+    probed with 1 and 5 labelled images per class from its training split, scored on its test split."""
+    if not DEBIAN_FASHION_MNIST.exists():
+        pytest.skip("needs Fashion-MNIST")
+    from ermoe.study.runner import StudyConfig, add_fewshot
+    from ermoe.train import load_config, train
+
+    run = train(load_config(None, {"out_dir": str(tmp_path), "progress": False, "tensorboard": False,
+                                   "probe_size": 16, "data": {"name": "digits", "train_limit": 256},
+                                   "model": {"patch_size": 2, "depth": 1, "embed_dim": 16, "num_heads": 2,
+                                             "moe": {"num_experts": 2, "blocks": "all"}},
+                                   "optim": {"epochs": 1, "batch_size": 64}}), quiet=True)
+    metrics = add_fewshot(run, StudyConfig(fewshot_shots=[1, 5], fewshot_draws=2, fewshot_train_pool=200,
+                                           fewshot_transfer="fashion_mnist"))
+    assert metrics["fewshot_transfer"] == "fashion_mnist" and set(metrics["fewshot"]) == {"1", "5"}
+    assert json.loads((run / "metrics.json").read_text())["fewshot"] == metrics["fewshot"]
+    # 10 classes: chance is 0.1; a 5-shot probe of any features that carry the images does better
+    assert metrics["fewshot"]["5"]["mean"] > 0.2
 
 
 def test_list_methods_follows_config_and_overrides(tmp_path, capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import contextlib
 import shutil
 import tempfile
 import warnings
@@ -65,19 +66,39 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module | dict[str, torc
     ``model``: the model, or its (whole, gathered) state dict."""
     from safetensors.torch import save_file
 
-    ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:08d}"
-    final = ckpt_dir / name
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_dir, prefix=f".{name}."))
+    tmp = begin_checkpoint(ckpt_dir, step)
     try:
         save_file(model_tensors(model), str(tmp / WEIGHTS))
         torch.save(state, tmp / STATE)
-        manifest = {"step": step, "files": {f: _sha256(tmp / f) for f in (WEIGHTS, STATE)}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        for f in (WEIGHTS, STATE, MANIFEST):
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return commit_checkpoint(ckpt_dir, step, tmp, keep)
+
+
+def begin_checkpoint(ckpt_dir: Path, step: int) -> Path:
+    """A new hidden temporary directory under ``ckpt_dir`` to write checkpoint ``step``'s files into (then
+    :func:`commit_checkpoint` it)."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=ckpt_dir, prefix=f".step_{step:08d}."))
+
+
+def commit_checkpoint(ckpt_dir: Path, step: int, tmp: Path, keep: int, **manifest: Any) -> Path:
+    """Checkpoint ``step`` from the files written into ``tmp``: a manifest of every file's SHA-256 (``manifest``:
+    more entries for it), every file fsynced, ``tmp`` renamed into place, ``latest`` pointed at it, all but the
+    newest ``keep`` pruned. ``tmp`` is gone afterwards, whether or not this succeeded."""
+    ckpt_dir = Path(ckpt_dir)
+    final = ckpt_dir / f"step_{step:08d}"
+    try:
+        files = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, **manifest,
+                                                "files": {f: _sha256(tmp / f) for f in files}}, indent=1))
+        for f in [*files, MANIFEST]:
             with open(tmp / f, "rb") as fh:
                 os.fsync(fh.fileno())
+        for d in {(tmp / f).parent for f in files}:
+            _fsync_dir(d)
         if final.exists():  # a re-save of the same step (e.g. after resume): move the old one aside first
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -85,7 +106,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module | dict[str, torc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    atomic_write_text(ckpt_dir / LATEST, name + "\n")
+    atomic_write_text(ckpt_dir / LATEST, final.name + "\n")
     for old in list_checkpoints(ckpt_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -140,9 +161,10 @@ def resolve_checkpoint(path: Path) -> Path:
     raise CheckpointError(f"no checkpoint found in {path} (expected checkpoints/latest or a checkpoint directory)")
 
 
-def find_checkpoint(run_dir: Path, from_step: int | None = None, map_location: str | torch.device = "cpu"
-                    ) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
-    """The checkpoint to resume a run from, verified and read once: ``(path, weights, state)``.
+def find_checkpoint(run_dir: Path, from_step: int | None = None, map_location: str | torch.device = "cpu",
+                    consolidate: bool = True) -> tuple[Path, dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """The checkpoint to resume a run from, verified and read once: ``(path, weights, state)`` (``consolidate``:
+    :func:`read_checkpoint`'s).
 
     ``from_step``: that step's checkpoint, or an error listing the steps kept. Otherwise the one ``latest`` names;
     when ``latest`` is missing, names a missing directory, or its checkpoint is corrupt, the newest intact
@@ -155,14 +177,14 @@ def find_checkpoint(run_dir: Path, from_step: int | None = None, map_location: s
         if wanted not in kept:
             steps = ", ".join(str(step_of(p)) for p in kept) or "none"
             raise CheckpointError(f"no checkpoint of step {from_step} in {ckpt_dir} (kept steps: {steps})")
-        return (wanted, *read_checkpoint(wanted, map_location))
+        return (wanted, *read_checkpoint(wanted, map_location, consolidate))
     latest = ckpt_dir / LATEST
     named = ckpt_dir / latest.read_text().strip() if latest.exists() else None
     candidates = ([named] if named is not None else []) + [p for p in reversed(kept) if p != named]
     problems = [] if named is not None else [f"{latest} is missing"]
     for ckpt in candidates:
         try:
-            weights, state = read_checkpoint(ckpt, map_location)
+            weights, state = read_checkpoint(ckpt, map_location, consolidate)
         except CheckpointError as err:
             problems.append(str(err))
             continue
@@ -173,9 +195,12 @@ def find_checkpoint(run_dir: Path, from_step: int | None = None, map_location: s
     raise CheckpointError(f"no intact checkpoint in {ckpt_dir}: " + ("; ".join(problems) or "none was written"))
 
 
-def read_checkpoint(ckpt: Path, map_location: str | torch.device = "cpu"
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Verify a checkpoint directory against its manifest and read it: ``(weights, state)``."""
+def read_checkpoint(ckpt: Path, map_location: str | torch.device = "cpu", consolidate: bool = True
+                    ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """Verify a checkpoint directory against its manifest and read it: ``(weights, state)``. A sharded checkpoint
+    (:mod:`ermoe.train.shards`) is read whole into this process (as a single-file one would be) unless not
+    ``consolidate``: then ``weights`` is None and ``state["shards"]`` its directory, for the trainer to load each
+    rank's part (its parts' sharded tensors stay :data:`~ermoe.train.shards.IN_SHARDS`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -198,14 +223,20 @@ def read_checkpoint(ckpt: Path, map_location: str | torch.device = "cpu"
             raise CheckpointError(f"checkpoint file {fpath} is corrupt or truncated (SHA-256 does not match the "
                                   "manifest)")
     try:
+        state = upgrade_state(torch.load(ckpt / STATE, map_location=map_location, weights_only=True), ckpt / STATE)
+    except CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a corrupt file
+        raise CheckpointError(f"cannot read {ckpt / STATE}: {err}") from None
+    if manifest.get("format") == "sharded":
+        if not consolidate:
+            return None, {**state, "shards": str(ckpt)}
+        return read_consolidated(ckpt, state)
+    try:
         weights = load_file(str(ckpt / WEIGHTS), device=str(map_location))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"cannot read {ckpt / WEIGHTS}: {err}") from None
-    try:
-        state = torch.load(ckpt / STATE, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is a corrupt file
-        raise CheckpointError(f"cannot read {ckpt / STATE}: {err}") from None
-    return weights, upgrade_state(state, ckpt / STATE)
+    return weights, state
 
 
 def trainer_state(step: int, parts: dict[str, Any]) -> dict[str, Any]:
@@ -255,4 +286,73 @@ def load_checkpoint(path: Path, model: nn.Module | None = None, map_location: st
     weights, state = read_checkpoint(ckpt, map_location)
     if model is not None:
         load_weights(model, weights, ckpt)
+    return weights, state
+
+
+# sharded checkpoints (ermoe.train.shards writes them): reading ---------------------------------------------------
+SHARDS = "shards"
+IN_SHARDS = "in shards"  # state.pt's stand-in for a part's tensors kept in shards/
+MODEL, OPTIMIZER, EMA = "model/", "optimizer/", "ema/"
+
+
+def is_sharded(ckpt: Path) -> bool:
+    """Whether a checkpoint directory is a sharded one."""
+    return (Path(ckpt) / SHARDS).is_dir()
+
+
+@contextlib.contextmanager
+def dcp_call(no_dist: bool):
+    """Around a DCP save or load: in one process (``no_dist``), without its warning that it assumes one process
+    (what was asked)."""
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", "torch.distributed is .*unavailable or uninitialized")
+        yield
+
+
+def sharded_metadata(ckpt: Path) -> dict[str, Any]:
+    """A sharded checkpoint's tensors: ``{key: TensorStorageMetadata}`` (the whole tensor's size and dtype)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        meta = FileSystemReader(str(Path(ckpt) / SHARDS)).read_metadata().state_dict_metadata
+    except Exception as err:  # noqa: BLE001 - a missing or unreadable .metadata is a broken checkpoint
+        raise CheckpointError(f"cannot read the sharded checkpoint {ckpt / SHARDS}: {err}") from None
+    return {k: m for k, m in meta.items() if isinstance(m, TensorStorageMetadata)}
+
+
+def load_dcp(ckpt: Path, tensors: dict[str, torch.Tensor], no_dist: bool) -> None:
+    """Fill ``tensors`` (whole or this rank's shards) from a sharded checkpoint, in place (a collective unless
+    ``no_dist``)."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        with dcp_call(no_dist):
+            dcp.load(tensors, checkpoint_id=Path(ckpt) / SHARDS, no_dist=no_dist)
+    except Exception as err:  # noqa: BLE001 - DCP wraps every rank's failure in its own exception
+        raise CheckpointError(f"cannot read the sharded checkpoint {ckpt / SHARDS}: {err}") from None
+
+
+def read_consolidated(ckpt: Path, state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A sharded checkpoint as one process holding the whole model reads a single-file one: ``(weights, state)``,
+    the optimizer's moments by parameter index and the EMA weights put back into ``state`` (in this process alone,
+    whatever job it is in)."""
+    meta = sharded_metadata(ckpt)
+    tensors = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()}
+    load_dcp(ckpt, tensors, no_dist=True)
+    weights = {k[len(MODEL):]: t for k, t in tensors.items() if k.startswith(MODEL)}
+    parts = state["components"]
+    optimizer = parts.get("optimization", {}).get("optimizer")
+    if isinstance(optimizer, dict) and optimizer.get("state") == IN_SHARDS:
+        index = {name: i for i, name in enumerate(optimizer["param_names"])}
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            if key.startswith(OPTIMIZER):
+                name, what = key[len(OPTIMIZER):].rsplit("/", 1)
+                per_param.setdefault(index[name], {})[what] = t
+        parts["optimization"]["optimizer"] = {"state": dict(sorted(per_param.items())),
+                                              "param_groups": optimizer["param_groups"]}
+    if parts.get("ema", {}).get("weights") == IN_SHARDS:
+        parts["ema"]["weights"] = {k[len(EMA):]: t for k, t in tensors.items() if k.startswith(EMA)}
     return weights, state

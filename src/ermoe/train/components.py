@@ -20,9 +20,10 @@ from ..analysis.diagnostics import chance_changed_share, changed_share, probe_ro
 from ..models import RoutedModel
 from ..routing.stats import ep_straggler, load_summary
 from ..weight_decay import decayed_parameter_names
-from .checkpoint import list_checkpoints, step_of
+from .checkpoint import IN_SHARDS, list_checkpoints, step_of
 from .config import OptimConfig
 from .parallel import Parallel
+from .shards import optimizer_layout
 from .run import LOG_FILE, Run
 
 
@@ -178,11 +179,13 @@ class Optimization:
     The schedule is a function of the settings and the step alone: a restored state keeps the moments and the step,
     and takes the group settings (learning rate, weight decay) and the schedule from ``settings``, so an override of
     either on resume applies from the step it resumes at. Moments are saved as one process holding the whole model
-    would have them (any world size resumes them)."""
+    would have them (any world size resumes them); ``in_shards``: kept in a sharded checkpoint's shards instead
+    (:mod:`ermoe.train.shards`), its state holding their layout only."""
 
     def __init__(self, model: nn.Module, settings: OptimConfig, total_steps: int, device: torch.device,
-                 parallel: Parallel) -> None:
+                 parallel: Parallel, in_shards: bool = False) -> None:
         self.model, self.settings, self.total_steps, self.parallel = model, settings, total_steps, parallel
+        self.in_shards = in_shards
         self.optimizer = build_optimizer(model, settings)
         dtype = amp_dtype(settings.amp, device)
         self.autocast = autocast_ctx(device, dtype)
@@ -200,11 +203,14 @@ class Optimization:
             last_epoch=step - 1)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.parallel.optimizer_state(self.optimizer, self.model),
-                "scaler": self.scaler.state_dict(), "schedule_step": self.scheduler.last_epoch}
+        optimizer = (optimizer_layout(self.optimizer, self.model) if self.in_shards else
+                     self.parallel.optimizer_state(self.optimizer, self.model))
+        return {"optimizer": optimizer, "scaler": self.scaler.state_dict(),
+                "schedule_step": self.scheduler.last_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.parallel.load_optimizer_state(self.optimizer, self.model, state["optimizer"])
+        if state["optimizer"]["state"] != IN_SHARDS:  # (else the trainer loads the moments from the shards)
+            self.parallel.load_optimizer_state(self.optimizer, self.model, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self._schedule_from(state["schedule_step"])
 
@@ -390,12 +396,13 @@ class StragglerMeter:
 
 class EMA:
     """timm's ``ModelEmaV3`` of the whole model (parameters and buffers) with ``decay``, cut to this rank's
-    experts like the model; its state is the whole model's (any world size resumes it)."""
+    experts like the model; its state is the whole model's (any world size resumes it), or :data:`IN_SHARDS`
+    (``in_shards``: a sharded checkpoint holds the weights)."""
 
-    def __init__(self, model: nn.Module, decay: float, parallel: Parallel) -> None:
+    def __init__(self, model: nn.Module, decay: float, parallel: Parallel, in_shards: bool = False) -> None:
         from timm.utils.model_ema import ModelEmaV3
 
-        self.ema, self.parallel = ModelEmaV3(model, decay=decay), parallel
+        self.ema, self.parallel, self.in_shards = ModelEmaV3(model, decay=decay), parallel, in_shards
 
     @property
     def module(self) -> nn.Module:
@@ -408,7 +415,8 @@ class EMA:
         self.ema.update(model, step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"weights": self.parallel.model_state(self.module)}
+        return {"weights": IN_SHARDS if self.in_shards else self.parallel.model_state(self.module)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.parallel.load_model_state(self.module, state["weights"])
+        if not isinstance(state["weights"], str):  # (IN_SHARDS: the trainer loads them from the shards)
+            self.parallel.load_model_state(self.module, state["weights"])

@@ -135,6 +135,10 @@ class TrainConfig:
     # (FSDP2's fully_shard: weights, gradients and optimizer moments sharded over the processes, each ViT block a
     # unit; not yet beside expert parallelism or with optim.ema). docs/distributed.md.
     shard: Literal["ddp", "fsdp"] = "ddp"
+    # How checkpoints are written (ermoe.train.checkpoint, ermoe.train.shards): single (the whole model in one
+    # safetensors file, written by rank 0) or sharded (torch.distributed.checkpoint: every rank writes what it
+    # holds); auto: sharded under shard: fsdp, else single. Either resumes at any world size.
+    checkpoint_format: Literal["auto", "single", "sharded"] = "auto"
     # Join torchrun's process group even as its only process (torchrun --nproc_per_node=1): every collective then
     # runs (NCCL on a GPU), as it would on more processes. With several processes the group is always joined.
     distributed: bool = False
@@ -146,6 +150,11 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     # The task's own settings (its Options dataclass, e.g. brain age's loss); none for classification.
     task_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Whether checkpoints are written sharded (``checkpoint_format``, ``auto`` resolved)."""
+        return self.checkpoint_format == "sharded" or (self.checkpoint_format == "auto" and self.shard == "fsdp")
 
 
 def _check(value: Any, annotation: Any, key: str) -> Any:

@@ -48,7 +48,8 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=_FULL_ON_RANK0)
 
 
-def _flat_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[str]:
+def parameter_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[str]:
+    """The name of each of the optimizer's parameters, in its order (the index one process's layout uses)."""
     names = {id(p): n for n, p in model.named_parameters()}
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
@@ -58,14 +59,14 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> 
     full = get_optimizer_state_dict(model, optimizer, options=_FULL_ON_RANK0)
     if not full:  # (ranks other than 0 hold nothing)
         return {}
-    index = {name: i for i, name in enumerate(_flat_names(optimizer, model))}
+    index = {name: i for i, name in enumerate(parameter_names(optimizer, model))}
     return {"state": {index[name]: s for name, s in full["state"].items()},
             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]}
 
 
 def load_full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, state: dict[str, Any]) -> None:
     """Load a whole optimizer state in one process's layout (every rank holds it) into this rank's shards."""
-    names = _flat_names(optimizer, model)
+    names = parameter_names(optimizer, model)
     by_name = {"state": {names[i]: s for i, s in state["state"].items()},
                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))

@@ -2,7 +2,7 @@
 
 :func:`read_weights` reads a safetensors file, a PyTorch state dict (``.pt``/``.pth``/``.bin``; timm's training
 checkpoints keep it under ``state_dict`` or ``model``, DDP prefixes ``module.``), or an ermoe run or checkpoint
-directory; :func:`ermoe.models.weights.load_matching` loads what matches by name and shape and reports the rest.
+directory (single-file or sharded); :func:`ermoe.models.weights.load_matching` loads what matches by name and shape and reports the rest.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.weights import LoadReport, load_matching
-from .checkpoint import WEIGHTS, CheckpointError, resolve_checkpoint
+from .checkpoint import WEIGHTS, CheckpointError, is_sharded, read_checkpoint, resolve_checkpoint
 
 _NESTED = ("state_dict", "model", "module")
 
@@ -24,7 +24,10 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"weights file {path} does not exist")
     if path.is_dir():
-        path = resolve_checkpoint(path) / WEIGHTS
+        ckpt = resolve_checkpoint(path)
+        if is_sharded(ckpt):
+            return read_checkpoint(ckpt)[0]
+        path = ckpt / WEIGHTS
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

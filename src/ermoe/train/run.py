@@ -37,7 +37,7 @@ RESUMABLE = {
     "optim.lr", "optim.weight_decay", "optim.epochs", "optim.max_steps", "optim.min_lr_ratio", "optim.warmup_steps",
     "optim.clip_grad", "optim.eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "probe_every",
     "progress", "tensorboard", "threads", "device", "ep_size", "dist_timeout_s", "distributed", "shard",
-    "data.num_workers",
+    "checkpoint_format", "data.num_workers",
     "optim.fused", "optim.compile", "model.grad_checkpointing",
 }
 # Where a run lives, not what it is: a run directory moved or copied elsewhere (another disk, another machine, a

@@ -35,6 +35,7 @@ from .lock import RunLock
 from .parallel import Parallel
 from .precise_bn import recalibrate_batchnorm, trainable_batchnorms
 from .run import METRICS_FILE, Run, resume_changes
+from .shards import load_shards, save_sharded_checkpoint, shard_tensors
 
 __all__ = ["NonFiniteLossError", "Trainer", "build_model", "create_task", "evaluate", "load_run", "report", "setup",
            "task_setup", "train"]
@@ -121,7 +122,7 @@ class Trainer:
             raise ConfigError(f"optim.accum_steps={o.accum_steps} must divide each rank's share of optim.batch_size "
                               f"({share} = {o.batch_size} / {parallel.world_size} processes)")
         self.position = Position(task.num_train // o.batch_size, o.epochs, o.max_steps)
-        self.ema = EMA(model, o.ema, parallel) if o.ema is not None else None  # a copy of the whole model
+        self.ema = EMA(model, o.ema, parallel, cfg.sharded_checkpoints) if o.ema is not None else None  # (whole)
         self.forward_model = parallel.prepare(model)  # experts sharded, DDP around the rest (in a job)
         if self.ema is not None:
             self.ema.shard()
@@ -129,7 +130,7 @@ class Trainer:
             warnings.warn(f"optim.compile={o.compile!r}: the MoE layers do not scan their inputs for NaN in compiled "
                           "code (the non-finite guard still stops the run)", stacklevel=2)
             self.forward_model = torch.compile(self.forward_model, backend=o.compile)
-        self.optimization = Optimization(model, o, self.position.total, device, parallel)
+        self.optimization = Optimization(model, o, self.position.total, device, parallel, cfg.sharded_checkpoints)
         self.autocast = self.optimization.autocast
         self.logger = Logger(run if parallel.main else None, cfg.tensorboard, self.position)
         self.routing = RoutingMonitor(model, task.probe().inputs, self.autocast, self.logger)
@@ -168,6 +169,9 @@ class Trainer:
                                   f"{sorted(self.parts)}")
         for name, part in self.parts.items():  # (in order: the position first)
             part.load_state_dict(parts[name])
+        if "shards" in state:  # a sharded checkpoint: the weights, moments and EMA weights, each rank its part
+            load_shards(Path(state["shards"]), self.model, self.optimizer,
+                        self.ema.module if self.ema is not None else None, self.parallel)
 
     def fit(self) -> None:
         """Train from the current step to the last one."""
@@ -308,6 +312,13 @@ class Trainer:
                     recalibrate_batchnorm(self.model, (b.inputs for b in self.task.eval_batches(
                         "train", size, limit=self.cfg.bn_recalibration * size)))
             self.routing.at_checkpoint(self.step)
+        if self.cfg.sharded_checkpoints:  # every rank writes its tensors (ermoe.train.shards)
+            ema = self.ema.module if self.ema is not None else None
+            save_sharded_checkpoint(self.run.checkpoints, self.step,
+                                    shard_tensors(self.model, self.optimizer, ema, self.parallel),
+                                    trainer_state(self.step, self.state_dict()), self.cfg.keep_checkpoints,
+                                    self.parallel)
+            return
         weights = self.parallel.model_state(self.model)  # whole-model states: collectives on every rank
         parts = self.state_dict()
         if self.parallel.main:
@@ -402,11 +413,13 @@ def _train(cfg: TrainConfig, parallel: Parallel, resume: str | Path | None, quie
         state, changes = None, {}
         if resume is not None:
             changes = resume_changes(run.read_config(), cfg)
-            ckpt, weights, state = find_checkpoint(run.root, from_step)  # read once, verified
+            # read once, verified; a sharded checkpoint's tensors are read by the trainer, each rank its part
+            ckpt, weights, state = find_checkpoint(run.root, from_step, consolidate=False)
             if parallel.main:
                 clean_temporaries(run.checkpoints)
             task, model, device = setup(cfg, load_pretrained=False, parallel=parallel)  # no weights file re-read
-            load_weights(model, weights, ckpt)  # the whole model; the trainer shards it
+            if weights is not None:
+                load_weights(model, weights, ckpt)  # the whole model; the trainer shards it
         elif cfg.model.moe_init == "pca":
             batches = [b.inputs for b in task.eval_batches("train", cfg.optim.batch_size)][:cfg.model.moe_init_batches]
             model.init_routers_from_data(batches)
