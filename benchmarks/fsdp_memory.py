@@ -5,7 +5,7 @@ resident memory, at each world size (gloo processes, one thread each); then one 
 torch.distributed.checkpoint): its seconds, what rank 0 wrote, and rank 0's peak resident memory after it.
 
     python benchmarks/fsdp_memory.py                         # ViT-B/16 width and depth, ERMoE in every other block
-    python benchmarks/fsdp_memory.py --worlds 2 4 --batch 2 --json
+    python benchmarks/fsdp_memory.py --worlds 2 4 --batch 2 --json   # and FSDP2 beside expert parallelism of 2 on 4
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _job(rank: int, world: int, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = ermoe.create_model("vit_base", num_classes=1000, img_size=224, in_chans=3, patch_size=16,
                                moe={"router": "ermoe", "num_experts": 8, "blocks": "every_other"})
-    parallel = Parallel(init_parallel(1), fsdp=args.shard == "fsdp")
+    parallel = Parallel(init_parallel(args.ep), fsdp=args.shard == "fsdp")
     forward = parallel.prepare(model)
     optimizer = build_optimizer(model, OptimConfig())
     x = torch.randn(args.batch, 3, 224, 224)
@@ -54,7 +54,7 @@ def _job(rank: int, world: int, args: argparse.Namespace) -> dict:
     optimizer.step()
     params = list(model.parameters())
     moments = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
-    row = {"shard": args.shard, "format": args.format, "world": world, "rank": rank,
+    row = {"shard": args.shard, "format": args.format, "world": world, "ep": args.ep, "rank": rank,
            "weights_mb": _bytes(params) / 2 ** 20,
            "grads_mb": _bytes(p.grad for p in params if p.grad is not None) / 2 ** 20,
            "moments_mb": _bytes(moments) / 2 ** 20,
@@ -67,6 +67,7 @@ def _checkpoint(model, optimizer, parallel, args: argparse.Namespace) -> dict:
     """Write one checkpoint as the trainer does (a collective) into a fresh folder: its seconds, rank 0's bytes on
     disk and peak resident memory afterwards."""
     from ermoe.train.checkpoint import save_checkpoint, trainer_state
+    from ermoe.train import whole_state
     from ermoe.train.shards import optimizer_layout, save_sharded_checkpoint, shard_tensors
 
     folder = Path(parallel.broadcast(tempfile.mkdtemp(prefix="ermoe_ckpt_") if parallel.main else None))
@@ -76,8 +77,8 @@ def _checkpoint(model, optimizer, parallel, args: argparse.Namespace) -> dict:
         state = trainer_state(1, {"optimization": {"optimizer": optimizer_layout(optimizer, model)}})
         save_sharded_checkpoint(folder, 1, shard_tensors(model, optimizer, None, parallel), state, 1, parallel)
     else:
-        weights = parallel.model_state(model)
-        state = trainer_state(1, {"optimization": {"optimizer": parallel.optimizer_state(optimizer, model)}})
+        weights = whole_state.model_state(parallel, model)
+        state = trainer_state(1, {"optimization": {"optimizer": whole_state.optimizer_state(parallel, optimizer, model)}})
         if parallel.main:
             save_checkpoint(folder, 1, weights, state, 1)
         parallel.barrier()
@@ -99,25 +100,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[2])
     parser.add_argument("--batch", type=int, default=2, help="images per rank")
+    parser.add_argument("--ep", type=int, nargs="*", default=[2], help="expert-parallel sizes beside FSDP2 (sharded "
+                        "checkpoints) on the largest world size")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     rows = []
-    for world in args.worlds:
-        for shard, fmt in (("ddp", "single"), ("fsdp", "single"), ("fsdp", "sharded")):
-            args.shard, args.format = shard, fmt
-            rows.append(run_local(_job, world, args, timeout_s=900)[0])  # rank 0's (the ranks hold alike)
+    jobs = [(world, shard, fmt, 1) for world in args.worlds
+            for shard, fmt in (("ddp", "single"), ("fsdp", "single"), ("fsdp", "sharded"))]
+    jobs += [(max(args.worlds), "fsdp", "sharded", ep) for ep in args.ep]
+    eps = args.ep
+    for world, args.shard, args.format, args.ep in jobs:
+        rows.append(run_local(_job, world, args, timeout_s=900)[0])  # rank 0's (the ranks hold alike)
+    args.ep = eps
     if args.json:
         print(json.dumps(rows, indent=1))
         return
     print(f"ViT-B/16 width and depth, ERMoE with 8 experts in every other block ({rows[0]['params_total'] / 1e6:.1f} M "
           f"parameters), AdamW, {args.batch} images per rank; rank 0 after one step; {platform.machine()}, torch "
           f"{torch.__version__}, gloo")
-    print(f"{'shard':>5}  {'checkpoint':>10}  {'world':>5}  {'weights MB':>10}  {'grads MB':>8}  {'moments MB':>10}  "
-          f"{'peak RSS MB':>11}  {'save s':>6}  {'rank 0 wrote MB':>15}  {'peak RSS after save MB':>22}")
+    columns = [("shard", 5, "shard", ""), ("checkpoint", 10, "format", ""), ("world", 5, "world", ""),
+               ("ep", 2, "ep", ""), ("weights MB", 10, "weights_mb", ".0f"), ("grads MB", 8, "grads_mb", ".0f"),
+               ("moments MB", 10, "moments_mb", ".0f"), ("peak RSS MB", 11, "peak_rss_mb", ".0f"),
+               ("save s", 6, "save_s", ".1f"), ("rank 0 wrote MB", 15, "rank0_wrote_mb", ".0f"),
+               ("peak RSS after save MB", 22, "peak_rss_after_save_mb", ".0f")]
+    print("  ".join(f"{title:>{width}}" for title, width, _, _ in columns))
     for r in rows:
-        print(f"{r['shard']:>5}  {r['format']:>10}  {r['world']:>5}  {r['weights_mb']:>10.0f}  {r['grads_mb']:>8.0f}  "
-              f"{r['moments_mb']:>10.0f}  {r['peak_rss_mb']:>11.0f}  {r['save_s']:>6.1f}  {r['rank0_wrote_mb']:>15.0f}  "
-              f"{r['peak_rss_after_save_mb']:>22.0f}")
+        print("  ".join(f"{r[key]:>{width}{fmt}}" for _, width, key, fmt in columns))
 
 
 if __name__ == "__main__":

@@ -400,22 +400,21 @@ FSDP_RTOL = 1e-6
 
 
 def test_fsdp2_follows_the_one_process_curve_and_resumes_at_another_world_size(tmp_path):
-    """shard: fsdp (FSDP2's fully_shard per ViT block: weights, gradients and AdamW moments sharded over 2 gloo
-    ranks): the same loss curve as one process to 1e-6; its sharded checkpoint (DCP, each rank its shards) resumes
-    over 4 sharded ranks to the same curve and reads whole to the one process's weights, and a one-process
-    single-file checkpoint resumes sharded over 2 ranks."""
+    """shard: fsdp (FSDP2's fully_shard per ViT block: weights, gradients, AdamW moments and the EMA copy sharded
+    over 2 gloo ranks): the same loss curve as one process to 1e-6; its sharded checkpoint (DCP, each rank its
+    shards) resumes over 4 sharded ranks to the same curve and reads whole to the one process's weights and EMA
+    weights (a one-process single-file
+    checkpoint resumed sharded: test_fsdp2_beside_expert_parallelism_follows_the_one_process_curve)."""
     pytest.importorskip("sklearn")
-    import shutil
-
     from ermoe.train import ConfigError, load_config, train
-    from ermoe.train.checkpoint import read_checkpoint
-    from ermoe.train.checkpoint import SHARDS
+    from ermoe.train.checkpoint import SHARDS, read_checkpoint
 
-    one = train(load_config(None, cases.tiny_digits(str(tmp_path / "one"))), quiet=True)
+    ema = {"ema": 0.9}  # (the EMA copy sharded like the model, updated shard by shard)
+    one = train(load_config(None, cases.tiny_digits(str(tmp_path / "one"), optim=ema)), quiet=True)
     curve_one, metrics_one = _train_log(one)
     # 2 sharded ranks for the first epoch (8 steps), then on to the end over 4 from their sharded checkpoint
     part = run_local(cases.train_job, 2, cases.tiny_digits(str(tmp_path / "part"), shard="fsdp",
-                                                          optim={"max_steps": 8}))[0]
+                                                          optim={"max_steps": 8, **ema}))[0]
     curve, metrics = _train_log(part)
     _same_curve(curve, curve_one[:8], FSDP_RTOL)
     assert metrics["world_size"] == 2 and metrics["params_total"] == metrics_one["params_total"]
@@ -425,45 +424,88 @@ def test_fsdp2_follows_the_one_process_curve_and_resumes_at_another_world_size(t
     curve, metrics = _train_log(resumed)
     _same_curve(curve, curve_one, FSDP_RTOL)
     assert metrics["test_top1"] == pytest.approx(metrics_one["test_top1"], abs=2 / metrics_one["test_images"])
-    whole, _ = read_checkpoint(Path(resumed) / "checkpoints" / "step_00000016")
-    expected, _ = read_checkpoint(Path(one) / "checkpoints" / "step_00000016")
-    assert whole.keys() == expected.keys()
-    for key in expected:
-        torch.testing.assert_close(whole[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
-    # the one-process run's single-file checkpoint of step 8 (a copy of the run without its later one), resumed
-    # over 2 sharded ranks
-    single = tmp_path / "single" / "run"
-    shutil.copytree(one, single)
-    shutil.rmtree(single / "checkpoints" / "step_00000016")
-    (single / "checkpoints" / "latest").write_text("step_00000008\n")
-    resumed = run_local(cases.train_job, 2, {"shard": "fsdp", "optim": {"max_steps": None}}, str(single))[0]
-    _same_curve(_train_log(resumed)[0], curve_one, FSDP_RTOL)
-    with pytest.raises(ConfigError, match="shard: fsdp beside expert parallelism .* is not built yet"):
-        load_config(None, cases.tiny_digits(str(tmp_path), shard="fsdp", ep_size=2))
+    assert metrics["ema"]["test_loss"] == pytest.approx(metrics_one["ema"]["test_loss"], rel=1e-5)
+    whole, state = read_checkpoint(Path(resumed) / "checkpoints" / "step_00000016")
+    expected, expected_state = read_checkpoint(Path(one) / "checkpoints" / "step_00000016")
+    for name, (ours, theirs) in {"weights": (whole, expected), "EMA weights": (
+            state["components"]["ema"]["weights"], expected_state["components"]["ema"]["weights"])}.items():
+        assert ours.keys() == theirs.keys(), name
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
     with pytest.raises(ConfigError, match="shard: fsdp shards the weights over the processes of a torchrun job"):
         train(load_config(None, cases.tiny_digits(str(tmp_path / "alone"), shard="fsdp")), quiet=True)
 
 
-def test_expert_parallel_shards_are_written_once_and_resume_in_one_process(tmp_path):
-    """checkpoint_format: sharded under expert parallelism (4 ranks, ep_size 2: each expert shard held by 2
-    replicas): each rank's experts' rows written as a DTensor over its expert group, once per shard, with the EMA
-    weights; one process resumes them to the one-process curve."""
-    pytest.importorskip("sklearn")
+def _expert_chunks(run, step: int, key: str) -> list[tuple[tuple[int, ...], int]]:
+    """(offsets, rows) of each chunk of ``key`` a sharded checkpoint holds."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    from ermoe.train import load_config, train
     from ermoe.train.checkpoint import SHARDS
 
+    meta = FileSystemReader(str(Path(run) / "checkpoints" / f"step_{step:08d}" / SHARDS)).read_metadata()
+    return sorted((tuple(c.offsets), c.sizes[0]) for c in meta.state_dict_metadata[key].chunks)
+
+
+EXPERT_W2 = "blocks.0.mlp.moe.experts.w2"  # (4 experts of tiny_digits' first block)
+
+
+def test_expert_parallel_shards_resume_in_one_process(tmp_path):
+    """checkpoint_format: sharded under expert parallelism (2 ranks, ep_size 2, DDP): each rank's experts' rows
+    written as a DTensor over its expert group, with their moments and the EMA weights; one process resumes them to
+    the one-process curve."""
+    pytest.importorskip("sklearn")
+    from ermoe.train import load_config, train
+
     curve_one, _ = _train_log(train(load_config(None, cases.tiny_digits(str(tmp_path / "one"))), quiet=True))
-    part = run_local(cases.train_job, 4, cases.tiny_digits(str(tmp_path / "ep"), ep_size=2, checkpoint_format="sharded",
+    part = run_local(cases.train_job, 2, cases.tiny_digits(str(tmp_path / "ep"), ep_size=2, checkpoint_format="sharded",
                                                           optim={"max_steps": 8, "ema": 0.99}))[0]
-    meta = FileSystemReader(str(Path(part) / "checkpoints" / "step_00000008" / SHARDS)).read_metadata()
-    for key in ("model/blocks.0.mlp.moe.experts.w2", "optimizer/blocks.0.mlp.moe.experts.w2/exp_avg",
-                "ema/blocks.0.mlp.moe.experts.w2"):
-        chunks = meta.state_dict_metadata[key].chunks
-        assert meta.state_dict_metadata[key].size[0] == 4  # the whole layer's experts
-        assert sorted((tuple(c.offsets), tuple(c.sizes)[0]) for c in chunks) == [((0, 0, 0), 2), ((2, 0, 0), 2)]
+    for key in (f"model/{EXPERT_W2}", f"optimizer/{EXPERT_W2}/exp_avg", f"ema/{EXPERT_W2}"):
+        assert _expert_chunks(part, 8, key) == [((0, 0, 0), 2), ((2, 0, 0), 2)]
     resumed = cases.train_job(0, 1, {"ep_size": 1, "optim": {"max_steps": None}}, resume=part)
     curve, metrics = _train_log(resumed)
     _same_curve(curve, curve_one, CURVE_RTOL)
     assert set(metrics["ema"]) >= {"test_top1", "test_loss"}
+
+
+def test_fsdp2_beside_expert_parallelism_follows_the_one_process_curve(tmp_path):
+    """shard: fsdp with ep_size 2 on 4 ranks (2 replicas of each expert shard): the experts sharded over their
+    expert group (their gradients averaged over the replicas), every other weight FSDP2-sharded over all 4; gradient
+    clipping by the whole norm. The one-process curve to 1e-6; its sharded checkpoint holds each expert shard once;
+    the one-process run's single-file checkpoint resumed over the same 4 ranks writing single-file checkpoints (the
+    whole model and optimizer gathered): the one-process curve and final weights and moments to float32 rounding."""
+    pytest.importorskip("sklearn")
+    from ermoe.train import load_config, train
+    from ermoe.train.checkpoint import read_checkpoint
+
+    clip = {"clip_grad": 0.5}  # (engaged from step 3: the curve differs from an unclipped one there)
+    one = train(load_config(None, cases.tiny_digits(str(tmp_path / "one"), optim=clip)), quiet=True)
+    curve_one, _ = _train_log(one)
+    part = run_local(cases.train_job, 4, cases.tiny_digits(str(tmp_path / "fe"), shard="fsdp", ep_size=2,
+                                                          optim={"max_steps": 8, **clip}))[0]
+    _same_curve(_train_log(part)[0], curve_one[:8], FSDP_RTOL)
+    for key in (f"model/{EXPERT_W2}", f"optimizer/{EXPERT_W2}/exp_avg_sq"):
+        assert _expert_chunks(part, 8, key) == [((0, 0, 0), 2), ((2, 0, 0), 2)]
+    # the one-process run's single-file checkpoint of step 8 (a copy of the run without its later one), resumed
+    # over the same 4 ranks, writing single-file checkpoints
+    import shutil
+    single = tmp_path / "single" / "run"
+    shutil.copytree(one, single)
+    shutil.rmtree(single / "checkpoints" / "step_00000016")
+    (single / "checkpoints" / "latest").write_text("step_00000008\n")
+    resumed = run_local(cases.train_job, 4, {"shard": "fsdp", "ep_size": 2, "checkpoint_format": "single",
+                                             "optim": {"max_steps": None}}, str(single))[0]
+    _same_curve(_train_log(resumed)[0], curve_one, FSDP_RTOL)
+    whole, state = read_checkpoint(Path(resumed) / "checkpoints" / "step_00000016")
+    expected, expected_state = read_checkpoint(Path(one) / "checkpoints" / "step_00000016")
+    assert (Path(resumed) / "checkpoints" / "step_00000016" / "model.safetensors").exists()
+    assert whole.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(whole[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+    moments, expected_moments = (s["components"]["optimization"]["optimizer"]["state"]
+                                 for s in (state, expected_state))
+    assert moments.keys() == expected_moments.keys()
+    for index in expected_moments:
+        torch.testing.assert_close(moments[index]["exp_avg"], expected_moments[index]["exp_avg"], rtol=1e-3,
+                                   atol=1e-7)
+
+

@@ -369,10 +369,12 @@ def reduce_expert_grads(model: nn.Module, groups: ParallelGroups) -> None:
         offset += n
 
 
-def full_state_dict(model: nn.Module, groups: ParallelGroups) -> dict[str, Tensor]:
+def full_state_dict(model: nn.Module, groups: ParallelGroups, only: set[str] | None = None) -> dict[str, Tensor]:
     """The state dict of the whole model on every rank: sharded expert tensors gathered over the expert-parallel
-    group, in expert order (what one process would hold; any world size can load it)."""
+    group, in expert order (what one process would hold; any world size can load it). ``only``: these entries."""
     state = model.state_dict()
+    if only is not None:
+        state = {name: t for name, t in state.items() if name in only}
     if groups.ep_size == 1:
         return state
     out = {}
@@ -389,6 +391,12 @@ def full_state_dict(model: nn.Module, groups: ParallelGroups) -> dict[str, Tenso
 def load_full_state_dict(model: nn.Module, state: dict[str, Tensor], groups: ParallelGroups) -> None:
     """Load a whole-model state dict (from :func:`full_state_dict` or one process) into a sharded model: each
     rank takes its experts' rows."""
+    model.load_state_dict(local_experts(model, state, groups))
+
+
+def local_experts(model: nn.Module, state: dict[str, Tensor], groups: ParallelGroups) -> dict[str, Tensor]:
+    """A whole-model state dict with each expert tensor cut to this rank's rows (``model``: sharded by
+    :func:`shard_experts`)."""
     local = {}
     expert_names = set(expert_parameter_names(model))
     own = model.state_dict()
@@ -400,7 +408,7 @@ def load_full_state_dict(model: nn.Module, state: dict[str, Tensor], groups: Par
                                  f"{rows} x ep_size {groups.ep_size}")
             tensor = tensor[groups.ep_rank * rows:(groups.ep_rank + 1) * rows]
         local[name] = tensor
-    model.load_state_dict(local)
+    return local
 
 
 # -- running a function on N local processes (tests, benchmarks) --------------------------------------------------

@@ -24,6 +24,7 @@ from .checkpoint import IN_SHARDS, list_checkpoints, step_of
 from .config import OptimConfig
 from .parallel import Parallel
 from .shards import optimizer_layout
+from . import whole_state
 from .run import LOG_FILE, Run
 
 
@@ -204,13 +205,14 @@ class Optimization:
 
     def state_dict(self) -> dict[str, Any]:
         optimizer = (optimizer_layout(self.optimizer, self.model) if self.in_shards else
-                     self.parallel.optimizer_state(self.optimizer, self.model))
+                     whole_state.optimizer_state(self.parallel, self.optimizer, self.model))
         return {"optimizer": optimizer, "scaler": self.scaler.state_dict(),
                 "schedule_step": self.scheduler.last_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["optimizer"]["state"] != IN_SHARDS:  # (else the trainer loads the moments from the shards)
-            self.parallel.load_optimizer_state(self.optimizer, self.model, state["optimizer"])
+            whole_state.load_optimizer_state(self.parallel, self.optimizer, self.model,
+                                             state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self._schedule_from(state["schedule_step"])
 
@@ -402,7 +404,9 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float, parallel: Parallel, in_shards: bool = False) -> None:
         from timm.utils.model_ema import ModelEmaV3
 
-        self.ema, self.parallel, self.in_shards = ModelEmaV3(model, decay=decay), parallel, in_shards
+        # (under FSDP2 the weights are DTensors and the buffers plain: one lerp per tensor, not one foreach over both)
+        self.ema = ModelEmaV3(model, decay=decay, foreach=not parallel.fsdp)
+        self.parallel, self.in_shards = parallel, in_shards
 
     @property
     def module(self) -> nn.Module:
@@ -415,8 +419,8 @@ class EMA:
         self.ema.update(model, step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"weights": IN_SHARDS if self.in_shards else self.parallel.model_state(self.module)}
+        return {"weights": IN_SHARDS if self.in_shards else whole_state.model_state(self.parallel, self.module)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state["weights"], str):  # (IN_SHARDS: the trainer loads them from the shards)
-            self.parallel.load_model_state(self.module, state["weights"])
+            whole_state.load_model_state(self.parallel, self.module, state["weights"])

@@ -132,8 +132,8 @@ class TrainConfig:
     ep_size: Positive = 1
     dist_timeout_s: finite(gt=0) = 600.0
     # How the data-parallel side holds the weights: ddp (a whole copy per process, gradients all-reduced) or fsdp
-    # (FSDP2's fully_shard: weights, gradients and optimizer moments sharded over the processes, each ViT block a
-    # unit; not yet beside expert parallelism or with optim.ema). docs/distributed.md.
+    # (FSDP2's fully_shard: weights, gradients, optimizer moments and the EMA copy sharded over the processes, each
+    # ViT block a unit; beside expert parallelism, every weight but the experts). docs/distributed.md.
     shard: Literal["ddp", "fsdp"] = "ddp"
     # How checkpoints are written (ermoe.train.checkpoint, ermoe.train.shards): single (the whole model in one
     # safetensors file, written by rank 0) or sharded (torch.distributed.checkpoint: every rank writes what it
@@ -266,9 +266,6 @@ def _check_ranges(cfg: TrainConfig) -> None:
     for key in task.model_data_args:
         if key in m.args:
             raise ConfigError(f"model.{key} is set from the data by task {cfg.task!r}, not in the config")
-    if cfg.shard == "fsdp" and (cfg.ep_size > 1 or o.ema is not None):
-        raise ConfigError("shard: fsdp " + ("beside expert parallelism (ep_size > 1)" if cfg.ep_size > 1 else
-                          "with optim.ema") + " is not built yet (issue 40): use shard: ddp")
     if o.compile is not None and m.grad_checkpointing:
         raise ConfigError("model.grad_checkpointing with optim.compile: torch.compile cannot trace a checkpoint whose "
                           "recomputation restores the block's buffers (ermoe.models.checkpointing); use one of them")

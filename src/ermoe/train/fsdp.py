@@ -1,7 +1,8 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) for ``shard: fsdp``: weights, gradients and optimizer moments
-sharded over the data-parallel processes, each of the model's :meth:`~ermoe.models.RoutedModel.shard_units` (the ViT
-blocks) a unit gathered for its own forward. Checkpoints stay in one process's layout (the whole model, the
-optimizer indexed by parameter order), so a sharded run resumes on any world size, sharded or not, and back.
+sharded over the processes, each of the model's :meth:`~ermoe.models.RoutedModel.shard_units` (the ViT blocks) a
+unit gathered for its own forward; beside expert parallelism the experts are left to it (this rank's rows, whole).
+Checkpoints are sharded (:mod:`ermoe.train.shards`) or in one process's layout (the whole model, the optimizer
+indexed by parameter order, gathered here): either resumes on any world size, sharded or not.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from ..models.protocol import RoutedModel
@@ -20,11 +21,12 @@ from ..models.protocol import RoutedModel
 _FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def shard(model: nn.Module) -> nn.Module:
-    """Shard ``model`` in place: its shard units first, then the rest as the root unit."""
+def shard(model: nn.Module, ignored: set[nn.Parameter] | None = None) -> nn.Module:
+    """Shard ``model`` in place: its shard units first, then the rest as the root unit. ``ignored``: parameters
+    left as they are (expert parallelism's experts: this rank's rows, their gradients reduced by the caller)."""
     for unit in model.shard_units() if isinstance(model, RoutedModel) else []:
-        fully_shard(unit)
-    return fully_shard(model)
+        fully_shard(unit, ignored_params=ignored)
+    return fully_shard(model, ignored_params=ignored)
 
 
 @contextlib.contextmanager
@@ -46,6 +48,11 @@ def gathered(model: nn.Module):
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's state dict on rank 0, in CPU memory (a collective; the other ranks get nothing)."""
     return get_model_state_dict(model, options=_FULL_ON_RANK0)
+
+
+def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a whole model's state dict (every rank holds it) into this rank's shards."""
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
 
 def parameter_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[str]:

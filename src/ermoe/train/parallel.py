@@ -24,8 +24,7 @@ from torch import Tensor, nn
 from torch.autograd import Function
 from torch.nn.parallel import DistributedDataParallel
 
-from ..distributed import (ParallelGroups, expert_parameter_names, full_state_dict, init_parallel,
-                           load_full_state_dict, reduce_expert_grads, shard_experts, sync_batchnorm, sync_routing,
+from ..distributed import (ParallelGroups, expert_parameter_names, init_parallel, reduce_expert_grads, shard_experts, sync_batchnorm, sync_routing,
                            wrap_data_parallel)
 from ..models.protocol import RoutedModel
 from . import fsdp
@@ -40,6 +39,13 @@ def launched_world_size() -> int:
 def launched_by_torchrun() -> bool:
     """Whether torchrun (or another launcher of torch.distributed's environment) started this process."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's part of a DTensor (an FSDP2 shard); a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class _GatherRows(Function):
@@ -61,8 +67,9 @@ class _GatherRows(Function):
 
 
 class Parallel:
-    """One process (``groups`` None) or one rank of a data x expert parallel job; ``fsdp``: the data-parallel side
-    shards the weights with FSDP2 (``shard: fsdp``) instead of replicating them under DDP."""
+    """One process (``groups`` None) or one rank of a data x expert parallel job; ``fsdp``: every weight but
+    expert parallelism's experts sharded over all processes by FSDP2 (``shard: fsdp``) instead of replicated under
+    DDP (the experts: this rank's rows, their gradients averaged over the replicas of its shard as under DDP)."""
 
     def __init__(self, groups: ParallelGroups | None = None, owns_process_group: bool = False,
                  fsdp: bool = False) -> None:
@@ -127,12 +134,12 @@ class Parallel:
                              "active": model.active_parameters()}
         if self.groups is None:
             return model
-        if self.fsdp:  # every weight sharded over the data-parallel processes, each unit gathered for its forward
+        shard_experts(model, self.groups)
+        if self.fsdp:  # every other weight sharded over all processes, each unit gathered for its forward
             sync_routing(model, self.groups)
             sync_batchnorm(model, self.groups)
-            self.sharded_root = fsdp.shard(model)
+            self.sharded_root = self._fully_shard(model)
             return self.sharded_root
-        shard_experts(model, self.groups)
         sync_routing(model, self.groups)
         sync_batchnorm(model, self.groups)
         return wrap_data_parallel(model, self.groups,
@@ -142,10 +149,19 @@ class Parallel:
         """Under FSDP2 every weight gathered for the block (:func:`fsdp.gathered`); otherwise nothing."""
         return fsdp.gathered(model) if self.fsdp else contextlib.nullcontext()
 
+    def _fully_shard(self, model: nn.Module) -> nn.Module:
+        """FSDP2 over every weight but expert parallelism's experts (this rank's rows; their gradients are reduced
+        over their replicas by :meth:`after_backward`)."""
+        experts = set(expert_parameter_names(model)) if self.sharded else set()
+        return fsdp.shard(model, {p for n, p in model.named_parameters() if n in experts})
+
     def shard(self, model: nn.Module) -> None:
-        """Cut a copy of the whole model to this rank's experts, as :meth:`prepare` cut the model (an EMA copy)."""
+        """Cut a copy of the whole model as :meth:`prepare` cut the model (an EMA copy): to this rank's experts, and
+        under FSDP2 sharded alike (its weights are then the same shards of the same tensors)."""
         if self.groups is not None:
             shard_experts(model, self.groups)
+            if self.fsdp:
+                self._fully_shard(model)
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
@@ -202,30 +218,37 @@ class Parallel:
         return out
 
     def after_backward(self, model: nn.Module) -> None:
-        if self.groups is not None and not self.fsdp:  # (FSDP2 reduce-scatters every gradient, the experts' too)
+        # (FSDP2 reduce-scatters every gradient it shards: all of them, or all but expert parallelism's experts)
+        if self.groups is not None and (self.sharded or not self.fsdp):
             reduce_expert_grads(model, self.groups)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> Tensor:
         """``clip_grad_norm_`` with the norm of the whole model's gradient: dense gradients are the same on every
         rank, the experts' norm is summed over their shards."""
         params = [p for p in model.parameters() if p.grad is not None]
-        if self.fsdp:  # sharded gradients: the norm of the whole one, every rank's shards summed
+        if self.fsdp and not self.sharded:  # sharded gradients: the norm of the whole one, every rank's shards summed
             return torch.nn.utils.clip_grad_norm_(params, max_norm).full_tensor()
         if not self.sharded:
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        # expert parallelism: the experts' squares summed over their group, FSDP2's shards over every rank (DDP's
+        # dense gradients are whole on every rank)
         expert_names = set(expert_parameter_names(model))
         named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
-        dense = [p.grad for n, p in named if n not in expert_names]
+        dense = [_local(p.grad) for n, p in named if n not in expert_names]
         experts = [p.grad for n, p in named if n in expert_names]
         def sq(grads: list[Tensor]) -> Tensor:
             return sum((g.detach().double().pow(2).sum() for g in grads),
                        torch.zeros((), dtype=torch.float64, device=params[0].device))
 
-        expert_sq = sq(experts)
+        expert_sq, dense_sq = sq(experts), sq(dense)
         dist.all_reduce(expert_sq, group=self.groups.ep)
-        norm = (sq(dense) + expert_sq).sqrt()
-        if math.isfinite(max_norm):
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm.to(params[0].dtype))
+        if self.fsdp:
+            dist.all_reduce(dense_sq, group=self.groups.stats)
+        norm = (dense_sq + expert_sq).sqrt()
+        if math.isfinite(max_norm):  # (torch's clip_grads_with_norm_, on the local tensors of FSDP2's shards)
+            coef = (max_norm / (norm.to(params[0].dtype) + 1e-6)).clamp(max=1.0)
+            for grad in [*dense, *experts]:
+                grad.detach().mul_(coef)
         return norm
 
     def all_finite(self, finite: bool) -> bool:
@@ -236,76 +259,6 @@ class Parallel:
         flag = torch.tensor(0.0 if finite else 1.0)
         dist.all_reduce(flag, group=self.groups.host)
         return float(flag) == 0.0
-
-    # checkpoints --------------------------------------------------------------------------------------------------
-    def model_state(self, model: nn.Module) -> dict[str, Tensor]:
-        """The whole model's state dict (gathered on every rank; rank 0 writes it; under FSDP2 rank 0 alone holds
-        it, in CPU memory)."""
-        if self.fsdp:
-            return fsdp.full_model_state(model)
-        return full_state_dict(model, self.groups) if self.sharded else model.state_dict()
-
-    def load_model_state(self, model: nn.Module, state: dict[str, Tensor]) -> None:
-        """Load a whole-model state dict into ``model``, cut to this rank's experts."""
-        if self.sharded:
-            load_full_state_dict(model, state, self.groups)
-        else:
-            model.load_state_dict(state)
-
-    def optimizer_state(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
-        """The optimizer's state dict as one process holding the whole model would have it: the expert parameters'
-        moments gathered over the expert-parallel group (parameter indices are the same on every world size)."""
-        if self.fsdp:
-            return fsdp.full_optimizer_state(optimizer, model)
-        state = optimizer.state_dict()
-        if not self.sharded:
-            return state
-        for index, _ in self._expert_indices(optimizer, model):
-            per_param = state["state"].get(index)
-            if per_param is None:
-                continue
-            gathered = dict(per_param)  # (state_dict() hands out the optimizer's own per-parameter dicts)
-            for key, value in per_param.items():
-                if isinstance(value, Tensor) and value.dim() > 0:
-                    parts = [torch.empty_like(value) for _ in range(self.groups.ep_size)]
-                    dist.all_gather(parts, value.contiguous(), group=self.groups.ep)
-                    gathered[key] = torch.cat(parts)
-            state["state"][index] = gathered
-        return state
-
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, model: nn.Module, state: dict[str, Any]) -> None:
-        """Load a whole-model optimizer state (one process's layout, from any world size) into this rank's
-        optimizer: its experts' rows under expert parallelism, its shards under FSDP2."""
-        if self.fsdp:
-            fsdp.load_full_optimizer_state(optimizer, model, state)
-        else:
-            optimizer.load_state_dict(self.local_optimizer_state(state, optimizer, model))
-
-    def local_optimizer_state(self, state: dict[str, Any], optimizer: torch.optim.Optimizer,
-                              model: nn.Module) -> dict[str, Any]:
-        """A whole-model optimizer state (from any world size) cut to this rank's experts."""
-        if not self.sharded:
-            return state
-        params = {id(p): p for p in model.parameters()}
-        for index, _ in self._expert_indices(optimizer, model):
-            per_param = state["state"].get(index)
-            if per_param is None:
-                continue
-            rows = params[id(self._param_at(optimizer, index))].shape[0]
-            lo = self.groups.ep_rank * rows
-            state["state"][index] = {k: v[lo:lo + rows].clone() if isinstance(v, Tensor) and v.dim() > 0 else v
-                                     for k, v in per_param.items()}
-        return state
-
-    @staticmethod
-    def _param_at(optimizer: torch.optim.Optimizer, index: int) -> Tensor:
-        return [p for group in optimizer.param_groups for p in group["params"]][index]
-
-    def _expert_indices(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> list[tuple[int, str]]:
-        names = {id(p): n for n, p in model.named_parameters()}
-        experts = set(expert_parameter_names(model))
-        flat = [p for group in optimizer.param_groups for p in group["params"]]
-        return [(i, names[id(p)]) for i, p in enumerate(flat) if names.get(id(p)) in experts]
 
     def barrier(self) -> None:
         if self.groups is not None:

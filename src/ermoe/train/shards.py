@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..distributed import expert_parameter_names
 from .checkpoint import (EMA, IN_SHARDS, MODEL, OPTIMIZER, SHARDS, STATE, CheckpointError, begin_checkpoint,
                          commit_checkpoint, dcp_call, load_dcp, sharded_metadata)
 from .fsdp import parameter_names
@@ -39,8 +40,6 @@ def _experts_as_dtensors(model: nn.Module, parallel: Parallel):
         return lambda name, t: t
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import DTensor, Shard
-
-    from ..distributed import expert_parameter_names
 
     experts = set(expert_parameter_names(model))
     meshes: dict[str, DeviceMesh] = {}
@@ -136,16 +135,19 @@ def load_shards(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
     _check_fits(ckpt, targets, meta, OPTIMIZER, "the optimizer")
     load_dcp(ckpt, targets, no_dist=not dist.is_initialized())
 
-    def local(t: Tensor) -> Tensor:  # (an expert-parallel wrapper's rows; FSDP2's own DTensors stay)
-        return t.to_local() if isinstance(t, DTensor) and parallel.sharded else t
+    experts = set(expert_parameter_names(model)) if parallel.sharded else set()
 
-    model.load_state_dict({k[len(MODEL):]: local(t) for k, t in targets.items() if k.startswith(MODEL)})
-    if ema is not None:
-        ema.load_state_dict({k[len(EMA):]: local(t) for k, t in targets.items() if k.startswith(EMA)})
+    def local(name: str, t: Tensor) -> Tensor:  # (an expert-parallel wrapper's rows; FSDP2's own DTensors stay)
+        return t.to_local() if name in experts and isinstance(t, DTensor) else t
+
+    for prefix, module in ((MODEL, model), (EMA, ema)):
+        if module is not None:
+            module.load_state_dict({k[len(prefix):]: local(k[len(prefix):], t) for k, t in targets.items()
+                                    if k.startswith(prefix)})
     state: dict[str, dict[str, Tensor]] = {}
     for key, t in targets.items():
         if key.startswith(OPTIMIZER):
             name, what = key[len(OPTIMIZER):].rsplit("/", 1)
-            state.setdefault(name, {})[what] = local(t)
+            state.setdefault(name, {})[what] = local(name, t)
     groups = get_optimizer_state_dict(model, optimizer)["param_groups"]
     set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups})

@@ -36,6 +36,7 @@ from .parallel import Parallel
 from .precise_bn import recalibrate_batchnorm, trainable_batchnorms
 from .run import METRICS_FILE, Run, resume_changes
 from .shards import load_shards, save_sharded_checkpoint, shard_tensors
+from . import whole_state
 
 __all__ = ["NonFiniteLossError", "Trainer", "build_model", "create_task", "evaluate", "load_run", "report", "setup",
            "task_setup", "train"]
@@ -319,7 +320,7 @@ class Trainer:
                                     trainer_state(self.step, self.state_dict()), self.cfg.keep_checkpoints,
                                     self.parallel)
             return
-        weights = self.parallel.model_state(self.model)  # whole-model states: collectives on every rank
+        weights = whole_state.model_state(self.parallel, self.model)  # whole-model states: collectives on every rank
         parts = self.state_dict()
         if self.parallel.main:
             save_checkpoint(self.run.checkpoints, self.step, weights, trainer_state(self.step, parts),
