@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ def load_bench(name: str = "moe_layer"):
     """A benchmark script of benchmarks/ as a module."""
     spec = importlib.util.spec_from_file_location(f"{name}_bench", BENCH.parent / f"{name}.py")
     bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # (a dataclass of the script looks its module up there)
     spec.loader.exec_module(bench)
     return bench
 
@@ -82,7 +84,6 @@ def test_distributed_scaling_benchmark():
     """benchmarks/distributed_scaling.py at a tiny size on 1 and 2 gloo processes (as a script: spawned ranks import
     their function from the script run as __main__)."""
     import subprocess
-    import sys
     done = subprocess.run([sys.executable, str(BENCH.parent / "distributed_scaling.py"), "--worlds", "1", "2",
                            "--dim", "16", "--hidden", "32", "--experts", "4", "--tokens", "64", "32", "--steps", "2",
                            "--warmup", "0", "--repeats", "1", "--json"], capture_output=True, text=True, timeout=300)
@@ -158,7 +159,6 @@ def test_gpu_check_dry_run_runs_every_stage_on_the_cpu(tmp_path):
     with a process group at world 1, the layer table and the throughput, eager and compiled) on this CPU at toy
     sizes, so that the script is ready when a GPU is at hand."""
     import subprocess
-    import sys
 
     script = BENCH.parent / "gpu_check.py"
     proc = subprocess.run([sys.executable, str(script), "--dry-run", "--out", str(tmp_path)], capture_output=True,
@@ -197,3 +197,21 @@ def test_layer_costs_benchmark_at_a_tiny_size(monkeypatch, capsys):
     for line in ("fold ermoe E=4: folded / table", "score E=4 R=8 projection", "score E=4 R=8 scaled_norms",
                  "memory ermoe E=4 at the peak (MiB): param", "## profile ermoe E=4"):
         assert line in out, out
+
+
+def test_study_families_regrades_a_report_from_its_evidence_lines(capsys):
+    """benchmarks/study_families.py: from a report written under the two-family rule it recomputes the report's own
+    Holm p-values (the brain report regenerated from its records: claim 2's 0.022 and 1.000) and verdicts; from the
+    from-scratch report, written under one family, EMoE's claim 4 moves (docs/study.md, "Families split")."""
+    bench = load_bench("study_families")
+    docs = BENCH.parent.parent / "docs"
+    claims = {claim: (printed, rows) for claim, printed, rows in bench.parse(docs / "results_brainage_heterogeneous.md")}
+    printed, rows = claims["2"]
+    verdict, adjusted = bench.regrade(rows)
+    assert adjusted == pytest.approx([0.022, 1.0], abs=0.001)
+    assert ", ".join(f"`{m}` {v}" for m, v in verdict.items()) == printed
+    assert bench.main([str(docs / "results.md")]) == 0
+    out = capsys.readouterr().out
+    assert ("claim 4: `ermoe` contradicted, `emoe_parallel` contradicted (MOVED from: `ermoe` contradicted, "
+            "`emoe_parallel` inconclusive)") in out
+    assert "claim 3: `ermoe` inconclusive, `emoe_parallel` inconclusive (unchanged)" in out

@@ -243,6 +243,58 @@ def test_verdicts_follow_the_statistics():
     assert one["variants"] == ["ermoe_standardize"]
 
 
+def test_a_non_inferiority_p_is_its_test_against_the_margin():
+    """margin_p(w, margin) < 0.05 exactly when the 95% interval lies above -margin (the rule the interval states),
+    for differences on both sides of the margin and either orientation; by hand for one: diff -0.004, se 0.002
+    (4 dof), margin 0.01: t = (-0.004 + 0.01) / 0.002 = 3, p = 2 * t.sf(3, 4) = 0.0399."""
+    from scipy import stats as st
+
+    from ermoe.study.stats import Paired, interval, margin_p
+
+    w = Paired(diff=-0.004, se=0.002, low=0, high=0, p=0.1, dof=4.0, n=5, seed_se=0.002)
+    assert margin_p(w, 0.01) == pytest.approx(2 * st.t.sf(3.0, 4)) == pytest.approx(0.0399, abs=1e-4)
+    for diff in (-0.02, -0.0105, -0.0045, -0.004, 0.0, 0.01):
+        w = Paired(diff=diff, se=0.002, low=0, high=0, p=0.1, dof=4.0, n=5, seed_se=0.002)
+        low, high = interval(w, 0.95)
+        assert (margin_p(w, 0.01) < 0.05) == (low > -0.01)
+        assert (margin_p(w, 0.01, sign=-1.0) < 0.05) == (-high > -0.01)  # lower is better: -diff oriented
+
+
+def test_paper_methods_and_variants_are_two_families_and_parity_ranks_by_its_margin_test():
+    """Issue 41: a paper method's Holm correction runs over the paper methods' comparisons only (adding variants
+    does not weaken it), the variants get their own; a non-inferiority row enters Holm with its p against the
+    margin."""
+    from ermoe.study.report import CLAIMS, _comparisons, default_plan, verdicts
+    from ermoe.study.stats import holm, margin_p
+
+    table = _table(ermoe=0.2, emoe_parallel=0.3, softmax_noloss=0.5, switch=0.4, vmoe=0.4)
+    # MI a small, noisy gain (paired p 0.0054: Holm x 3 at its rank among 4 paper comparisons, x 15 among 16);
+    # homogeneity clearly lower (an exact difference: p 0, ranked first)
+    table["ermoe"]["mi_bits"] = [b + d for b, d in zip(_seeds(0.10), (0.005, 0.009, 0.003, 0.008, 0.005))]
+    table["ermoe"]["homogeneity"] = _seeds(0.10)
+    alone = {v["claim"]: v for v in verdicts(table)}["4"]
+    # six variants exactly as good as Switch: 12 more comparisons, which in one family would multiply the paper
+    # methods' p-values by up to 16 instead of 4
+    variants = ("ermoe_standardize", "ermoe_pca", "ermoe_matched", "emoe_whiten", "emoe_standardize", "emoe_pca")
+    crowded = {**table, **{m: dict(table["switch"], load_cv=_seeds(0.2, 0.002)) for m in variants}}
+    with_variants = {v["claim"]: v for v in verdicts(crowded)}["4"]
+    assert with_variants["variant_family"] == 12 and with_variants["family"] == alone["family"] == 4
+    assert with_variants["per_method"] == alone["per_method"] and with_variants["evidence"] == alone["evidence"]
+    assert alone["per_method"]["ermoe"] == "supported" and with_variants["variants"] == []
+    plan = default_plan()
+    tests = next(t for number, _, t in plan.claims(CLAIMS) if number == "4")
+    one_family = _comparisons(crowded, ["ermoe", "emoe_parallel", *variants], "4", tests, plan)
+    mi = next(r for r in one_family if r["method"] == "ermoe" and r["test"].measure == "mi_bits")
+    assert mi["stat"].p == pytest.approx(0.0054, abs=2e-4) and mi["outcome"] == "inconclusive"  # (the old rule)
+    # the non-inferiority rows of claim 3 are ranked by their margin test
+    tests = next(t for number, _, t in plan.claims(CLAIMS) if number == "3")
+    rows = _comparisons(table, ["ermoe", "emoe_parallel"], "3", tests, plan)
+    wanted = [margin_p(r["stat"], plan.margin("test_top1").value, 1.0) for r in rows]
+    assert [r["p_tested"] for r in rows] == pytest.approx(wanted)
+    assert [r["p_holm"] for r in rows] == pytest.approx(holm(wanted))
+    assert all(r["p_tested"] != r["stat"].p for r in rows)
+
+
 def test_a_comparison_with_an_undefined_seed_is_said_to_be_untested():
     """A measure undefined in one seed (a one-expert map has no AMI) leaves its comparison out, and the evidence
     says so instead of the line vanishing; dropping that seed would drop exactly the run the measure fails on."""
@@ -285,10 +337,13 @@ def test_the_preset_check_reads_validation_data_only():
     assert checks["ermoe_standardize"]["outcomes"] == ["supported", "contradicted"]
     assert checks["ermoe_pca"]["outcomes"][0] == "contradicted" and not checks["ermoe_pca"]["passes"]
     assert "switch" not in checks
-    # one family: Holm's correction runs over every variant's tests together
+    # one family: Holm's correction runs over every variant's tests together, the top-1 tests ranked by their p
+    # against the margin (ermoe_standardize's exact 10-point deficit: p 0 against no difference, 1 against the margin)
     from ermoe.study.stats import holm
     rows = [r for c in checks.values() for r in c["rows"]]
-    assert [r["p_holm"] for r in rows] == pytest.approx(holm([r["stat"].p for r in rows]))
+    assert [r["p_holm"] for r in rows] == pytest.approx(holm([r["p_tested"] for r in rows]))
+    deficit = checks["ermoe_standardize"]["rows"][1]
+    assert deficit["stat"].p == 0.0 and deficit["p_tested"] == 1.0
     # replace everything the test split gave (test top-1, the test tokens' load) by garbage: nothing changes
     garbage = {name: {k: ([float("nan"), 7.0, -3.0, 1e9, 0.0] if not k.startswith("val_") else v)
                       for k, v in measures.items()} for name, measures in table.items()}

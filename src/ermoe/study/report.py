@@ -15,7 +15,7 @@ import numpy as np
 from .methods import EXPLORATORY, METHODS
 from .plan import LOAD_CV_MARGIN, Plan, make_plan
 from .examples import BOOTSTRAP_DRAWS, collect_examples, sampling_variance
-from .stats import Test, holm, interval, load_claims, paired
+from .stats import Test, holm, interval, load_claims, margin_p, paired
 
 PAPER_METHODS = ("ermoe", "emoe_parallel")
 # The straggler column's legend, shared by every study's report.
@@ -174,8 +174,9 @@ def _comparisons(table, methods: list[str], claim: str, tests: list[Test], plan:
                  examples=None) -> list[dict[str, Any]]:
     """Every (method, test) the study measured, by a paired test over seeds (with the test set's sampling error
     where the runs recorded per-example results: ``examples``, :func:`~ermoe.study.examples.collect_examples`);
-    Holm-adjusted p over all
-    of them (one family)."""
+    Holm-adjusted p over all of them (one family: call it once per family), each ranked by the test it states: a
+    superiority comparison by its p against no difference, a non-inferiority one by its p against the margin
+    (:func:`~ermoe.study.stats.margin_p`)."""
     rows = []
     for method in methods:
         for test in tests:
@@ -188,7 +189,16 @@ def _comparisons(table, methods: list[str], claim: str, tests: list[Test], plan:
             if result is not None:
                 rows.append({"method": method, "test": test, "baseline": test.baseline, "stat": result,
                              "values": values, "base_values": base_values, "test_error": test_var is not None})
-    for row, adjusted in zip(rows, holm([r["stat"].p for r in rows])):
+    for row in rows:
+        test = row["test"]
+        row["p_tested"] = row["stat"].p
+        if test.parity:
+            if plan is None:
+                raise ValueError(f"claim {claim}: a non-inferiority test of {test.measure} needs the study's plan "
+                                 "(its pre-registered margin)")
+            sign = 1.0 if test.better == "higher" else -1.0
+            row["p_tested"] = margin_p(row["stat"], plan.margin(test.measure).value, sign)
+    for row, adjusted in zip(rows, holm([r["p_tested"] for r in rows])):
         row["p_holm"] = adjusted
         row["outcome"], row["note"] = _outcome(table, claim, row, len(rows), plan)
     return rows
@@ -231,18 +241,17 @@ def _outcome(table, claim: str, row: dict[str, Any], family: int, plan: Plan | N
                 return "inconclusive", (f"not compared: load CV {mine:.3g} significantly above `{floor_method}`'s "
                                         f"{floor:.3g} (paired p {_fmt_p(gate.p)})")
     if test.parity:
-        if plan is None:
-            raise ValueError(f"claim {claim}: a non-inferiority test of {test.measure} needs the study's plan (its "
-                             "pre-registered margin)")
-        # Non-inferiority: the simultaneous (Bonferroni) interval of the oriented difference against the margin.
+        # Non-inferiority: supported when the test against the margin survives Holm's correction (its p ranked in
+        # the family, :func:`_comparisons`); contradicted when the simultaneous (Bonferroni) interval of the
+        # oriented difference lies wholly beyond the margin.
         margin = plan.margin(test.measure).value
         level = 1 - ALPHA / family
         low, high = interval(w, level)
         low, high = (low, high) if sign > 0 else (-high, -low)
         row["interval"], row["margin"] = (low, high), margin
-        note = (f"margin {margin:.3g} (pre-registered); {100 * level:.1f}% interval of the difference in the claim's "
-                f"direction [{low:.3g}, {high:.3g}]")
-        if low > -margin:
+        note = (f"margin {margin:.3g} (pre-registered); p against the margin {_fmt_p(row['p_tested'])}; "
+                f"{100 * level:.1f}% interval of the difference in the claim's direction [{low:.3g}, {high:.3g}]")
+        if row["p_holm"] < ALPHA:
             return "supported", note
         if high < -margin:
             return "contradicted", note
@@ -268,9 +277,9 @@ def _fmt_p(p: float) -> str:
 def verdicts(table: dict[str, dict[str, list[float]]], claims=None, paper_methods=None,
              methods=None, plan: Plan | None = None, examples=None) -> list[dict[str, Any]]:
     """For each claim: per paper method (read as written) supported / contradicted / inconclusive from paired tests
-    over seeds with Holm's correction across the claim's comparisons, the variants' included (docs/study.md,
-    "Verdicts"); the evidence; and the variants that pass the same rule in that family (they do not change the
-    verdict). ``plan``: the baselines and margins fixed before the runs (:mod:`ermoe.study.plan`); ``examples``:
+    over seeds with Holm's correction across the paper methods' comparisons of the claim (the confirmatory family,
+    docs/study.md, "Verdicts"); the evidence; and the variants that pass the same rule in a family of their own
+    (exploratory: they do not change the verdict). ``plan``: the baselines and margins fixed before the runs (:mod:`ermoe.study.plan`); ``examples``:
     the runs' per-example test results (:func:`collect_examples`), for the test set's share of each comparison's
     error. Defaults: the image study's claims, paper methods and method table, and its default plan."""
     claims, methods = claims or CLAIMS, methods or METHODS
@@ -279,14 +288,18 @@ def verdicts(table: dict[str, dict[str, list[float]]], claims=None, paper_method
     papers = [m for m in (paper_methods or PAPER_METHODS) if m in table]
     variants = [m for m, (role, _, _) in methods.items() if role == "variant" and m in table]
     for number, text, tests in plan.claims(claims):
-        rows = _comparisons(table, papers + variants, number, tests, plan, examples)
+        # two families, each with its own Holm: the paper methods' tests (confirmatory: the verdict) and the
+        # variants' (exploratory: which variants pass the same rule; they do not change the verdict)
+        rows = _comparisons(table, papers, number, tests, plan, examples)
+        variant_rows = _comparisons(table, variants, number, tests, plan, examples)
         per_method = {m: _method_verdict([r["outcome"] for r in rows if r["method"] == m]) for m in papers}
-        evidence = [_evidence(r) for r in rows if r["method"] in papers] + _untested(table, papers, tests)
+        evidence = [_evidence(r) for r in rows] + _untested(table, papers, tests)
         passing = [m for m in variants
-                   if _method_verdict([r["outcome"] for r in rows if r["method"] == m]) == "supported"]
+                   if _method_verdict([r["outcome"] for r in variant_rows if r["method"] == m]) == "supported"]
         verdict = ", ".join(f"`{m}` {v}" for m, v in per_method.items()) or "not measured"
         out.append({"claim": number, "text": text, "verdict": verdict, "per_method": per_method,
-                    "evidence": evidence, "variants": passing, "family": len(rows)})
+                    "evidence": evidence, "variants": passing, "family": len(rows),
+                    "variant_family": len(variant_rows)})
     return out
 
 
@@ -310,8 +323,8 @@ def preset_check(table: dict[str, dict[str, list[float]]], plan: Plan | None = N
                  val_examples=None) -> list[dict[str, Any]]:
     """For every eigen variant in the table, the preset rule on validation data only: load CV of the validation
     tokens below the baseline's (paired test) and validation top-1 non-inferior to the baseline's within the
-    pre-registered margin; one family over every variant (Holm for the load tests, the Bonferroni level for the
-    intervals). ``val_examples``: the runs' per-example validation results (:func:`collect_examples` with
+    pre-registered margin; one family over every variant (Holm over the load tests and the top-1 tests against
+    the margin; the Bonferroni level for the intervals shown). ``val_examples``: the runs' per-example validation results (:func:`collect_examples` with
     ``"val"``), for the validation set's own share of each comparison's error."""
     plan = plan or default_plan()
     (_, _, tests), = plan.claims([PRESET])
@@ -335,8 +348,8 @@ def _preset_lines(table, plan: Plan, val_examples=None) -> list[str]:
     lines = ["## Which loss-free eigen configuration holds up (validation only)", "",
              f"A variant passes when the load CV of its validation tokens is below `{cv_test.baseline}`'s (paired "
              f"test over seeds) and its validation top-1 is at least `{acc_test.baseline}`'s within the "
-             f"pre-registered margin of {margin:g} (simultaneous interval); Holm's correction and the Bonferroni "
-             f"level run over all {len(checks)} variants' tests together. As for the claims, the standard error "
+             f"pre-registered margin of {margin:g} (its test against the margin); Holm's correction runs over all "
+             f"{len(checks)} variants' tests together (the intervals shown at the Bonferroni level). As for the claims, the standard error "
              "of each difference carries the validation set's own sampling error where every paired run recorded "
              f"its per-example validation results (val_examples.npz; {BOOTSTRAP_DRAWS:,} bootstrap resamples of "
              "the validation images), else the seeds' alone (the se column says which). Only validation tokens "
@@ -534,17 +547,19 @@ def condition_line(train: dict[str, Any]) -> str:
 
 VERDICT_RULE = (
     "per comparison a paired t-test over the seeds both ran (seed s of the method against seed s of the baseline: "
-    "the same initial data order and test set), Holm's correction across the comparisons of a claim, the variants' "
-    f"included, level {ALPHA} (docs/study.md, \"Verdicts\"). Where every paired run recorded its per-example test "
+    "the same initial data order and test set), Holm's correction across the paper methods' comparisons of a claim "
+    "(the confirmatory family; the variants' comparisons are a family of their own, exploratory), level "
+    f"{ALPHA} (docs/study.md, \"Verdicts\"). Where every paired run recorded its per-example test "
     "results (test_examples.npz: top-1 correctness, absolute error, retrieval ranks, each example's expert loads), "
     "the test set's "
     "own sampling error joins the seeds' in the standard error: the variance of the seed-averaged difference over "
     f"{BOOTSTRAP_DRAWS:,} bootstrap resamples of the test examples, one resample shared by every run; other "
     "comparisons say they rest on the seeds alone. A comparison is supported when the corrected p-value "
     "is below the level and the difference goes the claimed way, contradicted when it goes the other way, "
-    "inconclusive otherwise; for an 'at least as good' comparison, supported when the whole simultaneous "
-    "(Bonferroni) interval of the difference lies above minus the pre-registered margin, contradicted when it lies "
-    "below it. A method's verdict is contradicted if any of its comparisons is, supported if all are. Variants that "
+    "inconclusive otherwise; an 'at least as good' comparison is ranked in the family by its test against the "
+    "pre-registered margin (p < 0.05 exactly when the 95% interval lies above minus the margin) and supported when "
+    "that test survives the correction, contradicted when the whole simultaneous (Bonferroni) interval of the "
+    "difference lies below minus the margin. A method's verdict is contradicted if any of its comparisons is, supported if all are. Variants that "
     "pass are listed but do not change the verdict.")
 
 

@@ -62,6 +62,19 @@ def interval(result: Paired, level: float) -> tuple[float, float]:
     return result.diff - half, result.diff + half
 
 
+def margin_p(result: Paired, margin: float, sign: float = 1.0) -> float:
+    """The p-value of a non-inferiority test against ``margin``: H0 "the difference, oriented by ``sign`` (+1: higher
+    is better), is ``-margin`` or worse", one-sided, doubled so that ``p < alpha`` exactly when the two-sided
+    (1 - alpha) interval's lower end lies above ``-margin`` (the rule the interval states). What a family's
+    correction ranks for a non-inferiority comparison (its p against 0 tests another hypothesis)."""
+    from scipy import stats
+
+    distance = sign * result.diff + margin
+    if result.se == 0.0:
+        return 0.0 if distance > 0 else 1.0
+    return float(min(1.0, 2 * stats.t.sf(distance / result.se, result.dof)))
+
+
 def bootstrap_weights(examples: int, draws: int = 1000, seed: int = 0) -> np.ndarray:
     """``(draws, examples)`` resample counts: row b says how often each test example appears in bootstrap resample
     b (multinomial, each example equally likely). Fixed by ``seed``: every run and every comparison of a report is
