@@ -295,6 +295,16 @@ def test_paper_methods_and_variants_are_two_families_and_parity_ranks_by_its_mar
     assert all(r["p_tested"] != r["stat"].p for r in rows)
 
 
+def test_a_mean_over_fewer_seeds_than_ran_says_how_many():
+    """Issue 41: a measure undefined in some seeds (AMI with one expert) averages the others and shows their
+    number; a measure every seed defines shows none."""
+    from ermoe.study.report import results_table
+
+    table = {"switch": {"load_cv": [0.1, float("nan"), 0.3, float("nan"), 0.2], "test_top1": _seeds(0.8)}}
+    row = results_table(table, columns=[("load_cv", "load CV", ".3f"), ("test_top1", "top-1", ".3f")]).splitlines()[2]
+    assert row == "| `switch` | baseline | 0.200 ± 0.100 (n 3/5) | 0.800 ± 0.016 |"
+
+
 def test_a_comparison_with_an_undefined_seed_is_said_to_be_untested():
     """A measure undefined in one seed (a one-expert map has no AMI) leaves its comparison out, and the evidence
     says so instead of the line vanishing; dropping that seed would drop exactly the run the measure fails on."""

@@ -87,12 +87,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _cell(values: list[float] | None, spec: str) -> str:
+    """Mean ± std over the seeds; where the measure is undefined in some seeds (an expert map with one expert has no
+    AMI), over the others, with their number: "0.017 ± 0.039 (n 3/5)"."""
     if not values:
         return "-"
     m, s = mean_std(values)
     if math.isnan(m):
         return "-"
-    return format(m, spec) if len(values) < 2 or spec.endswith(",.0f") else f"{format(m, spec)} ± {format(s, spec)}"
+    cell = format(m, spec) if len(values) < 2 or spec.endswith(",.0f") else f"{format(m, spec)} ± {format(s, spec)}"
+    defined = sum(not math.isnan(v) for v in values)
+    return cell if defined == len(values) else f"{cell} (n {defined}/{len(values)})"
 
 
 def results_table(table: dict[str, dict[str, list[float]]], columns=None, methods=None,
