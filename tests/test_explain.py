@@ -93,7 +93,9 @@ def test_explain_a_vit_run_draws_patches_and_the_angles_over_training(tmp_path, 
     assert main(["explain", str(run), "--examples", "50", "--directions", "2"]) == 0
     printed = capsys.readouterr().out
     assert "50 val examples" in printed and "blocks.1.mlp" in printed
-    out = json.loads((run / "explain.json").read_text())
+    def refuse(constant):  # strict JSON: NaN and infinities are null (issue 42)
+        raise AssertionError(f"explain.json holds {constant}")
+    out = json.loads((run / "explain.json").read_text(), parse_constant=refuse)
     layer = out["layers"]["blocks.1.mlp"]
     from ermoe.train.trainer import load_run
     rank = load_run(run)[2].routed_layers()[0].moe.router.rank
@@ -101,7 +103,7 @@ def test_explain_a_vit_run_draws_patches_and_the_angles_over_training(tmp_path, 
     shares = {}
     for d in layer["directions"]:
         assert len(d["top_tokens"]) == 8
-        shares[d["expert"]] = shares.get(d["expert"], 0.0) + (0.0 if math.isnan(d["share"]) else d["share"])
+        shares[d["expert"]] = shares.get(d["expert"], 0.0) + (0.0 if d["share"] is None else d["share"])
     # within an expert with tokens the directions' shares add up to one (each token has one largest coordinate)
     for e, total in shares.items():
         if layer["expert_share"][e] > 0:

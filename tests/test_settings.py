@@ -79,6 +79,18 @@ def test_yaml_reads_exponents_as_numbers_as_yaml_1_2_does():
     assert load_config(None, ["--optim.lr=2e-4"]).optim.lr == 2e-4
 
 
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
+    """Issue 42: PyYAML keeps the last of a repeated key silently; YAML says keys are unique. A merge key's keys
+    (``<<: *base``) may still be overridden."""
+    config = tmp_path / "run.yaml"
+    config.write_text("optim:\n  lr: 1.0e-3\n  epochs: 2\n  lr: 3.0e-4\n")
+    with pytest.raises(ConfigError, match=r"is not valid YAML: found the key 'lr' twice \(lines 2 and 4\)$"):
+        load_config(str(config))
+    assert yaml_load("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 5\n")["other"] == {"x": 5, "y": 2}
+    with pytest.raises(yaml.YAMLError, match="found the key 'a' twice"):
+        yaml_load("a: 1\nb: {a: 1, a: 2}\n")
+
+
 def test_every_dataset_is_registered_with_options_that_build_from_defaults():
     for task in list_tasks():
         for name in task_class(task).datasets:

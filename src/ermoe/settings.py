@@ -170,7 +170,27 @@ def _message(err: ValidationError, value: Any, annotation: Any, key: str) -> str
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader (YAML 1.1) with YAML 1.2's floats: ``3e-4`` and ``1e5`` are numbers, not strings."""
+    """PyYAML's safe loader (YAML 1.1) with YAML 1.2's floats: ``3e-4`` and ``1e5`` are numbers, not strings, and
+    YAML's rule that a mapping's keys are unique: a key given twice is an error naming both lines (PyYAML would keep
+    the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # ("<<: *base" brings keys that ours may override)
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class names it
+                    break
+                if first is not None:  # (one line, no marks: a config error's message is read in one go)
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"found the key {key!r} twice (lines {first.line + 1} and "
+                                    f"{key_node.start_mark.line + 1})")
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(

@@ -11,7 +11,7 @@ from typing import Any
 from ..analysis.explain import (LayerDirections, draw_angles, draw_locations, draw_patches, draw_tokens,
                                 explain_model, token_in_context)
 from .checkpoint import atomic_write_text
-from .run import Run
+from .run import Run, strict_json
 from .trainer import load_run
 
 
@@ -59,8 +59,9 @@ def explain(run_dir: str | Path, examples: int | None = None, split: str | None 
         written.append(angles)
     out = {"run": str(run.root), "split": split, "examples": len(images),
            "layers": summaries,
-           "figures": [str(p) for p in written]}
-    atomic_write_text(run.root / "explain.json", json.dumps(out, indent=1, allow_nan=True))
+           "figures": [str(p) for p in written],
+           "note": "null where a value is undefined (an angle or share of a direction no token reached)"}
+    atomic_write_text(run.root / "explain.json", json.dumps(strict_json(out), indent=1, allow_nan=False))
     if not quiet:
         print(explain_text(layers, split, len(images)))
         if not angles.exists():
