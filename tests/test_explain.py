@@ -5,7 +5,6 @@ angles logged at probe steps."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
