@@ -19,6 +19,7 @@ from ermoe.cli import main
 from ermoe.train import (CheckpointError, ConfigError, NonFiniteLossError, Run, RunLockedError, evaluate,
                          load_checkpoint, load_config, train)
 from ermoe.train import checkpoint as checkpoint_mod
+from ermoe.train.checkpoint import save_checkpoint
 from ermoe.train import trainer as trainer_mod
 from ermoe.train.components import lr_lambda
 
@@ -219,7 +220,9 @@ def test_a_non_finite_gradient_stops_before_the_optimizer_step(tmp_path, monkeyp
         seen["optimizer"] = self.optimizer.state_dict()["state"]
         real_update(self)
     monkeypatch.setattr(trainer_mod.Trainer, "_update", spy)
-    with pytest.raises(NonFiniteLossError, match="gradient norm is inf at step 12"):
+    # (no checkpoint written: the advice is to start again, not a resume that would fail, issue 42)
+    with pytest.raises(NonFiniteLossError, match="gradient norm is inf at step 12.*No checkpoint was written yet, so "
+                                                 "there is nothing to resume: start the run again with a lower"):
         train(config(tmp_path), quiet=True)
     assert all(torch.isfinite(t).all() for s in seen["optimizer"].values() for t in s.values()
                if torch.is_tensor(t) and t.is_floating_point())
@@ -313,6 +316,60 @@ def test_paths_that_are_not_what_they_should_be(tmp_path, capsys):
     assert "out_dir" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path)]) == 1
     assert "is not a file" in capsys.readouterr().err
+
+
+def test_a_write_error_names_the_path_and_cause_and_says_how_the_run_goes_on(tmp_path, capsys, monkeypatch):
+    """Issue 42: a disk that fills at a checkpoint is a one-line error naming the path and the cause, with the
+    resume command when a checkpoint was kept (and the resume then works), or "start again" when none was."""
+    import errno
+    real = trainer_mod.save_checkpoint
+    fail_at = {"steps": {20}}
+
+    def disk_full_at(ckpt_dir, step, *args, **kwargs):
+        if step in fail_at["steps"]:
+            raise OSError(errno.ENOSPC, "No space left on device", str(Path(ckpt_dir) / f".step_{step:08d}"))
+        return real(ckpt_dir, step, *args, **kwargs)
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", disk_full_at)
+    args = ["train", f"--out_dir={tmp_path}", "--data.name=digits", "--data.train_limit=640", "--model.patch_size=2",
+            "--model.depth=2", "--model.embed_dim=16", "--model.num_heads=2", "--optim.epochs=2",
+            "--optim.batch_size=64", "--progress=false", "--tensorboard=false"]
+    assert main([*args, "--run_name=run"]) == 1
+    err = capsys.readouterr().err
+    run = tmp_path / "run"
+    assert err.startswith(f"ermoe train: error: {run / 'checkpoints' / '.step_00000020'}: the disk is full; the "
+                          f"run keeps its checkpoint of step 10: once the cause is fixed, go on with "
+                          f"`ermoe train --resume {run}`")
+    fail_at["steps"] = set()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert json.loads((run / "metrics.json").read_text())["step"] == 20
+    fail_at["steps"] = {10}
+    assert main([*args, "--run_name=early"]) == 1
+    assert "no checkpoint was written yet, so there is nothing to resume: once the cause is fixed, start the run " \
+           f"again (its directory {tmp_path / 'early'} can be removed)" in capsys.readouterr().err
+
+
+def test_torch_saves_failed_write_is_the_os_error_it_is_and_leaves_nothing(tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError from its zip writer: a checkpoint write turns it into the
+    OSError (ENOSPC when the disk has under a megabyte left), removes its temporary directory, keeps `latest`."""
+    import errno
+    import shutil as shutil_mod
+    from collections import namedtuple
+
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {"step": 1})
+    def failing_save(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+    monkeypatch.setattr(checkpoint_mod.torch, "save", failing_save)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_mod, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9, 4096))
+    with pytest.raises(OSError) as caught:
+        save_checkpoint(tmp_path, 2, {"w": torch.ones(2)}, {"step": 2})
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename.endswith("state.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000001"]
+    monkeypatch.setattr(shutil_mod, "disk_usage", lambda path: usage(10 ** 9, 0, 10 ** 9))
+    with pytest.raises(OSError, match="the write failed .*file write failed") as caught:
+        save_checkpoint(tmp_path, 2, {"w": torch.ones(2)}, {"step": 2})
+    assert caught.value.errno == errno.EIO
 
 
 # 6. metrics across resumes; strict JSON --------------------------------------------------------------------------

@@ -91,8 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             report(args.run_dir)
     except (ConfigError, CheckpointError, NonFiniteLossError, RunLockedError, DatasetNotFoundError,
-            CorruptDatasetError, DataLoaderWorkerError, DownloadError, FileNotFoundError, NotADirectoryError, ValueError) as err:
+            CorruptDatasetError, DataLoaderWorkerError, DownloadError, ValueError) as err:
         print(f"ermoe {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a file that cannot be read or written: its path, the cause, how to go on
+        from .files import os_error_text
+        print(f"ermoe {args.command}: error: {os_error_text(err)}", file=sys.stderr)
         return 1
     return 0
 

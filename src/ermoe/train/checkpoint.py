@@ -9,10 +9,11 @@ corruption is reported as such on load.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
-import contextlib
 import shutil
 import tempfile
 import warnings
@@ -69,11 +70,25 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module | dict[str, torc
     tmp = begin_checkpoint(ckpt_dir, step)
     try:
         save_file(model_tensors(model), str(tmp / WEIGHTS))
-        torch.save(state, tmp / STATE)
+        try:
+            torch.save(state, tmp / STATE)
+        except RuntimeError as err:  # (torch.save's writer reports a failed write so: "... file write failed")
+            raise failed_write(tmp / STATE, err) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return commit_checkpoint(ckpt_dir, step, tmp, keep)
+
+
+def failed_write(path: Path, err: Exception) -> OSError:
+    """A writer's error (torch.save's RuntimeError) as the OSError it is: ``path``, and the disk full when it has
+    less than a megabyte left."""
+    try:
+        full = shutil.disk_usage(Path(path).parent).free < 2 ** 20
+    except OSError:
+        full = False
+    code = errno.ENOSPC if full else errno.EIO
+    return OSError(code, os.strerror(code) if full else f"the write failed ({err})", str(path))
 
 
 def begin_checkpoint(ckpt_dir: Path, step: int) -> Path:

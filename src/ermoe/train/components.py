@@ -276,13 +276,17 @@ class NonFiniteGuard:
 
     def diverged(self, what: str, step: int | None = None) -> NonFiniteLossError:
         kept = list_checkpoints(self.checkpoints)
-        where = f"step {step_of(kept[-1])}" if kept else "none yet"
         step = self.position.step if step is None else step
         root = self.checkpoints.parent
+        if not kept:  # (nothing to resume: advice to resume would fail)
+            return NonFiniteLossError(
+                f"{what} at step {step}; training stopped. No checkpoint was written yet, so there is nothing to "
+                f"resume: start the run again with a lower learning rate (--optim.lr=...) or more warm-up "
+                f"(--optim.warmup_steps=...), or check the data (the directory {root} can be removed).")
         return NonFiniteLossError(
-            f"{what} at step {step}; training stopped. The last good checkpoint ({where}) in {self.checkpoints} is "
-            f"kept: resume with a lower learning rate (ermoe train --resume {root} --optim.lr=...), or from an older "
-            f"checkpoint (--from-step N), or check the data.")
+            f"{what} at step {step}; training stopped. The last good checkpoint (step {step_of(kept[-1])}) in "
+            f"{self.checkpoints} is kept: resume with a lower learning rate (ermoe train --resume {root} "
+            f"--optim.lr=...), or from an older checkpoint (--from-step N), or check the data.")
 
     def state_dict(self) -> dict[str, Any]:
         return {}

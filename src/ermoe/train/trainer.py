@@ -25,8 +25,8 @@ from ..data.loader import worker_death
 from ..models import RoutedModel, create_model, upcycle
 from ..moe import NonFiniteInputError
 from ..tasks import Batch, Task, TaskSetup, build_task, task_class
-from .checkpoint import (CheckpointError, clean_temporaries, find_checkpoint, load_weights, read_checkpoint,
-                         resolve_checkpoint, save_checkpoint, step_of, trainer_state)
+from .checkpoint import (CheckpointError, clean_temporaries, find_checkpoint, list_checkpoints, load_weights,
+                         read_checkpoint, resolve_checkpoint, save_checkpoint, step_of, trainer_state)
 from .components import (EMA, Component, Logger, NonFiniteGuard, NonFiniteLossError, Optimization, Position,
                          RandomState, RoutingMonitor, RunClock, StragglerMeter, amp_dtype, autocast_ctx)
 from .config import ConfigError, TrainConfig
@@ -410,54 +410,69 @@ def _train(cfg: TrainConfig, parallel: Parallel, resume: str | Path | None, quie
     else:
         task, model, device = setup(cfg, parallel=parallel)  # every build error comes before the run directory
         run = Run(Path(parallel.broadcast(str(Run.new(cfg).root) if parallel.main else None)))
-    with parallel.lock(lambda: RunLock(run.root)):
-        state, changes = None, {}
-        if resume is not None:
-            changes = resume_changes(run.read_config(), cfg)
-            # read once, verified; a sharded checkpoint's tensors are read by the trainer, each rank its part
-            ckpt, weights, state = find_checkpoint(run.root, from_step, consolidate=False)
-            if parallel.main:
-                clean_temporaries(run.checkpoints)
-            task, model, device = setup(cfg, load_pretrained=False, parallel=parallel)  # no weights file re-read
-            if weights is not None:
-                load_weights(model, weights, ckpt)  # the whole model; the trainer shards it
-        elif cfg.model.moe_init == "pca":
-            batches = [b.inputs for b in task.eval_batches("train", cfg.optim.batch_size)][:cfg.model.moe_init_batches]
-            model.init_routers_from_data(batches)
-        trainer = Trainer(cfg, run, task, model, device, state, quiet, parallel)
-        try:
-            finished = run.read_metrics()
-            if state is not None and trainer.step >= trainer.position.last and finished and \
-                    finished.get("step") == trainer.step:
-                if not quiet:
-                    print(f"run {run.root} already finished at step {trainer.step}: nothing to do "
-                          "(`ermoe eval` re-evaluates it; resume with more --optim.epochs to continue it)")
-                return run.root
-            if parallel.main:
-                run.write_config(cfg, trainer.step, changes)
-            if changes:
-                trainer.logger.log({"kind": "config_change", "step": trainer.step, "changes": changes})
-            trainer.fit()
-            with parallel.gathered(model):
-                metrics = evaluate_run(run, task, model, cfg, trainer.autocast, trainer.routing.changed, parallel,
-                                       trainer.straggler.mean())
-            if trainer.ema is not None:
-                metrics["ema"] = ema_metrics(task, trainer.ema.module, trainer.autocast)
-            trained, seconds = trainer.step * cfg.optim.batch_size, trainer.clock.total
-            metrics.update(step=trainer.step, train_time_s=seconds,
-                           train_img_per_s=trained / seconds if seconds else None,
-                           segments=trainer.clock.segments_so_far(), world_size=parallel.world_size,
-                           ep_size=cfg.ep_size)
-            if parallel.main:
-                run.write_metrics(metrics)
-            trainer.logger.log({"kind": "eval", "step": trainer.step,
-                                **{k: v for k, v in metrics.items() if k.startswith("test_") and isinstance(v, float)}})
-        finally:
-            trainer.close()
+    try:
+        with parallel.lock(lambda: RunLock(run.root)):
+            state, changes = None, {}
+            if resume is not None:
+                changes = resume_changes(run.read_config(), cfg)
+                # read once, verified; a sharded checkpoint's tensors are read by the trainer, each rank its part
+                ckpt, weights, state = find_checkpoint(run.root, from_step, consolidate=False)
+                if parallel.main:
+                    clean_temporaries(run.checkpoints)
+                task, model, device = setup(cfg, load_pretrained=False, parallel=parallel)  # no weights file re-read
+                if weights is not None:
+                    load_weights(model, weights, ckpt)  # the whole model; the trainer shards it
+            elif cfg.model.moe_init == "pca":
+                batches = [b.inputs for b in task.eval_batches("train", cfg.optim.batch_size)][:cfg.model.moe_init_batches]
+                model.init_routers_from_data(batches)
+            trainer = Trainer(cfg, run, task, model, device, state, quiet, parallel)
+            try:
+                finished = run.read_metrics()
+                if state is not None and trainer.step >= trainer.position.last and finished and \
+                        finished.get("step") == trainer.step:
+                    if not quiet:
+                        print(f"run {run.root} already finished at step {trainer.step}: nothing to do "
+                              "(`ermoe eval` re-evaluates it; resume with more --optim.epochs to continue it)")
+                    return run.root
+                if parallel.main:
+                    run.write_config(cfg, trainer.step, changes)
+                if changes:
+                    trainer.logger.log({"kind": "config_change", "step": trainer.step, "changes": changes})
+                trainer.fit()
+                with parallel.gathered(model):
+                    metrics = evaluate_run(run, task, model, cfg, trainer.autocast, trainer.routing.changed, parallel,
+                                           trainer.straggler.mean())
+                if trainer.ema is not None:
+                    metrics["ema"] = ema_metrics(task, trainer.ema.module, trainer.autocast)
+                trained, seconds = trainer.step * cfg.optim.batch_size, trainer.clock.total
+                metrics.update(step=trainer.step, train_time_s=seconds,
+                               train_img_per_s=trained / seconds if seconds else None,
+                               segments=trainer.clock.segments_so_far(), world_size=parallel.world_size,
+                               ep_size=cfg.ep_size)
+                if parallel.main:
+                    run.write_metrics(metrics)
+                trainer.logger.log({"kind": "eval", "step": trainer.step,
+                                    **{k: v for k, v in metrics.items() if k.startswith("test_") and isinstance(v, float)}})
+            finally:
+                trainer.close()
+    except OSError as err:  # a write that failed (a full or read-only disk): say how the run goes on
+        err.add_note(resume_advice(run))
+        raise
     if not quiet:
         print(results_text(task, metrics))
         print(f"run directory: {run.root} (figures in {run.figures})")
     return run.root
+
+
+def resume_advice(run: Run) -> str:
+    """How a run that stopped on an error goes on once its cause is fixed: resumed from its last checkpoint, or, with
+    none written yet, started again."""
+    kept = list_checkpoints(run.checkpoints)
+    if kept:
+        return (f"the run keeps its checkpoint of step {step_of(kept[-1])}: once the cause is fixed, go on with "
+                f"`ermoe train --resume {run.root}`")
+    return (f"no checkpoint was written yet, so there is nothing to resume: once the cause is fixed, start the run "
+            f"again (its directory {run.root} can be removed)")
 
 
 def ema_metrics(task: Task, ema_model: nn.Module, autocast: Callable[[], Any]) -> dict[str, float]:
