@@ -5,6 +5,7 @@ import csv
 import gzip
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,24 @@ def test_csv_errors_name_the_problem(tmp_path, problem, match):
         read_csv(write_csv(tmp_path / "c.csv", [row]))
 
 
+def test_one_scan_listed_twice_is_refused_however_it_is_written(tmp_path):
+    """Issue 42: the same file on two rows (two subjects, two ages, or two splits: leakage) is a named error with
+    the lines, also when one row names it through another path (./a, a link)."""
+    nib.save(blob_image(), tmp_path / "a.nii.gz")
+    nib.save(blob_image(), tmp_path / "b.nii.gz")
+    (tmp_path / "link.nii.gz").symlink_to(tmp_path / "a.nii.gz")
+    rows = [{"path": "a.nii.gz", "age": "65.4", "subject": "s1", "split": "train"},
+            {"path": "b.nii.gz", "age": "70", "subject": "s2", "split": "train"},
+            {"path": "./a.nii.gz", "age": "70.0", "subject": "s3", "split": "test"}]
+    with pytest.raises(BrainDataError, match=r"1 image file\(s\) listed more than once: .*a.nii.gz on lines 2, 4\. "
+                                             r"A scan listed twice .*leakage"):
+        read_csv(write_csv(tmp_path / "c.csv", rows))
+    rows[2]["path"] = "link.nii.gz"
+    with pytest.raises(BrainDataError, match="on lines 2, 4"):
+        read_csv(write_csv(tmp_path / "c.csv", rows))
+    assert len(read_csv(write_csv(tmp_path / "c.csv", rows[:2]))) == 2
+
+
 def test_bad_images_are_named_errors(tmp_path):
     (tmp_path / "corrupt.nii.gz").write_bytes(gzip.compress(b"not a nifti header" * 10))
     with pytest.raises(BrainDataError, match="corrupt.nii.gz: not a readable NIfTI"):
@@ -130,7 +149,9 @@ def test_bad_images_are_named_errors(tmp_path):
 
 def test_split_by_subject_and_leakage_is_refused(tmp_path):
     nib.save(blob_image(), tmp_path / "a.nii.gz")
-    rows = [{"path": "a.nii.gz", "age": str(40 + i), "subject": f"s{i // 2}"} for i in range(20)]  # 2 scans each
+    for i in range(20):  # (one file per row: a file listed twice is refused)
+        shutil.copyfile(tmp_path / "a.nii.gz", tmp_path / f"a{i}.nii.gz")
+    rows = [{"path": f"a{i}.nii.gz", "age": str(40 + i), "subject": f"s{i // 2}"} for i in range(20)]  # 2 scans each
     scans = read_csv(write_csv(tmp_path / "c.csv", rows))
     cohort = split_cohort(scans, val_size=2, test_size=3, seed=0)
     subjects = [{s.subject for s in cohort.split(n)} for n in ("train", "val", "test")]

@@ -90,6 +90,25 @@ def test_karpathy_errors_name_the_problem(tmp_path, problem, match):
         read_karpathy(path, root, img_size=16)
 
 
+def test_one_image_under_two_karpathy_entries_is_refused(tmp_path):
+    """Issue 42: one file in train and test (leakage), or one image id under two entries, is a named error."""
+    entries = [_entry("a.jpg", "train"), _entry("b.jpg", "train"), _entry("c.jpg", "test")]
+    path, root = _karpathy(tmp_path, entries)
+    data = json.loads(path.read_text())
+    data["images"].append(_entry("a.jpg", "test"))
+    path.write_text(json.dumps(data))
+    with pytest.raises(CaptionDataError, match=r"listed more than once: file .*a.jpg in train, test.*leakage"):
+        read_karpathy(path, root, img_size=16)
+    data["images"][3] = {**_entry("c.jpg", "val"), "filepath": "."}  # c.jpg again, by another path
+    path.write_text(json.dumps(data))
+    with pytest.raises(CaptionDataError, match=r"file .*c.jpg in test, val"):
+        read_karpathy(path, root, img_size=16)
+    data["images"] = [{**e, "imgid": k} for k, e in zip((7, 8, 7), data["images"][:3])]
+    path.write_text(json.dumps(data))
+    with pytest.raises(CaptionDataError, match="image id 7 in train, test"):
+        read_karpathy(path, root, img_size=16)
+
+
 def _label_of(phrase: str) -> tuple[int, str | None]:
     """The class of an item phrase like 'a small running shoe' (longest synonym match), and its size word."""
     phrase = re.sub(r"^(a|an) ", "", phrase.strip())

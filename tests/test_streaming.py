@@ -6,6 +6,7 @@ end to end at a tiny size."""
 import json
 import os
 import random
+import shutil
 import signal
 from pathlib import Path
 
@@ -206,6 +207,24 @@ def test_streamed_evaluation_decodes_in_order_without_augmentation(folder):
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again))
     labels = torch.cat([y for _, y in first]).tolist()
     assert labels == [label for _, label in data.splits["test"]]
+
+
+def test_a_folder_with_val_and_test_uses_each_as_its_name_says(tmp_path):
+    """Issue 42: with val/ beside test/, val/ is the validation split and test/ the test split (val/ alone is
+    the test split, ImageNet's layout); data.val_size then does not apply."""
+    root = make_folder(tmp_path / "f", per_class=(4, 2))
+    shutil.copytree(root / "val", root / "test")
+    for f in list((root / "test" / "c0").iterdir())[:1]:
+        f.unlink()
+    data = ImageFolderData(root, 16)
+    assert data.split_size("val") == 6 and data.split_size("test") == 5 and data.split_size("train") == 13
+    assert all("/test/" in path for path, _ in data.splits["test"])
+    assert all("/val/" in path for path, _ in data.splits["val"])
+    with pytest.raises(ValueError, match="has its own val/ beside test/.*data.val_size=0"):
+        ImageFolderData(root, 16, val_size=2)
+    shutil.rmtree(root / "test")
+    only_val = ImageFolderData(root, 16)
+    assert only_val.split_size("val") == 0 and only_val.split_size("test") == 6
 
 
 def test_folder_layout_errors_are_named(tmp_path, folder):

@@ -311,12 +311,20 @@ class ImageFolderData:
             raise DatasetNotFoundError("imagefolder needs --data.data_dir=DIR with train/ and val/ (or test/) "
                                        "subfolders of class folders (the ImageNet layout)")
         root = Path(root)
-        test_dir = root / "val" if (root / "val").is_dir() else root / "test"
+        # train/ and val/ (ImageNet's layout: its validation images are what papers test on) or test/; with both
+        # val/ and test/, each is the split its name says
+        both = (root / "val").is_dir() and (root / "test").is_dir()
+        test_dir = root / "test" if both or not (root / "val").is_dir() else root / "val"
         if not (root / "train").is_dir() or not test_dir.is_dir():
             raise DatasetNotFoundError(f"imagefolder: expected {root}/train and {root}/val (or test) directories")
         train, self.classes = list_split(root / "train", None)
         test, _ = list_split(test_dir, self.classes)
         self.splits: dict[str, list[tuple[str, int]] | None] = {"train": train, "val": None, "test": test}
+        if both:
+            if val_size:
+                raise ValueError(f"data.val_size holds training images out for validation, but {root} has its own "
+                                 f"val/ beside test/ (the validation split): set data.val_size=0")
+            self.splits["val"], _ = list_split(root / "val", self.classes)
         if val_size:
             if not 1 <= val_size < len(train):
                 raise ValueError(f"data.val_size must be in [1, {len(train) - 1}] for the {len(train)} training "

@@ -140,6 +140,22 @@ def load_image(path: Path, img_size: int, channels: int) -> np.ndarray:
     return np.array(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))  # a writable copy (PIL's is not)
 
 
+def _refuse_repeated_images(json_path: Path, found: dict[str, list[tuple[Path, list[str], str]]]) -> None:
+    """One image under two entries (the same file, however its path is written, or the same image id) is scored
+    twice, or sits in two splits (leakage): an error naming the first ones and their splits."""
+    seen: dict[tuple[str, str], list[str]] = {}
+    for split, items in found.items():
+        for path, _, key in items:
+            seen.setdefault(("file", str(path.resolve())), []).append(split)
+            seen.setdefault(("image id", key), []).append(split)
+    repeated = [(what, name, splits) for (what, name), splits in seen.items() if len(splits) > 1]
+    if repeated:
+        shown = "; ".join(f"{what} {name} in {', '.join(splits)}" for what, name, splits in repeated[:3])
+        raise CaptionDataError(f"{json_path}: {len(repeated)} image(s) listed more than once: {shown}. An image "
+                               "listed twice is trained or scored twice, or sits in two splits (leakage): list each "
+                               "image once")
+
+
 def read_karpathy(json_path: str | Path, image_root: str | Path, img_size: int, channels: int = 3,
                   memory_limit: int | None = None) -> dict[str, CaptionSplit]:
     """The splits of a Karpathy file (``restval`` in ``train``): each split's images decoded and held when their
@@ -172,6 +188,7 @@ def read_karpathy(json_path: str | Path, image_root: str | Path, img_size: int, 
     if missing:
         raise CaptionDataError(f"{len(missing)} image file(s) listed in {json_path} are missing under {image_root}, "
                                f"e.g. {missing[:3]}")
+    _refuse_repeated_images(json_path, found)
     if "train" not in found:
         raise CaptionDataError(f"{json_path} has no training images (split train or restval)")
     out = {}

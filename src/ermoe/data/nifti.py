@@ -124,7 +124,23 @@ def read_csv(csv_path: str | Path) -> list[Scan]:
             raise BrainDataError(f"{csv_path}, line {line}: split {split!r} must be one of {SPLITS}")
         subject = row.get("subject") or path.name.split(".")[0]
         scans.append(Scan(path, age, subject, row.get("sex") or None, row.get("site") or None, split))
+    _refuse_repeated_files(csv_path, scans)
     return scans
+
+
+def _refuse_repeated_files(csv_path: Path, scans: Sequence[Scan]) -> None:
+    """One file on two rows (however its path is written: resolved, links followed) would be scored twice, or sit
+    in two splits under two subject IDs (leakage): an error naming the first ones and their lines."""
+    lines: dict[Path, list[int]] = {}
+    for line, scan in enumerate(scans, start=2):
+        lines.setdefault(scan.path.resolve(), []).append(line)
+    repeated = [(path, at) for path, at in lines.items() if len(at) > 1]
+    if repeated:
+        shown = "; ".join(f"{path} on lines {', '.join(map(str, at))}" for path, at in repeated[:3])
+        more = f" (and {len(repeated) - 3} more)" if len(repeated) > 3 else ""
+        raise BrainDataError(f"{csv_path}: {len(repeated)} image file(s) listed more than once: {shown}{more}. A "
+                             "scan listed twice is trained or scored twice, or sits in two splits (leakage): list "
+                             "each file once")
 
 
 def split_cohort(scans: Sequence[Scan], val_size: int = 0, test_size: int = 0, seed: int = 0) -> Cohort:
