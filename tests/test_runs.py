@@ -372,6 +372,22 @@ def test_torch_saves_failed_write_is_the_os_error_it_is_and_leaves_nothing(tmp_p
     assert caught.value.errno == errno.EIO
 
 
+def test_a_checkpoint_of_another_shape_is_a_named_error_and_nothing_is_loaded(tmp_path):
+    """Issue 42: a class folder added after the run started rebuilds the model with one more output; resume and
+    `ermoe eval` said `RuntimeError: size mismatch for head.weight`. Now the key, both shapes and the likely cause."""
+    from ermoe.models import create_model
+    from ermoe.train.checkpoint import load_weights
+
+    args = dict(img_size=8, in_chans=1, patch_size=4, depth=1, embed_dim=16, num_heads=2)
+    then = create_model("vit_tiny", num_classes=10, **args).state_dict()
+    now = create_model("vit_tiny", num_classes=11, **args)
+    before = {k: v.clone() for k, v in now.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"head.weight is \(10, 16\) there, \(11, 16\) here; head.bias is "
+                                              r"\(10,\) there, \(11,\) here\. .*did the data change"):
+        load_weights(now, then, tmp_path / "step_00000010")
+    assert all(torch.equal(v, before[k]) for k, v in now.state_dict().items())
+
+
 # 6. metrics across resumes; strict JSON --------------------------------------------------------------------------
 def test_training_time_accumulates_over_segments_and_a_finished_run_is_left_alone(tmp_path, capsys):
     run = train(config(tmp_path, **{"optim.max_steps": 8}), quiet=True)

@@ -286,11 +286,21 @@ def upgrade_state(state: dict[str, Any], source: Path | str = STATE) -> dict[str
 
 
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
-    """Load checkpoint weights into ``model`` (strict), or raise naming the mismatching keys."""
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    """Load checkpoint weights into ``model`` (strict), or raise naming the mismatching keys or shapes; nothing is
+    loaded then."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {source} does not fit the model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
+    resized = [(k, tuple(weights[k].shape), tuple(t.shape)) for k, t in own.items() if weights[k].shape != t.shape]
+    if resized:
+        shown = "; ".join(f"{k} is {there} there, {here} here" for k, there, here in resized[:3])
+        raise CheckpointError(f"checkpoint {source} does not fit the model built now: {shown}. A size the model "
+                              "takes from the data (its classes, its input size) differs from when the checkpoint "
+                              "was written: did the data change (a class folder added or removed)?")
+    model.load_state_dict(weights)
 
 
 def load_checkpoint(path: Path, model: nn.Module | None = None, map_location: str | torch.device = "cpu"
