@@ -296,6 +296,46 @@ def test_a_worker_killed_mid_run_is_a_named_error_and_the_run_resumes_exactly(tm
     assert metrics["data_skipped_files"] == 0 and metrics["test_images"] == 12
 
 
+def test_a_run_refuses_to_go_on_over_changed_data_unless_told_and_then_logs_it(tmp_path, capsys):
+    """Issue 42: the run's data fingerprint (RUN/data_fingerprint.json). A training file deleted after the run
+    started: resume names it and stops (before, it went on over 1 file fewer with no warning); --accept-data-change
+    goes on and logs the change. A class folder added: `ermoe eval` names the added files before the model's size
+    mismatch (was a raw RuntimeError)."""
+    from ermoe.cli import main
+    from ermoe.data.fingerprint import FILE, DataChangedError
+
+    root = make_folder(tmp_path / "data", per_class=(6, 2))
+    args = ["--out_dir", str(tmp_path), "--run_name=run", "--progress=false", "--tensorboard=false",
+            "--data.name=imagefolder", f"--data.data_dir={root}", "--data.img_size=16", "--model.patch_size=8",
+            "--model.depth=2", "--model.embed_dim=16", "--model.num_heads=2", "--optim.batch_size=6",
+            "--optim.epochs=2", "--optim.max_steps=2", "--optim.eval_batch_size=16", "--probe_size=4"]
+    assert main(["train", *args]) == 0
+    run = tmp_path / "run"
+    recorded = json.loads((run / FILE).read_text())
+    assert recorded["splits"]["train"]["n"] == 19 and recorded["splits"]["test"]["n"] == 6
+    assert "train/c1/001.jpg:" in "\n".join(recorded["splits"]["train"]["entries"])
+    (root / "train" / "c1" / "001.jpg").unlink()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--optim.max_steps=4"]) == 1
+    err = capsys.readouterr().err
+    assert "the data changed since the run started" in err and "train: 1 removed (e.g. train/c1/001.jpg:" in err
+    assert "0 added" in err and "--accept-data-change" in err
+    with pytest.warns(UserWarning, match="going on over changed data from step 2"):
+        assert main(["train", "--resume", str(run), "--optim.max_steps=4", "--accept-data-change"]) == 0
+    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    change = [r for r in logged if r["kind"] == "data_change"]
+    assert len(change) == 1 and change[0]["step"] == 2 and change[0]["changes"][0].startswith("train: 1 removed")
+    assert json.loads((run / FILE).read_text())["splits"]["train"]["n"] == 18  # today's data is the run's now
+    shutil.copytree(root / "val" / "c0", root / "val" / "c3")
+    shutil.copytree(root / "train" / "c0", root / "train" / "c3")
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 1
+    assert "test: 0 removed, 2 added (e.g. val/c3/000.jpg:" in capsys.readouterr().err
+    with pytest.raises(DataChangedError, match="train: 0 removed, 7 added"):
+        from ermoe.train.trainer import load_run
+        load_run(run)
+
+
 # configs ------------------------------------------------------------------------------------------------------------
 def test_the_imagenet_config_trains_end_to_end_at_a_tiny_size(tmp_path, folder):
     cfg = load_config(CONFIGS / "imagenet_ermoe_vit_s16.yaml", [

@@ -17,10 +17,14 @@ def main(argv: list[str] | None = None) -> int:
                          "give RUN_DIR/checkpoints/step_N); overrides of the schedule, length and logging apply from "
                          "there, others are refused (docs/runs.md)")
     p_train.add_argument("--from-step", type=int, metavar="N", help="with --resume: from the checkpoint of step N")
+    p_train.add_argument("--accept-data-change", action="store_true", help="with --resume: go on although the data "
+                         "is not what the run started with (logged; docs/runs.md)")
     p_eval = sub.add_parser("eval", help="evaluate a run's latest checkpoint, rewrite metrics.json and figures; or a "
                             "Hub folder on the data its overrides name (--data.name=imagefolder --data.data_dir=...)")
     p_eval.add_argument("run_dir", help="a run directory, or a Hub folder (docs/hub.md)")
     p_eval.add_argument("--checkpoint", help="a checkpoint directory (default: the latest)")
+    p_eval.add_argument("--accept-data-change", action="store_true", help="evaluate although the data is not what "
+                        "the run was trained with")
     p_export = sub.add_parser("export", help="write a run's model in the Hugging Face Hub's layout with a model card "
                               "(docs/hub.md)")
     p_export.add_argument("run_dir")
@@ -68,20 +72,24 @@ def main(argv: list[str] | None = None) -> int:
                                       f"is ({root}); move the directory to move the run")
                 base = config_to_dict(Run(root).read_config())
                 cfg = config_from_dict(merge_settings(base, overrides) if overrides else base)
-                train(cfg, resume=root, from_step=from_step)
-            elif args.from_step is not None:
-                raise ConfigError("--from-step applies with --resume RUN_DIR only")
+                train(cfg, resume=root, from_step=from_step, accept_data_change=args.accept_data_change)
+            elif args.from_step is not None or args.accept_data_change:
+                raise ConfigError(f"--{'from-step' if args.from_step is not None else 'accept-data-change'} "
+                                  "applies with --resume RUN_DIR only")
             else:
                 train(load_config(args.config, rest))
         elif args.command == "study":
             study(args, rest, argv)
         elif args.command == "eval" and (Path(args.run_dir) / "config.json").is_file():  # a Hub folder
+            if args.accept_data_change:
+                raise ConfigError("--accept-data-change applies to a run directory (its data fingerprint), not to a "
+                                  "Hub folder")
             from .train.trainer import evaluate_pretrained
             evaluate_pretrained(args.run_dir, load_config(None, rest))
         elif rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         elif args.command == "eval":
-            evaluate(args.run_dir, args.checkpoint)
+            evaluate(args.run_dir, args.checkpoint, accept_data_change=args.accept_data_change)
         elif args.command == "export":
             from .train.export import export_run
             print(f"exported to {export_run(args.run_dir, args.out_dir, args.checkpoint, args.push_to_hub)}")

@@ -101,6 +101,12 @@ class BatchSource(ABC):
             batch = self.train_batch(rows, step)
             yield batch if world == 1 else batch.rows(lo, hi)
 
+    def example_entries(self, split: str) -> list[str] | None:
+        """One line per example of ``split``, in order, that changes when the example does (a file's path, size
+        and label; a digest of an example held in memory): the run's data fingerprint
+        (:mod:`ermoe.data.fingerprint`). None: this source does not list them (its data is then not checked)."""
+        return None
+
     def probe(self, size: int) -> Batch:
         """Fixed evaluation inputs whose routing is followed across checkpoints: the first ``size`` validation
         examples, test examples when there is no validation split."""

@@ -4,6 +4,7 @@ random stream (exact resume, the same for any world size), images beyond the mem
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Iterator
 
 import numpy as np
@@ -41,6 +42,12 @@ class CaptionBatches(BatchSource):
     @property
     def num_train(self) -> int:
         return len(self.splits["train"])
+
+    def example_entries(self, split: str) -> list[str]:
+        """Each image's id and a digest of its captions."""
+        part = self.splits[split]
+        digests = [hashlib.sha1("\n".join(caps).encode()).hexdigest()[:12] for caps in part.captions]
+        return [f"{key}:{digest}" for key, digest in zip(part.ids, digests)]
 
     @property
     def vocab_size(self) -> int:

@@ -310,7 +310,7 @@ class ImageFolderData:
         if root is None:
             raise DatasetNotFoundError("imagefolder needs --data.data_dir=DIR with train/ and val/ (or test/) "
                                        "subfolders of class folders (the ImageNet layout)")
-        root = Path(root)
+        root = self.root = Path(root)
         # train/ and val/ (ImageNet's layout: its validation images are what papers test on) or test/; with both
         # val/ and test/, each is the split its name says
         both = (root / "val").is_dir() and (root / "test").is_dir()

@@ -4,6 +4,9 @@ decoded in loader workers (:class:`FolderBatches`)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -27,6 +30,12 @@ class ImageBatches(BatchSource):
         self.features: dict[str, Tensor] | None = None
         self.stem: nn.Module | None = None
         self._resident: tuple[tuple, ImageData] | None = None
+
+    def example_entries(self, split: str) -> list[str]:
+        """Each image's digest and label (the arrays as loaded, before any held-out split is moved to a device)."""
+        part = getattr(self.data, split)
+        images, labels = part.images.cpu().numpy(), part.labels.tolist()
+        return [f"{hashlib.sha1(images[i].tobytes()).hexdigest()[:16]}:{labels[i]}" for i in range(len(images))]
 
     @property
     def indices_on_device(self) -> bool:  # the images live on the device; cached features where they were made
@@ -129,6 +138,12 @@ class FolderBatches(BatchSource):
 
     def has_split(self, split: str) -> bool:
         return self.data.splits.get(split) is not None
+
+    def example_entries(self, split: str) -> list[str]:
+        """Each file's path under the tree's root, its size and its class."""
+        root, classes = self.data.root, self.data.classes
+        return [f"{Path(path).relative_to(root)}:{os.path.getsize(path)}:{classes[label]}"
+                for path, label in self.data.splits[split]]
 
     def model_args(self) -> dict[str, Any]:
         return {"num_classes": self.data.num_classes, "img_size": self.data.img_size, "in_chans": self.data.in_chans}

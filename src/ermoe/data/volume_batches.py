@@ -5,6 +5,7 @@ and worker count)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -41,6 +42,10 @@ class VolumeBatches(BatchSource):
 
     def has_split(self, split: str) -> bool:
         return split in self.stores
+
+    def example_entries(self, split: str) -> list[str]:
+        """Each scan's file name, size, age and subject."""
+        return [f"{s.path.name}:{os.path.getsize(s.path)}:{s.age!r}:{s.subject}" for s in self.stores[split].scans]
 
     def ages(self, split: str) -> np.ndarray:
         return self.stores[split].ages

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..version import __version__
 from ..analysis.diagnostics import TEST_EXAMPLES, VAL_EXAMPLES
+from ..data import fingerprint
 from ..data.loader import worker_death
 from ..models import RoutedModel, create_model, upcycle
 from ..moe import NonFiniteInputError
@@ -381,9 +382,10 @@ def resume_target(path: str | Path, from_step: int | None = None) -> tuple[Path,
 
 
 def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = False,
-          from_step: int | None = None) -> Path:
+          from_step: int | None = None, accept_data_change: bool = False) -> Path:
     """Train a new run, or resume one (``resume``: its directory; ``from_step``: an older checkpoint than the
-    latest); evaluate at the end; return the run directory.
+    latest); evaluate at the end; return the run directory. A resumed run's data must be the data it started with
+    (:mod:`ermoe.data.fingerprint`) unless ``accept_data_change`` (logged).
 
     On resume, ``cfg`` is the run's config with the overrides to apply: :data:`ermoe.train.run.RESUMABLE` keys take
     effect from the resumed step (logged, and kept in config.yaml's history); a change to any other key is refused.
@@ -394,13 +396,13 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = Fals
     """
     parallel = Parallel.from_config(cfg)
     try:
-        return _train(cfg, parallel, resume, quiet or not parallel.main, from_step)
+        return _train(cfg, parallel, resume, quiet or not parallel.main, from_step, accept_data_change)
     finally:
         parallel.close()
 
 
-def _train(cfg: TrainConfig, parallel: Parallel, resume: str | Path | None, quiet: bool, from_step: int | None
-           ) -> Path:
+def _train(cfg: TrainConfig, parallel: Parallel, resume: str | Path | None, quiet: bool, from_step: int | None,
+           accept_data_change: bool = False) -> Path:
     if resume is not None:
         root, from_step = resume_target(resume, from_step)
         run = Run(root)
@@ -412,7 +414,7 @@ def _train(cfg: TrainConfig, parallel: Parallel, resume: str | Path | None, quie
         run = Run(Path(parallel.broadcast(str(Run.new(cfg).root) if parallel.main else None)))
     try:
         with parallel.lock(lambda: RunLock(run.root)):
-            state, changes = None, {}
+            state, changes, data_changes = None, {}, []
             if resume is not None:
                 changes = resume_changes(run.read_config(), cfg)
                 # read once, verified; a sharded checkpoint's tensors are read by the trainer, each rank its part
@@ -420,11 +422,16 @@ def _train(cfg: TrainConfig, parallel: Parallel, resume: str | Path | None, quie
                 if parallel.main:
                     clean_temporaries(run.checkpoints)
                 task, model, device = setup(cfg, load_pretrained=False, parallel=parallel)  # no weights file re-read
+                # (every rank compares, so that all stop together; rank 0 writes)
+                data_changes = fingerprint.check(run.root, task.batches, accept_data_change, write=parallel.main)
                 if weights is not None:
                     load_weights(model, weights, ckpt)  # the whole model; the trainer shards it
-            elif cfg.model.moe_init == "pca":
-                batches = [b.inputs for b in task.eval_batches("train", cfg.optim.batch_size)][:cfg.model.moe_init_batches]
-                model.init_routers_from_data(batches)
+            else:
+                if parallel.main:
+                    fingerprint.record(run.root, task.batches)  # what a resume and an evaluation compare with
+                if cfg.model.moe_init == "pca":
+                    batches = [b.inputs for b in task.eval_batches("train", cfg.optim.batch_size)]
+                    model.init_routers_from_data(batches[:cfg.model.moe_init_batches])
             trainer = Trainer(cfg, run, task, model, device, state, quiet, parallel)
             try:
                 finished = run.read_metrics()
@@ -438,6 +445,11 @@ def _train(cfg: TrainConfig, parallel: Parallel, resume: str | Path | None, quie
                     run.write_config(cfg, trainer.step, changes)
                 if changes:
                     trainer.logger.log({"kind": "config_change", "step": trainer.step, "changes": changes})
+                if data_changes:
+                    trainer.logger.log({"kind": "data_change", "step": trainer.step, "changes": data_changes})
+                    warnings.warn(f"going on over changed data from step {trainer.step} (--accept-data-change): "
+                                  + "; ".join(data_changes) + ". The resumed run is no longer the one it would "
+                                  "have been", stacklevel=2)
                 trainer.fit()
                 with parallel.gathered(model):
                     metrics = evaluate_run(run, task, model, cfg, trainer.autocast, trainer.routing.changed, parallel,
@@ -531,10 +543,11 @@ def evaluate_run(run: Run, task: Task, model: RoutedModel, cfg: TrainConfig, aut
     return metrics
 
 
-def load_run(run_dir: str | Path, checkpoint: str | Path | None = None
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, accept_data_change: bool = False
              ) -> tuple[TrainConfig, Task, RoutedModel, dict[str, Any], torch.device]:
-    """Rebuild a run's task (its data loaded) and model from its config and load a checkpoint: ``checkpoint`` (a
-    checkpoint directory) or the latest, falling back to the newest intact one with a warning."""
+    """Rebuild a run's task (its data loaded, and checked to be the data the run started with unless
+    ``accept_data_change``: :mod:`ermoe.data.fingerprint`) and model from its config and load a checkpoint:
+    ``checkpoint`` (a checkpoint directory) or the latest, falling back to the newest intact one with a warning."""
     run = Run(Path(run_dir))
     cfg = run.read_config()
     if checkpoint is not None:
@@ -543,16 +556,18 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None
     else:
         ckpt, weights, state = find_checkpoint(run.root)
     task, model, device = setup(cfg, load_pretrained=False)
+    fingerprint.check(run.root, task.batches, accept_data_change, what="evaluation", write=False)
     load_weights(model, weights, ckpt)
     return cfg, task, model, state, device
 
 
-def evaluate(run_dir: str | Path, checkpoint: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
+def evaluate(run_dir: str | Path, checkpoint: str | Path | None = None, quiet: bool = False,
+             accept_data_change: bool = False) -> dict[str, Any]:
     """``ermoe eval``: rebuild the model from the run's config, load a checkpoint (latest by default), evaluate,
-    rewrite metrics.json and the figures. Holds the run's lock."""
+    rewrite metrics.json and the figures. Holds the run's lock. Its data must be the run's (``load_run``)."""
     run = Run(Path(run_dir))
     with RunLock(run.root):
-        cfg, task, model, state, device = load_run(run_dir, checkpoint)
+        cfg, task, model, state, device = load_run(run_dir, checkpoint, accept_data_change)
         autocast = autocast_ctx(device, amp_dtype(cfg.optim.amp, device))
         parts = state["components"]
         straggler = StragglerMeter(model, Parallel())
