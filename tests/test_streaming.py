@@ -336,6 +336,35 @@ def test_a_run_refuses_to_go_on_over_changed_data_unless_told_and_then_logs_it(t
         load_run(run)
 
 
+def test_a_run_stopped_by_a_corrupt_file_goes_on_with_skip_corrupt_turned_on(tmp_path, capsys):
+    """Issue 42: the error's advice works. A corrupt training JPEG stops the run with a named error after its first
+    checkpoint; `--resume RUN --data.skip_corrupt=true` goes on without that file (its data fingerprint unchanged:
+    the file is still listed, only left out when met), the change logged like any override."""
+    from ermoe.cli import main
+
+    root = make_folder(tmp_path / "data", per_class=(6, 2))
+    args = ["--out_dir", str(tmp_path), "--run_name=run", "--progress=false", "--tensorboard=false",
+            "--data.name=imagefolder", f"--data.data_dir={root}", "--data.img_size=16", "--model.patch_size=8",
+            "--model.depth=2", "--model.embed_dim=16", "--model.num_heads=2", "--optim.batch_size=6",
+            "--optim.epochs=2", "--optim.eval_batch_size=16", "--probe_size=4", "--checkpoint_every=1"]
+    assert main(["train", *args, "--optim.max_steps=1"]) == 0
+    run = tmp_path / "run"
+    for c in ("c1", "c2"):  # their headers zeroed, sizes kept: as if corrupt from the start (the fingerprint holds)
+        for f in (root / "train" / c).glob("*.jpg"):
+            f.write_bytes(bytes(64) + f.read_bytes()[64:])
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--optim.max_steps=2"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot decode image" in err and "data.skip_corrupt: true leaves such files out" in err
+    assert f"the run keeps its checkpoint of step 1: once the cause is fixed, go on with `ermoe train --resume {run}`" \
+        in err
+    with pytest.warns(UserWarning, match="left out"):
+        assert main(["train", "--resume", str(run), "--optim.max_steps=2", "--data.skip_corrupt=true"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["step"] == 2
+    changes = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "config_change" and "data.skip_corrupt" in r["changes"] for r in changes)
+
+
 # configs ------------------------------------------------------------------------------------------------------------
 def test_the_imagenet_config_trains_end_to_end_at_a_tiny_size(tmp_path, folder):
     cfg = load_config(CONFIGS / "imagenet_ermoe_vit_s16.yaml", [

@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             report(args.run_dir)
     except (ConfigError, CheckpointError, NonFiniteLossError, RunLockedError, DatasetNotFoundError,
             CorruptDatasetError, DataLoaderWorkerError, DownloadError, ValueError) as err:
-        print(f"ermoe {args.command}: error: {err}", file=sys.stderr)
+        notes = "".join(f"; {note}" for note in getattr(err, "__notes__", []))  # (e.g. how the run goes on)
+        print(f"ermoe {args.command}: error: {err}{notes}", file=sys.stderr)
         return 1
     except OSError as err:  # a file that cannot be read or written: its path, the cause, how to go on
         from .files import os_error_text

@@ -31,13 +31,14 @@ EXAMPLES_FILES = {"test": "test_examples.npz", "val": "val_examples.npz"}
 
 # What an override on resume may change, and the loop applies for real from the step it resumes at: the schedule
 # and optimizer settings (the scheduler and the optimizer's groups are rebuilt from the config), the run's length,
-# and how it logs, checkpoints and where it runs. Anything else (the model, the data, the seed, the batch size...)
-# would make the run a different run: refused.
+# and how it logs, checkpoints and where it runs; and data.skip_corrupt, which leaves out only files that cannot be
+# decoded, all of them in the run's data fingerprint (a run stopped by a corrupt file goes on without it). Anything
+# else (the model, the data, the seed, the batch size...) would make the run a different run: refused.
 RESUMABLE = {
     "optim.lr", "optim.weight_decay", "optim.epochs", "optim.max_steps", "optim.min_lr_ratio", "optim.warmup_steps",
     "optim.clip_grad", "optim.eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "probe_every",
     "progress", "tensorboard", "threads", "device", "ep_size", "dist_timeout_s", "distributed", "shard",
-    "checkpoint_format", "data.num_workers",
+    "checkpoint_format", "data.num_workers", "data.skip_corrupt",
     "optim.fused", "optim.compile", "model.grad_checkpointing",
 }
 # Where a run lives, not what it is: a run directory moved or copied elsewhere (another disk, another machine, a

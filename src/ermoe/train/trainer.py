@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..version import __version__
 from ..analysis.diagnostics import TEST_EXAMPLES, VAL_EXAMPLES
 from ..data import fingerprint
+from ..data.images import CorruptDatasetError
 from ..data.loader import worker_death
 from ..models import RoutedModel, create_model, upcycle
 from ..moe import NonFiniteInputError
@@ -467,8 +468,8 @@ def _train(cfg: TrainConfig, parallel: Parallel, resume: str | Path | None, quie
                                     **{k: v for k, v in metrics.items() if k.startswith("test_") and isinstance(v, float)}})
             finally:
                 trainer.close()
-    except OSError as err:  # a write that failed (a full or read-only disk): say how the run goes on
-        err.add_note(resume_advice(run))
+    except (OSError, CorruptDatasetError) as err:  # a failed write (a full disk), a file that cannot be decoded:
+        err.add_note(resume_advice(run))          # say how the run goes on
         raise
     if not quiet:
         print(results_text(task, metrics))
