@@ -111,6 +111,13 @@ def test_missing_and_corrupt_files_are_clear_errors(tmp_path):
         read_weights(tmp_path / "meta.pt")
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         read_weights(tmp_path)
+    # (issue 42) text under a .pt name, or a file without an extension: what was wrong and what a weights file is,
+    # not pickle's bare "101"
+    for name in ("notes.pt", "weights"):
+        (tmp_path / name).write_text("hello\n")
+        with pytest.raises(CheckpointError, match=rf"cannot read .*{name} as a PyTorch state dict \(KeyError: 101\): "
+                                                  r"the weights file must be a .safetensors file, a torch.save'd"):
+            read_weights(tmp_path / name)
 
 
 @pytest.mark.parametrize("name,kwargs,shape", [

@@ -38,7 +38,9 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a corrupt or foreign file
-        raise CheckpointError(f"cannot read {path} as a PyTorch state dict: {err}") from None
+        raise CheckpointError(f"cannot read {path} as a PyTorch state dict ({_first_line(err)}): the weights file "
+                              "must be a .safetensors file, a torch.save'd state dict (.pt, .pth, .bin), or an ermoe "
+                              "run or checkpoint directory") from None
     while isinstance(state, dict) and len(state) and not all(isinstance(v, Tensor) for v in state.values()):
         nested = next((state[k] for k in _NESTED if isinstance(state.get(k), dict)), None)
         if nested is None:
@@ -49,6 +51,12 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
     if all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def _first_line(err: Exception) -> str:
+    """An error's first line, with what it is when that says nothing (pickle's bare opcode, "101")."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if len(text) < 12 else text
 
 
 def init_from_checkpoint(model: nn.Module, spec: str | Path | dict[str, str]) -> list[LoadReport]:
