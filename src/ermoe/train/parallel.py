@@ -245,10 +245,11 @@ class Parallel:
         if self.fsdp:
             dist.all_reduce(dense_sq, group=self.groups.stats)
         norm = (dense_sq + expert_sq).sqrt()
-        if math.isfinite(max_norm):  # (torch's clip_grads_with_norm_, on the local tensors of FSDP2's shards)
-            coef = (max_norm / (norm.to(params[0].dtype) + 1e-6)).clamp(max=1.0)
-            for grad in [*dense, *experts]:
-                grad.detach().mul_(coef)
+        if math.isfinite(max_norm) and not self.fsdp:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm.to(params[0].dtype))
+        elif math.isfinite(max_norm):  # (torch's clip_grads_with_norm_ on FSDP2's local shards and the plain experts,
+            coef = (max_norm / (norm.to(params[0].dtype) + 1e-6)).clamp(max=1.0)  # which one foreach cannot mix)
+            torch._foreach_mul_([g.detach() for g in [*dense, *experts]], coef)
         return norm
 
     def all_finite(self, finite: bool) -> bool:

@@ -109,7 +109,5 @@ def _param_at(optimizer: torch.optim.Optimizer, index: int) -> Tensor:
 
 def _expert_indices(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[tuple[int, str]]:
     """(index, name) of the optimizer's expert parameters."""
-    names = {id(p): n for n, p in model.named_parameters()}
     experts = set(expert_parameter_names(model))
-    flat = [p for group in optimizer.param_groups for p in group["params"]]
-    return [(i, names[id(p)]) for i, p in enumerate(flat) if names.get(id(p)) in experts]
+    return [(i, name) for i, name in enumerate(fsdp.parameter_names(optimizer, model)) if name in experts]
