@@ -221,6 +221,15 @@ def test_heterogeneous_ageing_patterns_differ_where_the_generator_says():
     men, women = (cohort_mod.aged_tissue(t, 80, world, rates=cohort_mod.AgeingRates.of("hippocampal", sex))[0][0]
                   for sex in ("M", "F"))
     assert men.sum() < women.sum()
+    # pattern_strength raises each multiplier to its power: further apart, the sexes' GM rate untouched
+    strong = cohort_mod.AgeingRates.of("hippocampal", "M", strength=2.0)
+    assert (strong.hippocampus, strong.ventricle, strong.wm, strong.gm) == (6.25, 0.25, 1.0, 1.15)
+    assert cohort_mod.AgeingRates.of("ventricular", strength=2.0).ventricle == 4.0
+    from ermoe.data.modules import BrainCohortOptions
+    with pytest.raises(ValueError, match="heterogeneous only"):
+        BrainCohortOptions(pattern_strength=2.0)
+    with pytest.raises(ValueError, match="must be > 0"):
+        BrainCohortOptions(ageing="heterogeneous", pattern_strength=0.0)
     # the default rates are the homogeneous cohort's, unchanged
     np.testing.assert_array_equal(cohort_mod.aged_tissue(t, 80, world)[0],
                                   cohort_mod.aged_tissue(t, 80, world, rates=cohort_mod.AgeingRates())[0])
@@ -242,9 +251,14 @@ def test_heterogeneous_cohort_writes_its_patterns_and_maps_and_keeps_the_homogen
     # the hippocampal pattern's cells lie where the hippocampus is
     assert t.hippocampus[pattern_map == 1].mean() > 5 * t.hippocampus[pattern_map == 2].mean()
     assert (hip_map[pattern_map == 1] > 0).all()
-    old = {k: v for k, v in asdict(cohort_mod.CohortSpec()).items() if k != "ageing"}
+    # the fields of the cohorts built before ageing and pattern_strength were settings: their keys do not move
+    old = {k: v for k, v in asdict(cohort_mod.CohortSpec()).items() if k not in ("ageing", "pattern_strength")}
     key = hashlib.sha256(json.dumps({**old, "v": cohort_mod.COHORT_VERSION}, sort_keys=True).encode()).hexdigest()
     assert cohort_mod.cohort_dir(cohort_mod.CohortSpec()).name == key[:16]
+    hetero = {**old, "ageing": "heterogeneous"}
+    key = hashlib.sha256(json.dumps({**hetero, "v": cohort_mod.COHORT_VERSION}, sort_keys=True).encode()).hexdigest()
+    assert cohort_mod.cohort_dir(cohort_mod.CohortSpec(ageing="heterogeneous")).name == key[:16]
+    assert cohort_mod.cohort_dir(cohort_mod.CohortSpec(ageing="heterogeneous", pattern_strength=2.0)).name != key[:16]
     with pytest.raises(ValueError, match="data.ageing must be one of"):
         cohort_mod.build_cohort(cohort_mod.CohortSpec(ageing="fast"))
 

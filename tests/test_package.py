@@ -8,7 +8,8 @@ SRC = Path(__file__).parents[1] / "src" / "ermoe"
 # Lower layers first; a module may import from its own layer or below. `settings` (how a setting is checked)
 # depends on nothing of ermoe, `data` on settings alone.
 LAYERS = [
-    {"settings", "weight_decay", "registry", "devices", "host_traffic", "files", "version"},
+    {"settings", "weight_decay", "registry", "devices", "host_traffic", "files", "version",
+     "job_errors"},
     {"data"},
     {"routing", "orthogonal"},
     {"experts", "dispatch"},

@@ -530,6 +530,10 @@ def test_study_quick_end_to_end_and_resumable(tmp_path, capsys, monkeypatch):
     for method in DEFAULT_METHODS:
         assert f"| `{method}` |" in report
     assert report.count("Verdict:") == 6
+    # the positive control opens the claims: the oracle against the dense ViT, its routing measures; no few-shot
+    controls = report[report.index("## Positive controls"):report.index("## The papers' claims")]
+    assert "Oracle routing (`oracle`" in controls and "against `dense`" in controls and "MI bits" in controls
+    assert "fewshot" not in json.loads((tmp_path / "runs" / "oracle" / "seed0" / "metrics.json").read_text())
     for fig in ("accuracy_vs_cv", "load_over_training", "heatmaps"):
         assert (tmp_path / "figures" / f"results_{fig}.png").stat().st_size > 1000
         assert f"figures/results_{fig}.png" in report

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .job_errors import peer_lost, record_unexpected, report_error
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ermoe", description="Train and inspect eigenbasis-routed MoE models.")
@@ -101,12 +103,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, NonFiniteLossError, RunLockedError, DatasetNotFoundError,
             CorruptDatasetError, DataLoaderWorkerError, DownloadError, ValueError) as err:
         notes = "".join(f"; {note}" for note in getattr(err, "__notes__", []))  # (e.g. how the run goes on)
-        print(f"ermoe {args.command}: error: {err}{notes}", file=sys.stderr)
+        report_error(args.command, f"{err}{notes}", err)
         return 1
     except OSError as err:  # a file that cannot be read or written: its path, the cause, how to go on
         from .files import os_error_text
-        print(f"ermoe {args.command}: error: {os_error_text(err)}", file=sys.stderr)
+        report_error(args.command, os_error_text(err), err)
         return 1
+    except RuntimeError as err:  # a collective whose peer process is gone: named; anything else raised on
+        lost = peer_lost(err)
+        if lost is None:
+            record_unexpected(err)
+            raise
+        notes = "".join(f"; {note}" for note in getattr(err, "__notes__", []))
+        report_error(args.command, f"{lost}{notes}", lost)
+        return 1
+    except Exception as err:
+        record_unexpected(err)
+        raise
     return 0
 
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..models.protocol import RoutedLayer, RoutedModel
 from ..orthogonal import OrthonormalBasis, pca_basis, principal_angles
 from ..routing.base import RoutingInfo
+from ..routing.oracle import routed_by
 from ..routing.stats import load_summary
 
 
@@ -299,13 +300,15 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate_routed(model: RoutedModel, batches: Iterable[tuple[Sequence[Tensor], Tensor | None]],
+def evaluate_routed(model: RoutedModel, batches: Iterable[tuple[Sequence[Tensor], Tensor | None]
+                                                    | tuple[Sequence[Tensor], Tensor | None, Tensor | None]],
                     measures: dict[str, Any], num_labels: int = 1,
                     label_of: Callable[[Tensor | None], LabelFn] | None = None,
                     probe: Sequence[Tensor] | None = None, max_probe_tokens: int = 4096,
                     autocast: Callable[[], Any] | None = None,
                     on_output: Callable[[Tensor, Tensor | None], None] | None = None) -> Evaluation:
-    """One evaluation pass of any task, in eval mode: each batch ``(inputs, target)`` through the model, every
+    """One evaluation pass of any task, in eval mode: each batch ``(inputs, target)`` (or ``(inputs, target,
+    groups)``: the examples' ground-truth groups an oracle router routes by, ``ermoe.routing.oracle``) through the model, every
     measure (a torchmetrics metric, or anything with ``to``/``update(output, target)``/``compute``) updated with
     the output and the target, and every routing layer's assignments counted by the token labels
     ``label_of(target)`` gives (:class:`RoutingCounts`; None: load only, one label). ``on_output(output,
@@ -316,8 +319,8 @@ def evaluate_routed(model: RoutedModel, batches: Iterable[tuple[Sequence[Tensor]
         loads = ExampleLoads(model.routed_layers())
         ctx = autocast or torch.no_grad
         examples = 0
-        for inputs, target in batches:
-            with ctx():
+        for inputs, target, *groups in batches:
+            with ctx(), routed_by(model, groups[0] if groups else None):
                 output = model(*inputs)
             output = output.float() if isinstance(output, Tensor) else output
             for measure in measures.values():

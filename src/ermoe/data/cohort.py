@@ -70,6 +70,7 @@ class CohortSpec:
     age_max: float = 85.0
     bio_sd: float = 2.0
     ageing: str = "homogeneous"
+    pattern_strength: float = 1.0  # heterogeneous: each pattern's multipliers raised to this power
 
     def floor_mae(self) -> float:
         """The MAE of a model that knew every subject's biological age exactly."""
@@ -112,8 +113,11 @@ class AgeingRates:
     ventricle: float = 1.0
 
     @classmethod
-    def of(cls, pattern: str, sex: str | None = None) -> "AgeingRates":
-        return cls(gm=SEX_GM_RATE[sex] if sex is not None else 1.0, **PATTERNS[pattern])
+    def of(cls, pattern: str, sex: str | None = None, strength: float = 1.0) -> "AgeingRates":
+        """A subject of ``pattern`` (and ``sex``): the pattern's multipliers, each raised to ``strength`` (the
+        patterns further apart above 1)."""
+        return cls(gm=SEX_GM_RATE[sex] if sex is not None else 1.0,
+                   **{k: v ** strength for k, v in PATTERNS[pattern].items()})
 
 
 def _scaled(rate, factor: float):
@@ -275,6 +279,8 @@ def cohort_dir(spec: CohortSpec) -> Path:
     fields = asdict(spec)
     if spec.ageing == "homogeneous":  # the key of the cohorts built before there were patterns
         del fields["ageing"]
+    if spec.pattern_strength == 1.0:  # the key of the cohorts built before the strength was a setting
+        del fields["pattern_strength"]
     key = hashlib.sha256(json.dumps({**fields, "v": COHORT_VERSION}, sort_keys=True).encode()).hexdigest()[:16]
     root = cache_root()
     return root / "brain_cohort" / key
@@ -291,6 +297,8 @@ def build_cohort(spec: CohortSpec, log=None) -> Path:
         raise ValueError(f"cohort ages need 0 <= age_min < age_max, got {spec.age_min}, {spec.age_max}")
     if spec.ageing not in AGEING:
         raise ValueError(f"data.ageing must be one of {AGEING}, got {spec.ageing!r}")
+    if not spec.pattern_strength > 0 or (spec.pattern_strength != 1.0 and spec.ageing != "heterogeneous"):
+        raise ValueError(f"pattern_strength {spec.pattern_strength!r}: > 0, and not 1 for a heterogeneous cohort only")
     root = cohort_dir(spec)
     csv_path = root / "participants.csv"
     if start_build(root, csv_path.name) is not None:
@@ -307,7 +315,8 @@ def build_cohort(spec: CohortSpec, log=None) -> Path:
         bio = age + float(rng.normal(0, spec.bio_sd))
         site, sex = int(rng.integers(len(SITES))), ("F", "M")[int(rng.integers(2))]
         pattern = list(PATTERNS)[int(rng.integers(len(PATTERNS)))] if spec.ageing == "heterogeneous" else None
-        vol = synthesise(t, world, bio, rng, site, AgeingRates.of(pattern, sex) if pattern else AgeingRates())
+        rates = AgeingRates.of(pattern, sex, spec.pattern_strength) if pattern else AgeingRates()
+        vol = synthesise(t, world, bio, rng, site, rates)
         affine = ras
         if rng.random() < 0.5:  # stored left-right flipped, as FSL's radiological MNI files are
             vol, affine = vol[::-1].copy(), las
@@ -321,7 +330,8 @@ def build_cohort(spec: CohortSpec, log=None) -> Path:
         if log is not None and (i + 1) % 100 == 0:
             log(f"brain cohort: {i + 1}/{spec.size} subjects")
     if spec.ageing == "heterogeneous":
-        maps = {name: age_sensitivity_map(t, world, spec, AgeingRates.of(name)) for name in PATTERNS}
+        maps = {name: age_sensitivity_map(t, world, spec, AgeingRates.of(name, strength=spec.pattern_strength))
+                for name in PATTERNS}
         for name, m in maps.items():
             nib.save(nib.Nifti1Image(m, ras), root / f"age_map_{name}.nii.gz")
         nib.save(nib.Nifti1Image(np.mean(list(maps.values()), 0).astype(np.float32), ras), root / "age_map.nii.gz")

@@ -302,19 +302,29 @@ class BrainCohortOptions(_Volumes):
     # "homogeneous": everyone ages alike; "heterogeneous": two ageing patterns (hippocampal- or ventricle-
     # predominant) and sex-dependent grey-matter loss that only the image shows (docs/brainage.md)
     ageing: str = "homogeneous"
+    # heterogeneous only: how far apart the patterns age (each pattern's rate multipliers raised to this power; 1:
+    # the cohort as first built, 2: e.g. hippocampal loss x6.25 against x0.25)
+    pattern_strength: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         from .cohort import AGEING
         if self.ageing not in AGEING:
             raise ValueError(f"data.ageing must be one of {AGEING}, got {self.ageing!r}")
+        if not self.pattern_strength > 0:
+            raise ValueError(f"data.pattern_strength must be > 0, got {self.pattern_strength!r}")
+        if self.pattern_strength != 1.0 and self.ageing != "heterogeneous":
+            raise ValueError("data.pattern_strength applies to data.ageing: heterogeneous only (a homogeneous cohort "
+                             "has no patterns)")
 
     def scans_csv(self) -> tuple[Path, dict[str, Any] | None]:
         """The generated cohort's CSV (made once, cached) and what is known of it: the error floor its biological
         variation sets, that variation's sd, its size and folder (tissue and ageing maps), how it ages."""
         from .cohort import CohortSpec, build_cohort
 
-        spec = CohortSpec(size=self.cohort_size, seed=self.cohort_seed, spacing=self.spacing, ageing=self.ageing)
+        spec = CohortSpec(size=self.cohort_size, seed=self.cohort_seed, spacing=self.spacing, ageing=self.ageing,
+                          pattern_strength=self.pattern_strength)
         csv_path = build_cohort(spec, log=print)
         return csv_path, {"floor_mae": spec.floor_mae(), "bio_sd": spec.bio_sd, "size": spec.size,
-                          "dir": str(csv_path.parent), "ageing": spec.ageing}
+                          "dir": str(csv_path.parent), "ageing": spec.ageing,
+                          **({"pattern_strength": spec.pattern_strength} if spec.pattern_strength != 1.0 else {})}

@@ -20,7 +20,8 @@ from .nifti import VolumeDataset, VolumeStore, collate_volumes, mni_grid, read_c
 
 class VolumeBatches(BatchSource):
     """The scans of ``csv_path`` on the MNI grid of ``options.spacing`` (``options``: a brain dataset's section,
-    ``ermoe.data.modules``). ``stores[split]``: the split's volumes and ages."""
+    ``ermoe.data.modules``). ``stores[split]``: the split's volumes and ages; ``groups[split]``, where the task sets
+    it, each scan's ground-truth group (``Batch.groups``: a subject's ageing pattern)."""
 
     def __init__(self, csv_path: Path, options: Any, sampling: Sampling) -> None:
         super().__init__(sampling)
@@ -34,6 +35,7 @@ class VolumeBatches(BatchSource):
         self.stores = {name: VolumeStore(scans, o.spacing, cap, o.num_workers) for name, scans in
                        (("train", train), ("val", cohort.val), ("test", test)) if scans}
         self.shape, _ = mni_grid(o.spacing)
+        self.groups: dict[str, np.ndarray] | None = None
         self._eval_loaders: dict[tuple[str, int, int], Any] = {}
 
     @property
@@ -66,15 +68,23 @@ class VolumeBatches(BatchSource):
         process."""
         dataset = self._train_dataset()
         vols, ages = collate_volumes([dataset[ExampleKey(int(i), step, r)] for r, i in enumerate(indices.tolist())])
-        return Batch((vols.to(self.device),), ages.to(self.device))
+        return Batch((vols.to(self.device),), ages.to(self.device), self._groups("train", indices.tolist()))
+
+    def _groups(self, split: str, indices) -> Tensor | None:
+        if self.groups is None:
+            return None
+        return torch.from_numpy(self.groups[split][np.asarray(indices, dtype=np.int64)]).to(self.device)
 
     def train_batches(self, start_step: int, stop_step: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
         """This rank's volumes of every step, read (from memory or the cache files) and augmented in the loader's
         ``data.num_workers`` workers."""
         s = self.sampling
         sampler = StepBatchSampler(self.num_train, s.batch_size, s.seed, start_step, stop_step, rank, world)
+        # the sampler's keys again, in the same order as the loader reads them: each batch's examples' groups
+        keys = iter(sampler) if self.groups is not None else None
         for vols, ages in iterate(self._loader(self._train_dataset(), sampler)):
-            yield Batch((vols.to(self.device, non_blocking=True),), ages.to(self.device, non_blocking=True))
+            groups = None if keys is None else self._groups("train", [key.index for key in next(keys)])
+            yield Batch((vols.to(self.device, non_blocking=True),), ages.to(self.device, non_blocking=True), groups)
 
     def eval_batches(self, split: str, batch_size: int | None = None, limit: int | None = None) -> Iterator[Batch]:
         if split not in self.stores:
@@ -88,11 +98,11 @@ class VolumeBatches(BatchSource):
             for i in starts:
                 idx = np.arange(i, min(i + batch_size, n))
                 yield Batch((torch.from_numpy(store.get(idx)).to(self.device),),
-                            torch.from_numpy(store.ages[idx]).to(self.device))
+                            torch.from_numpy(store.ages[idx]).to(self.device), self._groups(split, idx))
             return
         key = (split, batch_size, n)  # volumes read from the cache in the loader's workers; the loader is kept
         if key not in self._eval_loaders:
             batches = [list(range(i, min(i + batch_size, n))) for i in starts]
             self._eval_loaders[key] = self._loader(VolumeDataset(store), batches, persistent=True)
-        for vols, ages in iterate(self._eval_loaders[key]):
-            yield Batch((vols.to(self.device),), ages.to(self.device))
+        for (vols, ages), i in zip(iterate(self._eval_loaders[key]), starts):
+            yield Batch((vols.to(self.device),), ages.to(self.device), self._groups(split, range(i, i + len(ages))))

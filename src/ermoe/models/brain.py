@@ -95,6 +95,12 @@ class SFCN3d(RoutedModel):
         """Each MoE layer's feature-map grid, by the layer's qualified name (cells are tokens in x-major order)."""
         return {f"cells.{k}": v for k, v in self.grids.items() if isinstance(self.cells[k], CellMoE)}
 
+    @property
+    def token_sites(self) -> dict[str, tuple[nn.Module, tuple[int, int, int]]]:
+        """Each cell layer's token module (the MoE, or the dense FFN of ``dense_ffn``) and grid."""
+        return {f"cells.{k}": (cell.moe if isinstance(cell, CellMoE) else cell.ffn, self.grids[k])
+                for k, cell in self.cells.items()}
+
     checkpoint: bool = False  # activation checkpointing of the stages (set_grad_checkpointing)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

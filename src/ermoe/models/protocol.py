@@ -159,6 +159,14 @@ class RoutedModel(nn.Module):
         return {}
 
     @property
+    def token_sites(self) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
+        """Where a routing layer reads its tokens, also in the dense counterpart of a routed model: per place (the
+        routing layer's qualified name), the module whose input is the ``(B, N, C)`` tokens (the MoE, or the dense
+        FFN in its place) and the grid they tile (what a linear probe of a ground truth reads,
+        ``ermoe.analysis.token_probe``). None here."""
+        return {}
+
+    @property
     def token_sequence(self) -> dict[str, int]:
         """Per routing layer (by qualified name) whose tokens are the positions of a sequence of token ids among the
         model's inputs (a text tower), the index of that input in ``forward``'s arguments. None here."""

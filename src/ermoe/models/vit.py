@@ -88,9 +88,9 @@ class MoESpec:
         return "parallel" if self.router == "emoe" else "replace"
 
     def validate(self) -> None:
-        if self.router not in list_routers():
+        if self.router not in list_routers(controls=True):
             hint = f" ({_NOT_ROUTERS[self.router]})" if self.router in _NOT_ROUTERS else ""
-            raise ValueError(f"unknown router {self.router!r}{hint}; choose one of {list_routers()}")
+            raise ValueError(f"unknown router {self.router!r}{hint}; choose one of {list_routers(controls=True)}")
         check_router_kwargs(self.router, self.router_kwargs)
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise ValueError(f"num_experts must be a positive int, got {self.num_experts!r}")

@@ -15,11 +15,13 @@ from .softmax import LossFreeBiasRouter, SoftmaxTopKRouter
 from .vmoe import VMoERouter
 from .cosine import CosineRouter
 from .expert_choice import ExpertChoiceRouter
+from .oracle import OracleRouter, routed_by
 
 
-def list_routers() -> list[str]:
-    """The names accepted by ``ermoe.MoE(router=...)``."""
-    return list(ROUTERS)
+def list_routers(controls: bool = False) -> list[str]:
+    """The routing methods ``ermoe.MoE(router=...)`` accepts by name; ``controls``: with the positive controls
+    (``oracle``, which routes by the data's ground truth and runs only where that is given, ``routed_by``)."""
+    return [name for name in ROUTERS if controls or not ROUTERS[name].control]
 
 
 def check_router_kwargs(name: str, kwargs: dict[str, Any]) -> None:
@@ -47,5 +49,5 @@ def create_router(name: str, dim: int, num_experts: int, top_k: int = 1, **kwarg
 
 __all__ = ["ROUTERS", "Router", "RouterOutput", "RoutingInfo", "check_router_kwargs", "create_router", "list_routers",
            "register_router",
-           "CosineRouter", "EigenbasisRouter", "EigenEnergyRouter", "ExpertChoiceRouter", "LossFreeBiasRouter",
-           "SoftmaxTopKRouter", "VMoERouter", "default_eigen_rank"]
+           "CosineRouter", "EigenbasisRouter", "EigenEnergyRouter", "ExpertChoiceRouter", "LossFreeBiasRouter", "OracleRouter",
+           "SoftmaxTopKRouter", "VMoERouter", "default_eigen_rank", "routed_by"]

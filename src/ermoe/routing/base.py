@@ -86,6 +86,8 @@ class Router(nn.Module):
     layer_capacity: bool = True
     learn_alpha: bool = False
     accepts_context: bool = False
+    # A positive control rather than a routing method (the oracle): not in ``list_routers()`` unless asked for.
+    control: bool = False
     # Experts operate on the router's per-expert projections instead of the token (ERMoE).
     expert_input_dim: int | None = None
     # Data-parallel group over which batch statistics and auxiliary losses are summed (ermoe.routing.sync).

@@ -8,9 +8,13 @@ same active size there: whether an MoE gain is the routing or merely one more to
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ..tasks.brain_age import PROBE_TRAIN_VOLUMES
 from .methods import METHODS
 from .plan import LOAD_CV_MARGIN
 from .stats import Test, load_claims
@@ -28,6 +32,10 @@ BRAIN_METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
                          {"router": "emoe", "router_kwargs": {"standardize": True}}),
     # the baselines route as in the image study (the same rows)
     **{name: METHODS[name] for name in ("softmax_noloss", "switch", "vmoe", "loss_free_bias", "expert_choice")},
+    # a positive control, not a method: each cell's token goes to its subject's ageing pattern's expert (the ground
+    # truth claim 7a's subject AMI scores; heterogeneous cohort only)
+    "oracle": ("control", "positive control: every cell of a volume on its subject's ageing pattern's expert "
+               "(ground truth, also at test)", {"router": "oracle"}),
     "regional": ("paper", "ERMoE-ba's reference design as read here: GM, WM, CSF and one free SFCN expert, ERMoE "
                  "top-2 per volume with threshold 0.5 (regional_sfcn3d)",
                  {"_model": "regional_sfcn3d", "router": "ermoe", "top_k": 2, "router_kwargs": {"threshold": 0.5}}),
@@ -126,7 +134,33 @@ def brain_run_measures(metrics: dict[str, Any]) -> dict[str, float]:
     # Routing whole volumes (regional experts) is a load over a batch of volumes, not over cells: its own column,
     # never compared with the cell routers' load CV.
     out["volume_load_cv"] = _layer_mean({"layers": volumes}, "load_cv")
+    probes = [p["test_balanced_acc"] for p in (metrics.get("pattern_probe") or {}).values()]
+    out["pattern_probe_acc"] = float(np.mean(probes)) if probes else float("nan")
     return out
+
+
+def _control_lines(table, examples) -> list[str]:
+    """Positive controls (docs/study.md, "Positive controls"): what routing by the subject's ageing pattern reaches
+    on this testbed against the dense FFN, with claim 7's effect beside it, and whether the pattern is linearly
+    readable where the router reads tokens (the pattern probe of the ``dense_ffn`` runs)."""
+    from .report import mean_std, oracle_lines
+
+    needed = (1 - CLAIM7_RATIO) * mean_std(table["plain"]["test_mae"])[0] if "plain" in table else None
+    lines = oracle_lines(
+        table, examples, "every cell of a volume on its subject's ageing pattern's expert", "dense_ffn",
+        Test("test_mae", "dense_ffn", "lower"), "years", ".3f",
+        [("pattern_subject_ami", "subject AMI (chance 0; following the patterns: 1)"),
+         ("pattern_map_ami", "pattern AMI"), ("homogeneity", "homog."), ("probe_changed_rel", "/chance (chance 1)"),
+         ("load_cv", "load CV")],
+        needed=None if needed is None else (needed, f"claim 7's gain, {1 - CLAIM7_RATIO:.0%} of the plain CNN's MAE"))
+    probes = [v for v in table.get("dense_ffn", {}).get("pattern_probe_acc", []) if not math.isnan(v)]
+    if probes:
+        m, sd = mean_std(probes)
+        lines.append(f"- A linear probe of the subject's ageing pattern from the tokens the MoE layer reads (the dense "
+                     f"FFN's input in `dense_ffn`, over the cells where the patterns differ; logistic regression "
+                     f"fitted on {PROBE_TRAIN_VOLUMES} training volumes, C chosen on validation): test balanced "
+                     f"accuracy {m:.3f} ± {sd:.3f} over {len(probes)} seeds (chance 0.5).")
+    return ["## Positive controls (what this testbed can show)", "", *lines, ""] if lines else []
 
 
 def _data_line(first: dict[str, Any]) -> str:
@@ -151,7 +185,7 @@ def _routing_lines(table, examples) -> list[str]:
     with the test volumes' sampling error where the runs recorded their per-volume errors)."""
     from .report import _comparisons, _fmt_p, mean_std
 
-    moe = [m for m in table if m in BRAIN_METHODS and BRAIN_METHODS[m][0] != "reference"]
+    moe = [m for m in table if m in BRAIN_METHODS and BRAIN_METHODS[m][0] not in ("reference", "control")]
     rows = _comparisons(table, moe, "routing", [Test("test_mae", "dense_ffn", "lower")], examples=examples)
     if not rows:
         return []
@@ -198,4 +232,5 @@ def write_brain_report(cfg, results, path, command: str, wall_s: float, atomic_w
                      f"test MAE with {CLAIM7_RATIO:g} x the plain CNN's: supported when significantly below it, "
                      "contradicted when significantly above it (the gain is then significantly less than 7%).",
         figure=("test_mae", "test MAE (years)"), measures=brain_run_measures)
-    return write_claims_report(cfg, results, path, command, wall_s, atomic_write, spec, _routing_lines)
+    return write_claims_report(cfg, results, path, command, wall_s, atomic_write, spec, _routing_lines,
+                               controls=_control_lines)

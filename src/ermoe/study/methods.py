@@ -60,6 +60,8 @@ METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "loss_free_bias": ("baseline", "auxiliary-loss-free bias balancing", {"router": "loss_free_bias"}),
     "cosine": ("baseline", "cosine routing (X-MoE)", {"router": "cosine"}),
     "expert_choice": ("baseline", "expert choice", {"router": "expert_choice"}),
+    "oracle": ("control", "positive control: every token of an image on its class's expert (class mod experts, "
+               "ground truth, also at test)", {"router": "oracle"}),
     "single_gate": ("baseline", "single-gated MoE (Royer 2023): one gate per image, dense base branch as early exit "
                     "and ensemble member, k-means gate after 1/3 of training",
                     {"_model": "single_gated_vit", "kmeans_step": 0.33}),

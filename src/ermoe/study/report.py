@@ -208,6 +208,41 @@ def _comparisons(table, methods: list[str], claim: str, tests: list[Test], plan:
     return rows
 
 
+def oracle_lines(table, examples, how: str, reference: str, test: Test, unit: str, spec: str,
+                 routing: list[tuple[str, str]], needed: tuple[float, str] | None = None,
+                 control: str = "oracle") -> list[str]:
+    """A positive control's findings: the oracle router (``how`` it routes) against ``reference`` by ``test``
+    (paired over seeds with the test set's error), the size of the effect a claim needs beside it (``needed``: its
+    value in ``unit`` and what it is), and the oracle's routing measures (``routing``: key, label): what experts
+    that follow the ground truth score. Nothing when the study did not run the oracle."""
+    if control not in table or reference not in table:
+        return []
+    lines = []
+    rows = _comparisons(table, [control], "control", [test], examples=examples)
+    if rows:
+        r, w = rows[0], rows[0]["stat"]
+        gain = w.diff if test.better == "higher" else -w.diff
+        gain_low = w.low if test.better == "higher" else -w.high
+        text = (f"- Oracle routing (`{control}`: {how}, the ground truth, also at test) against `{reference}`: "
+                f"{test.measure} {format(mean_std(r['values'])[0], spec)} vs "
+                f"{format(mean_std(r['base_values'])[0], spec)}, gain {format(gain, '+' + spec)} {unit} (se "
+                f"{format(w.se, spec)}, 95% CI of the difference [{format(w.low, spec)}, {format(w.high, spec)}], "
+                f"p {_fmt_p(w.p)})")
+        if needed is not None:
+            value, what = needed
+            text += (f"; {what} is {format(value, spec)} {unit}: the oracle's gain is "
+                     + ("clearly beyond it (the whole interval)" if gain_low > value else
+                        "not clearly beyond it, so this testbed cannot show that effect through routing by the "
+                        "ground truth"))
+        lines.append(text + ".")
+    measured = [(k, label) for k, label in routing if k in table[control]]
+    if measured:
+        lines.append("- What experts that follow the ground truth score on the routing measures (the oracle, mean ± "
+                     "std over seeds): " + "; ".join(f"{label} {_cell(table[control][k], '.3f')}"
+                                                     for k, label in measured) + ".")
+    return lines
+
+
 def _untested(table, methods: list[str], tests: list[Test]) -> list[str]:
     """The comparisons :func:`_comparisons` could not make although the measure applies to both sides: the seeds
     where the method's or the baseline's value is undefined (a map with one expert has no AMI). Dropping those
@@ -635,6 +670,7 @@ def write_report(cfg, results, path: str | Path, command: str, wall_s: float,
         f"![accuracy against load CV]({figure.relative_to(path.parent).as_posix()})", "",
         *[f"![{f.stem}]({f.relative_to(path.parent).as_posix()})\n" for f in extra_figures],
         *plan.lines([*CLAIMS, PRESET]),
+        *_image_control_lines(table, collect_examples(results)),
         "## The papers' claims", "",
         f"Verdicts compare the papers' methods read as written ({', '.join(f'`{m}`' for m in PAPER_METHODS)}) "
         f"with the baselines named above: {VERDICT_RULE}", "",
@@ -647,6 +683,18 @@ def write_report(cfg, results, path: str | Path, command: str, wall_s: float,
                      "provisional.")
     atomic_write(path, "\n".join(lines) + "\n")
     return path
+
+
+def _image_control_lines(table, examples) -> list[str]:
+    """The image study's positive control: the oracle (each image's tokens on its class's expert) against the dense
+    ViT, and what its experts score on the specialisation and stability measures."""
+    lines = oracle_lines(table, examples, "every token of an image on its class's expert, class mod experts",
+                         "dense", Test("test_top1", "dense", "higher"), "", ".4f",
+                         [("mi_bits", "MI bits (chance 0; following the class: the experts' entropy, at most "
+                                      "log2 of the experts)"),
+                          ("homogeneity", "homog."), ("probe_changed_rel", "/chance (chance 1)"),
+                          ("load_cv", "load CV")])
+    return ["## Positive controls (what this testbed can show)", "", *lines, ""] if lines else []
 
 
 @dataclass(frozen=True)
@@ -671,9 +719,12 @@ class ClaimsReport:
 
 def write_claims_report(cfg, results, path: str | Path, command: str, wall_s: float,
                         atomic_write: Callable[[Path, str], None], spec: ClaimsReport,
-                        extra: Callable[[dict[str, dict[str, list[float]]], dict], list[str]] | None = None) -> Path:
-    """A task study's report: the per-method table, figures, each claim's verdict with the study's rules, and the
-    task's ``extra`` sections (lines from the aggregated table and the runs' per-example test records,
+                        extra: Callable[[dict[str, dict[str, list[float]]], dict], list[str]] | None = None,
+                        controls: Callable[[dict[str, dict[str, list[float]]], dict], list[str]] | None = None
+                        ) -> Path:
+    """A task study's report: the per-method table, figures, what the positive ``controls`` reached (before the
+    claims they qualify), each claim's verdict with the study's rules, and the task's ``extra`` sections (each:
+    lines from the aggregated table and the runs' per-example test records,
     :func:`~ermoe.study.examples.collect_examples`)."""
     path = Path(path)
     plan = make_plan(cfg.margins, cfg.baselines, spec.claims, spec.methods)
@@ -696,9 +747,10 @@ def write_claims_report(cfg, results, path: str | Path, command: str, wall_s: fl
         "", "## Results", "", results_table(table, spec.columns, spec.methods, frozenset()), "", spec.notes, "",
         *[f"![{f.stem}]({f.relative_to(path.parent).as_posix()})\n" for f in figures if f is not None],
         *plan.lines(spec.claims),
-        "## The papers' claims", "", f"{spec.claims_intro} The rule: {VERDICT_RULE}", "",
     ]
     examples = collect_examples(results)
+    lines += controls(table, examples) if controls is not None else []
+    lines += ["## The papers' claims", "", f"{spec.claims_intro} The rule: {VERDICT_RULE}", ""]
     lines += claim_lines(verdicts(table, spec.claims, spec.paper_methods, spec.methods, plan, examples))
     lines += extra(table, examples) if extra is not None else []
     lines += ep_wait_lines(table)

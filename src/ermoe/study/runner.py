@@ -149,13 +149,19 @@ def run_dir(cfg: StudyConfig, method: str, seed: int) -> Path:
     return Path(cfg.out_dir) / method / f"seed{seed}"
 
 
-def _finished(path: Path, kind: StudyKind) -> dict[str, Any] | None:
-    """A finished run's metrics (with its few-shot probes where the study has them), else None."""
+def _probes_fewshot(kind: StudyKind, method: str) -> bool:
+    """Whether a run of ``method`` gets few-shot probes: in a study that has them, every method but a control (the
+    oracle routes by the label, and a few-shot query's label is what the probe predicts)."""
+    return kind.fewshot and kind.methods[method][0] != "control"
+
+
+def _finished(path: Path, kind: StudyKind, method: str) -> dict[str, Any] | None:
+    """A finished run's metrics (with its few-shot probes where it gets them), else None."""
     metrics_path = path / METRICS_FILE
     if not metrics_path.exists():
         return None
     metrics = json.loads(metrics_path.read_text())
-    return metrics if "fewshot" in metrics or not kind.fewshot else None
+    return metrics if "fewshot" in metrics or not _probes_fewshot(kind, method) else None
 
 
 def add_fewshot(path: Path, cfg: StudyConfig) -> dict[str, Any]:
@@ -297,7 +303,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict[str, dict[int, dict[str, Any]
                 aside = path.with_name(f"{path.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
                 path.rename(aside)
                 log(f"{path}: {reason}; moved to {aside}, running it again")
-            metrics = _finished(path, kind)
+            metrics = _finished(path, kind, method)
             t0 = time.perf_counter()
             if metrics is None:
                 resumed = False
@@ -312,7 +318,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict[str, dict[int, dict[str, Any]
                             pass
                         shutil.rmtree(path)
                     train(train_cfg, quiet=True)
-                metrics = add_fewshot(path, cfg) if kind.fewshot else Run(path).read_metrics()
+                metrics = add_fewshot(path, cfg) if _probes_fewshot(kind, method) else Run(path).read_metrics()
                 # Time of this run as it ran, kept for the report: a run re-evaluated by `ermoe eval` keeps its
                 # training time and adds the probes'; one resumed from a checkpoint adds its earlier parts' training
                 # time (their segments; the evaluation and setup of a part cut short left no record).

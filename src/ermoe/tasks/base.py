@@ -38,6 +38,7 @@ from ..analysis.report import draw_load, layers_table
 from ..data.batches import Batch, BatchSource, Sampling
 from ..data.modules import DataOptions
 from ..registry import Registry
+from ..routing.oracle import routed_by
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,17 @@ class Task(ABC):
         :func:`~ermoe.analysis.diagnostics.example_labels`: its example's class). None: load only."""
         return None
 
+    def oracle_groups(self, batch: Batch) -> Tensor | None:
+        """Each example's ground-truth group, what the oracle router (a positive control, ``ermoe.routing.oracle``)
+        routes by: ``batch.groups`` where the data has them (a subject's ageing pattern); None: the task has none.
+        Classification: the class."""
+        return batch.groups
+
+    def routed_batches(self, split: str) -> Iterator[tuple[tuple[Tensor, ...], Tensor | None, Tensor | None]]:
+        """A split's batches as :func:`~ermoe.analysis.diagnostics.evaluate_routed` reads them: ``(inputs, target,
+        oracle groups)``."""
+        return ((b.inputs, b.target, self.oracle_groups(b)) for b in self.eval_batches(split))
+
     def vocabulary(self) -> list[str] | None:
         """For a task with token-id inputs, each id's word (``ermoe explain`` shows a text tower's tokens by it);
         None otherwise."""
@@ -169,8 +181,9 @@ class Task(ABC):
         layer its load, (expert, label) counts and MI(expert; label), with the probe's routing measures."""
         labels = self.token_labels()
         num_labels, label_of = labels if labels is not None else (1, None)
-        ev = evaluate_routed(model, ((b.inputs, b.target) for b in self.eval_batches("test")), self.measures(),
-                             num_labels, label_of, None if probe is None else probe.inputs, autocast=autocast)
+        with routed_by(model, None if probe is None else self.oracle_groups(probe)):
+            ev = evaluate_routed(model, self.routed_batches("test"), self.measures(), num_labels, label_of,
+                                 None if probe is None else probe.inputs, autocast=autocast)
         return {**{f"test_{k}": v for k, v in ev.measures.items()}, "test_examples": ev.examples,
                 **self.quick_eval(model, autocast), "layers": ev.layers()}
 
@@ -181,8 +194,7 @@ class Task(ABC):
         if not measures or not self.has_split("val"):
             return {}
         name, measure = next(iter(measures.items()))
-        ev = evaluate_routed(model, ((b.inputs, b.target) for b in self.eval_batches("val")), {name: measure},
-                             autocast=autocast)
+        ev = evaluate_routed(model, self.routed_batches("val"), {name: measure}, autocast=autocast)
         return {f"val_{name}": ev.measures[name]}
 
     @staticmethod

@@ -29,6 +29,7 @@ from ..data.cohort import PATTERNS
 from ..data.nifti import VolumeStore
 from ..data.volume_batches import VolumeBatches
 from ..models.registry import model_parameters
+from ..routing.oracle import routed_by
 from ..routing.stats import load_summary
 from ..settings import FORBID_EXTRA
 from .base import Batch, Objective, Task, register_task
@@ -166,6 +167,9 @@ def map_agreement(counts_EN: np.ndarray, truth_N: np.ndarray, brain_N: np.ndarra
     return _ami(table)
 
 
+PROBE_TRAIN_VOLUMES = 200  # training volumes the pattern probe fits on (BrainAge.pattern_probe)
+
+
 @dataclass
 class BrainAgeOptions:
     __pydantic_config__ = FORBID_EXTRA
@@ -236,6 +240,7 @@ class BrainAge(Task):
         # the CSV of scans (the built-in cohort generates its own once) and, for the built-in cohort, its ground truth
         self.csv_path, self.cohort_info = d.scans_csv()
         self.batches = VolumeBatches(self.csv_path, d, self.sampling)
+        self.batches.groups = self._read_patterns()
         ages = self.batches.ages("train")
         self.age_mean, self.age_sd = float(ages.mean()), float(ages.std()) or 1.0
         self.shape = self.batches.shape
@@ -264,7 +269,7 @@ class BrainAge(Task):
         preds = []
         with evaluating(model):
             for batch in self.eval_batches(split):
-                with autocast():
+                with autocast(), routed_by(model, batch.groups):
                     preds.append(self.years(model(*batch.inputs)).cpu())
                 if on_batch is not None:
                     on_batch(batch)
@@ -318,6 +323,9 @@ class BrainAge(Task):
         metrics[TEST_EXAMPLES] = {"abs_error": np.abs(pred.astype(np.float64) - test_age.astype(np.float64)),
                                   **cell_loads.arrays()}
         metrics["layers"] = self._layer_metrics(model, counts, grids, probe, autocast, by_pattern)
+        probed = self.pattern_probe(model, autocast)
+        if probed:
+            metrics["pattern_probe"] = probed
         experts = {v.name: v.num_experts for v in layers}
         for name, idx in per_volume.items():
             if idx:
@@ -325,18 +333,48 @@ class BrainAge(Task):
                                            **metrics["layers"].get(name, {})}
         return metrics
 
+    def pattern_probe(self, model: nn.Module, autocast: Callable[[], Any]) -> dict[str, Any]:
+        """A positive control of claim 7a on a heterogeneous cohort: per cell layer (its MoE, or the dense FFN in its
+        place), a linear probe of the subject's ageing pattern from the tokens there, over the cells where the
+        patterns differ (those subject AMI scores): fitted on the first ``PROBE_TRAIN_VOLUMES`` training volumes
+        (unaugmented), C chosen on the validation volumes, read on the test volumes
+        (:func:`ermoe.analysis.token_probe.linear_probe`). Empty without patterns, a validation split or a cell
+        layer."""
+        sites = model.token_sites
+        if self.batches.groups is None or not sites or "val" not in self.stores or "test" not in self.stores:
+            return {}
+        import nibabel as nib
+
+        from ..analysis.token_probe import linear_probe, record_tokens
+
+        pattern_map = np.asarray(nib.load(Path(self.cohort_info["dir"]) / "pattern_map.nii.gz").dataobj)
+        out = {}
+        for name, (module, grid) in sites.items():
+            keep_N = cell_labels(pattern_map, tuple(grid), len(PATTERNS) + 1) > 0
+            if not keep_N.any():
+                continue
+            data = [record_tokens(model, {name: module}, ((b.inputs, b.groups) for b in self.eval_batches(
+                split, limit=PROBE_TRAIN_VOLUMES if split == "train" else None)), autocast, keep_N)[name]
+                for split in ("train", "val", "test")]
+            out[name] = {**linear_probe(*data, seed=self.setup.seed), "cells": int(keep_N.sum())}
+        return out
+
     def test_patterns(self) -> np.ndarray | None:
         """Each test subject's ageing pattern (index into the cohort's patterns) on a heterogeneous cohort, else
         None."""
+        return None if self.batches.groups is None else self.batches.groups["test"]
+
+    def _read_patterns(self) -> dict[str, np.ndarray] | None:
+        """Every split's scans' ageing patterns (index into ``PATTERNS``) on a heterogeneous cohort: the data's
+        ground-truth groups (``Batch.groups``, the oracle router's); None on any other data."""
         if not self.cohort_info or self.cohort_info.get("ageing") != "heterogeneous":
             return None
         import csv
 
-        from ..data.cohort import PATTERNS
-
         with open(self.csv_path, newline="") as f:
             pattern = {row["subject"]: row["pattern"] for row in csv.DictReader(f)}
-        return np.array([list(PATTERNS).index(pattern[s.subject]) for s in self.stores["test"].scans])
+        return {split: np.array([list(PATTERNS).index(pattern[s.subject]) for s in store.scans], dtype=np.int64)
+                for split, store in self.stores.items()}
 
     def _layer_metrics(self, model, counts, grids, probe, autocast, by_pattern=None) -> dict[str, Any]:
         tissue = age_map = pattern_map = None
@@ -354,7 +392,10 @@ class BrainAge(Task):
                 from ..data.cohort import Templates
 
                 tissue = Templates(self.setup.data.spacing).tissue_labels().astype(np.int64)
-        probe_stats = probe_routing(model, probe.inputs, ctx=autocast) if probe is not None else {}
+        probe_stats = {}
+        if probe is not None:
+            with routed_by(model, probe.groups):
+                probe_stats = probe_routing(model, probe.inputs, ctx=autocast)
         out: dict[str, Any] = {}
         for name in counts:
             grid = tuple(grids[name])

@@ -19,6 +19,7 @@ from ..data.folder import ImageFolderData
 from ..data.image_batches import FolderBatches, ImageBatches, image_batches
 from ..data.images import DATASETS, ImageData, ImageSet
 from ..data.modules import InMemoryImageOptions
+from ..routing.oracle import routed_by
 from .base import Batch, Objective, Task, register_task
 from .features import cached_stem_features
 
@@ -96,6 +97,11 @@ class ImageClassification(Task):
     def measures(self) -> dict[str, Any]:
         return classification_measures(self.data.num_classes)
 
+    def oracle_groups(self, batch: Batch) -> Tensor | None:
+        """An image's class (None under mixup / CutMix, whose targets are soft: no one class to route by)."""
+        target = batch.target
+        return target if target is not None and target.dim() == 1 and not target.is_floating_point() else None
+
     def token_labels(self) -> tuple[int, Callable[[Tensor | None], LabelFn]]:
         """A token's label: its image's class."""
         return self.data.num_classes, example_labels
@@ -103,9 +109,10 @@ class ImageClassification(Task):
     def evaluate(self, model: nn.Module, autocast: Callable[[], Any], probe: Batch | None = None) -> dict[str, Any]:
         """The shared pass over the test split with the class statistics a classifier adds (images per class,
         MI over the class entropy, per-image correctness), and the validation split's top-1 and loads."""
-        metrics = evaluate_classifier(model, ((b.inputs, b.target) for b in self.eval_batches("test")),
-                                      self.data.num_classes, probe=None if probe is None else probe.inputs,
-                                      autocast=autocast, measures=self.measures())
+        with routed_by(model, None if probe is None else self.oracle_groups(probe)):
+            metrics = evaluate_classifier(model, self.routed_batches("test"), self.data.num_classes,
+                                          probe=None if probe is None else probe.inputs, autocast=autocast,
+                                          measures=self.measures())
         metrics.update(dataset=self.data.name, classes=self.data.classes, **self.validation(model, autocast))
         if self.streamed:  # files left out as undecodable (data.skip_corrupt), by this process
             metrics.update(data_skipped_files=len(self.data.skipped), data_skipped=sorted(self.data.skipped))
@@ -122,7 +129,7 @@ class ImageClassification(Task):
 
         top1 = MulticlassAccuracy(self.data.num_classes, top_k=1, average="micro")
         correct: list[Tensor] = []
-        ev = evaluate_routed(model, ((b.inputs, b.target) for b in self.eval_batches("val")), {"top1": top1},
+        ev = evaluate_routed(model, self.routed_batches("val"), {"top1": top1},
                              autocast=autocast,
                              on_output=lambda logits, labels: correct.append((logits.argmax(1) == labels).cpu()))
         return {"val_top1": ev.measures["top1"], "val_layers": {name: ev.counts[name].load() for name in ev.counts},

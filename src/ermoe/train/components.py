@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..analysis.diagnostics import chance_changed_share, changed_share, probe_routing
 from ..models import RoutedModel
+from ..routing.oracle import routed_by
 from ..routing.stats import ep_straggler, load_summary
 from ..weight_decay import decayed_parameter_names
 from .checkpoint import IN_SHARDS, list_checkpoints, step_of
@@ -324,15 +325,19 @@ class RoutingMonitor:
     """The routing of a fixed probe of held-out examples: its load (CV, max/mean, Gini) and the eigen bases'
     principal angles to their tokens' PCA subspace, logged every ``probe_every`` steps and at each checkpoint, and
     its stability between checkpoints (the share of probe tokens whose experts changed, beside the share a
-    memoryless router with the same loads would change). Its state: the last checkpoint's assignments."""
+    memoryless router with the same loads would change). Its state: the last checkpoint's assignments. ``groups``:
+    the probe examples' ground-truth groups, for an oracle router (``ermoe.routing.oracle``)."""
 
-    def __init__(self, model: RoutedModel, probe: list[Tensor], autocast: Callable[[], Any], logger: Logger) -> None:
+    def __init__(self, model: RoutedModel, probe: list[Tensor], autocast: Callable[[], Any], logger: Logger,
+                 groups: Tensor | None = None) -> None:
         self.model, self.probe, self.autocast, self.logger = model, probe, autocast, logger
+        self.groups = groups
         self.previous: dict[str, Tensor] | None = None
         self.changed: dict[str, tuple[float, float]] = {}  # layer -> (changed, chance)
 
     def log(self, step: int) -> dict[str, dict[str, Any]]:
-        probed = probe_routing(self.model, self.probe, ctx=self.autocast)
+        with routed_by(self.model, self.groups):
+            probed = probe_routing(self.model, self.probe, ctx=self.autocast)
         self._log_load(step, {n: s["probe_load"] for n, s in probed.items()})
         angles = {n: s for n, s in probed.items() if "principal_angle_deg" in s}
         if angles:

@@ -11,12 +11,13 @@ checkpoint, so that checkpoints, routing probes and evaluations all see the reco
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..distributed import GlobalBatchNorm
+from ..routing.oracle import routed_by
 
 
 def trainable_batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -28,14 +29,16 @@ def trainable_batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNo
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[tuple[Tensor, ...]],
-                          layers: list[nn.modules.batchnorm._BatchNorm] | None = None) -> int:
+                          layers: list[nn.modules.batchnorm._BatchNorm] | None = None,
+                          groups: Sequence[Tensor | None] | None = None) -> int:
     """Replace the running mean and variance of ``layers`` (default: :func:`trainable_batchnorms`) by the equal-weight
     average of their batch statistics over ``batches`` (each the model's positional inputs), computed with the
     current weights. Everything else runs in eval mode, so routers, dropout and noise behave as at evaluation and no
     routing state (loss-free biases, standardisation statistics) moves. The statistics are this process's: a
     BatchNorm synced over a distributed job (``ermoe.distributed.GlobalBatchNorm``) is not synced here, since every
     rank recalibrates on the same batches. Restores each module's mode, momentum and sync; returns the number of
-    batches used."""
+    batches used. ``groups``: each batch's examples' ground-truth groups, for an oracle router
+    (``ermoe.routing.oracle``)."""
     layers = trainable_batchnorms(model) if layers is None else layers
     batches = list(batches)
     if not batches:
@@ -54,8 +57,9 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[tuple[Tensor, ...]
             m.train()
         for m in synced:
             m.sync_group = None
-        for inputs in batches:
-            model(*inputs)
+        for inputs, batch_groups in zip(batches, groups if groups is not None else [None] * len(batches)):
+            with routed_by(model, batch_groups):
+                model(*inputs)
     finally:
         for m, momentum in zip(layers, momenta):
             m.momentum = momentum

@@ -24,8 +24,10 @@ from ..analysis.diagnostics import TEST_EXAMPLES, VAL_EXAMPLES
 from ..data import fingerprint
 from ..data.images import CorruptDatasetError
 from ..data.loader import worker_death
+from ..job_errors import peer_lost
 from ..models import RoutedModel, create_model, upcycle
 from ..moe import NonFiniteInputError
+from ..routing.oracle import routed_by
 from ..tasks import Batch, Task, TaskSetup, build_task, task_class
 from .checkpoint import (CheckpointError, clean_temporaries, find_checkpoint, list_checkpoints, load_weights,
                          read_checkpoint, resolve_checkpoint, save_checkpoint, step_of, trainer_state)
@@ -136,7 +138,8 @@ class Trainer:
         self.optimization = Optimization(model, o, self.position.total, device, parallel, cfg.sharded_checkpoints)
         self.autocast = self.optimization.autocast
         self.logger = Logger(run if parallel.main else None, cfg.tensorboard, self.position)
-        self.routing = RoutingMonitor(model, task.probe().inputs, self.autocast, self.logger)
+        probe = task.probe()
+        self.routing = RoutingMonitor(model, probe.inputs, self.autocast, self.logger, task.oracle_groups(probe))
         self.straggler = StragglerMeter(model, parallel)
         self.clock = RunClock(self.position)
         scaled = self.optimization.scaler.is_enabled()
@@ -255,7 +258,9 @@ class Trainer:
         sums: dict[str, Tensor] = {}
         for i in range(accum):
             micro = batch if accum == 1 else batch.rows(i * size, (i + 1) * size)
-            with self.parallel.accumulating(self.forward_model, last=i == accum - 1):
+            # an oracle router's groups through forward and backward (a recomputed forward routes again)
+            with (self.parallel.accumulating(self.forward_model, last=i == accum - 1),
+                  routed_by(self.model, self.task.oracle_groups(micro))):
                 part = self._micro_step(micro, accum)
             self.straggler.track()
             for key, value in part.items():
@@ -311,9 +316,10 @@ class Trainer:
         with self.parallel.gathered(self.model):
             if self.cfg.bn_recalibration:
                 size = self.cfg.optim.batch_size
+                batches = list(self.task.eval_batches("train", size, limit=self.cfg.bn_recalibration * size))
                 with self.autocast():
-                    recalibrate_batchnorm(self.model, (b.inputs for b in self.task.eval_batches(
-                        "train", size, limit=self.cfg.bn_recalibration * size)))
+                    recalibrate_batchnorm(self.model, [b.inputs for b in batches],
+                                          groups=[self.task.oracle_groups(b) for b in batches])
             self.routing.at_checkpoint(self.step)
         if self.cfg.sharded_checkpoints:  # every rank writes its tensors (ermoe.train.shards)
             ema = self.ema.module if self.ema is not None else None
@@ -470,6 +476,10 @@ def _train(cfg: TrainConfig, parallel: Parallel, resume: str | Path | None, quie
                 trainer.close()
     except (OSError, CorruptDatasetError) as err:  # a failed write (a full disk), a file that cannot be decoded:
         err.add_note(resume_advice(run))          # say how the run goes on
+        raise
+    except RuntimeError as err:
+        if peer_lost(err) is not None:  # a peer process of the job stopped: the job goes on from here too
+            err.add_note(resume_advice(run))
         raise
     if not quiet:
         print(results_text(task, metrics))

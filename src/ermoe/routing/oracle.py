@@ -1,0 +1,80 @@
+"""The oracle router: a positive control, not a method. Every token goes to expert ``g mod E`` of its example's
+ground-truth group ``g`` (the class of an image, the ageing pattern of a subject), at evaluation as in training.
+
+A study runs it under the same budget as the methods to learn what routing by the very thing a claim is about can
+reach on its testbed: the gain over a dense layer of the same active size, and the specialisation and stability
+measures of experts that do specialise. A claim not confirmed is then read against it: the effect absent, or a
+testbed that could not show it (docs/study.md, "Positive controls").
+
+The groups come from the data, not the tokens, so every forward of a model with an oracle router runs inside
+:func:`routed_by` with its batch's groups (the trainer, the evaluations, the probes and BatchNorm recalibration
+do); a forward without them is an error naming what is missing. The T tokens of a forward are its B examples'
+tokens in example-major order (``(B, N, D)`` flattened), as every model here hands them to its MoE layers.
+
+Shape suffixes: T tokens, E experts, K top-k (1), B examples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Router, RouterOutput, register_router, upcast
+
+
+class MissingGroupsError(ValueError):
+    """A model with an oracle router ran a forward without its examples' ground-truth groups."""
+
+
+@register_router
+class OracleRouter(Router):
+    name = "oracle"
+    control = True
+
+    def __init__(self, dim: int, num_experts: int, top_k: int = 1) -> None:
+        if top_k != 1:
+            raise ValueError(f"the oracle router sends each token to one expert (its group's); top_k must be 1, got "
+                             f"{top_k!r}")
+        super().__init__(dim, num_experts, top_k)
+        self.groups_B: Tensor | None = None  # set by routed_by for one forward
+
+    def forward(self, x_TD: Tensor, context_TD: Tensor | None = None) -> RouterOutput:
+        groups_B = self.groups_B
+        if groups_B is None:
+            raise MissingGroupsError(
+                "the oracle router routes each token by its example's ground-truth group, and this forward was given "
+                "none: run the model inside ermoe.routing.oracle.routed_by(model, groups), and train it on a task "
+                "whose data has groups (classification: the class; brain age: a heterogeneous cohort's ageing "
+                "patterns)")
+        tokens, examples = x_TD.shape[0], groups_B.shape[0]
+        if groups_B.dim() != 1 or examples == 0 or tokens % examples:
+            raise ValueError(f"the oracle router got groups of shape {tuple(groups_B.shape)} for {tokens} tokens: "
+                             "it needs one group per example, the tokens an equal number per example")
+        idx_T = (groups_B.to(x_TD.device, torch.long) % self.num_experts).repeat_interleave(tokens // examples)
+        probs_TE = F.one_hot(idx_T, self.num_experts).to(upcast(x_TD).dtype)
+        return RouterOutput(probs_TE=probs_TE, topk_idx_TK=idx_T[:, None],
+                            gates_TK=torch.ones(tokens, 1, dtype=probs_TE.dtype, device=x_TD.device))
+
+
+def oracle_routers(model: nn.Module) -> list[OracleRouter]:
+    return [m for m in model.modules() if isinstance(m, OracleRouter)]
+
+
+@contextlib.contextmanager
+def routed_by(model: nn.Module, groups_B: Tensor | None) -> Iterator[None]:
+    """Forwards of ``model`` inside route its oracle routers by ``groups_B`` (one ground-truth group per example of
+    the batch; None: the data has none, and an oracle forward says so). Nothing for a model without one; nested
+    uses restore the groups of the outer one (a probe's, around an evaluation's batches)."""
+    routers = oracle_routers(model)
+    before = [r.groups_B for r in routers]
+    for r in routers:
+        r.groups_B = groups_B
+    try:
+        yield
+    finally:
+        for r, groups in zip(routers, before):
+            r.groups_B = groups
