@@ -506,6 +506,7 @@ def test_ep_wait_section_tests_each_router_against_switch_by_hand():
     assert cells[5].rstrip(" |") == ("higher" if holm_ermoe < 0.05 else "inconclusive") == "higher"
     assert rows["vmoe"].split(" | ")[4] == f"{holm_vmoe:.3f}" and rows["vmoe"].endswith("| inconclusive |")
     assert ep_wait_lines({"ermoe": table["ermoe"]}) == []  # no reference: no section
+    assert ep_wait_lines({**table, "oracle": table["ermoe"]}) == lines  # a control joins no comparison, no family
     assert ep_wait_lines({"switch": table["switch"], "dense": table["dense"]}) == []
 
 def test_few_shot_probe_separable_and_chance():

@@ -167,7 +167,9 @@ def _data_line(first: dict[str, Any]) -> str:
     cohort = first.get("cohort")
     how = ("everyone ageing alike" if cohort and cohort.get("ageing", "homogeneous") == "homogeneous" else
            "people ageing differently: two ageing patterns (hippocampal- or ventricle-predominant) and faster grey-"
-           "matter loss in men, told only by the image")
+           "matter loss in men, told only by the image" + (
+               f", the patterns' rate multipliers raised to the power {cohort['pattern_strength']:g}"
+               if cohort and cohort.get("pattern_strength") else ""))
     where = (f"the built-in ageing cohort ({cohort['size']} synthetic T1 volumes from the MNI152 template, aged by "
              f"published atrophy rates, {how}, docs/brainage.md; biological-age sd {cohort['bio_sd']:g} years, so no "
              f"model can beat a test MAE of about {cohort['floor_mae']:.2f})" if cohort else

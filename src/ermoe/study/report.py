@@ -411,15 +411,18 @@ def _se_text(row: dict[str, Any]) -> str:
             f"{w.se:.4f}, seeds alone")
 
 
-def ep_wait_lines(table: dict[str, dict[str, list[float]]], reference: str = "switch") -> list[str]:
+def ep_wait_lines(table: dict[str, dict[str, list[float]]], reference: str = "switch", methods=None) -> list[str]:
     """What each router's loads would cost an expert-parallel deployment: every method's EP wait against the
-    balancing-loss baseline's (paired test over seeds, Holm's correction over the methods compared, level ALPHA). No
-    lines when the reference or the measure is missing (runs trained before it was measured)."""
+    balancing-loss baseline's (paired test over seeds, Holm's correction over the methods compared, level ALPHA;
+    a control of ``methods``' roles, the oracle, is no method and takes no part). No lines when the reference or the
+    measure is missing (runs trained before it was measured)."""
     key = "train_ep_straggler"
+    methods = METHODS if methods is None else methods
 
     def measured(method: str) -> bool:
         values = table.get(method, {}).get(key, [])
-        return len(values) >= 2 and all(math.isfinite(v) for v in values)
+        control = method in methods and methods[method][0] == "control"
+        return not control and len(values) >= 2 and all(math.isfinite(v) for v in values)
 
     if not measured(reference):
         return []
@@ -753,7 +756,7 @@ def write_claims_report(cfg, results, path: str | Path, command: str, wall_s: fl
     lines += ["## The papers' claims", "", f"{spec.claims_intro} The rule: {VERDICT_RULE}", ""]
     lines += claim_lines(verdicts(table, spec.claims, spec.paper_methods, spec.methods, plan, examples))
     lines += extra(table, examples) if extra is not None else []
-    lines += ep_wait_lines(table)
+    lines += ep_wait_lines(table, methods=spec.methods)
     if len(cfg.seeds) < 3:
         lines.append(f"With {len(cfg.seeds)} seed(s) the tests have little power; treat every verdict as provisional.")
     atomic_write(path, "\n".join(lines) + "\n")
