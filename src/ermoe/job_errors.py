@@ -29,10 +29,9 @@ class PeerLostError(RuntimeError):
 def peer_lost(err: BaseException) -> PeerLostError | None:
     """``err`` as a :class:`PeerLostError` if it is a collective's failure because a peer process went away
     (None otherwise)."""
-    if not isinstance(err, RuntimeError) or isinstance(err, PeerLostError):
+    if isinstance(err, PeerLostError) or not isinstance(err, RuntimeError):
         return err if isinstance(err, PeerLostError) else None
-    text = str(err)
-    cause = next((phrase for phrase in PEER_LOST if phrase in text), None)
+    cause = next((phrase for phrase in PEER_LOST if phrase in str(err)), None)
     if cause is None:
         return None
     rank = os.environ.get("RANK", "?")

@@ -27,7 +27,7 @@ from ..data.loader import worker_death
 from ..job_errors import peer_lost
 from ..models import RoutedModel, create_model, upcycle
 from ..moe import NonFiniteInputError
-from ..routing.oracle import routed_by
+from ..routing.oracle import oracle_routers, routed_by
 from ..tasks import Batch, Task, TaskSetup, build_task, task_class
 from .checkpoint import (CheckpointError, clean_temporaries, find_checkpoint, list_checkpoints, load_weights,
                          read_checkpoint, resolve_checkpoint, save_checkpoint, step_of, trainer_state)
@@ -138,6 +138,7 @@ class Trainer:
         self.optimization = Optimization(model, o, self.position.total, device, parallel, cfg.sharded_checkpoints)
         self.autocast = self.optimization.autocast
         self.logger = Logger(run if parallel.main else None, cfg.tensorboard, self.position)
+        self.oracles = oracle_routers(model)  # found once: the step routes them by each batch's groups
         probe = task.probe()
         self.routing = RoutingMonitor(model, probe.inputs, self.autocast, self.logger, task.oracle_groups(probe))
         self.straggler = StragglerMeter(model, parallel)
@@ -260,7 +261,7 @@ class Trainer:
             micro = batch if accum == 1 else batch.rows(i * size, (i + 1) * size)
             # an oracle router's groups through forward and backward (a recomputed forward routes again)
             with (self.parallel.accumulating(self.forward_model, last=i == accum - 1),
-                  routed_by(self.model, self.task.oracle_groups(micro))):
+                  routed_by(self.model, self.task.oracle_groups(micro), self.oracles)):
                 part = self._micro_step(micro, accum)
             self.straggler.track()
             for key, value in part.items():
