@@ -186,7 +186,8 @@ def test_recorded_tokens_are_the_normalised_cells_a_router_reads_in_float64():
         x = torch.randn(3, 1, 16, 16, 16, dtype=torch.float64)
         keep = np.zeros(int(np.prod(grid)), bool)
         keep[[0, 5, 7]] = True
-        got_x, got_y = record_tokens(model, {name: module}, [((x,), torch.tensor([1, 0, 1]))], keep_N=keep)[name]
+        groups = torch.tensor([1, 0, 1])
+        got_x, got_y = record_tokens(model, {name: (module, grid)}, [((x,), groups, groups)], keep_N=keep)[name]
         model.eval()
         h = x
         with torch.no_grad():
@@ -197,3 +198,148 @@ def test_recorded_tokens_are_the_normalised_cells_a_router_reads_in_float64():
                     break
         assert np.allclose(got_x, cells[:, torch.from_numpy(keep)].reshape(-1, cells.shape[-1]).float().numpy())
         assert got_y.tolist() == [1, 1, 1, 0, 0, 0, 1, 1, 1]
+
+
+def test_oracle_routes_each_token_by_its_own_group_and_each_tower_by_its_own():
+    router = create_router("oracle", 4, num_experts=3)
+    router.groups_B = torch.tensor([[4, 0, 2], [1, 1, 5]])  # one per token, (B, N): 4 % 3 = 1, 5 % 3 = 2
+    assert router(torch.randn(6, 4)).topk_idx_TK[:, 0].tolist() == [1, 0, 2, 1, 1, 2]
+    router.groups_B = torch.tensor([2, 0, 1, 1, 0])  # five real tokens of a padded batch, flattened
+    assert router(torch.randn(5, 4)).topk_idx_TK[:, 0].tolist() == [2, 0, 1, 1, 0]
+    router.groups_B = torch.tensor([0, -1, 1])
+    with pytest.raises(ValueError, match="negative group"):
+        router(torch.randn(3, 4))
+
+    model = ermoe.create_model("dual_encoder", img_size=16, in_chans=1, vocab_size=30, context_length=6,
+                               image={"name": "vit_tiny", "embed_dim": 16, "num_heads": 2, "depth": 2,
+                                      "patch_size": 8, "moe": {"router": "oracle", "num_experts": 2}},
+                               text={"width": 16, "depth": 2, "num_heads": 2,
+                                     "moe": {"router": "oracle", "num_experts": 2}})
+    routers = ermoe.routing.oracle.oracle_routers(torch.compile(model, backend="eager"))
+    assert sorted(routers) == ["image.blocks.1.mlp.moe.router", "text.blocks.1.mlp.moe.router"]  # wrapper left out
+    images, ids = torch.randn(2, 1, 16, 16), torch.tensor([[3, 4, 5, 0, 0, 0], [6, 7, 0, 0, 0, 0]])
+    groups = {"image": torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1]]), "text": torch.tensor([1, 0, 1, 0, 1])}
+    with torch.no_grad(), routed_by(model, groups):
+        model(images, ids)
+    image, text = (v.layer.last_routing.expert_idx[:, 0].tolist() for v in model.routed_layers())
+    assert image == [0, 1, 1, 0, 1, 1, 1, 1] and text == [1, 0, 1, 0, 1]
+    with routed_by(model, {"image": groups["image"]}), pytest.raises(MissingGroupsError):
+        model(images, ids)  # the text tower was given none
+
+
+def test_word_classes_by_hand():
+    from ermoe.data.captions import BACKGROUND as B
+    from ermoe.data.captions import token_key, word_classes
+
+    def classes(text):
+        return word_classes(token_key(text))
+
+    assert classes("a t-shirt to the left of a shirt") == [B, 0, 0, 0, B, B, B, B, B, 6]
+    assert classes("two pairs of trousers and a top") == [B, 1, 1, 1, B, B, 0]
+    assert classes("top left: a top; top right: a running shoe") == [B, B, B, B, 0, B, B, B, B, B, 7, 7]
+    assert classes("a top on top and an ankle boot underneath") == [B, 0, B, B, B, B, 9, 9, B]
+    assert classes("a bag alone in the top row, on the left") == [B, 8] + [B] * 9
+
+
+def test_retrieval_batches_carry_the_item_classes_the_oracle_routes_by(tmp_path, monkeypatch):
+    """On the built-in caption set each patch goes to the expert of the item class under it and each real token to
+    that of the item class its word names, in training batches and in the evaluation's embeddings."""
+    from ermoe.data.captions import BACKGROUND, token_key, word_classes
+    from ermoe.data.images import DEBIAN_FASHION_MNIST
+    from ermoe.train import create_task, load_config
+    from ermoe.train.trainer import build_model
+
+    if not DEBIAN_FASHION_MNIST.exists():
+        pytest.skip("needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+    monkeypatch.setenv("ERMOE_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = load_config(None, {
+        "task": "retrieval", "out_dir": str(tmp_path / "runs"), "progress": False, "tensorboard": False,
+        "data": {"name": "fashion_captions", "caption_set_size": 64, "test_limit": 40},
+        "task_options": {"vocab_size": 60},
+        "model": {"name": "dual_encoder", "image": {"name": "vit_tiny", "embed_dim": 16, "num_heads": 2, "depth": 2,
+                                                    "patch_size": 16, "moe": {"router": "oracle", "num_experts": 4}},
+                  "text": {"width": 16, "depth": 1, "num_heads": 2,
+                           "moe": {"router": "oracle", "num_experts": 4, "blocks": "all"}}},
+        "optim": {"epochs": 1, "batch_size": 16, "eval_batch_size": 64, "warmup_steps": 1}})
+    task = create_task(cfg, torch.device("cpu"))
+    task.load()
+    model = build_model(cfg, task, quiet=True)
+    task.prepare(model)
+    batch = next(task.train_batches(0, 1))
+    groups = task.oracle_groups(batch)
+    items, captions = task.items["train"], task.splits["train"].captions
+    texts = [c for caps in captions for c in caps]
+    for b in range(len(batch)):  # which image and caption each row is: found by its pixels and ids
+        i = next(i for i in range(len(items)) if torch.equal(task.batches._normalize(
+            task.splits["train"].images[i:i + 1])[0], batch.inputs[0][b]))
+        cells = torch.full((2, 2), BACKGROUND)
+        for item in items[i]:
+            cells[item["row"], item["col"]] = item["label"]
+        assert groups["image"][b].tolist() == cells.repeat_interleave(2, 0).repeat_interleave(2, 1).flatten().tolist()
+        real = batch.inputs[1][b][batch.inputs[1][b] != 0]
+        text = next(t for t in texts if task.batches.tokenizer.encode(t).ids == real.tolist())
+        assert batch.groups["text"][b][:len(real)].tolist() == word_classes(token_key(text))
+        assert (batch.groups["text"][b][len(real):] == -1).all()
+    assert torch.equal(groups["text"], batch.groups["text"][batch.inputs[1] != 0])
+    with torch.no_grad(), routed_by(model, groups):
+        model(*batch.inputs)
+    image, text = (v.layer.last_routing.expert_idx[:, 0] for v in model.routed_layers())
+    assert torch.equal(image, groups["image"].flatten() % 4) and torch.equal(text, groups["text"] % 4)
+    images, texts_emb, _ = task.embed(model, "test", torch.no_grad)  # routed by the test split's truth
+    assert len(images) == 40 and len(texts_emb) == 200
+
+
+def test_probe_records_a_vits_patch_tokens_without_its_class_token_in_float64():
+    """A ViT's token site is each block's FFN input: the class token left out, the patches row-major, each with its
+    own label; a negative label (padding) drops its token. By hand through block 0 in float64."""
+    from ermoe.analysis.token_probe import record_tokens
+
+    torch.manual_seed(0)
+    model = ermoe.create_model("dual_encoder", img_size=16, in_chans=1, vocab_size=30, context_length=6,
+                               image={"name": "vit_tiny", "embed_dim": 16, "num_heads": 2, "depth": 2,
+                                      "patch_size": 8},
+                               text={"width": 16, "depth": 1, "num_heads": 2}).double().eval()
+    assert sorted(model.token_sites) == ["image.blocks.0", "image.blocks.1", "text.blocks.0"]
+    images = torch.randn(2, 1, 16, 16, dtype=torch.float64)
+    ids = torch.tensor([[3, 4, 5, 0, 0, 0], [6, 7, 0, 0, 0, 0]])
+    patch_labels = torch.tensor([[0, 1, 2, 3], [4, -1, 6, 7]])
+    sites = {k: v for k, v in model.token_sites.items() if k.startswith("image.")}
+    x_TC, y_T = record_tokens(model, sites, [((images, ids), patch_labels, None)])["image.blocks.0"]
+    vit = model.image
+    with torch.no_grad():
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        block = vit.blocks[0]
+        ffn_in = block.norm2(x + block.attn(block.norm1(x)))[:, vit.num_prefix_tokens:]
+    keep = patch_labels >= 0
+    assert np.allclose(x_TC, ffn_in[keep].float().numpy(), atol=1e-6)
+    assert y_T.tolist() == [0, 1, 2, 3, 4, 6, 7]
+    word_labels = torch.where(ids > 0, ids % 3, -1)
+    (x_TC, y_T), = record_tokens(model, {"text.blocks.0": model.token_sites["text.blocks.0"]},
+                                 [((images, ids), word_labels, None)]).values()
+    assert x_TC.shape == (5, 16) and y_T.tolist() == [0, 1, 2, 0, 1]  # the five real tokens
+    with pytest.raises(ValueError, match=r"labels of shape \(2, 3\)"):
+        record_tokens(model, sites, [((images, ids), torch.zeros(2, 3, dtype=torch.long), None)])
+
+
+def test_probe_lines_by_hand():
+    from ermoe.study.report import truth_probe_lines, truth_probe_measures
+
+    metrics = {"truth_probe": {"blocks.0": {"test_balanced_acc": 0.5, "chance": 0.1},
+                               "blocks.1": {"test_balanced_acc": 0.75, "chance": 0.1}}}
+    assert truth_probe_measures(metrics) == {"probe:blocks.0": 0.5, "probe_chance:blocks.0": 0.1,
+                                             "probe:blocks.1": 0.75, "probe_chance:blocks.1": 0.1}
+    table = {"dense": {"probe:blocks.0": [0.5, 0.7], "probe_chance:blocks.0": [0.1, 0.1],
+                       "probe:blocks.1": [0.75, 0.75], "probe_chance:blocks.1": [0.1, 0.1]}}
+    (line,) = truth_probe_lines(table, "dense", "the class")
+    assert "mean ± std over 2 seeds): blocks.0 0.600 ± 0.141 (chance 0.100); blocks.1 0.750 ± 0.000" in line
+    assert truth_probe_lines(table, "switch", "the class") == [] and truth_probe_measures({}) == {}
+
+
+def test_probe_fits_at_most_its_token_budget_drawn_in_order():
+    from ermoe.analysis.token_probe import _at_most
+
+    x, y = np.arange(20).reshape(10, 2), np.arange(10)
+    assert _at_most((x, y), 0, n=20)[1].tolist() == list(range(10))
+    xs, ys = _at_most((x, y), 0, n=4)
+    assert len(ys) == 4 and (np.diff(ys) > 0).all() and (xs[:, 0] == 2 * ys).all()  # rows kept with their labels
+    assert _at_most((x, y), 0, n=4)[1].tolist() == ys.tolist() != _at_most((x, y), 1, n=4)[1].tolist()

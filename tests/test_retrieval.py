@@ -427,12 +427,26 @@ def test_retrieval_study_quick_end_to_end(tmp_path, capsys):
     assert capsys.readouterr().out.split() == RETRIEVAL_DEFAULT_METHODS
     if not DEBIAN_FASHION_MNIST.exists():
         pytest.skip("needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
-    args = ["study", "--config", config, "--quick", "--methods=[dense,bow,ermoe,switch]",
+    args = ["study", "--config", config, "--quick", "--methods=[dense,bow,ermoe,switch,oracle]",
             f"--out_dir={tmp_path / 'runs'}", f"--report={tmp_path / 'results_retrieval.md'}"]
     assert main(args) == 0
     report = (tmp_path / "results_retrieval.md").read_text()
     assert "Claim 8:" in report and "| `bow` |" in report and "| `switch` |" in report
     assert "1000 test images" not in report and "100 test images x 500 captions" in report
+    # the positive controls open the claims: the oracle against dense, the item probe of the dense towers
+    controls = report[report.index("## Positive controls"):report.index("## The papers' claims")]
+    assert "Oracle routing (`oracle`" in controls and "against `dense`" in controls and "MI item bits" in controls
+    assert "A linear probe of the item class" in controls and "image.blocks.1" in controls
+    oracle = json.loads((tmp_path / "runs" / "oracle" / "seed0" / "metrics.json").read_text())
+    counts = np.asarray(oracle["layers"]["image.blocks.1.mlp"]["expert_item_counts"])  # (experts, items)
+    for c in range(counts.shape[1]):  # every item class's patches on its expert, class mod 4
+        assert counts[:, c].nonzero()[0].tolist() in ([], [c % 4])
+    dense = json.loads((tmp_path / "runs" / "dense" / "seed0" / "metrics.json").read_text())
+    probes = dense["truth_probe"]
+    assert sorted(probes) == ["image.blocks.0", "image.blocks.1", "text.blocks.0", "text.blocks.1"]
+    tokens = probes["image.blocks.0"]["tokens"]  # an eighth of the 64 training canvases fit it, the test read whole
+    assert tokens["train"] == 8 * 16 and tokens["test"] == 100 * 16
+    assert "truth_probe" not in oracle  # the probe reads dense towers only
     # word order measured in every run; a run evaluated before it was gets it from its final checkpoint, the same
     from ermoe.study.runner import record_word_order
     from ermoe.train.run import Run

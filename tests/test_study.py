@@ -437,6 +437,53 @@ def test_every_committed_study_config_states_its_margins_and_every_claims_baseli
     assert study_plan(load_study_config(path)).margins.keys() == stated["margins"].keys()
 
 
+def test_router_settings_fixed_in_the_study_config_reach_every_moe_layer_and_the_report():
+    """study.router_kwargs (Switch's balancing coefficient chosen on validation loads): merged into the method's
+    routers, the retrieval towers' both; printed with its reason among what was fixed before the runs; a method
+    that needs it refuses to run without it; bad entries are named errors."""
+    from ermoe.study.kinds import study_plan
+    from ermoe.study.runner import run_config
+    from ermoe.train import ConfigError
+
+    chosen = {"switch_tuned": {"kwargs": {"balance_weight": 0.1}, "reason": "chosen on validation loads"}}
+    brain = load_study_config("configs/study_brainage_heterogeneous.yaml",
+                              overrides={"methods": ["switch_tuned", "switch"], "router_kwargs": chosen})
+    assert run_config(brain, "switch_tuned", 0).model.args["moe"].router_kwargs == {"balance_weight": 0.1}
+    assert run_config(brain, "switch", 0).model.args["moe"].router_kwargs == {"balance_weight": 0.01}
+    lines = "\n".join(study_plan(brain).lines([]))
+    assert "- `switch_tuned`'s router settings: balance_weight 0.1 (chosen on validation loads)" in lines
+    retrieval = load_study_config("configs/study_retrieval.yaml", overrides={
+        "methods": ["switch"], "router_kwargs": {"switch": {"kwargs": {"balance_weight": 0.3}, "reason": "r"}}})
+    model = run_config(retrieval, "switch", 0).model.args
+    assert model["image"]["moe"]["router_kwargs"] == model["text"]["moe"]["router_kwargs"] == {"balance_weight": 0.3}
+    config = "configs/study_brainage_heterogeneous.yaml"
+    for overrides, message in [
+            ({"methods": ["switch_tuned"]}, "take their router settings from the study config"),
+            ({"router_kwargs": {"plain": {"kwargs": {"x": 1}, "reason": "r"}}}, "plain has no MoE router"),
+            ({"router_kwargs": {"switch": {"kwargs": {"x": 1}}}}, "expected {kwargs"),
+            ({"router_kwargs": {"switch": {"kwargs": {"x": 1}, "reason": ""}}}, "must say how"),
+            ({"router_kwargs": {"nope": {"kwargs": {}, "reason": "r"}}}, "not a method of this study's kind")]:
+        with pytest.raises(ConfigError, match=message):
+            load_study_config(config, overrides=overrides)
+
+
+def test_choose_balance_weight_reads_the_last_validation_probe(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("choose", Path(__file__).parents[1] / "benchmarks" /
+                                                  "choose_balance_weight.py")
+    choose = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(choose)
+    records = [{"kind": "probe_load", "step": 5, "a": 0.9, "b": 0.7, "a/gini": 0.5},
+               {"kind": "train", "step": 6, "loss": 1.0},
+               {"kind": "probe_load", "step": 10, "a": 0.4, "b": 0.2, "a/max_over_mean": 1.5}]
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert choose.validation_load_cv(tmp_path) == pytest.approx(0.3)
+    (tmp_path / "log.jsonl").write_text(json.dumps(records[1]) + "\n")
+    with pytest.raises(ValueError, match="no probe_load record"):
+        choose.validation_load_cv(tmp_path)
+
+
 def test_margins_and_baselines_come_from_the_config():
     from ermoe.study.kinds import study_plan
     from ermoe.study.report import IMAGE_MARGINS, verdicts
@@ -534,6 +581,7 @@ def test_study_quick_end_to_end_and_resumable(tmp_path, capsys, monkeypatch):
     # the positive control opens the claims: the oracle against the dense ViT, its routing measures; no few-shot
     controls = report[report.index("## Positive controls"):report.index("## The papers' claims")]
     assert "Oracle routing (`oracle`" in controls and "against `dense`" in controls and "MI bits" in controls
+    assert "A linear probe of the image's class" in controls and "blocks.1 " in controls
     assert "fewshot" not in json.loads((tmp_path / "runs" / "oracle" / "seed0" / "metrics.json").read_text())
     for fig in ("accuracy_vs_cv", "load_over_training", "heatmaps"):
         assert (tmp_path / "figures" / f"results_{fig}.png").stat().st_size > 1000

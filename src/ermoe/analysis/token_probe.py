@@ -3,7 +3,7 @@ specialisation claims. If a logistic regression cannot tell the groups (a subjec
 tokens a router sees, no router can route by them there, and a specialisation measure near chance says nothing
 about the method; if it can, a router that does not follow them chose not to.
 
-    tokens = record_tokens(model, sites, batches, keep_N=cells)     # per site, (X_TC, y_T) of the kept positions
+    tokens = record_tokens(model, model.token_sites, batches, keep_N=cells)   # per site, (X_TC, y_T)
     result = linear_probe(train, val, test)                         # C chosen on validation, the test read once
 
 Shape suffixes: B examples, N tokens per example, C channels, T tokens kept.
@@ -21,44 +21,61 @@ from ..routing.oracle import routed_by
 from .diagnostics import evaluating
 
 PROBE_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strengths tried, the best on validation kept
+FIT_TOKENS = 50_000  # at most this many training (and validation) tokens fit the probe, drawn at random beyond
 
 
 @torch.no_grad()
-def record_tokens(model: nn.Module, sites: dict[str, nn.Module], batches: Iterable[tuple[Sequence[Tensor], Tensor]],
+def record_tokens(model: nn.Module, sites: dict[str, tuple[nn.Module, tuple[int, ...]]],
+                  batches: Iterable[tuple[Sequence[Tensor], Tensor, Any]],
                   autocast: Callable[[], Any] = torch.no_grad, keep_N: np.ndarray | None = None
                   ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per site (name -> the module whose input is a ``(B, N, C)`` batch of tokens: an MoE layer, or the dense FFN
-    in its place), the tokens it received over ``batches`` of ``(inputs, groups)`` in eval mode, the positions
-    ``keep_N`` only (a boolean mask over the N tokens of an example; None: all), each labelled by its example's
-    group: ``(X_TC float32, y_T int64)``."""
+    """Per site (name -> the module whose input is a ``(B, N, C)`` batch of tokens, an MoE layer or the dense FFN in
+    its place, and the grid its last ``prod(grid)`` tokens tile; tokens before them, a ViT's class token, are left
+    out: ``RoutedModel.token_sites``), the tokens it received over ``batches`` of ``(inputs, labels, groups)`` in
+    eval mode, each with its label: ``labels`` one per example (``(B,)``) or one per grid token (``(B, N)``; a
+    negative label, padding, drops the token); ``groups``: what an oracle-routed model routes the batch by
+    (``ermoe.routing.oracle.routed_by``). ``keep_N``: the grid positions kept (a boolean mask; None: all). Returns
+    per site ``(X_TC float32, y_T int64)``."""
     if not sites:
         raise ValueError("token probe: no site to record (a model with an MoE layer or its dense counterpart)")
     kept: dict[str, list[Tensor]] = {name: [] for name in sites}
-    groups: list[Tensor] = []
+    labels: dict[str, list[Tensor]] = {name: [] for name in sites}
+    batch_labels: list[Tensor] = []  # the labels of the batch in flight
 
-    def hook(name: str):
+    def hook(name: str, grid: tuple[int, ...]):
+        n_grid = int(np.prod(grid))
+
         def record(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
             x_BNC = args[0]
-            if x_BNC.dim() != 3:
-                raise ValueError(f"token probe: site {name!r} received shape {tuple(x_BNC.shape)}, not (B, N, C)")
+            if x_BNC.dim() != 3 or x_BNC.shape[1] < n_grid:
+                raise ValueError(f"token probe: site {name!r} received shape {tuple(x_BNC.shape)}, not (B, N, C) "
+                                 f"with the {n_grid} tokens of its grid {tuple(grid)}")
+            x_BNC = x_BNC[:, x_BNC.shape[1] - n_grid:].float().cpu()
+            y = batch_labels[0].cpu()
+            y_BN = y[:, None].expand(-1, n_grid) if y.dim() == 1 else y
+            if y_BN.shape != x_BNC.shape[:2]:
+                raise ValueError(f"token probe: labels of shape {tuple(y.shape)} for site {name!r}'s "
+                                 f"{tuple(x_BNC.shape[:2])} tokens")
             if keep_N is not None:
-                x_BNC = x_BNC[:, torch.as_tensor(keep_N, device=x_BNC.device)]
-            kept[name].append(x_BNC.float().cpu())
+                mask = torch.as_tensor(keep_N)
+                x_BNC, y_BN = x_BNC[:, mask], y_BN[:, mask]
+            real = y_BN >= 0
+            kept[name].append(x_BNC[real])
+            labels[name].append(y_BN[real])
         return record
 
-    first = next(iter(sites))
-    handles = [module.register_forward_pre_hook(hook(name)) for name, module in sites.items()]
+    handles = [module.register_forward_pre_hook(hook(name, tuple(grid))) for name, (module, grid) in sites.items()]
     try:
         with evaluating(model):
-            for inputs, groups_B in batches:
-                with autocast(), routed_by(model, groups_B):  # an oracle-routed model routes by them
+            for inputs, labels_B, groups in batches:
+                batch_labels[:] = [torch.as_tensor(labels_B)]
+                with autocast(), routed_by(model, groups):  # an oracle-routed model routes by them
                     model(*inputs)
-                groups.append(groups_B.cpu().repeat_interleave(kept[first][-1].shape[1]))
     finally:
         for h in handles:
             h.remove()
-    y_T = torch.cat(groups).numpy().astype(np.int64)
-    return {name: (torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).numpy(), y_T) for name, xs in kept.items()}
+    return {name: (torch.cat(kept[name]).numpy(), torch.cat(labels[name]).numpy().astype(np.int64))
+            for name in sites}
 
 
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -92,3 +109,24 @@ def linear_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np
             "chance": 1.0 / len(np.unique(y_train)), "c": best,
             "val_balanced_acc": {f"{c:g}": acc for c, acc in val_acc.items()},
             "tokens": {"train": len(y_train), "val": len(y_val), "test": len(y_test)}}
+
+
+def probe_ground_truth(model: nn.Module, sites: dict[str, tuple[nn.Module, tuple[int, ...]]],
+                       batches: Callable[[str], Iterable[tuple[Sequence[Tensor], Tensor, Any]]],
+                       autocast: Callable[[], Any] = torch.no_grad, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """A linear probe at every site: the tokens of ``batches(split)`` (``(inputs, labels, groups)``, as
+    :func:`record_tokens` reads them) recorded on the training, validation and test splits in one pass each, then
+    per site :func:`linear_probe` (C chosen on validation, the test read once) on at most ``FIT_TOKENS`` training
+    and validation tokens each (a random draw beyond: the fit's cost grows with them; the test reads all)."""
+    data = {split: record_tokens(model, sites, batches(split), autocast) for split in ("train", "val", "test")}
+    return {name: linear_probe(_at_most(data["train"][name], seed), _at_most(data["val"][name], seed),
+                               data["test"][name], seed=seed) for name in sites}
+
+
+def _at_most(tokens: tuple[np.ndarray, np.ndarray], seed: int, n: int = FIT_TOKENS) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` of the tokens drawn without replacement (seeded), in their order; all of them when there are fewer."""
+    x, y = tokens
+    if len(y) <= n:
+        return x, y
+    keep = np.sort(np.random.default_rng(seed).choice(len(y), n, replace=False))
+    return x[keep], y[keep]

@@ -25,12 +25,12 @@ class Batch:
     """The model's positional inputs and the target of the criterion, on the training device: ``(images,)`` and
     labels for classification, ``(volumes,)`` and ages for brain age, ``(images, token_ids)`` and None for a dual
     encoder (its positives are the batch's pairs). ``groups``: each example's ground-truth group where the data
-    knows one the target does not say (a subject's ageing pattern), for the oracle router (``ermoe.routing.oracle``,
-    a positive control); None otherwise."""
+    knows one the target does not say (a subject's ageing pattern), or per input a mapping of them (a dual encoder's
+    image cells and words), for the oracle router (``ermoe.routing.oracle``, a positive control); None otherwise."""
 
     inputs: tuple[Tensor, ...]
     target: Tensor | None
-    groups: Tensor | None = None
+    groups: Tensor | dict[str, Tensor] | None = None
 
     def __len__(self) -> int:
         return self.inputs[0].shape[0]
@@ -39,7 +39,9 @@ class Batch:
         """Examples ``[start, stop)`` of the batch (a distributed rank's share)."""
         return Batch(tuple(x[start:stop] for x in self.inputs),
                      None if self.target is None else self.target[start:stop],
-                     None if self.groups is None else self.groups[start:stop])
+                     None if self.groups is None else
+                     {k: g[start:stop] for k, g in self.groups.items()} if isinstance(self.groups, dict) else
+                     self.groups[start:stop])
 
 
 @dataclass(frozen=True)

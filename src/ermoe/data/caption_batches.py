@@ -1,6 +1,9 @@
 """Image-caption pairs as batches (:class:`CaptionBatches`): captions tokenised by a BPE vocabulary learned from the
 training captions, each training image paired with one of its captions drawn from the ``(seed, step, image)``
-random stream (exact resume, the same for any world size), images beyond the memory cap decoded in loader workers."""
+random stream (exact resume, the same for any world size), images beyond the memory cap decoded in loader workers.
+On the built-in caption set every batch carries its ground truth for the oracle router (``Batch.groups``): the item
+class of each canvas cell (``"image"``, ``(B, 2, 2)``) and the item class each word of the paired caption names
+(``"text"``, ``(B, context_length)``, -1 at padding)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .augment import normalize
+from .captions import BACKGROUND, word_classes
 from .batches import Batch, BatchSource, Sampling
 from .karpathy import CaptionData, CaptionSplit
 from .loader import ExampleKey, StepBatchSampler, example_seed, iterate, make_loader
@@ -38,6 +42,11 @@ class CaptionBatches(BatchSource):
             texts, owner = split.flat_captions()
             counts = torch.tensor([len(c) for c in split.captions])
             self.tokens[name] = (encode(self.tokenizer, texts, context_length), owner, torch.cumsum(counts, 0) - counts)
+        # the oracle's ground truth where the data knows it (the built-in set): per split (cells, words)
+        self.truth: dict[str, tuple[Tensor, Tensor]] | None = None
+        if self.items is not None:
+            self.truth = {name: (_cell_classes(self.items[name]), _caption_word_classes(
+                self.tokenizer, split.flat_captions()[0], context_length)) for name, split in self.splits.items()}
 
     @property
     def num_train(self) -> int:
@@ -91,9 +100,12 @@ class CaptionBatches(BatchSource):
                                    self.train_groups)
         ids, _, first = self.tokens["train"]
         counts = torch.tensor([len(c) for c in self.splits["train"].captions])
-        pairs = _Pairs(self.splits["train"], ids, first, counts, s.seed)
-        for images, ids in iterate(make_loader(pairs, sampler, _collate_pairs, self.num_workers, self.device)):
-            yield Batch((self._normalize(images), ids.to(self.device, non_blocking=True)), None)
+        pairs = _Pairs(self.splits["train"], ids, first, counts, s.seed,
+                       None if self.truth is None else self.truth["train"])
+        for images, ids, picks in iterate(make_loader(pairs, sampler, _collate_pairs, self.num_workers,
+                                                      self.device)):
+            yield Batch((self._normalize(images), ids.to(self.device, non_blocking=True)), None,
+                        self._groups("train", picks))
 
     def eval_batches(self, split: str, batch_size: int | None = None, limit: int | None = None) -> Iterator[Batch]:
         """Each image with its first caption (probes, data-dependent initialisation); the retrieval evaluation
@@ -101,23 +113,32 @@ class CaptionBatches(BatchSource):
         self._require(split)
         ids, _, first = self.tokens[split]
         for idx, x in self.image_chunks(split, batch_size, limit):
-            yield Batch((x, ids[first[idx]].to(self.device)), None)
+            yield Batch((x, ids[first[idx]].to(self.device)), None, self._groups(split, torch.stack([idx, first[idx]],
+                                                                                                   1)))
+
+    def _groups(self, split: str, picks: Tensor) -> dict[str, Tensor] | None:
+        """The oracle's ground truth of a batch's pairs (``picks``: ``(B, 2)`` image and caption indices)."""
+        if self.truth is None:
+            return None
+        cells, words = self.truth[split]
+        return {"image": cells[picks[:, 0].cpu()], "text": words[picks[:, 1].cpu()]}
 
 
 class _Pairs(Dataset):
     """A training image (uint8, from memory or decoded) with one of its captions' token ids, the caption drawn from
     the example's ``(seed, step, image)`` stream."""
 
-    def __init__(self, split: CaptionSplit, ids: Tensor, first: Tensor, counts: Tensor, seed: int) -> None:
+    def __init__(self, split: CaptionSplit, ids: Tensor, first: Tensor, counts: Tensor, seed: int,
+                 truth: tuple[Tensor, Tensor] | None = None) -> None:
         self.split, self.ids, self.first, self.counts, self.seed = split, ids, first, counts, seed
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, key: ExampleKey) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, key: ExampleKey) -> tuple[Tensor, Tensor, Tensor]:
         u = np.random.default_rng(example_seed(self.seed, key.step, key.index)).random()
         pick = int(self.first[key.index]) + int(u * int(self.counts[key.index]))
-        return self.split.images[key.index], self.ids[pick]
+        return self.split.images[key.index], self.ids[pick], torch.tensor([key.index, pick])
 
 
 class _Images(Dataset):
@@ -131,5 +152,26 @@ class _Images(Dataset):
         return self.split.images[i]
 
 
-def _collate_pairs(items: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    return torch.stack([x for x, _ in items]), torch.stack([t for _, t in items])
+def _collate_pairs(items: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(torch.stack(column) for column in zip(*items))  # images, token ids, (image, caption) indices
+
+
+def _cell_classes(items: list[list[dict]]) -> Tensor:
+    """Per canvas, the item class in each of its 2 x 2 cells (``BACKGROUND`` where empty): ``(N, 2, 2)``."""
+    cells = torch.full((len(items), 2, 2), BACKGROUND, dtype=torch.long)
+    for i, canvas in enumerate(items):
+        for item in canvas:
+            cells[i, item["row"], item["col"]] = item["label"]
+    return cells
+
+
+def _caption_word_classes(tokenizer, texts: list[str], context_length: int) -> Tensor:
+    """Per caption, the item class each of its tokens names (:func:`ermoe.data.captions.word_classes`), -1 at
+    padding: ``(N, context_length)``, aligned with :func:`~ermoe.data.tokenize.encode`'s ids (the tokenizer is
+    word-level: a token is a word)."""
+    out = torch.full((len(texts), context_length), -1, dtype=torch.long)
+    normalizer, pre = tokenizer.normalizer, tokenizer.pre_tokenizer
+    for i, text in enumerate(texts):
+        words = [w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text))][:context_length]
+        out[i, :len(words)] = torch.tensor(word_classes(words), dtype=torch.long)
+    return out

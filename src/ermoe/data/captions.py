@@ -19,6 +19,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -41,6 +42,7 @@ NAMES = [
     (["ankle boot", "boot"], ["ankle boots", "boots"]),
 ]
 NUMBERS = {2: "two", 3: "three", 4: "four"}
+BACKGROUND = len(NAMES)  # the item class of an empty cell, and of a caption's words that name no item
 
 
 CAPTION_STYLES = ("mixed", "word_order")
@@ -150,6 +152,36 @@ _TOKENS = re.compile(r"\w+|[^\w\s]+")  # the caption tokenizer's pre-tokenizer (
 def token_key(text: str) -> tuple[str, ...]:
     """A caption as the text tower will see its words (lower-cased, split on words and punctuation)."""
     return tuple(_TOKENS.findall(text.lower()))
+
+
+def _name_words() -> list[tuple[tuple[str, ...], int]]:
+    """Every name of every class as caption words, longest first (so "t-shirt" is not read as "shirt")."""
+    names = {token_key(n): c for c, (singular, plural) in enumerate(NAMES) for n in (*singular, *plural)}
+    return sorted(names.items(), key=lambda kv: -len(kv[0]))
+
+
+_NAME_WORDS = _name_words()
+_PLACE_AFTER_TOP = {"left", "right", "row"}  # "top left", "the top row": a place, not the garment "top"
+
+
+def word_classes(words: Sequence[str]) -> list[int]:
+    """The item class each word of a caption names (its tokens, :func:`token_key`): the class of every word of an
+    item's name ("pair of trousers": 1, 1, 1), ``BACKGROUND`` for the others (articles, sizes, places, relations).
+    The ground truth a per-word oracle routes the text tower by."""
+    out = [BACKGROUND] * len(words)
+    i = 0
+    while i < len(words):
+        for name, label in _NAME_WORDS:
+            if tuple(words[i:i + len(name)]) != name:
+                continue
+            place = name == ("top",) and ((i + 1 < len(words) and words[i + 1] in _PLACE_AFTER_TOP)
+                                          or (i > 0 and words[i - 1] == "on"))  # "on top and x underneath"
+            if not place:
+                out[i:i + len(name)] = [label] * len(name)
+                i += len(name) - 1
+            break
+        i += 1
+    return out
 
 
 def _line_clause(names: dict[int, str], items: list[Item], by_row: bool, line: int) -> str | None:

@@ -56,6 +56,13 @@ class DualEncoder(RoutedModel):
         return {f"image.{name}": grid for name, grid in grids.items()}
 
     @property
+    def token_sites(self) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
+        """Both towers' token-wise layers (``image.blocks.<i>``: the patch grid; ``text.blocks.<i>``: the caption
+        positions)."""
+        return {f"{tower}.{name}": site for tower in ("image", "text")
+                for name, site in getattr(getattr(self, tower), "token_sites", {}).items()}
+
+    @property
     def token_sequence(self) -> dict[str, int]:
         """The text tower's routing layers: their tokens are the caption ids' real positions (input 1)."""
         return {f"text.{name}": 1 for name, m in self.text.named_modules() if isinstance(m, RoutingLayer)}

@@ -18,7 +18,7 @@ from timm.models.vision_transformer import Block
 from ..moe import MoE
 from .protocol import TokenMoELayer
 from .checkpointing import checkpointed
-from .vit import MoESpec, ParallelMoE, select_blocks
+from .vit import MoESpec, ParallelMoE, block_token_sites, select_blocks
 
 
 class PaddedTokenMoE(TokenMoELayer):
@@ -48,7 +48,7 @@ class TextTransformer(nn.Module):
     def __init__(self, vocab_size: int, context_length: int, width: int, depth: int, num_heads: int,
                  mlp_ratio: float, moe: MoESpec | None, positions: bool, pad_id: int) -> None:
         super().__init__()
-        self.pad_id, self.width = pad_id, width
+        self.pad_id, self.width, self.context_length = pad_id, width, context_length
         self.token_embed = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width)) if positions else None
         if self.pos_embed is not None:
@@ -80,6 +80,12 @@ class TextTransformer(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.checkpoint = enable
+
+    @property
+    def token_sites(self) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
+        """Every block's token-wise layer (``blocks.<i>``) over the ``(context_length,)`` positions, padding
+        included (a probe drops it by its labels)."""
+        return block_token_sites(self.blocks, (self.context_length,))
 
     def forward(self, ids_BL: Tensor) -> Tensor:
         valid = ids_BL != self.pad_id

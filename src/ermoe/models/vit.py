@@ -192,6 +192,13 @@ class PostBlockMoE(nn.Module):
         return y + self.branch(y)
 
 
+def block_token_sites(blocks: nn.ModuleList, grid: tuple[int, ...]) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
+    """Per transformer block (``blocks.<i>``), the module whose input is the tokens a routing layer there reads (the
+    FFN or the MoE in its place; a post-block MoE's branch) and the grid the last of them tile."""
+    return {f"blocks.{i}": (block.branch if isinstance(block, PostBlockMoE) else block.mlp, grid)
+            for i, block in enumerate(blocks)}
+
+
 def _tap_context(attn: nn.Module, target: PatchMoE) -> None:
     def hook(_module, _inputs, output):
         target._context = output
@@ -255,6 +262,12 @@ class MoEViT(VisionTransformer, RoutedModel):
         out): what ``ermoe explain`` places patches by."""
         grid = tuple(int(g) for g in self.patch_embed.grid_size)
         return {view.name: grid for view in self.routed_layers()}
+
+    @property
+    def token_sites(self) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
+        """Every block's token-wise layer (its FFN, the MoE in its place or beside it, a post-block MoE), by
+        ``blocks.<i>``, with the patch grid: the prefix tokens come first in its input, the patches row-major."""
+        return block_token_sites(self.blocks, tuple(int(g) for g in self.patch_embed.grid_size))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Checkpoint each block (:class:`ermoe.models.checkpointing.Blocks`, which restores the blocks' buffers

@@ -31,7 +31,8 @@ BRAIN_METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "emoe_standardize": ("variant", "EMoE + per-expert score standardisation",
                          {"router": "emoe", "router_kwargs": {"standardize": True}}),
     # the baselines route as in the image study (the same rows)
-    **{name: METHODS[name] for name in ("softmax_noloss", "switch", "vmoe", "loss_free_bias", "expert_choice")},
+    **{name: METHODS[name] for name in ("softmax_noloss", "switch", "switch_tuned", "vmoe", "loss_free_bias",
+                                        "expert_choice")},
     # a positive control, not a method: each cell's token goes to its subject's ageing pattern's expert (the ground
     # truth claim 7a's subject AMI scores; heterogeneous cohort only)
     "oracle": ("control", "positive control: every cell of a volume on its subject's ageing pattern's expert "

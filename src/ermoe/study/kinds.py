@@ -60,4 +60,5 @@ def study_kind(task: str) -> StudyKind:
 def study_plan(cfg) -> Plan:
     """A study config's pre-registration (its ``margins`` and ``baselines``) checked against its kind's claims."""
     kind = study_kind(cfg.train.get("task", "classification"))
-    return make_plan(cfg.margins, cfg.baselines, kind.claims, kind.methods)
+    return make_plan(cfg.margins, cfg.baselines, kind.claims, kind.methods, router_kwargs=cfg.router_kwargs,
+                     method_model=lambda name: kind.method_model(name, cfg.train.get("model", {})))

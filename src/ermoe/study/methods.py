@@ -56,6 +56,9 @@ METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
                        {"router": "softmax_topk", "router_kwargs": {"balance_weight": 0.0}}),
     "switch": ("baseline", "Switch/GShard: softmax top-1 + balancing loss 0.01",
                {"router": "softmax_topk", "router_kwargs": {"balance_weight": 0.01}}),
+    "switch_tuned": ("baseline", "Switch/GShard: softmax top-1 + balancing loss, its coefficient the one the study "
+                                 "config fixed before the runs (study.router_kwargs, chosen on validation loads)",
+                     {"router": "softmax_topk", "router_kwargs": {"balance_weight": 0.01}}),
     "vmoe": ("baseline", "V-MoE: noisy top-1, importance + load losses, capacity 1.05, BPR", {"router": "vmoe"}),
     "loss_free_bias": ("baseline", "auxiliary-loss-free bias balancing", {"router": "loss_free_bias"}),
     "cosine": ("baseline", "cosine routing (X-MoE)", {"router": "cosine"}),
@@ -71,7 +74,9 @@ METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
 
 # What `ermoe study` runs by default; the other METHODS rows are follow-ups of the variants, run with
 # `--methods=[...]` (docs/study.md says which ran where).
-EXTRA_METHODS = ("ermoe_standardize_matched", "ermoe_tau_matched", "emoe_pi_large")
+EXTRA_METHODS = ("ermoe_standardize_matched", "ermoe_tau_matched", "emoe_pi_large", "switch_tuned")
+# Methods whose router settings a study config must fix (study.router_kwargs), with how they were chosen.
+STUDY_SET_METHODS = ("switch_tuned",)
 DEFAULT_METHODS = [name for name in METHODS if name not in EXTRA_METHODS]
 # Rows added after looking at an earlier study's test-split results (the variants sweep of session 4): exploratory
 # leads, marked as such in the report, not held-out evidence.

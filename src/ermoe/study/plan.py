@@ -8,8 +8,8 @@ data it judges, and a baseline picked by its test mean would shrink it further.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Mapping
 
 from .stats import Test
 
@@ -36,6 +36,7 @@ class Plan:
 
     margins: dict[str, Margin]
     baselines: dict[str, tuple[str, ...]]
+    router_kwargs: dict[str, tuple[dict[str, Any], str]] = field(default_factory=dict)  # method -> (kwargs, reason)
 
     def claims(self, claims: Claims) -> Claims:
         """``claims`` with each test's baseline the one the plan names."""
@@ -56,15 +57,28 @@ class Plan:
             out.append(f"- {'the preset check' if number == 'preset' else f'claim {number}'}: against {names}")
         out.append("")
         out += [f"- margin for `{measure}`: {m.value:g} ({m.reason})" for measure, m in self.margins.items()]
+        if self.router_kwargs:
+            out.append("")
+            out += [f"- `{method}`'s router settings: " + ", ".join(f"{k} {v!r}" for k, v in kwargs.items())
+                    + f" ({reason})" for method, (kwargs, reason) in self.router_kwargs.items()]
         return out + [""]
 
 
+def _has_router(model: Mapping[str, Any]) -> bool:
+    """Whether a model section has an MoE section with a router (a tower's counts)."""
+    return any((key == "moe" and isinstance(v, Mapping) and bool(v.get("router")))
+               or (isinstance(v, Mapping) and _has_router(v)) for key, v in model.items())
+
+
 def make_plan(margins: Mapping[str, Any], baselines: Mapping[str, Any], claims: Claims,
-              methods: Iterable[str], extra_parity: Iterable[str] = ()) -> Plan:
+              methods: Iterable[str], extra_parity: Iterable[str] = (), router_kwargs: Mapping[str, Any] = {},
+              method_model: Callable[[str], Mapping[str, Any]] | None = None) -> Plan:
     """The plan from a study config's ``margins`` (measure -> ``{value, reason}``) and ``baselines`` (claim ->
     a method, or a list of one method per test of the claim), checked against the study's ``claims`` and
     ``methods``: every non-inferiority test (and every measure in ``extra_parity``, e.g. the preset check's) needs
-    a positive margin with a reason; every baseline must be a method of the study. Raises ConfigError."""
+    a positive margin with a reason; every baseline must be a method of the study; ``router_kwargs`` (method ->
+    ``{kwargs, reason}``) name methods with a router (``method_model``: a method's model section) and say how the
+    settings were chosen. Raises ConfigError."""
     from ..train.config import ConfigError
 
     methods = set(methods)
@@ -100,4 +114,18 @@ def make_plan(margins: Mapping[str, Any], baselines: Mapping[str, Any], claims: 
     if missing:
         raise ConfigError(f"study.margins: the non-inferiority comparisons of {missing} need a margin fixed before "
                           "the runs: {value: <in the measure's units>, reason: <why that size>}")
-    return Plan(parsed, resolved)
+    settings = {}
+    for method, spec in router_kwargs.items():
+        if not isinstance(spec, Mapping) or set(spec) != {"kwargs", "reason"} or not isinstance(spec["kwargs"],
+                                                                                                Mapping):
+            raise ConfigError(f"study.router_kwargs.{method}: expected {{kwargs: {{name: value}}, reason: <how they "
+                              f"were chosen>}}, got {spec!r}")
+        if method not in methods:
+            raise ConfigError(f"study.router_kwargs: {method!r} is not a method of this study's kind "
+                              f"(choose from {sorted(methods)})")
+        if method_model is not None and not _has_router(method_model(method)):
+            raise ConfigError(f"study.router_kwargs.{method}: {method} has no MoE router to set")
+        if not isinstance(spec["reason"], str) or not spec["reason"].strip():
+            raise ConfigError(f"study.router_kwargs.{method}.reason must say how the settings were chosen")
+        settings[method] = (dict(spec["kwargs"]), spec["reason"].strip())
+    return Plan(parsed, resolved, settings)

@@ -49,11 +49,36 @@ def run_measures(metrics: dict[str, Any]) -> dict[str, float]:
         out[key] = _layer_mean(metrics, key)
     # the validation tokens' load (runs evaluated before it was recorded have none: NaN)
     out["val_load_cv"] = _layer_mean({"layers": metrics.get("val_layers", {})}, "load_cv")
+    out.update(truth_probe_measures(metrics))
     for shots, value in metrics.get("fewshot", {}).items():
         out[f"fewshot_{shots}"] = value["mean"]
     for key, value in metrics.get("model_metrics", {}).items():
         out[f"model:{key}"] = float(value)
     return out
+
+
+def truth_probe_measures(metrics: dict[str, Any]) -> dict[str, float]:
+    """A run's linear probes of the ground truth (``truth_probe``, dense models only), per site: ``probe:<site>``
+    its test balanced accuracy, ``probe_chance:<site>`` chance."""
+    out = {}
+    for site, r in (metrics.get("truth_probe") or {}).items():
+        out[f"probe:{site}"], out[f"probe_chance:{site}"] = r["test_balanced_acc"], r["chance"]
+    return out
+
+
+def truth_probe_lines(table, method: str, what: str) -> list[str]:
+    """The probe line of a positive control: per site of ``method``'s runs, the test balanced accuracy of a linear
+    probe of ``what`` from the tokens there, against chance."""
+    sites = [k[len("probe:"):] for k in table.get(method, {}) if k.startswith("probe:")]
+    if not sites:
+        return []
+    runs = [v for v in table[method][f"probe:{sites[0]}"] if not math.isnan(v)]
+    cells = [f"{site} {_cell(table[method][f'probe:{site}'], '.3f')} (chance "
+             f"{mean_std(table[method][f'probe_chance:{site}'])[0]:.3f})" for site in sites]
+    return [f"- A linear probe of {what} from the tokens each block's token-wise layer reads in `{method}` (logistic "
+            f"regression, C chosen on validation; test balanced accuracy, mean ± std over {len(runs)} seeds): "
+            + "; ".join(cells) + ". Well above chance: the ground truth is there for a router to follow; near it: "
+            "no router can route by it there."]
 
 
 def model_metrics_lines(table: dict[str, dict[str, list[float]]]) -> list[str]:
@@ -697,6 +722,12 @@ def _image_control_lines(table, examples) -> list[str]:
                                       "log2 of the experts)"),
                           ("homogeneity", "homog."), ("probe_changed_rel", "/chance (chance 1)"),
                           ("load_cv", "load CV")])
+    if lines:
+        lines.append("- Here the ground truth is the target itself: routing by the class hands the model its answer "
+                     "(an expert can learn one class), so the oracle's top-1 is a ceiling with the label leaked, not "
+                     "what routing by a feature of the image can buy. What the row shows is the instruments: the "
+                     "specialisation and stability measures experts reach when they follow the class.")
+    lines += truth_probe_lines(table, "dense", "the image's class")
     return ["## Positive controls (what this testbed can show)", "", *lines, ""] if lines else []
 
 

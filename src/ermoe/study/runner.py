@@ -22,7 +22,7 @@ from ..train.run import EXAMPLES_FILES, METRICS_FILE, Run
 from ..train.trainer import load_run, train
 from .kinds import StudyKind, study_kind, study_plan
 from .report import IMAGE_BASELINES, IMAGE_MARGINS
-from .methods import DEFAULT_METHODS
+from .methods import DEFAULT_METHODS, STUDY_SET_METHODS
 
 
 @dataclass
@@ -50,6 +50,10 @@ class StudyConfig:
     # one method per comparison}). The report prints both; nothing is computed from the results.
     margins: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(IMAGE_MARGINS))
     baselines: dict[str, Any] = field(default_factory=lambda: dict(IMAGE_BASELINES))
+    # Fixed before any run, like the margins: a method's router settings chosen for this study ({method: {kwargs:
+    # {name: value}, reason: <how they were chosen>}}), e.g. Switch's balancing coefficient chosen on validation
+    # loads; merged into every MoE layer's router_kwargs of that method's runs.
+    router_kwargs: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=lambda: {
         "model": {"name": "vit_tiny", "embed_dim": 96, "num_heads": 3, "depth": 4, "patch_size": 7,
                   "moe": {"num_experts": 8, "top_k": 1, "blocks": "every_other"}},
@@ -113,6 +117,11 @@ def load_study_config(path: str | Path | None = None, quick: bool = False,
             raise ConfigError(f"study.methods: unknown {task} study method {name!r}; choose from {list(kind.methods)}")
     if not cfg.seeds:
         raise ConfigError("study.seeds must name at least one seed")
+    unset = [m for m in cfg.methods if m in STUDY_SET_METHODS and m not in cfg.router_kwargs]
+    if unset:
+        raise ConfigError(f"study.methods: {unset} take their router settings from the study config, fixed before "
+                          f"the runs: study.router_kwargs.{unset[0]}: {{kwargs: {{...}}, reason: <how they were "
+                          "chosen>}")
     if cfg.preregistered and kind.task != "classification":
         raise ConfigError(f"study.preregistered: the {task} study marks no method exploratory, so there is nothing "
                           "for it to change")
@@ -139,10 +148,25 @@ def kind_of(cfg: StudyConfig) -> StudyKind:
 
 def run_config(cfg: StudyConfig, method: str, seed: int):
     """The training config of one run: the shared budget, the method's whole model section, the seed."""
-    values = {**cfg.train, "model": kind_of(cfg).method_model(method, cfg.train.get("model", {}))}
+    model = kind_of(cfg).method_model(method, cfg.train.get("model", {}))
+    if method in cfg.router_kwargs:
+        model = _with_router_kwargs(model, cfg.router_kwargs[method]["kwargs"])
+    values = {**cfg.train, "model": model}
     values = merge_settings(values, {"seed": seed, "out_dir": str(Path(cfg.out_dir) / method),
                                      "run_name": f"seed{seed}"})
     return config_from_dict(values)
+
+
+def _with_router_kwargs(model: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``model`` with ``kwargs`` merged into the router_kwargs of every MoE section in it (a tower's too)."""
+    out = {}
+    for key, value in model.items():
+        if key == "moe" and isinstance(value, dict) and value.get("router"):
+            value = {**value, "router_kwargs": {**(value.get("router_kwargs") or {}), **kwargs}}
+        elif isinstance(value, dict):
+            value = _with_router_kwargs(value, kwargs)
+        out[key] = value
+    return out
 
 
 def run_dir(cfg: StudyConfig, method: str, seed: int) -> Path:

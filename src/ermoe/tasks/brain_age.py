@@ -353,8 +353,9 @@ class BrainAge(Task):
             keep_N = cell_labels(pattern_map, tuple(grid), len(PATTERNS) + 1) > 0
             if not keep_N.any():
                 continue
-            data = [record_tokens(model, {name: module}, ((b.inputs, b.groups) for b in self.eval_batches(
-                split, limit=PROBE_TRAIN_VOLUMES if split == "train" else None)), autocast, keep_N)[name]
+            data = [record_tokens(model, {name: (module, grid)}, ((b.inputs, b.groups, b.groups) for b in
+                                  self.eval_batches(split, limit=PROBE_TRAIN_VOLUMES if split == "train" else None)),
+                                  autocast, keep_N)[name]
                 for split in ("train", "val", "test")]
             out[name] = {**linear_probe(*data, seed=self.setup.seed), "cells": int(keep_N.sum())}
         return out

@@ -39,6 +39,10 @@ class CrossEntropy(Objective):
         return {"acc": (output.argmax(1) == labels).sum()}
 
 
+PROBE_TRAIN_IMAGES = 1000  # the class probe's training (and validation) images, at most an eighth of the training set
+PROBE_MAX_CLASSES = 100  # beyond, the probe's fit would cost more than the run's evaluation (ImageNet: left out)
+
+
 @register_task
 class ImageClassification(Task):
     name = "classification"
@@ -114,9 +118,34 @@ class ImageClassification(Task):
                                           probe=None if probe is None else probe.inputs, autocast=autocast,
                                           measures=self.measures())
         metrics.update(dataset=self.data.name, classes=self.data.classes, **self.validation(model, autocast))
+        metrics.update(self.class_probe(model, autocast))
         if self.streamed:  # files left out as undecodable (data.skip_corrupt), by this process
             metrics.update(data_skipped_files=len(self.data.skipped), data_skipped=sorted(self.data.skipped))
         return metrics
+
+    def class_probe(self, model: nn.Module, autocast: Callable[[], Any]) -> dict[str, Any]:
+        """A positive control of the specialisation claims, in a model without routing layers (the dense reference
+        of a study): per block, a linear probe of the image's class from the tokens its token-wise layer reads
+        (the patches; :func:`ermoe.analysis.token_probe.probe_ground_truth`), fitted on the first
+        ``PROBE_TRAIN_IMAGES`` training images (at most an eighth of them: a check, not a second training;
+        unaugmented), C chosen on as many validation images, read on the
+        test split: ``truth_probe``. Nothing in a routed model (the probe asks what the dense tokens hold), without a
+        validation split, or for a model without token sites; over ``PROBE_MAX_CLASSES`` classes, nothing, warned."""
+        sites = model.token_sites
+        if model.routed_layers() or self.data.val is None or not sites:
+            return {}
+        if self.data.num_classes > PROBE_MAX_CLASSES:
+            warnings.warn(f"the class probe of a dense model is left out: {self.data.num_classes} classes exceed "
+                          f"the {PROBE_MAX_CLASSES} a logistic regression on {PROBE_TRAIN_IMAGES} images can fit "
+                          "in reasonable time", stacklevel=2)
+            return {}
+        from ..analysis.token_probe import probe_ground_truth
+
+        def batches(split: str):
+            limit = None if split == "test" else min(PROBE_TRAIN_IMAGES, max(1, self.num_train // 8))
+            return ((b.inputs, b.target, None) for b in self.eval_batches(split, limit=limit))
+
+        return {"truth_probe": probe_ground_truth(model, sites, batches, autocast, self.setup.seed)}
 
     def validation(self, model: nn.Module, autocast: Callable[[], Any]) -> dict[str, Any]:
         """The validation split's top-1 and each routing layer's load on the validation tokens (``val_layers``),

@@ -1,7 +1,8 @@
 """Image-text retrieval (docs/retrieval.md): a dual encoder trained with the symmetric InfoNCE loss on image-caption
 pairs, evaluated with Recall@1/5/10 both ways and the median rank over the whole test set, plus the routing
 diagnostics of both towers (load, MI(expert; word) for the text tower, MI(expert; item class of the patch's cell) on
-the built-in caption set, stability).
+the built-in caption set, stability). On the built-in set the oracle router (a positive control) routes each image
+patch by the item class under it and each word by the item class it names (``data.captions.word_classes``).
 
 Data: ``data.name: karpathy`` reads a Karpathy split file (``data.json``) and its images (``data.image_root``);
 ``fashion_captions`` generates the built-in caption set (:mod:`ermoe.data.captions`) and reads it through the same
@@ -25,13 +26,13 @@ from ..analysis.diagnostics import TEST_EXAMPLES, RoutingCounts, evaluating, mut
 from ..analysis.retrieval import (ORDER_DECIDES, caption_kinds, kind_shares, metrics_from_ranks, retrieval_metrics,
                                   retrieval_ranks, word_order_chance, word_order_correct, word_order_groups)
 from ..data.caption_batches import PAD_ID, CaptionBatches
+from ..data.captions import BACKGROUND
 from ..data.karpathy import CaptionSplit
 from ..data.modules import KarpathyOptions
 from ..models.dual import clip_loss
+from ..routing.oracle import routed_by
 from ..settings import FORBID_EXTRA
 from .base import Batch, Objective, Task, register_task
-
-BACKGROUND = 10  # the item-class label of a patch in an empty cell of a built-in canvas
 
 
 @dataclass
@@ -62,6 +63,9 @@ class Contrastive(Objective):
         sims = image.float() @ text.float().t()
         hits = (sims.argmax(1) == torch.arange(len(sims), device=sims.device)).sum()
         return {"batch_i2t_acc": hits}  # in-batch top-1, a training-time sanity signal
+
+
+PROBE_TRAIN_IMAGES = 500  # the item probe's training (and validation) images, at most an eighth of the training set
 
 
 @register_task
@@ -99,6 +103,7 @@ class Retrieval(Task):
                                  f"tells apart exceeds optim.batch_size {self.setup.batch_size}")
             self.batches.train_groups = groups
         self.objective = Contrastive()
+        self.image_grid: tuple[int, int] | None = None  # set by prepare(model): where the patch labels fall
 
     @property
     def splits(self) -> dict[str, CaptionSplit]:
@@ -113,9 +118,29 @@ class Retrieval(Task):
         return [tokenizer.id_to_token(i) for i in range(tokenizer.get_vocab_size())]
 
     def prepare(self, model: nn.Module) -> None:
+        self.image_grid = model.image_grid  # where the oracle's and the diagnostics' patch labels fall
         norm = model.input_normalization(pretrained=False)
         if norm is not None:
             self.batches.mean, self.batches.std = (torch.as_tensor(v, dtype=torch.float32) for v in norm)
+
+    def oracle_groups(self, batch: Batch) -> dict[str, Tensor] | None:
+        """The oracle's ground truth of a batch (built-in set only): per image patch the item class under it, per
+        real token of the caption the item class its word names (``BACKGROUND`` for neither)."""
+        if batch.groups is None:
+            return None
+        ids = batch.inputs[1]
+        words = batch.groups["text"]
+        return {"image": self.patch_classes(batch.groups["image"]), "text": words[(ids != PAD_ID).to(words.device)]}
+
+    def patch_classes(self, cells_B22: Tensor) -> Tensor:
+        """The item class of the canvas cell under each patch token, ``(B, P)`` in row-major patch order."""
+        if self.image_grid is None:
+            raise RuntimeError("retrieval: the image tower's token grid is not known yet (task.prepare(model) sets it)")
+        rows, cols = self.image_grid
+        if rows % 2 or cols % 2:
+            raise ValueError(f"the image tower's {rows} x {cols} token grid does not split the canvas's 2 x 2 cells: "
+                             "a patch would straddle two items (use a patch size that divides 32)")
+        return cells_B22.repeat_interleave(rows // 2, 1).repeat_interleave(cols // 2, 2).flatten(1)
 
     @torch.no_grad()
     def embed(self, model: nn.Module, split: str, autocast: Callable[[], Any],
@@ -123,10 +148,12 @@ class Retrieval(Task):
               on_text: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Every image and every caption of ``split`` embedded in chunks: ``(images, texts, owner)``."""
         size = self.setup.eval_batch_size
+        truth = self.batches.truth[split] if self.batches.truth is not None else None
         with evaluating(model):
             images = []
             for idx, x in self.batches.image_chunks(split, size):
-                with autocast():
+                with autocast(), routed_by(model, None if truth is None else {
+                        "image": self.patch_classes(truth[0][idx])}):
                     images.append(model.encode_image(x).float().cpu())
                 if on_image is not None:
                     on_image(idx)
@@ -134,7 +161,8 @@ class Retrieval(Task):
             texts = []
             for s in range(0, len(ids), size):
                 chunk = ids[s:s + size].to(self.device)
-                with autocast():
+                with autocast(), routed_by(model, None if truth is None else {
+                        "text": truth[1][s:s + size][chunk.cpu() != PAD_ID]}):
                     texts.append(model.encode_text(chunk).float().cpu())
                 if on_text is not None:
                     on_text(chunk.cpu())
@@ -144,7 +172,7 @@ class Retrieval(Task):
         layers = {v.name: v for v in model.routed_layers()}
         image_layers = [n for n in layers if n.startswith("image.")]
         text_layers = [n for n in layers if n.startswith("text.")]
-        cell_labels = self._patch_labels("test", model) if self.items is not None else None
+        cell_labels = self._patch_labels("test")
         # a text token's label: its word; an image token's: the item class under its patch (built-in set only)
         counts = RoutingCounts(list(layers.values()), {
             **{n: self.batches.vocab_size for n in text_layers},
@@ -176,7 +204,10 @@ class Retrieval(Task):
                                    **order_metrics}
         if "val" in self.splits:
             metrics.update(self.quick_eval(model, autocast))
-        probe_stats = probe_routing(model, probe.inputs, ctx=autocast) if probe is not None else {}
+        probe_stats = {}
+        if probe is not None:
+            with routed_by(model, self.oracle_groups(probe)):
+                probe_stats = probe_routing(model, probe.inputs, ctx=autocast)
         out = {}
         for n in layers:
             stats: dict[str, Any] = counts[n].load()
@@ -188,7 +219,37 @@ class Retrieval(Task):
             stats.update(probe_stats.get(n, {}))
             out[n] = stats
         metrics["layers"] = out
+        metrics.update(self.item_probe(model, autocast))
         return metrics
+
+    def item_probe(self, model: nn.Module, autocast: Callable[[], Any]) -> dict[str, Any]:
+        """A positive control of the specialisation claims, in dense towers (the study's ``dense``): per block of
+        each tower, a linear probe of the item class from the tokens its token-wise layer reads (image: the item
+        class under each patch; text: the class each word names, ``BACKGROUND`` for neither), fitted on the first
+        ``PROBE_TRAIN_IMAGES`` training images (at most an eighth of them) with their first captions, C chosen on
+        as many validation images,
+        read on the test split: ``truth_probe``. Nothing in routed towers, off the built-in set (no item classes)
+        or without a validation split."""
+        sites = model.token_sites
+        if model.routed_layers() or self.batches.truth is None or "val" not in self.splits or not sites:
+            return {}
+        from ..analysis.token_probe import probe_ground_truth
+
+        images = min(PROBE_TRAIN_IMAGES, max(1, self.num_train // 8))
+
+        def batches(tower: str):
+            def of(split: str):
+                for b in self.eval_batches(split, limit=None if split == "test" else images):
+                    labels = self.patch_classes(b.groups["image"]) if tower == "image" else b.groups["text"]
+                    yield b.inputs, labels, None
+            return of
+
+        found = {}
+        for tower in ("image", "text"):
+            tower_sites = {n: site for n, site in sites.items() if n.startswith(tower + ".")}
+            if tower_sites:
+                found.update(probe_ground_truth(model, tower_sites, batches(tower), autocast, self.setup.seed))
+        return {"truth_probe": found}
 
     def word_order(self, images: Tensor, texts: Tensor, owner: Tensor) -> tuple[dict[str, float],
                                                                                 dict[str, np.ndarray]]:
@@ -208,21 +269,19 @@ class Retrieval(Task):
             metrics["test_word_order_chance"] = word_order_chance(rivals)
         return metrics, {"caption/kind": kind, "caption/order_correct": correct}
 
-    def _patch_labels(self, split: str, model: nn.Module) -> Tensor | None:
-        """Per built-in canvas, the item class (or background) of the cell under each patch token, ``(N, P)``."""
-        grid = model.image_grid
-        if grid[0] % 2 or grid[1] % 2:  # a patch would straddle two cells of the 2 x 2 canvas
+    def _patch_labels(self, split: str) -> Tensor | None:
+        """Per built-in canvas, the item class (or background) of the cell under each patch token, ``(N, P)``; None
+        without item classes, or where a patch would straddle two cells (warned)."""
+        if self.batches.truth is None or self.image_grid is None:
+            return None
+        rows, cols = self.image_grid
+        if rows % 2 or cols % 2:
             import warnings
 
-            warnings.warn(f"the image tower's {grid[0]} x {grid[1]} token grid does not split the canvas's 2 x 2 "
+            warnings.warn(f"the image tower's {rows} x {cols} token grid does not split the canvas's 2 x 2 "
                           "cells: MI(expert; item) is not computed (use a patch size that divides 32)", stacklevel=2)
             return None
-        labels = torch.full((len(self.items[split]), 2, 2), BACKGROUND, dtype=torch.long)
-        for i, items in enumerate(self.items[split]):
-            for item in items:
-                labels[i, item["row"], item["col"]] = item["label"]
-        per_cell = labels.repeat_interleave(grid[0] // 2, 1).repeat_interleave(grid[1] // 2, 2)
-        return per_cell.flatten(1)
+        return self.patch_classes(self.batches.truth[split][0])
 
     @torch.no_grad()
     def quick_eval(self, model: nn.Module, autocast: Callable[[], Any]) -> dict[str, float]:

@@ -140,7 +140,8 @@ class Trainer:
         self.logger = Logger(run if parallel.main else None, cfg.tensorboard, self.position)
         self.oracles = oracle_routers(model)  # found once: the step routes them by each batch's groups
         probe = task.probe()
-        self.routing = RoutingMonitor(model, probe.inputs, self.autocast, self.logger, task.oracle_groups(probe))
+        self.routing = RoutingMonitor(model, probe.inputs, self.autocast, self.logger,
+                                      task.oracle_groups(probe) if self.oracles else None)
         self.straggler = StragglerMeter(model, parallel)
         self.clock = RunClock(self.position)
         scaled = self.optimization.scaler.is_enabled()
@@ -259,9 +260,10 @@ class Trainer:
         sums: dict[str, Tensor] = {}
         for i in range(accum):
             micro = batch if accum == 1 else batch.rows(i * size, (i + 1) * size)
-            # an oracle router's groups through forward and backward (a recomputed forward routes again)
+            # an oracle's groups through forward and backward (a recomputed forward routes again); read for one only
+            groups = self.task.oracle_groups(micro) if self.oracles else None
             with (self.parallel.accumulating(self.forward_model, last=i == accum - 1),
-                  routed_by(self.model, self.task.oracle_groups(micro), self.oracles)):
+                  routed_by(self.model, groups, self.oracles)):
                 part = self._micro_step(micro, accum)
             self.straggler.track()
             for key, value in part.items():
