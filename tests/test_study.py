@@ -458,13 +458,17 @@ def test_router_settings_fixed_in_the_study_config_reach_every_moe_layer_and_the
     assert model["image"]["moe"]["router_kwargs"] == model["text"]["moe"]["router_kwargs"] == {"balance_weight": 0.3}
     config = "configs/study_brainage_heterogeneous.yaml"
     for overrides, message in [
-            ({"methods": ["switch_tuned"]}, "take their router settings from the study config"),
             ({"router_kwargs": {"plain": {"kwargs": {"x": 1}, "reason": "r"}}}, "plain has no MoE router"),
             ({"router_kwargs": {"switch": {"kwargs": {"x": 1}}}}, "expected {kwargs"),
             ({"router_kwargs": {"switch": {"kwargs": {"x": 1}, "reason": ""}}}, "must say how"),
             ({"router_kwargs": {"nope": {"kwargs": {}, "reason": "r"}}}, "not a method of this study's kind")]:
         with pytest.raises(ConfigError, match=message):
             load_study_config(config, overrides=overrides)
+    with pytest.raises(ConfigError, match="take their router settings from the study config"):
+        load_study_config("configs/study_brainage.yaml", overrides={"methods": ["switch_tuned"]})
+    committed = load_study_config(config)  # the heterogeneous study fixed Switch's coefficient before its rerun
+    assert committed.router_kwargs["switch_tuned"]["kwargs"] == {"balance_weight": 0.1}
+    assert study_plan(committed).baselines["2"] == ("switch_tuned",)
 
 
 def test_choose_balance_weight_reads_the_last_validation_probe(tmp_path):
