@@ -343,3 +343,15 @@ def test_probe_fits_at_most_its_token_budget_drawn_in_order():
     xs, ys = _at_most((x, y), 0, n=4)
     assert len(ys) == 4 and (np.diff(ys) > 0).all() and (xs[:, 0] == 2 * ys).all()  # rows kept with their labels
     assert _at_most((x, y), 0, n=4)[1].tolist() == ys.tolist() != _at_most((x, y), 1, n=4)[1].tolist()
+
+
+def test_without_scikit_learn_the_probe_is_left_out_with_a_warning(monkeypatch):
+    import importlib.util
+
+    from ermoe.analysis.token_probe import can_probe
+
+    assert can_probe()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
+    with pytest.warns(UserWarning, match="needs scikit-learn"):
+        assert not can_probe()

@@ -111,6 +111,19 @@ def linear_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np
             "tokens": {"train": len(y_train), "val": len(y_val), "test": len(y_test)}}
 
 
+def can_probe() -> bool:
+    """Whether scikit-learn (the probe's logistic regression) is installed; warns when it is not, since an
+    evaluation then leaves its probe out rather than failing a finished run."""
+    import importlib.util
+    import warnings
+
+    if importlib.util.find_spec("sklearn") is not None:
+        return True
+    warnings.warn("the linear probe of the ground truth is left out: it needs scikit-learn (pip install "
+                  "scikit-learn)", stacklevel=3)
+    return False
+
+
 def probe_ground_truth(model: nn.Module, sites: dict[str, tuple[nn.Module, tuple[int, ...]]],
                        batches: Callable[[str], Iterable[tuple[Sequence[Tensor], Tensor, Any]]],
                        autocast: Callable[[], Any] = torch.no_grad, seed: int = 0) -> dict[str, dict[str, Any]]:

@@ -139,7 +139,10 @@ class ImageClassification(Task):
                           f"the {PROBE_MAX_CLASSES} a logistic regression on {PROBE_TRAIN_IMAGES} images can fit "
                           "in reasonable time", stacklevel=2)
             return {}
-        from ..analysis.token_probe import probe_ground_truth
+        from ..analysis.token_probe import can_probe, probe_ground_truth
+
+        if not can_probe():
+            return {}
 
         def batches(split: str):
             limit = None if split == "test" else min(PROBE_TRAIN_IMAGES, max(1, self.num_train // 8))

@@ -233,7 +233,10 @@ class Retrieval(Task):
         sites = model.token_sites
         if model.routed_layers() or self.batches.truth is None or "val" not in self.splits or not sites:
             return {}
-        from ..analysis.token_probe import probe_ground_truth
+        from ..analysis.token_probe import can_probe, probe_ground_truth
+
+        if not can_probe():
+            return {}
 
         images = min(PROBE_TRAIN_IMAGES, max(1, self.num_train // 8))
 
