@@ -303,6 +303,10 @@ def test_tiny_heterogeneous_run_scores_experts_against_the_pattern_maps(tmp_path
     assert {"pattern_map_ami", "pattern_subject_ami", "age_map_ami"} <= set(layer)
     table = np.asarray(layer["expert_pattern_counts"])
     assert table.shape == (2, 2) and table.sum() > 0
+    # the pattern probe reads the cells where the patterns differ, of every training, validation and test volume
+    probe = metrics["pattern_probe"]["cells.0"]
+    assert probe["chance"] == 0.5 and probe["cells"] > 0
+    assert probe["tokens"] == {"train": 12 * probe["cells"], "val": 4 * probe["cells"], "test": 8 * probe["cells"]}
     from ermoe.study.examples import EXAMPLE_STATISTICS
     from ermoe.train.run import Run
     examples = Run(run).read_examples()  # per test volume: what the study's bootstrap resamples

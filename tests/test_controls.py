@@ -187,7 +187,7 @@ def test_recorded_tokens_are_the_normalised_cells_a_router_reads_in_float64():
         keep = np.zeros(int(np.prod(grid)), bool)
         keep[[0, 5, 7]] = True
         groups = torch.tensor([1, 0, 1])
-        got_x, got_y = record_tokens(model, {name: (module, grid)}, [((x,), groups, groups)], keep_N=keep)[name]
+        got_x, got_y = record_tokens(model, {name: (module, grid)}, [((x,), groups, groups)], keep={name: keep})[name]
         model.eval()
         h = x
         with torch.no_grad():
@@ -198,6 +198,9 @@ def test_recorded_tokens_are_the_normalised_cells_a_router_reads_in_float64():
                     break
         assert np.allclose(got_x, cells[:, torch.from_numpy(keep)].reshape(-1, cells.shape[-1]).float().numpy())
         assert got_y.tolist() == [1, 1, 1, 0, 0, 0, 1, 1, 1]
+    for wrong in (keep[:-1], keep.astype(np.int64)):  # a mask must name each grid token, as a boolean
+        with pytest.raises(ValueError, match="keep mask has"):
+            record_tokens(model, {name: (module, grid)}, [((x,), groups, groups)], keep={name: wrong})
 
 
 def test_oracle_routes_each_token_by_its_own_group_and_each_tower_by_its_own():
@@ -245,26 +248,10 @@ def test_retrieval_batches_carry_the_item_classes_the_oracle_routes_by(tmp_path,
     """On the built-in caption set each patch goes to the expert of the item class under it and each real token to
     that of the item class its word names, in training batches and in the evaluation's embeddings."""
     from ermoe.data.captions import BACKGROUND, token_key, word_classes
-    from ermoe.data.images import DEBIAN_FASHION_MNIST
-    from ermoe.train import create_task, load_config
-    from ermoe.train.trainer import build_model
 
-    if not DEBIAN_FASHION_MNIST.exists():
-        pytest.skip("needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
-    monkeypatch.setenv("ERMOE_CACHE_DIR", str(tmp_path / "cache"))
-    cfg = load_config(None, {
-        "task": "retrieval", "out_dir": str(tmp_path / "runs"), "progress": False, "tensorboard": False,
-        "data": {"name": "fashion_captions", "caption_set_size": 64, "test_limit": 40},
-        "task_options": {"vocab_size": 60},
-        "model": {"name": "dual_encoder", "image": {"name": "vit_tiny", "embed_dim": 16, "num_heads": 2, "depth": 2,
-                                                    "patch_size": 16, "moe": {"router": "oracle", "num_experts": 4}},
-                  "text": {"width": 16, "depth": 1, "num_heads": 2,
-                           "moe": {"router": "oracle", "num_experts": 4, "blocks": "all"}}},
-        "optim": {"epochs": 1, "batch_size": 16, "eval_batch_size": 64, "warmup_steps": 1}})
-    task = create_task(cfg, torch.device("cpu"))
-    task.load()
-    model = build_model(cfg, task, quiet=True)
-    task.prepare(model)
+    task, model = _caption_task(tmp_path, monkeypatch, {
+        "depth": 2, "patch_size": 16, "moe": {"router": "oracle", "num_experts": 4}},
+        {"moe": {"router": "oracle", "num_experts": 4, "blocks": "all"}})
     batch = next(task.train_batches(0, 1))
     groups = task.oracle_groups(batch)
     items, captions = task.items["train"], task.splits["train"].captions
@@ -355,3 +342,44 @@ def test_without_scikit_learn_the_probe_is_left_out_with_a_warning(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
     with pytest.warns(UserWarning, match="needs scikit-learn"):
         assert not can_probe()
+
+
+def test_a_token_grid_that_does_not_split_the_canvas_leaves_item_labels_out_with_a_warning(tmp_path, monkeypatch):
+    """A 1 x 1 patch grid on the 64-pixel canvas (one 64-pixel patch) straddles its 2 x 2 cells: the evaluation embeds
+    and probes the text tower with a warning, without item labels for the patches; the oracle, which needs them, is
+    a named error."""
+    pytest.importorskip("sklearn")
+    task, model = _caption_task(tmp_path, monkeypatch, {"depth": 1, "patch_size": 64}, {})
+    assert task.image_grid == (1, 1) and not task.patches_split_cells()
+    with pytest.warns(UserWarning, match="1 x 1 token grid does not split"):
+        images, texts, _ = task.embed(model, "test", torch.no_grad)
+    assert len(images) == 40 and len(texts) == 200
+    with pytest.warns(UserWarning, match="does not split"):
+        found = task.item_probe(model, torch.no_grad)["truth_probe"]
+    assert found and all(name.startswith("text.") for name in found)
+    with pytest.raises(ValueError, match="a patch would straddle two items"):
+        task.patch_classes(task.batches.truth["test"][0][:2])
+
+
+def _caption_task(tmp_path, monkeypatch, image: dict, text: dict):
+    """The built-in caption set (64 canvases, 40 test ones) and a tiny dual encoder with these tower settings,
+    prepared: ``(task, model)``."""
+    from ermoe.data.images import DEBIAN_FASHION_MNIST
+    from ermoe.train import create_task, load_config
+    from ermoe.train.trainer import build_model
+
+    if not DEBIAN_FASHION_MNIST.exists():
+        pytest.skip("needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+    monkeypatch.setenv("ERMOE_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = load_config(None, {
+        "task": "retrieval", "out_dir": str(tmp_path / "runs"), "progress": False, "tensorboard": False,
+        "data": {"name": "fashion_captions", "caption_set_size": 64, "test_limit": 40},
+        "task_options": {"vocab_size": 60},
+        "model": {"name": "dual_encoder", "image": {"name": "vit_tiny", "embed_dim": 16, "num_heads": 2, **image},
+                  "text": {"width": 16, "depth": 1, "num_heads": 2, **text}},
+        "optim": {"epochs": 1, "batch_size": 16, "eval_batch_size": 64, "warmup_steps": 1}})
+    task = create_task(cfg, torch.device("cpu"))
+    task.load()
+    model = build_model(cfg, task, quiet=True)
+    task.prepare(model)
+    return task, model

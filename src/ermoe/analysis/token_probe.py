@@ -3,7 +3,7 @@ specialisation claims. If a logistic regression cannot tell the groups (a subjec
 tokens a router sees, no router can route by them there, and a specialisation measure near chance says nothing
 about the method; if it can, a router that does not follow them chose not to.
 
-    tokens = record_tokens(model, model.token_sites, batches, keep_N=cells)   # per site, (X_TC, y_T)
+    tokens = record_tokens(model, model.token_sites, batches, keep={site: cells})   # per site, (X_TC, y_T)
     result = linear_probe(train, val, test)                         # C chosen on validation, the test read once
 
 Shape suffixes: B examples, N tokens per example, C channels, T tokens kept.
@@ -27,14 +27,15 @@ FIT_TOKENS = 50_000  # at most this many training (and validation) tokens fit th
 @torch.no_grad()
 def record_tokens(model: nn.Module, sites: dict[str, tuple[nn.Module, tuple[int, ...]]],
                   batches: Iterable[tuple[Sequence[Tensor], Tensor, Any]],
-                  autocast: Callable[[], Any] = torch.no_grad, keep_N: np.ndarray | None = None
+                  autocast: Callable[[], Any] = torch.no_grad, keep: dict[str, np.ndarray] | None = None
                   ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per site (name -> the module whose input is a ``(B, N, C)`` batch of tokens, an MoE layer or the dense FFN in
     its place, and the grid its last ``prod(grid)`` tokens tile; tokens before them, a ViT's class token, are left
     out: ``RoutedModel.token_sites``), the tokens it received over ``batches`` of ``(inputs, labels, groups)`` in
     eval mode, each with its label: ``labels`` one per example (``(B,)``) or one per grid token (``(B, N)``; a
     negative label, padding, drops the token); ``groups``: what an oracle-routed model routes the batch by
-    (``ermoe.routing.oracle.routed_by``). ``keep_N``: the grid positions kept (a boolean mask; None: all). Returns
+    (``ermoe.routing.oracle.routed_by``). ``keep``: per site the grid positions kept (a boolean mask of its grid's
+    tokens; a site not in it, or None: all). Returns
     per site ``(X_TC float32, y_T int64)``."""
     if not sites:
         raise ValueError("token probe: no site to record (a model with an MoE layer or its dense counterpart)")
@@ -44,6 +45,10 @@ def record_tokens(model: nn.Module, sites: dict[str, tuple[nn.Module, tuple[int,
 
     def hook(name: str, grid: tuple[int, ...]):
         n_grid = int(np.prod(grid))
+        keep_N = None if keep is None or name not in keep else torch.as_tensor(np.asarray(keep[name]).reshape(-1))
+        if keep_N is not None and (keep_N.dtype != torch.bool or len(keep_N) != n_grid):
+            raise ValueError(f"token probe: site {name!r}'s keep mask has {len(keep_N)} {keep_N.dtype} entries, not "
+                             f"a boolean for each of its grid's {n_grid} tokens")
 
         def record(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
             x_BNC = args[0]
@@ -57,8 +62,7 @@ def record_tokens(model: nn.Module, sites: dict[str, tuple[nn.Module, tuple[int,
                 raise ValueError(f"token probe: labels of shape {tuple(y.shape)} for site {name!r}'s "
                                  f"{tuple(x_BNC.shape[:2])} tokens")
             if keep_N is not None:
-                mask = torch.as_tensor(keep_N)
-                x_BNC, y_BN = x_BNC[:, mask], y_BN[:, mask]
+                x_BNC, y_BN = x_BNC[:, keep_N], y_BN[:, keep_N]
             real = y_BN >= 0
             kept[name].append(x_BNC[real])
             labels[name].append(y_BN[real])
@@ -126,12 +130,14 @@ def can_probe() -> bool:
 
 def probe_ground_truth(model: nn.Module, sites: dict[str, tuple[nn.Module, tuple[int, ...]]],
                        batches: Callable[[str], Iterable[tuple[Sequence[Tensor], Tensor, Any]]],
-                       autocast: Callable[[], Any] = torch.no_grad, seed: int = 0) -> dict[str, dict[str, Any]]:
+                       autocast: Callable[[], Any] = torch.no_grad, seed: int = 0,
+                       keep: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, Any]]:
     """A linear probe at every site: the tokens of ``batches(split)`` (``(inputs, labels, groups)``, as
     :func:`record_tokens` reads them) recorded on the training, validation and test splits in one pass each, then
     per site :func:`linear_probe` (C chosen on validation, the test read once) on at most ``FIT_TOKENS`` training
-    and validation tokens each (a random draw beyond: the fit's cost grows with them; the test reads all)."""
-    data = {split: record_tokens(model, sites, batches(split), autocast) for split in ("train", "val", "test")}
+    and validation tokens each (a random draw beyond: the fit's cost grows with them; the test reads all).
+    ``keep``: per site the grid positions probed (:func:`record_tokens`)."""
+    data = {split: record_tokens(model, sites, batches(split), autocast, keep) for split in ("train", "val", "test")}
     return {name: linear_probe(_at_most(data["train"][name], seed), _at_most(data["val"][name], seed),
                                data["test"][name], seed=seed) for name in sites}
 

@@ -338,27 +338,29 @@ class BrainAge(Task):
         place), a linear probe of the subject's ageing pattern from the tokens there, over the cells where the
         patterns differ (those subject AMI scores): fitted on the first ``PROBE_TRAIN_VOLUMES`` training volumes
         (unaugmented), C chosen on the validation volumes, read on the test volumes
-        (:func:`ermoe.analysis.token_probe.linear_probe`). Empty without patterns, a validation split or a cell
-        layer."""
+        (:func:`ermoe.analysis.token_probe.probe_ground_truth`). Empty without patterns, a validation split, a cell
+        layer or scikit-learn (warned)."""
         sites = model.token_sites
         if self.batches.groups is None or not sites or "val" not in self.stores or "test" not in self.stores:
             return {}
+        from ..analysis.token_probe import can_probe, probe_ground_truth
+
+        if not can_probe():
+            return {}
         import nibabel as nib
 
-        from ..analysis.token_probe import linear_probe, record_tokens
-
         pattern_map = np.asarray(nib.load(Path(self.cohort_info["dir"]) / "pattern_map.nii.gz").dataobj)
-        out = {}
-        for name, (module, grid) in sites.items():
-            keep_N = cell_labels(pattern_map, tuple(grid), len(PATTERNS) + 1) > 0
-            if not keep_N.any():
-                continue
-            data = [record_tokens(model, {name: (module, grid)}, ((b.inputs, b.groups, b.groups) for b in
-                                  self.eval_batches(split, limit=PROBE_TRAIN_VOLUMES if split == "train" else None)),
-                                  autocast, keep_N)[name]
-                for split in ("train", "val", "test")]
-            out[name] = {**linear_probe(*data, seed=self.setup.seed), "cells": int(keep_N.sum())}
-        return out
+        keep = {name: cell_labels(pattern_map, tuple(grid), len(PATTERNS) + 1) > 0 for name, (_, grid) in sites.items()}
+        sites = {name: site for name, site in sites.items() if keep[name].any()}
+        if not sites:
+            return {}
+
+        def batches(split: str):
+            limit = PROBE_TRAIN_VOLUMES if split == "train" else None
+            return ((b.inputs, b.groups, b.groups) for b in self.eval_batches(split, limit=limit))
+
+        found = probe_ground_truth(model, sites, batches, autocast, self.setup.seed, keep)
+        return {name: {**result, "cells": int(keep[name].sum())} for name, result in found.items()}
 
     def test_patterns(self) -> np.ndarray | None:
         """Each test subject's ageing pattern (index into the cohort's patterns) on a heterogeneous cohort, else

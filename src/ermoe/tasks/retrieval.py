@@ -14,6 +14,7 @@ beyond ``data.memory_cap_gb`` are decoded per batch, in ``data.num_workers`` loa
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -136,10 +137,11 @@ class Retrieval(Task):
         """The item class of the canvas cell under each patch token, ``(B, P)`` in row-major patch order."""
         if self.image_grid is None:
             raise RuntimeError("retrieval: the image tower's token grid is not known yet (task.prepare(model) sets it)")
-        rows, cols = self.image_grid
-        if rows % 2 or cols % 2:
+        if not self.patches_split_cells():
+            rows, cols = self.image_grid
             raise ValueError(f"the image tower's {rows} x {cols} token grid does not split the canvas's 2 x 2 cells: "
-                             "a patch would straddle two items (use a patch size that divides 32)")
+                             "a patch would straddle two items (use a patch size that divides the canvas cell, 32 px)")
+        rows, cols = self.image_grid
         return cells_B22.repeat_interleave(rows // 2, 1).repeat_interleave(cols // 2, 2).flatten(1)
 
     @torch.no_grad()
@@ -149,11 +151,11 @@ class Retrieval(Task):
         """Every image and every caption of ``split`` embedded in chunks: ``(images, texts, owner)``."""
         size = self.setup.eval_batch_size
         truth = self.batches.truth[split] if self.batches.truth is not None else None
+        cells = self._patch_labels(split)
         with evaluating(model):
             images = []
             for idx, x in self.batches.image_chunks(split, size):
-                with autocast(), routed_by(model, None if truth is None else {
-                        "image": self.patch_classes(truth[0][idx])}):
+                with autocast(), routed_by(model, None if cells is None else {"image": cells[idx]}):
                     images.append(model.encode_image(x).float().cpu())
                 if on_image is not None:
                     on_image(idx)
@@ -248,7 +250,8 @@ class Retrieval(Task):
             return of
 
         found = {}
-        for tower in ("image", "text"):
+        towers = ("image", "text") if self._patch_labels("val") is not None else ("text",)
+        for tower in towers:
             tower_sites = {n: site for n, site in sites.items() if n.startswith(tower + ".")}
             if tower_sites:
                 found.update(probe_ground_truth(model, tower_sites, batches(tower), autocast, self.setup.seed))
@@ -277,14 +280,18 @@ class Retrieval(Task):
         without item classes, or where a patch would straddle two cells (warned)."""
         if self.batches.truth is None or self.image_grid is None:
             return None
-        rows, cols = self.image_grid
-        if rows % 2 or cols % 2:
-            import warnings
-
-            warnings.warn(f"the image tower's {rows} x {cols} token grid does not split the canvas's 2 x 2 "
-                          "cells: MI(expert; item) is not computed (use a patch size that divides 32)", stacklevel=2)
+        if not self.patches_split_cells():
+            rows, cols = self.image_grid
+            warnings.warn(f"the image tower's {rows} x {cols} token grid does not split the canvas's 2 x 2 cells: "
+                          "image patches have no item class, so MI(expert; item) and the image tower's probe are "
+                          "left out (use a patch size that divides the canvas cell, 32 px)", stacklevel=2)
             return None
         return self.patch_classes(self.batches.truth[split][0])
+
+    def patches_split_cells(self) -> bool:
+        """Whether each image patch lies in one cell of the built-in canvas's 2 x 2 grid (an even token grid)."""
+        rows, cols = self.image_grid
+        return rows % 2 == 0 and cols % 2 == 0
 
     @torch.no_grad()
     def quick_eval(self, model: nn.Module, autocast: Callable[[], Any]) -> dict[str, float]:
