@@ -137,11 +137,10 @@ class Retrieval(Task):
         """The item class of the canvas cell under each patch token, ``(B, P)`` in row-major patch order."""
         if self.image_grid is None:
             raise RuntimeError("retrieval: the image tower's token grid is not known yet (task.prepare(model) sets it)")
+        rows, cols = self.image_grid
         if not self.patches_split_cells():
-            rows, cols = self.image_grid
             raise ValueError(f"the image tower's {rows} x {cols} token grid does not split the canvas's 2 x 2 cells: "
                              "a patch would straddle two items (use a patch size that divides the canvas cell, 32 px)")
-        rows, cols = self.image_grid
         return cells_B22.repeat_interleave(rows // 2, 1).repeat_interleave(cols // 2, 2).flatten(1)
 
     @torch.no_grad()
