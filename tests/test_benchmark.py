@@ -203,7 +203,8 @@ def test_study_families_regrades_a_report_from_its_evidence_lines(capsys):
     """benchmarks/study_families.py: from a report written under the two-family rule it recomputes the report's own
     Holm p-values (the brain report regenerated from its records: claim 7's three paper methods, claim 2's against
     switch_tuned) and verdicts; from the
-    from-scratch report, written under one family, EMoE's claim 4 moves (docs/study.md, "Families split")."""
+    from-scratch report as it was written under one family (kept in tests/fixtures: its runs were retrained since),
+    EMoE's claim 4 moves (docs/study.md, "Families split")."""
     bench = load_bench("study_families")
     docs = BENCH.parent.parent / "docs"
     claims = {claim: (printed, rows) for claim, printed, rows in bench.parse(docs / "results_brainage_heterogeneous.md")}
@@ -213,8 +214,29 @@ def test_study_families_regrades_a_report_from_its_evidence_lines(capsys):
         assert adjusted == pytest.approx(holm, abs=0.002)  # from 3 significant figures
         # regional routes volumes, not cells: no rows in claim 2, so "not measured" and nothing to regrade
         assert ", ".join(f"`{m}` {v}" for m, v in verdict.items()) == printed.removesuffix(", `regional` not measured")
-    assert bench.main([str(docs / "results.md")]) == 0
+    assert bench.main([str(Path(__file__).parent / "fixtures" / "results_one_family.md")]) == 0
     out = capsys.readouterr().out
     assert ("claim 4: `ermoe` contradicted, `emoe_parallel` contradicted (MOVED from: `ermoe` contradicted, "
             "`emoe_parallel` inconclusive)") in out
     assert "claim 3: `ermoe` inconclusive, `emoe_parallel` inconclusive (unchanged)" in out
+
+
+def test_regional_routing_at_init_summarises_the_volume_router_by_hand():
+    """benchmarks/regional_routing_at_init.py: identical gate tokens get one first choice; the cosines by hand."""
+    from ermoe.models.regional import RegionalSFCN
+
+    bench = load_bench("regional_routing_at_init")
+    unit = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    assert bench.mean_pairwise_cosine(unit) == pytest.approx((0 + 2 * 2 ** -0.5) / 3)
+    torch.manual_seed(0)
+    tissue = torch.rand(3, 12, 12, 12)
+    model = RegionalSFCN(1, (12, 12, 12), 1, [4, 8], tissue, 1, "ermoe", 2, {"threshold": 0.99}, [4, 8], 0.0).eval()
+    same = torch.randn(1, 8).expand(6, 8)
+    found = bench.routing_summary(model, same)
+    summary = (found["volumes"], found["top_first_share"], found["distinct_first"], found["distinct_pairs"])
+    assert summary == (6, 1, 1, 1)
+    assert found["second_dropped"] == 1.0  # a threshold of 0.99: no second cosine is that high
+    assert found["token_cosine"] == pytest.approx(1.0)
+    apart = bench.routing_summary(model, torch.eye(8)[:6] * 3)
+    # six orthogonal tokens: cosine 0; centred over them, each pair's cosine is -1/(6-1)
+    assert apart["token_cosine"] == pytest.approx(0.0, abs=1e-12) and apart["centred_cosine"] == pytest.approx(-0.2)

@@ -617,6 +617,31 @@ def test_regional_model_runs_only_the_chosen_experts_and_matches_a_dense_referen
     assert _regional().active_parameters() < sum(p.numel() for p in _regional().parameters())
 
 
+def test_a_batch_normed_gate_tells_alike_volumes_apart_where_a_layer_normed_one_does_not():
+    """Brains look alike: a layer norm leaves their gate tokens one direction (every volume routed alike, as in
+    the heterogeneous study's `regional` runs); a batch norm centres them over the volumes (``regional_bn``)."""
+    from ermoe.models.regional import RegionalSFCN, regional_sfcn3d
+
+    def cosine(t):
+        u = torch.nn.functional.normalize(t.double(), dim=1)
+        return float(((u @ u.T).sum() - len(t)) / (len(t) * (len(t) - 1)))
+
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 12, 12, 12) * 2 + 0.05 * torch.randn(8, 1, 12, 12, 12)  # one brain, small differences
+    tissue = torch.rand(3, 12, 12, 12)
+    tokens = {}
+    for norm in ("layer", "batch"):
+        torch.manual_seed(1)
+        model = RegionalSFCN(1, (12, 12, 12), 1, [4, 8], tissue, 1, "ermoe", 2, None, [4, 8], 0.0, norm).eval()
+        model.gate_norm.train()  # a batch norm as in a training step: over these volumes' statistics
+        with torch.no_grad():
+            tokens[norm] = model.gate_norm(model.gate_net.forward_features(x).mean(dim=(2, 3, 4)))
+    assert cosine(tokens["layer"]) > 0.99
+    assert cosine(tokens["batch"]) < 0 and tokens["batch"].mean(0).abs().max() < 1e-5  # centred over the volumes
+    with pytest.raises(ValueError, match="gate_norm must be 'layer' or 'batch'"):
+        regional_sfcn3d(gate_norm="group")
+
+
 def test_tiny_regional_run_reports_volume_routing(tmp_path):
     from ermoe.train import ConfigError, load_config, train
 

@@ -4,6 +4,7 @@ they are missing; and end to end, experts that specialise as far as the measures
 
 import csv
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -351,11 +352,14 @@ def test_a_token_grid_that_does_not_split_the_canvas_leaves_item_labels_out_with
     pytest.importorskip("sklearn")
     task, model = _caption_task(tmp_path, monkeypatch, {"depth": 1, "patch_size": 64}, {})
     assert task.image_grid == (1, 1) and not task.patches_split_cells()
-    with pytest.warns(UserWarning, match="1 x 1 token grid does not split"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         images, texts, _ = task.embed(model, "test", torch.no_grad)
-    assert len(images) == 40 and len(texts) == 200
-    with pytest.warns(UserWarning, match="does not split"):
         found = task.item_probe(model, torch.no_grad)["truth_probe"]
+        task.embed(model, "val", torch.no_grad)
+    said = [str(w.message) for w in caught if "does not split" in str(w.message)]
+    assert len(said) == 1 and "1 x 1 token grid does not split" in said[0]  # once for the prepared model
+    assert len(images) == 40 and len(texts) == 200
     assert found and all(name.startswith("text.") for name in found)
     with pytest.raises(ValueError, match="a patch would straddle two items"):
         task.patch_classes(task.batches.truth["test"][0][:2])

@@ -189,6 +189,9 @@ def test_a_run_records_its_per_example_test_results(tmp_path):
     loads = arrays["load/blocks.1.mlp"]
     assert loads.shape == (metrics["test_images"], 4) and (loads.sum(1) == 16).all()  # 4 x 4 patches an image
     assert loads.sum(0).tolist() == metrics["layers"]["blocks.1.mlp"]["tokens_per_expert"]
+    import zipfile  # kept compressed: a study's records hold one file per run and split
+    with zipfile.ZipFile(run.root / "test_examples.npz") as z:
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_DEFLATED}
     # the validation images likewise (what the preset check resamples): they give back its validation measures
     import numpy as np
     from ermoe.study.examples import EXAMPLE_STATISTICS
@@ -469,6 +472,11 @@ def test_router_settings_fixed_in_the_study_config_reach_every_moe_layer_and_the
     committed = load_study_config(config)  # the heterogeneous study fixed Switch's coefficient before its rerun
     assert committed.router_kwargs["switch_tuned"]["kwargs"] == {"balance_weight": 0.1}
     assert study_plan(committed).baselines["2"] == ("switch_tuned",)
+    from ermoe.study.report import balancing_baseline  # the EP-wait table compares with claim 2's baseline
+    assert balancing_baseline(study_plan(committed)) == "switch_tuned"
+    assert balancing_baseline(study_plan(load_study_config("configs/study_brainage.yaml"))) == "switch"
+    report = (Path(__file__).parents[1] / "docs" / "results_brainage_heterogeneous.md").read_text()
+    assert "Each method against `switch_tuned` (a balancing loss" in report
 
 
 def test_choose_balance_weight_reads_the_last_validation_probe(tmp_path):
@@ -572,10 +580,11 @@ def test_few_shot_probe_separable_and_chance():
 
 
 def test_study_quick_end_to_end_and_resumable(tmp_path, capsys, monkeypatch):
-    # on digits (8x8: patch 2): half the time of Fashion-MNIST's quick study here (the transfer of the few-shot
-    # probes: test_fewshot_probes_transfer_to_a_dataset_the_backbone_never_saw)
+    # on digits (8x8: patch 2) for one epoch: a quarter of the time of Fashion-MNIST's quick study here (the
+    # transfer of the few-shot probes: test_fewshot_probes_transfer_to_a_dataset_the_backbone_never_saw)
     args = ["study", "--quick", f"--out_dir={tmp_path / 'runs'}", f"--report={tmp_path / 'results.md'}",
-            "--train.data.name=digits", "--train.model.patch_size=2", "--fewshot_transfer=in_domain"]
+            "--train.data.name=digits", "--train.model.patch_size=2", "--fewshot_transfer=in_domain",
+            "--train.optim.epochs=1"]
     assert main(args) == 0
     report = (tmp_path / "results.md").read_text()
     assert "do not edit by hand" in report and "ermoe study --quick" in report
@@ -752,10 +761,12 @@ def test_brain_methods_differ_in_routing_only():
     for name in BRAIN_METHODS:  # every row builds; the MoE rows and the dense FFN have the same active size
         section = brain_method_model(name, base)
         model = create_model(section.pop("name"), volume_shape=(46, 55, 46), **section)
-        if name not in ("plain", "ermoe", "emoe", "ermoe_standardize", "emoe_standardize", "regional"):
+        if name not in ("plain", "ermoe", "emoe", "ermoe_standardize", "emoe_standardize", "regional", "regional_bn"):
             assert model.active_parameters() >= create_model("sfcn3d", volume_shape=(46, 55, 46),
                                                              channels=base["channels"]).active_parameters()
     assert brain_method_model("regional", base)["channels"] == base["channels"]
+    assert brain_method_model("regional_bn", base)["gate_norm"] == "batch" and "gate_norm" not in \
+        brain_method_model("regional", base)  # the committed regional runs' config stays as it was
     with pytest.raises(ValueError, match="unknown brain-age study method"):
         brain_method_model("dense", base)
 

@@ -40,6 +40,12 @@ BRAIN_METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "regional": ("paper", "ERMoE-ba's reference design as read here: GM, WM, CSF and one free SFCN expert, ERMoE "
                  "top-2 per volume with threshold 0.5 (regional_sfcn3d)",
                  {"_model": "regional_sfcn3d", "router": "ermoe", "top_k": 2, "router_kwargs": {"threshold": 0.5}}),
+    # ermoe's design, not the reference's: the gate's volume tokens centred over the volumes, which `regional`'s
+    # layer norm leaves one direction for every brain (benchmarks/regional_routing_at_init.py)
+    "regional_bn": ("variant", "regional experts whose gate tokens are batch-normed over the volumes instead of "
+                    "layer-normed (regional_sfcn3d gate_norm: batch)",
+                    {"_model": "regional_sfcn3d", "router": "ermoe", "top_k": 2, "router_kwargs": {"threshold": 0.5},
+                     "gate_norm": "batch"}),
 }
 BRAIN_DEFAULT_METHODS = ["plain", "dense_ffn", "ermoe", "emoe", "ermoe_standardize", "emoe_standardize",
                          "softmax_noloss", "switch"]
@@ -144,7 +150,8 @@ def _control_lines(table, examples) -> list[str]:
     """Positive controls (docs/study.md, "Positive controls"): what routing by the subject's ageing pattern reaches
     on this testbed against the dense FFN, with claim 7's effect beside it, and whether the pattern is linearly
     readable where the router reads tokens (the pattern probe of the ``dense_ffn`` runs)."""
-    from .report import mean_std, oracle_lines
+    from .report import oracle_lines
+    from .stats import mean_std
 
     needed = (1 - CLAIM7_RATIO) * mean_std(table["plain"]["test_mae"])[0] if "plain" in table else None
     lines = oracle_lines(
@@ -186,7 +193,8 @@ ROUTING_OUTCOME = {"supported": "the MoE is more accurate", "contradicted": "the
 def _routing_lines(table, examples) -> list[str]:
     """Is it the routing? Every MoE row's test MAE against the dense FFN of the same active size (paired over seeds,
     with the test volumes' sampling error where the runs recorded their per-volume errors)."""
-    from .report import _comparisons, _fmt_p, mean_std
+    from .report import _comparisons, _fmt_p
+    from .stats import mean_std
 
     moe = [m for m in table if m in BRAIN_METHODS and BRAIN_METHODS[m][0] not in ("reference", "control")]
     rows = _comparisons(table, moe, "routing", [Test("test_mae", "dense_ffn", "lower")], examples=examples)

@@ -15,7 +15,8 @@ import numpy as np
 from .methods import EXPLORATORY, METHODS
 from .plan import LOAD_CV_MARGIN, Plan, make_plan
 from .examples import BOOTSTRAP_DRAWS, collect_examples, sampling_variance
-from .stats import Test, holm, interval, load_claims, margin_p, paired
+from .figures import accuracy_vs_cv_figure, heatmaps_figure, load_over_training_figure
+from .stats import Test, holm, interval, load_claims, margin_p, mean_std, paired
 
 PAPER_METHODS = ("ermoe", "emoe_parallel")
 # The straggler column's legend, shared by every study's report.
@@ -102,13 +103,6 @@ def aggregate(results: dict[str, dict[int, dict[str, Any]]],
         per_seed = [{**measures(m), "seed": float(seed)} for seed, m in sorted(runs.items())]
         table[method] = {k: [r.get(k, float("nan")) for r in per_seed] for k in per_seed[0]}
     return table
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    arr = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
-    if arr.size == 0:
-        return float("nan"), float("nan")
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
 
 
 def _cell(values: list[float] | None, spec: str) -> str:
@@ -436,9 +430,15 @@ def _se_text(row: dict[str, Any]) -> str:
             f"{w.se:.4f}, seeds alone")
 
 
+def balancing_baseline(plan) -> str:
+    """Claim 2's balancing-loss baseline, fixed in the study config (``switch`` unless it names another): the
+    reference of the EP-wait table."""
+    return plan.baselines.get("2", ("switch",))[0]
+
+
 def ep_wait_lines(table: dict[str, dict[str, list[float]]], reference: str = "switch", methods=None) -> list[str]:
     """What each router's loads would cost an expert-parallel deployment: every method's EP wait against the
-    balancing-loss baseline's (``reference``: the reports pass claim 2's, fixed in the study config; paired test
+    balancing-loss baseline's (``reference``: the reports pass ``balancing_baseline(plan)``; paired test
     over seeds, Holm's correction over the methods compared, level ALPHA; a control of ``methods``' roles, the
     oracle, is no method and takes no part). No lines when the reference or the measure is missing (runs trained
     before it was measured)."""
@@ -460,7 +460,7 @@ def ep_wait_lines(table: dict[str, dict[str, list[float]]], reference: str = "sw
     lines = ["## What the loads would cost expert parallelism", "",
              "With one expert per rank, every rank waits in the token exchange for the busiest one, so the expert "
              "part of each step takes EP wait times as long as with flat loads (docs/distributed.md, \"The "
-             f"straggler factor\"). Each method against `{reference}` (a balancing loss, {mean_std(table[reference][key])[0]:.2f}): "
+             f"straggler factor\"). Each method against `{reference}` (a balancing loss, {ref_mean:.2f}): "
              f"paired test over seeds, Holm's correction over the {len(rows)} comparisons, level {ALPHA}.", "",
              f"| method | EP wait | expert part vs `{reference}` | difference (95% CI) | Holm p | EP wait is |",
              "|---|---|---|---|---|---|"]
@@ -471,128 +471,6 @@ def ep_wait_lines(table: dict[str, dict[str, list[float]]], reference: str = "sw
         lines.append(f"| `{method}` | {_cell(table[method][key], '.2f')} | {mean / ref_mean:.2f}x | {ci} | "
                      f"{_fmt_p(p) if p is not None else '-'} | {outcome} |")
     return lines + [""]
-
-def accuracy_vs_cv_figure(table, path: Path, measure: str = "test_top1", label: str = "test top-1",
-                          methods=None) -> Path:
-    """``measure`` against load CV, one point per MoE method (mean ± std over seeds)."""
-    methods = methods or METHODS
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, measures in table.items():
-        cv, cv_s = mean_std(measures["load_cv"])
-        if math.isnan(cv):  # no MoE layer
-            continue
-        acc, acc_s = mean_std(measures[measure])
-        role = methods.get(method, ("-",))[0]
-        marker = {"paper": "o", "variant": "^", "baseline": "s"}.get(role, "x")
-        ax.errorbar(cv, acc, xerr=cv_s, yerr=acc_s, fmt=marker, capsize=2)
-        ax.annotate(method, (cv, acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("load CV (mean over MoE layers; lower = flatter)")
-    ax.set_ylabel(label)
-    ax.set_title(f"{label} against load balance (mean ± std over seeds)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-LOAD_STATS = (("load_cv", "load CV"), ("max_over_mean", "max/mean"), ("gini", "Gini"))
-
-
-def load_over_training(results, stat: str = "load_cv") -> dict[str, tuple[list[int], list[float]]]:
-    """method -> (steps, probe-image load statistic ``stat`` averaged over routing layers and seeds) from each run's
-    log.jsonl (``probe_load`` records: the CV under the layer's name, other statistics under ``layer/stat``)."""
-    import json
-
-    curves = {}
-    for method, runs in results.items():
-        per_step: dict[int, list[float]] = {}
-        for metrics in runs.values():
-            log = Path(metrics.get("run", "")) / "log.jsonl"
-            if not log.exists():
-                continue
-            for line in log.read_text().splitlines():
-                record = json.loads(line)
-                if record.get("kind") != "probe_load":
-                    continue
-                values = [v for k, v in record.items() if k not in ("kind", "step")
-                          and (k.endswith(f"/{stat}") if stat != "load_cv" else "/" not in k)]
-                if values:
-                    per_step.setdefault(record["step"], []).append(float(np.mean(values)))
-        if per_step:
-            steps = sorted(per_step)
-            curves[method] = (steps, [float(np.mean(per_step[s])) for s in steps])
-    return curves
-
-
-def load_over_training_figure(results, path: Path, methods=None) -> Path | None:
-    methods = methods or METHODS
-    panels = [(label, load_over_training(results, stat)) for stat, label in LOAD_STATS]
-    panels = [(label, curves) for label, curves in panels if curves]
-    if not panels:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
-    for ax, (label, curves) in zip(axes[0], panels):
-        for i, (method, (steps, values)) in enumerate(curves.items()):
-            role = methods.get(method, ("-",))[0]
-            ax.plot(steps, values, marker="o", markersize=2, label=method, color=plt.cm.tab20(i % 20),
-                    linestyle={"paper": "-", "variant": "--", "baseline": ":"}.get(role, "-"))
-        ax.set_xlabel("training step")
-        ax.set_ylabel(f"{label} on the probe images")
-        ax.set_title(f"{label} over training (mean over routing layers and seeds)", fontsize=9)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, ncol=1, loc="center right")
-    fig.tight_layout(rect=(0, 0, 0.88, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def heatmaps_figure(results, path: Path) -> Path | None:
-    """The last MoE layer's expert x class heatmap of every method (first seed), side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = []
-    for method, runs in results.items():
-        metrics = runs[min(runs)]
-        layers = metrics.get("layers", {})
-        if layers:
-            name = list(layers)[-1]
-            per_class = np.maximum(np.asarray(metrics["class_images"], dtype=float), 1.0)
-            panels.append((method, name, np.asarray(layers[name]["expert_class_counts"], float) / per_class))
-    if not panels:
-        return None
-    cols = min(4, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (method, layer, counts) in zip(axes.flat, panels):
-        ax.axis("on")
-        ax.imshow(counts, aspect="auto", cmap="viridis")
-        ax.set_title(f"{method}\n{layer}", fontsize=7)
-        ax.set_xlabel("class", fontsize=6)
-        ax.set_ylabel("expert", fontsize=6)
-        ax.tick_params(labelsize=5)
-    fig.suptitle("routed tokens per image, expert x class (first seed, last MoE layer)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
 
 def machine_description() -> str:
     import torch
@@ -706,7 +584,7 @@ def write_report(cfg, results, path: str | Path, command: str, wall_s: float,
     ]
     lines += claim_lines(verdicts(table, plan=plan, examples=collect_examples(results)))
     lines.extend(_preset_lines(table, plan, collect_examples(results, "val")))
-    lines.extend(ep_wait_lines(table, plan.baselines.get("2", ("switch",))[0]))
+    lines.extend(ep_wait_lines(table, balancing_baseline(plan)))
     if len(cfg.seeds) < 3:
         lines.append(f"With {len(cfg.seeds)} seed(s) no significance test is possible; treat every verdict as "
                      "provisional.")
@@ -788,7 +666,7 @@ def write_claims_report(cfg, results, path: str | Path, command: str, wall_s: fl
     lines += ["## The papers' claims", "", f"{spec.claims_intro} The rule: {VERDICT_RULE}", ""]
     lines += claim_lines(verdicts(table, spec.claims, spec.paper_methods, spec.methods, plan, examples))
     lines += extra(table, examples) if extra is not None else []
-    lines += ep_wait_lines(table, plan.baselines.get("2", ("switch",))[0], methods=spec.methods)
+    lines += ep_wait_lines(table, balancing_baseline(plan), methods=spec.methods)
     if len(cfg.seeds) < 3:
         lines.append(f"With {len(cfg.seeds)} seed(s) the tests have little power; treat every verdict as provisional.")
     atomic_write(path, "\n".join(lines) + "\n")

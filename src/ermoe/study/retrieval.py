@@ -140,7 +140,7 @@ def _data_line(first: dict[str, Any]) -> str:
 def _active_lines(table, _examples) -> list[str]:
     """Each method's parameters per token against the dense towers': the rows differ in routing, and where their
     active sizes differ too, the report says by how much."""
-    from .report import mean_std
+    from .stats import mean_std
 
     if "dense" not in table or "params_active" not in table["dense"]:
         return []

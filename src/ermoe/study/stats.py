@@ -126,3 +126,11 @@ def load_claims(where: str = "") -> list[tuple[str, str, list[Test]]]:
              [Test("load_cv", "softmax_noloss", "lower")]),
             ("2", "load balance comparable to a balancing loss (load CV no higher than the balancing-loss baseline's "
                   "by the pre-registered margin or more)", [Test("load_cv", "switch", "lower", parity=True)])]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std over the seeds where ``values`` is defined (NaN left out; std 0 for one value)."""
+    arr = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
+    if arr.size == 0:
+        return float("nan"), float("nan")
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0

@@ -105,6 +105,7 @@ class Retrieval(Task):
             self.batches.train_groups = groups
         self.objective = Contrastive()
         self.image_grid: tuple[int, int] | None = None  # set by prepare(model): where the patch labels fall
+        self._patch_labels_of: dict[str, Tensor | None] = {}  # per split, for the grid prepare() set
 
     @property
     def splits(self) -> dict[str, CaptionSplit]:
@@ -120,6 +121,7 @@ class Retrieval(Task):
 
     def prepare(self, model: nn.Module) -> None:
         self.image_grid = model.image_grid  # where the oracle's and the diagnostics' patch labels fall
+        self._patch_labels_of = {}
         norm = model.input_normalization(pretrained=False)
         if norm is not None:
             self.batches.mean, self.batches.std = (torch.as_tensor(v, dtype=torch.float32) for v in norm)
@@ -276,16 +278,20 @@ class Retrieval(Task):
 
     def _patch_labels(self, split: str) -> Tensor | None:
         """Per built-in canvas, the item class (or background) of the cell under each patch token, ``(N, P)``; None
-        without item classes, or where a patch would straddle two cells (warned)."""
+        without item classes, or where a patch would straddle two cells (warned once for the prepared model). Built
+        once per split: the evaluation, its embedding pass and the item probe all read them."""
         if self.batches.truth is None or self.image_grid is None:
             return None
-        if not self.patches_split_cells():
-            rows, cols = self.image_grid
-            warnings.warn(f"the image tower's {rows} x {cols} token grid does not split the canvas's 2 x 2 cells: "
-                          "image patches have no item class, so MI(expert; item) and the image tower's probe are "
-                          "left out (use a patch size that divides the canvas cell, 32 px)", stacklevel=2)
-            return None
-        return self.patch_classes(self.batches.truth[split][0])
+        if split not in self._patch_labels_of:
+            if not self.patches_split_cells() and not self._patch_labels_of:
+                rows, cols = self.image_grid
+                warnings.warn(f"the image tower's {rows} x {cols} token grid does not split the canvas's 2 x 2 "
+                              "cells: image patches have no item class, so MI(expert; item) and the image tower's "
+                              "probe are left out (use a patch size that divides the canvas cell, 32 px)",
+                              stacklevel=2)
+            self._patch_labels_of[split] = (self.patch_classes(self.batches.truth[split][0])
+                                            if self.patches_split_cells() else None)
+        return self._patch_labels_of[split]
 
     def patches_split_cells(self) -> bool:
         """Whether each image patch lies in one cell of the built-in canvas's 2 x 2 grid (an even token grid)."""

@@ -214,7 +214,9 @@ class Run:
         atomic_write_text(self.root / METRICS_FILE, json.dumps(strict_json(metrics), indent=1, allow_nan=False))
 
     def write_examples(self, arrays: dict[str, Any], split: str = "test") -> None:
-        """The per-example results of ``split`` (one row per example; ``EXAMPLES_FILES``), written atomically."""
+        """The per-example results of ``split`` (one row per example; ``EXAMPLES_FILES``), written atomically and
+        compressed (the per-example expert loads are small counts: 640 KB -> about 50 KB for 5,000 images x 2
+        layers)."""
         import os
         import tempfile
 
@@ -224,7 +226,7 @@ class Run:
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+                np.savez_compressed(f, **{k: np.asarray(v) for k, v in arrays.items()})
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
