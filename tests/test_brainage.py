@@ -640,6 +640,10 @@ def test_a_batch_normed_gate_tells_alike_volumes_apart_where_a_layer_normed_one_
     assert cosine(tokens["batch"]) < 0 and tokens["batch"].mean(0).abs().max() < 1e-5  # centred over the volumes
     with pytest.raises(ValueError, match="gate_norm must be 'layer' or 'batch'"):
         regional_sfcn3d(gate_norm="group")
+    model.train()  # the batch-normed one: a 1-volume training batch has no batch statistics to centre by
+    with pytest.raises(ValueError, match="a training batch needs at least 2 volumes, got 1"):
+        model(x[:1])
+    model.eval()(x[:1])  # the running statistics serve a single volume at evaluation
 
 
 def test_tiny_regional_run_reports_volume_routing(tmp_path):
@@ -742,7 +746,6 @@ def test_volumes_read_from_disk_in_workers_train_as_volumes_held_in_memory(tmp_p
 
 
 def test_the_documented_own_data_command_loads(tmp_path, capsys):
-    from ermoe.cli import main
     from ermoe.train import load_config
 
     rows = [{"path": f"s{i}.nii.gz", "age": str(20 + i), "subject": f"p{i}"} for i in range(4)]

@@ -116,6 +116,10 @@ class RegionalSFCN(RoutedModel):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The gate-weighted sum of the chosen experts' pooled features, ``(B, C)``."""
+        if self.training and x.shape[0] < 2 and isinstance(self.gate_norm, nn.BatchNorm1d):
+            raise ValueError("regional_sfcn3d(gate_norm='batch') normalises the gate over the batch's volumes: a "
+                             f"training batch needs at least 2 volumes, got {x.shape[0]} (use a larger "
+                             "optim.batch_size, or gate_norm='layer')")
         emb = self.gate_norm(self.gate_net.forward_features(x).mean(dim=(2, 3, 4)))
         idx_BK, gates_BK = self.routing(emb)
         out = x.new_zeros(x.shape[0], self.num_features)
