@@ -706,6 +706,11 @@ def test_a_stale_run_is_never_reused(tmp_path, capsys):
     assert main(args) == 0
     run = tmp_path / "runs" / "switch" / "seed0"
     first = json.loads((run / "metrics.json").read_text())
+    # a study's runs draw no figures of their own (its report draws its own); `ermoe report` draws them on demand
+    assert not (run / "figures").exists() and run_config(load_study_config(quick=True), "switch", 0).figures is False
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    assert (run / "figures" / "load.png").stat().st_size > 1000 and "load.png" in capsys.readouterr().out
     # the study's directory copied elsewhere (records restored on another machine) is the same study, read from there
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(tmp_path / "runs", elsewhere)
@@ -727,6 +732,23 @@ def test_a_stale_run_is_never_reused(tmp_path, capsys):
     (aside,) = [p for p in run.parent.iterdir() if p.name.startswith("seed0.stale-")]
     assert json.loads((aside / "metrics.json").read_text()) == first  # kept, not lost
     assert json.loads((run / "metrics.json").read_text())["step"] == first["step"] // 2
+
+
+def test_committed_records_drawn_with_their_figures_are_still_the_studys_runs():
+    """Runs made before studies left per-run figures out (``figures`` absent from their config: true) are reused;
+    any other difference still makes a run stale."""
+    import dataclasses
+
+    from ermoe.study.runner import stale_reason
+
+    root = Path(__file__).resolve().parents[1]
+    study = load_study_config(root / "configs" / "study_retrieval.yaml")
+    record = root / "docs" / "records" / "retrieval" / "switch" / "seed0"
+    assert "figures" not in (record / "config.yaml").read_text()
+    cfg = run_config(study, "switch", 0)
+    assert cfg.figures is False and stale_reason(record, cfg) is None
+    other = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=cfg.optim.lr / 2))
+    assert "its config differs: optim.lr" in stale_reason(record, other)
 
 
 def test_claim7_compares_with_093_times_the_plain_cnn_by_hand():

@@ -151,7 +151,7 @@ def run_config(cfg: StudyConfig, method: str, seed: int):
     model = kind_of(cfg).method_model(method, cfg.train.get("model", {}))
     if method in cfg.router_kwargs:
         model = _with_router_kwargs(model, cfg.router_kwargs[method]["kwargs"])
-    values = {**cfg.train, "model": model}
+    values = {"figures": False, **cfg.train, "model": model}  # the report draws its own (a study's train may ask)
     values = merge_settings(values, {"seed": seed, "out_dir": str(Path(cfg.out_dir) / method),
                                      "run_name": f"seed{seed}"})
     return config_from_dict(values)
@@ -291,7 +291,7 @@ def record_word_order(path: Path) -> bool:
 
 def stale_reason(path: Path, train_cfg) -> str | None:
     """Why the run in ``path`` is not the run the study would make now (its config or the ermoe version that made
-    it differ; where it lives aside), or None."""
+    it differ; where it lives aside, and whether it drew its own figures, aside), or None."""
     from .. import __version__
     from ..train.run import CONFIG_FILE, config_changes
 
@@ -299,7 +299,7 @@ def stale_reason(path: Path, train_cfg) -> str | None:
         return None
     run = Run(path)
     diff = [f"{k} {change['from']!r} -> {change['to']!r}"
-            for k, change in config_changes(run.read_config(), train_cfg).items()]
+            for k, change in config_changes(run.read_config(), train_cfg).items() if k != "figures"]
     if diff:
         return "its config differs: " + ", ".join(diff)
     metrics = run.read_metrics()

@@ -144,6 +144,9 @@ class TrainConfig:
     distributed: bool = False
     tensorboard: bool = True
     progress: bool = True
+    # The run's own figures (expert heatmaps, loads) drawn at evaluation; `ermoe report RUN` draws them from
+    # metrics.json any time. Studies leave them out: 40% of a quick study's time, and their reports draw their own.
+    figures: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     # The options of the dataset data.name names (ermoe.data.modules): Fashion-MNIST's by default.
     data: DataOptions = field(default_factory=FashionMNISTOptions)

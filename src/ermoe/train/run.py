@@ -37,7 +37,7 @@ EXAMPLES_FILES = {"test": "test_examples.npz", "val": "val_examples.npz"}
 RESUMABLE = {
     "optim.lr", "optim.weight_decay", "optim.epochs", "optim.max_steps", "optim.min_lr_ratio", "optim.warmup_steps",
     "optim.clip_grad", "optim.eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "probe_every",
-    "progress", "tensorboard", "threads", "device", "ep_size", "dist_timeout_s", "distributed", "shard",
+    "progress", "tensorboard", "figures", "threads", "device", "ep_size", "dist_timeout_s", "distributed", "shard",
     "checkpoint_format", "data.num_workers", "data.skip_corrupt",
     "optim.fused", "optim.compile", "model.grad_checkpointing",
 }

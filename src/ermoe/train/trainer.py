@@ -486,7 +486,8 @@ def _train(cfg: TrainConfig, parallel: Parallel, resume: str | Path | None, quie
         raise
     if not quiet:
         print(results_text(task, metrics))
-        print(f"run directory: {run.root} (figures in {run.figures})")
+        print(f"run directory: {run.root} " + (f"(figures in {run.figures})" if cfg.figures else
+                                                "(figures: false; `ermoe report` draws them)"))
     return run.root
 
 
@@ -552,7 +553,7 @@ def evaluate_run(run: Run, task: Task, model: RoutedModel, cfg: TrainConfig, aut
                                        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     metrics.update(task=cfg.task, run=str(run.root), ermoe_version=__version__, params_total=counts["total"],
                    params_active=counts["active"], params_trainable=counts["trainable"])
-    if parallel.main:
+    if parallel.main and cfg.figures:
         task.draw_figures(metrics, run.figures)
     return metrics
 
