@@ -293,13 +293,13 @@ def stale_reason(path: Path, train_cfg) -> str | None:
     """Why the run in ``path`` is not the run the study would make now (its config or the ermoe version that made
     it differ; where it lives aside, and whether it drew its own figures, aside), or None."""
     from .. import __version__
-    from ..train.run import CONFIG_FILE, config_changes
+    from ..train.run import CONFIG_FILE, DRAWING, config_changes
 
     if not (path / CONFIG_FILE).exists():
         return None
     run = Run(path)
     diff = [f"{k} {change['from']!r} -> {change['to']!r}"
-            for k, change in config_changes(run.read_config(), train_cfg).items() if k != "figures"]
+            for k, change in config_changes(run.read_config(), train_cfg).items() if k not in DRAWING]
     if diff:
         return "its config differs: " + ", ".join(diff)
     metrics = run.read_metrics()

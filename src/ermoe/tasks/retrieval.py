@@ -283,14 +283,16 @@ class Retrieval(Task):
         if self.batches.truth is None or self.image_grid is None:
             return None
         if split not in self._patch_labels_of:
-            if not self.patches_split_cells() and not self._patch_labels_of:
+            labels = None
+            if self.patches_split_cells():
+                labels = self.patch_classes(self.batches.truth[split][0])
+            elif not self._patch_labels_of:  # the first split asked for since prepare(): warn once
                 rows, cols = self.image_grid
                 warnings.warn(f"the image tower's {rows} x {cols} token grid does not split the canvas's 2 x 2 "
                               "cells: image patches have no item class, so MI(expert; item) and the image tower's "
                               "probe are left out (use a patch size that divides the canvas cell, 32 px)",
                               stacklevel=2)
-            self._patch_labels_of[split] = (self.patch_classes(self.batches.truth[split][0])
-                                            if self.patches_split_cells() else None)
+            self._patch_labels_of[split] = labels
         return self._patch_labels_of[split]
 
     def patches_split_cells(self) -> bool:

@@ -44,6 +44,8 @@ RESUMABLE = {
 # Where a run lives, not what it is: a run directory moved or copied elsewhere (another disk, another machine, a
 # study's records restored) is the same run. A resumed run takes them from where its directory is now.
 LOCATION = ("out_dir", "run_name")
+# What a run draws, not what it computes: a run that drew its figures or not is the same run to a study.
+DRAWING = ("figures",)
 
 
 # Configs written before each dataset had its own options held one flat data section with every dataset's keys;
